@@ -1,0 +1,95 @@
+"""The `tunekit` command line: thin wrappers over the library functions.
+
+Run as: `tunekit --help`.
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+from typing import Annotated
+
+import typer
+from rich.console import Console
+
+from tunekit.errors import TunekitError
+
+app = typer.Typer(add_completion=False, no_args_is_help=True, help="Fine-tune language models on your own data.")
+data_app = typer.Typer(no_args_is_help=True, help="Data sets: split (and more to come).")
+app.add_typer(data_app, name="data")
+err = Console(stderr=True)
+
+
+@app.command()
+def train(
+    config: Annotated[Path, typer.Argument(help="YAML config file.")],
+    set_: Annotated[list[str], typer.Option("--set", help="Override a key: --set train.max_steps=5")] = [],
+) -> None:
+    """Fine-tune a model as CONFIG says; writes the run directory."""
+    from tunekit.config import load_config
+    from tunekit.train.sft import train_sft
+
+    train_sft(load_config(config, set_))
+
+
+@app.command("eval")
+def eval_(
+    run_dir: Annotated[Path, typer.Argument(help="A run directory written by `tunekit train`.")],
+    data: Annotated[Path | None, typer.Option(help="Evaluate on this file instead of the run's test split.")] = None,
+) -> None:
+    """Compare the base and the fine-tuned model on held-out examples; writes report.json and report.md."""
+    from tunekit.eval.evaluate import evaluate
+    from tunekit.quickstart import print_comparison
+
+    report = evaluate(run_dir, data)
+    print_comparison(report)
+    err.print(f"report: {run_dir / 'report.md'}")
+
+
+@data_app.command("split")
+def data_split(
+    file: Annotated[Path, typer.Argument(help="Data file (JSONL, JSON or CSV).")],
+    out: Annotated[Path, typer.Option(help="Output folder.")],
+    ratios: Annotated[str, typer.Option(help="train,validation,test shares.")] = "0.8,0.1,0.1",
+    seed: Annotated[int, typer.Option(help="Shuffle seed.")] = 42,
+    format: Annotated[str, typer.Option(help="auto, chat, prompt_completion, alpaca, classification.")] = "auto",
+) -> None:
+    """Split FILE reproducibly into train/validation/test.jsonl plus manifest.json."""
+    from tunekit.data import write_split
+
+    try:
+        parts = tuple(float(x) for x in ratios.split(","))
+    except ValueError:
+        raise TunekitError(f"--ratios {ratios!r}: expected three numbers like 0.8,0.1,0.1") from None
+    if len(parts) != 3:
+        raise TunekitError(f"--ratios {ratios!r}: expected three numbers like 0.8,0.1,0.1")
+    manifest = write_split(file, out, ratios=parts, seed=seed, format=format)
+    counts = manifest["counts"]
+    err.print(f"{file}: {sum(counts.values())} examples -> " + ", ".join(f"{k} {v}" for k, v in counts.items()) + f" in {out}")
+
+
+@app.command()
+def quickstart(
+    output_dir: Annotated[Path, typer.Option(help="Run directory.")] = Path("runs/quickstart"),
+    set_: Annotated[list[str], typer.Option("--set", help="Override a key: --set train.epochs=2")] = [],
+) -> None:
+    """The main job: fine-tune the embedded default model on the demo tickets and compare with the base."""
+    from tunekit.quickstart import quickstart as run
+
+    run(output_dir, set_)
+
+
+def main() -> None:
+    """Entry point: user errors print their message, without a traceback, and exit 2."""
+    try:
+        app()
+    except TunekitError as e:
+        err.print(f"[bold red]error:[/] {e}", markup=True, highlight=False)
+        sys.exit(2)
+    except KeyboardInterrupt:
+        err.print("interrupted")
+        sys.exit(130)
+
+
+if __name__ == "__main__":
+    main()

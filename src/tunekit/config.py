@@ -1,0 +1,226 @@
+"""The one typed config. Defaults live here and nowhere else.
+
+Run as: `tunekit train CONFIG.yaml [--set train.max_steps=5 ...]`. A config is YAML:
+
+    model: smollm2-135m-instruct
+    method: lora
+    data: {train: data/train.jsonl, format: auto}
+    lora: {r: 16, alpha: 32, dropout: 0.05, target_modules: all-linear}
+    train: {epochs: 3, learning_rate: 2.0e-4, batch_size: 8, max_length: 512, seed: 42}
+    output_dir: runs/my-run
+
+Relative paths are relative to the current directory, as with every other command-line tool.
+Every error (unknown key, wrong type, bad value) is collected and reported at once, each with
+its dotted path and, for an unknown key, the nearest valid one.
+"""
+
+from __future__ import annotations
+
+import difflib
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from tunekit.errors import ConfigError
+
+
+class _Strict(BaseModel):
+    # extra="forbid": a typo is an error, never a silently ignored key.
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class DataConfig(_Strict):
+    """Where the examples come from."""
+
+    train: Path = Field(description="Training file (JSONL, JSON array or CSV).")
+    validation: Path | None = Field(None, description="Validation file; omitted: split from train.")
+    test: Path | None = Field(None, description="Held-out test file; omitted: split from train.")
+    format: str = Field("auto", description="auto, chat, prompt_completion, alpaca or classification.")
+    columns: dict[str, str] = Field(
+        default_factory=dict, description="Rename source columns, e.g. {label: category}."
+    )
+    split: tuple[float, float, float] = Field(
+        (0.8, 0.1, 0.1), description="train/validation/test ratios used when files are omitted."
+    )
+    split_seed: int = Field(42, description="Seed of that split.")
+
+    @field_validator("split")
+    @classmethod
+    def _ratios(cls, v: tuple[float, float, float]) -> tuple[float, float, float]:
+        if any(r < 0 for r in v) or abs(sum(v) - 1.0) > 1e-6:
+            raise ValueError(f"ratios must be non-negative and sum to 1, got {list(v)}")
+        return v
+
+
+class LoraConfig(_Strict):
+    """LoRA adapter settings (PEFT)."""
+
+    r: int = Field(16, gt=0, description="Rank of the update matrices.")
+    alpha: float = Field(32, gt=0, description="Scaling: the update is multiplied by alpha / r.")
+    dropout: float = Field(0.05, ge=0, lt=1, description="Dropout on the LoRA input.")
+    target_modules: str | list[str] = Field(
+        "all-linear", description="'all-linear' or a list of module names, e.g. [q_proj, v_proj]."
+    )
+
+
+class TrainConfig(_Strict):
+    """Optimisation."""
+
+    epochs: float = Field(3, gt=0, description="Passes over the training set (fractions allowed).")
+    learning_rate: float = Field(2.0e-4, gt=0, description="Peak learning rate (AdamW).")
+    batch_size: int = Field(8, gt=0, description="Examples per micro-batch.")
+    grad_accum: int = Field(1, gt=0, description="Micro-batches per optimizer step.")
+    max_steps: int | None = Field(None, gt=0, description="Stop after this many optimizer steps.")
+    max_length: int = Field(512, gt=8, description="Tokens per example; longer ones are cut (reported).")
+    seed: int = Field(42, description="Seed for weights init, data order and dropout.")
+    warmup_ratio: float = Field(0.05, ge=0, lt=1, description="Share of steps with linear warmup.")
+    lr_scheduler: Literal["cosine", "linear", "constant"] = Field("cosine", description="Decay after warmup.")
+    weight_decay: float = Field(0.0, ge=0, description="AdamW weight decay.")
+    max_grad_norm: float | None = Field(1.0, gt=0, description="Gradient clipping; null turns it off.")
+    log_every: int = Field(1, gt=0, description="Write metrics.jsonl every N steps.")
+    eval_every: int | None = Field(
+        None, gt=0, description="Validation loss every N steps; null: at each epoch end."
+    )
+
+
+class EvalConfig(_Strict):
+    """Held-out evaluation (`tunekit eval`)."""
+
+    batch_size: int = Field(16, gt=0, description="Examples per generation batch.")
+    max_new_tokens: int | None = Field(
+        None, gt=0, description="Tokens to generate; null: longest test target + 16."
+    )
+    max_examples: int | None = Field(None, gt=0, description="Evaluate only the first N test examples.")
+    show_examples: int = Field(5, ge=0, description="Side-by-side examples in report.md.")
+
+
+class Config(_Strict):
+    """A whole run: model, method, data, LoRA, training, evaluation and where it goes."""
+
+    model: str = Field("smollm2-135m-instruct", description="Alias, local HF folder or hub id.")
+    method: Literal["lora"] = Field("lora", description="Fine-tuning method.")
+    data: DataConfig
+    lora: LoraConfig = Field(default_factory=LoraConfig)
+    train: TrainConfig = Field(default_factory=TrainConfig)
+    eval: EvalConfig = Field(default_factory=EvalConfig)
+    output_dir: Path = Field(Path("runs/run"), description="The run directory.")
+
+    @model_validator(mode="after")
+    def _model_nonempty(self) -> Config:
+        if not self.model.strip():
+            raise ValueError("model: must name an alias, a local folder or a hub id")
+        return self
+
+
+# ---------------------------------------------------------------------------------------------
+# Loading
+
+
+def _valid_keys(model: type[BaseModel], path: tuple[str | int, ...]) -> list[str]:
+    """The field names valid at `path` (the parent of a bad key), for 'did you mean'."""
+    for part in path:
+        field = model.model_fields.get(str(part))
+        ann = getattr(field, "annotation", None)
+        if not (isinstance(ann, type) and issubclass(ann, BaseModel)):
+            return []
+        model = ann
+    return list(model.model_fields)
+
+
+# Names other tools use for our keys, so "did you mean" finds them too.
+_ALIASES = {
+    "lr": "learning_rate",
+    "num_epochs": "epochs",
+    "num_train_epochs": "epochs",
+    "rank": "r",
+    "lora_alpha": "alpha",
+    "lora_dropout": "dropout",
+    "gradient_accumulation_steps": "grad_accum",
+    "per_device_train_batch_size": "batch_size",
+    "micro_batch_size": "batch_size",
+    "max_seq_length": "max_length",
+    "sequence_len": "max_length",
+    "output": "output_dir",
+    "base_model": "model",
+    "model_name_or_path": "model",
+}
+
+
+def _format_errors(err: ValidationError) -> list[str]:
+    problems = []
+    for e in err.errors():
+        loc = tuple(e["loc"])
+        dotted = ".".join(str(p) for p in loc) or "(top level)"
+        if e["type"] == "extra_forbidden":
+            valid = _valid_keys(Config, loc[:-1])
+            key = _ALIASES.get(str(loc[-1]), str(loc[-1]))
+            near = [key] if key in valid else difflib.get_close_matches(key, valid, n=1, cutoff=0.5)
+            hint = f"; did you mean '{'.'.join([*map(str, loc[:-1]), near[0]])}'?" if near else ""
+            problems.append(f"{dotted}: unknown key{hint} (valid here: {', '.join(valid)})")
+        elif e["type"] == "missing":
+            problems.append(f"{dotted}: required key is missing")
+        else:
+            msg = e["msg"].removeprefix("Value error, ")
+            problems.append(f"{dotted}: {msg} (got {e.get('input')!r})")
+    return problems
+
+
+def _apply_override(raw: dict[str, Any], item: str) -> str | None:
+    """Apply one `a.b.c=value` override in place; returns a problem string or None."""
+    if "=" not in item:
+        return f"--set {item!r}: expected KEY=VALUE, e.g. --set train.max_steps=5"
+    key, _, text = item.partition("=")
+    parts = key.strip().split(".")
+    node = raw
+    for p in parts[:-1]:
+        if not isinstance(node.get(p, {}), dict):
+            return f"--set {key}: '{p}' is not a section"
+        node = node.setdefault(p, {})
+    try:
+        node[parts[-1]] = yaml.safe_load(text) if text.strip() else None
+    except yaml.YAMLError as e:
+        return f"--set {key}: value {text!r} is not valid YAML ({e})"
+    return None
+
+
+def config_from_dict(raw: dict[str, Any], overrides: list[str] = (), source: str = "config") -> Config:
+    """Validate a config dict (plus `--set` overrides). Raises ConfigError listing every problem."""
+    if not isinstance(raw, dict):
+        raise ConfigError([f"the top level must be a mapping of keys, got {type(raw).__name__}"], source)
+    raw = _deep_copy(raw)
+    problems = [p for p in (_apply_override(raw, o) for o in overrides) if p]
+    try:
+        cfg = Config.model_validate(raw)
+    except ValidationError as e:
+        problems += _format_errors(e)
+        cfg = None
+    if problems:
+        raise ConfigError(problems, source)
+    return cfg
+
+
+def load_config(path: str | Path, overrides: list[str] = ()) -> Config:
+    """Read a YAML config file and validate it. Errors name the file and each dotted key."""
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError([f"no such file: {path}"], str(path))
+    try:
+        raw = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+    except (yaml.YAMLError, UnicodeDecodeError) as e:
+        raise ConfigError([f"not valid YAML: {e}"], str(path)) from None
+    return config_from_dict(raw, overrides, source=str(path))
+
+
+def config_to_yaml(cfg: Config) -> str:
+    """The resolved config (every default filled in), as written into the run directory."""
+    return yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False)
+
+
+def _deep_copy(d: Any) -> Any:
+    if isinstance(d, dict):
+        return {k: _deep_copy(v) for k, v in d.items()}
+    if isinstance(d, list):
+        return [_deep_copy(v) for v in d]
+    return d

@@ -1,0 +1,264 @@
+"""Read raw records (dicts) from a data file, each with the 1-based line where it starts.
+
+A JSONL file such as
+
+    {"prompt": "2+2=", "completion": "4"}
+
+    {"prompt": "3+3=", "completion": "6"}
+
+gives ([(1, {"prompt": "2+2=", "completion": "4"}), (3, {...})], []). Nothing here knows about formats:
+`formats.py` turns records into `Example`s. A bad row never stops the read; it becomes a problem
+string `"file:line: what is wrong; how to fix it"` and reading goes on, so one pass reports every bad row.
+"""
+
+from __future__ import annotations
+
+import codecs
+import csv
+import itertools
+import json
+import re
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from tunekit.errors import TunekitError
+
+Record = tuple[int, dict[str, Any]]
+# Internally a problem is (line, message); `read_records` prefixes "file:line: " at the end.
+Problem = tuple[int, str]
+
+_JSON_WS = re.compile(r"[ \t\n\r]*")  # exactly JSON's whitespace, not Python's wider notion
+_JSONL_HINT = "each line must be one JSON object"
+_JSON_HINT = "a .json file must hold one JSON array of objects, or one JSON object per line"
+
+
+def read_records(path: str | Path) -> tuple[list[Record], list[str]]:
+    """Read every record of a .jsonl/.ndjson, .json, .csv or .tsv file.
+
+    Returns (records, problems): records are (1-based line where the record starts, dict); problems are
+    strings naming `file:line` and the fix, sorted by line. Raises `TunekitError` when the file is
+    missing, is a directory, or has an extension that is not supported.
+    """
+    path = Path(path)
+    reader = _reader_for(path)
+    where = str(path)
+    try:
+        data = path.read_bytes()
+    except OSError as e:
+        raise TunekitError(f"{where}: cannot read the file ({e.strerror})") from e
+    text, bad_lines = _decode(data, where)
+    records, problems = reader(text, set(bad_lines))
+    problems += bad_lines.items()
+    return records, [f"{where}:{line}: {msg}" for line, msg in sorted(problems, key=lambda p: p[0])]
+
+
+def _reader_for(path: Path) -> Callable[[str, set[int]], tuple[list[Record], list[Problem]]]:
+    if path.is_dir():
+        raise TunekitError(f"{path}: is a directory; pass one data file ({', '.join(_READERS)})")
+    if not path.exists():
+        raise TunekitError(f"{path}: file not found")
+    suffix = path.suffix.lower()
+    if suffix not in _READERS:
+        raise TunekitError(
+            f"{path}: unknown extension {suffix or '(none)'!r}; supported: {', '.join(_READERS)} "
+            "(rename the file if its content is one of these)"
+        )
+    return _READERS[suffix]
+
+
+def _decode(data: bytes, where: str) -> tuple[str, dict[int, str]]:
+    """UTF-8 text (BOM dropped) and {line: problem} for every line that is not valid UTF-8.
+
+    Bad bytes become U+FFFD so the rest of the file still parses; the readers drop any record that
+    touches a bad line, whose problem is already reported. Line numbers survive the replacement
+    because b"\\n" is never part of a multi-byte UTF-8 sequence.
+    """
+    if data.startswith(codecs.BOM_UTF8):
+        data = data[len(codecs.BOM_UTF8) :]
+    elif data.startswith((codecs.BOM_UTF16_LE, codecs.BOM_UTF16_BE)):
+        raise TunekitError(f"{where}: the file is UTF-16 encoded; save it as UTF-8")
+    try:
+        return data.decode("utf-8"), {}
+    except UnicodeDecodeError:
+        pass
+    bad: dict[int, str] = {}
+    for n, raw in enumerate(data.split(b"\n"), start=1):
+        try:
+            raw.decode("utf-8")
+        except UnicodeDecodeError as e:
+            bad[n] = (
+                f"not valid UTF-8 (byte 0x{raw[e.start]:02x} at byte {e.start + 1}); save the file as UTF-8"
+            )
+    return data.decode("utf-8", errors="replace"), bad
+
+
+# ---- JSON Lines ---------------------------------------------------------------------------------
+
+
+def _read_jsonl(text: str, bad: set[int], hint: str = _JSONL_HINT) -> tuple[list[Record], list[Problem]]:
+    records: list[Record] = []
+    problems: list[Problem] = []
+    # split("\n"), not splitlines(): JSON strings may hold a raw U+2028, which splitlines() splits on.
+    for n, line in enumerate(text.split("\n"), start=1):
+        if n in bad or not line.strip():
+            continue
+        try:
+            obj = json.loads(line)
+        except json.JSONDecodeError as e:
+            problems.append((n, f"invalid JSON ({e.msg} at column {e.colno}); {hint}"))
+            continue
+        if isinstance(obj, dict):
+            records.append((n, obj))
+        else:
+            problems.append((n, f"expected a JSON object {{...}}, found {_kind(obj)}; {hint}"))
+    return records, problems
+
+
+# ---- JSON ---------------------------------------------------------------------------------------
+
+
+def _read_json(text: str, bad: set[int]) -> tuple[list[Record], list[Problem]]:
+    start = _skip_ws(text, 0)
+    if text.startswith("[", start):
+        return _read_json_array(text, start + 1, bad)
+    records, problems = _read_jsonl(text, bad, _JSON_HINT)
+    if records or not problems or bad:
+        return records, problems
+    # Not one line of it is a JSON object: perhaps one pretty-printed object (a record, whose keys the
+    # format detection reports if they are no known format, e.g. {"data": [...]}) or a broken one.
+    try:
+        obj = json.loads(text)
+    except json.JSONDecodeError as e:
+        return [], [(e.lineno, f"invalid JSON ({e.msg} at column {e.colno}); {_JSON_HINT}")]
+    first = text.count("\n", 0, start) + 1
+    if isinstance(obj, dict):
+        return [(first, obj)], []
+    return [], [(first, f"expected a JSON array of objects, found {_kind(obj)}; {_JSON_HINT}")]
+
+
+def _read_json_array(text: str, pos: int, bad: set[int]) -> tuple[list[Record], list[Problem]]:
+    """Walk the array after its "[" at `pos`, one element at a time, noting the line each starts on."""
+    decoder = json.JSONDecoder()
+    lines = _LineCounter(text)
+    records: list[Record] = []
+    problems: list[Problem] = []
+    pos = _skip_ws(text, pos)
+    if text.startswith("]", pos):
+        return records, _after_array(text, pos + 1, lines)
+    for index in itertools.count():
+        first = lines.at(pos)
+        try:
+            obj, end = decoder.raw_decode(text, pos)
+        except json.JSONDecodeError as e:
+            # After a syntax error the next element's start is unknown: stop here.
+            return records, [
+                *problems,
+                (e.lineno, f"invalid JSON ({e.msg} at column {e.colno}); {_JSON_HINT}"),
+            ]
+        if not bad.intersection(range(first, lines.at(end) + 1)):
+            if isinstance(obj, dict):
+                records.append((first, obj))
+            else:
+                problems.append((first, f"array element {index} is {_kind(obj)}, not an object {{...}}"))
+        pos = _skip_ws(text, end)
+        if text.startswith(",", pos):
+            pos = _skip_ws(text, pos + 1)
+        elif text.startswith("]", pos):
+            return records, problems + _after_array(text, pos + 1, lines)
+        else:
+            return records, [*problems, (lines.at(pos), f"invalid JSON (expected ',' or ']'); {_JSON_HINT}")]
+    raise AssertionError("unreachable")
+
+
+def _after_array(text: str, pos: int, lines: _LineCounter) -> list[Problem]:
+    pos = _skip_ws(text, pos)
+    if pos == len(text):
+        return []
+    return [(lines.at(pos), f"extra data after the closing ']'; {_JSON_HINT}")]
+
+
+class _LineCounter:
+    """Maps growing character offsets to 1-based lines, counting each newline once (O(file size))."""
+
+    def __init__(self, text: str):
+        self.text, self.pos, self.line = text, 0, 1
+
+    def at(self, pos: int) -> int:
+        self.line += self.text.count("\n", self.pos, pos)
+        self.pos = pos
+        return self.line
+
+
+def _skip_ws(text: str, pos: int) -> int:
+    return _JSON_WS.match(text, pos).end()  # type: ignore[union-attr]  # [ \t\n\r]* always matches
+
+
+def _kind(value: Any) -> str:
+    if isinstance(value, list):
+        return "an array [...]"
+    if isinstance(value, str):
+        return "a string"
+    if isinstance(value, bool) or value is None:
+        return json.dumps(value)
+    return "a number"
+
+
+# ---- CSV / TSV ----------------------------------------------------------------------------------
+
+
+def _read_csv(text: str, bad: set[int]) -> tuple[list[Record], list[Problem]]:
+    return _read_delimited(text, bad, ",", csv.QUOTE_MINIMAL, "quote fields that hold commas or line breaks")
+
+
+def _read_tsv(text: str, bad: set[int]) -> tuple[list[Record], list[Problem]]:
+    # TSV fields are not quoted (IANA text/tab-separated-values): a field that merely starts with '"',
+    # common in real text, would otherwise swallow the lines up to the next quote without any error.
+    return _read_delimited(text, bad, "\t", csv.QUOTE_NONE, "fields must not hold tabs or line breaks")
+
+
+def _read_delimited(
+    text: str, bad: set[int], delimiter: str, quoting: int, fix: str
+) -> tuple[list[Record], list[Problem]]:
+    """Rows after the header row as dicts; a row's line is the physical line where it starts."""
+    # Feed the csv module our own "\n"-split lines so its line_num counts lines exactly as we do.
+    physical = [line + "\n" for line in text.split("\n")]
+    reader = csv.reader(physical, delimiter=delimiter, quoting=quoting)
+    header: list[str] | None = None
+    records: list[Record] = []
+    problems: list[Problem] = []
+    start = 1
+    try:
+        for row in reader:
+            first, start = start, reader.line_num + 1
+            if not any(field.strip() for field in row):  # blank line (or a row of empty fields)
+                continue
+            if header is None:
+                header = [name.strip() for name in row]
+                problems += _check_header(header, first)
+            elif bad.intersection(range(first, reader.line_num + 1)):
+                continue
+            elif len(row) != len(header):
+                msg = f"expected {len(header)} columns ({', '.join(header)}), found {len(row)}; {fix}"
+                problems.append((first, msg))
+            else:
+                records.append((first, dict(zip(header, row, strict=True))))
+    except csv.Error as e:
+        problems.append((start, f"cannot parse ({e}); reading stopped here; {fix}"))
+    return records, problems
+
+
+def _check_header(header: list[str], line: int) -> list[Problem]:
+    dupes = sorted({name for name in header if header.count(name) > 1})
+    if dupes:
+        return [(line, f"duplicate column name(s) {', '.join(dupes)} in the header row; rename them")]
+    return []
+
+
+_READERS: dict[str, Callable[[str, set[int]], tuple[list[Record], list[Problem]]]] = {
+    ".jsonl": _read_jsonl,
+    ".ndjson": _read_jsonl,
+    ".json": _read_json,
+    ".csv": _read_csv,
+    ".tsv": _read_tsv,
+}

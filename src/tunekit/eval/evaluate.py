@@ -1,0 +1,104 @@
+"""`tunekit eval RUN_DIR`: base model vs fine-tuned model on the same held-out test examples.
+
+Both contenders share one model in memory: the base is the fine-tuned model with its adapter
+switched off, so the comparison cannot be skewed by loading two different copies.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from pathlib import Path
+
+from rich.console import Console
+
+from tunekit.data.tokenize import render_prompt
+from tunekit.errors import TunekitError
+from tunekit.eval.generate import generate
+from tunekit.eval.metrics import normalize, task_metrics
+from tunekit.eval.report import write_report
+from tunekit.io import atomic_write_json
+from tunekit.models import load_model, load_tokenizer, resolve_model
+from tunekit.run_dir import load_run_config, read_split
+from tunekit.train.sft import evaluate_loss, tokenize_all
+
+console = Console(stderr=True)
+
+
+def evaluate(run_dir: str | Path, data: str | Path | None = None, quiet: bool = False) -> dict:
+    """Evaluate base and fine-tuned on the run's test split (or `data`); writes report.json and report.md."""
+    from peft import PeftModel
+
+    from tunekit.data import load_examples
+
+    run_dir = Path(run_dir)
+    cfg = load_run_config(run_dir)
+    adapter = run_dir / "adapter"
+    if not (adapter / "adapter_config.json").is_file():
+        raise TunekitError(f"{run_dir}: no trained adapter in {adapter}; run `tunekit train` first")
+    if data is not None:
+        examples = load_examples(data, format=cfg.data.format, columns=cfg.data.columns or None)
+    else:
+        examples = read_split(run_dir, "test")
+    if cfg.eval.max_examples:
+        examples = examples[: cfg.eval.max_examples]
+    if not examples:
+        raise TunekitError(f"{run_dir}: the test split is empty; pass --data FILE or set data.split")
+
+    tokenizer = load_tokenizer(adapter)
+    model = PeftModel.from_pretrained(load_model(resolve_model(cfg.model)), adapter)
+    model.eval()
+    references = [ex.target for ex in examples]
+    is_cls = all(ex.label is not None for ex in examples)
+    max_new = cfg.eval.max_new_tokens or 16 + max(len(tokenizer(r, add_special_tokens=False)["input_ids"]) for r in references)
+    test_tok = tokenize_all(tokenizer, examples, cfg.train.max_length, "test")
+    prompt_tokens = sum(len(tokenizer(render_prompt(tokenizer, ex), add_special_tokens=False)["input_ids"]) for ex in examples)
+
+    contenders, predictions = {}, {}
+    for name in ("base", "finetuned"):
+        t0 = time.perf_counter()
+        if name == "base":
+            with model.disable_adapter():
+                preds = generate(model, tokenizer, examples, max_new, cfg.eval.batch_size)
+                loss = evaluate_loss(model, test_tok, tokenizer.pad_token_id, cfg.eval.batch_size)
+        else:
+            preds = generate(model, tokenizer, examples, max_new, cfg.eval.batch_size)
+            loss = evaluate_loss(model, test_tok, tokenizer.pad_token_id, cfg.eval.batch_size)
+        seconds = time.perf_counter() - t0
+        gen_tokens = sum(len(tokenizer(p, add_special_tokens=False)["input_ids"]) for p in preds)
+        contenders[name] = task_metrics(preds, references, is_cls) | {
+            "test_loss": loss,
+            "perplexity": math.exp(min(loss, 50)),
+            "prompt_tokens_per_example": prompt_tokens / len(examples),
+            "completion_tokens_per_example": gen_tokens / len(examples),
+            "seconds_per_example": seconds / len(examples),
+        }
+        predictions[name] = preds
+        if not quiet:
+            console.print(f"eval {name}: {contenders[name]} ({seconds:.0f}s)")
+
+    task_metric = "accuracy" if is_cls else "exact_match"
+    rows = [
+        {
+            "source": ex.where,
+            "prompt": ex.prompt[-1].content if ex.prompt else "",
+            "reference": ex.target,
+            "base": predictions["base"][i],
+            "finetuned": predictions["finetuned"][i],
+            "base_correct": normalize(predictions["base"][i]) == normalize(ex.target),
+            "finetuned_correct": normalize(predictions["finetuned"][i]) == normalize(ex.target),
+        }
+        for i, ex in enumerate(examples)
+    ]
+    report = {
+        "task_metric": task_metric,
+        "n_test": len(examples),
+        "test_data": str(data) if data is not None else str(run_dir / "data" / "test.jsonl"),
+        "contenders": contenders,
+        "examples": rows[: cfg.eval.show_examples],
+        "failures": [r for r in rows if not r["finetuned_correct"]],
+    }
+    atomic_write_json(run_dir / "report.json", report)
+    write_report(run_dir, report)
+    atomic_write_json(run_dir / "predictions.json", rows)
+    return report

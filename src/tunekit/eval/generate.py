@@ -1,0 +1,46 @@
+"""Batched greedy generation for evaluation."""
+
+from __future__ import annotations
+
+import torch
+
+from tunekit.data.tokenize import render_prompt
+
+
+@torch.no_grad()
+def generate(model, tokenizer, examples, max_new_tokens: int, batch_size: int = 16) -> list[str]:
+    """Greedy completions for each example's prompt, in input order.
+
+    Prompts are sorted by length so a batch pads little, and padded on the left so every row's
+    generation starts right after its own prompt.
+    """
+    model.eval()
+    prompts = [render_prompt(tokenizer, ex) for ex in examples]
+    order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))
+    out: list[str] = [""] * len(prompts)
+    eos = _stop_ids(model, tokenizer)
+    for start in range(0, len(order), batch_size):
+        idx = order[start : start + batch_size]
+        enc = tokenizer(
+            [prompts[i] for i in idx], add_special_tokens=False, padding=True, padding_side="left", return_tensors="pt"
+        )
+        gen = model.generate(
+            **enc,
+            max_new_tokens=max_new_tokens,
+            do_sample=False,
+            pad_token_id=tokenizer.pad_token_id,
+            eos_token_id=eos,
+        )
+        new = gen[:, enc["input_ids"].shape[1] :]
+        for i, row in zip(idx, new, strict=True):
+            out[i] = tokenizer.decode(row, skip_special_tokens=True).strip()
+    return out
+
+
+def _stop_ids(model, tokenizer) -> list[int]:
+    """The ids that end a reply: the generation config's eos ids plus the tokenizer's eos."""
+    ids = model.generation_config.eos_token_id
+    ids = [] if ids is None else [ids] if isinstance(ids, int) else list(ids)
+    if tokenizer.eos_token_id is not None and tokenizer.eos_token_id not in ids:
+        ids.append(tokenizer.eos_token_id)
+    return ids

@@ -1,0 +1,67 @@
+"""The main job (`make demo`): fine-tune the embedded default on the shipped demo data and prove it.
+
+The demo task is support-ticket triage: turn a customer's message into a JSON record in the
+company's own taxonomy, e.g. {"intent": "billing.refund", "priority": "P2", "product": "mobile_app"}.
+The base model cannot know the taxonomy, so its exact match is near zero; a few minutes of LoRA
+on 640 examples teach it.
+"""
+
+from __future__ import annotations
+
+import time
+from importlib import resources
+from pathlib import Path
+
+from rich.console import Console
+from rich.table import Table
+
+from tunekit.config import Config, config_from_dict
+from tunekit.eval.evaluate import evaluate
+from tunekit.train.sft import train_sft
+
+console = Console()
+
+
+def demo_data_path() -> Path:
+    """The shipped demo data set (800 tickets, OpenAI chat format)."""
+    return Path(str(resources.files("tunekit.demo") / "data" / "tickets.jsonl"))
+
+
+def quickstart_config(output_dir: str | Path = "runs/quickstart", overrides: list[str] = ()) -> Config:
+    """The quickstart's config: the values were tuned so the job runs in minutes on 2 CPU cores."""
+    raw = {
+        "model": "smollm2-135m-instruct",
+        "method": "lora",
+        "data": {"train": str(demo_data_path()), "format": "chat"},
+        "lora": {"r": 16, "alpha": 32, "dropout": 0.0, "target_modules": "all-linear"},
+        "train": {"epochs": 1, "learning_rate": 1.0e-3, "batch_size": 8, "max_length": 256, "seed": 42},
+        "output_dir": str(output_dir),
+    }
+    return config_from_dict(raw, overrides, source="quickstart")
+
+
+def quickstart(output_dir: str | Path = "runs/quickstart", overrides: list[str] = ()) -> dict:
+    """Train, evaluate base vs fine-tuned, print the comparison. Returns the report."""
+    cfg = quickstart_config(output_dir, overrides)
+    t0 = time.perf_counter()
+    run_dir = train_sft(cfg)
+    t_train = time.perf_counter() - t0
+    t1 = time.perf_counter()
+    report = evaluate(run_dir)
+    t_eval = time.perf_counter() - t1
+    report["stage_seconds"] = {"train": t_train, "eval": t_eval, "total": t_train + t_eval}
+    print_comparison(report)
+    console.print(f"stages: train {t_train:.0f}s (incl. model load), eval {t_eval:.0f}s; total {t_train + t_eval:.0f}s")
+    console.print(f"run directory: {run_dir}  (report.md, report.json, adapter/)")
+    return report
+
+
+def print_comparison(report: dict) -> None:
+    c = report["contenders"]
+    table = Table(title=f"held-out test: {report['n_test']} examples")
+    table.add_column("metric")
+    for name in c:
+        table.add_column(name, justify="right")
+    for m in c["base"]:
+        table.add_row(m, *(f"{c[n][m]:.4f}" if isinstance(c[n][m], float) else str(c[n][m]) for n in c))
+    console.print(table)

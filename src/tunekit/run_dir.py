@@ -1,0 +1,118 @@
+"""The run directory: the unit of state. Every command after `train` takes one.
+
+    runs/NAME/
+      config.yaml          the resolved config, every default filled in
+      data/                the exact examples of each split, in canonical chat JSONL,
+        train.jsonl          and manifest.json: which source line went to which split,
+        validation.jsonl     with content hashes
+        test.jsonl
+        manifest.json
+      metrics.jsonl        one JSON object per logged step
+      train_summary.json   wall time, tokens/s, final losses, dropped/truncated counts
+      adapter/             the LoRA adapter (PEFT format) and the tokenizer with its chat template
+      report.json          written by `tunekit eval`
+      report.md
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+from tunekit.config import Config, config_to_yaml, load_config
+from tunekit.data.example import Example
+from tunekit.errors import TunekitError
+from tunekit.io import atomic_write_json, atomic_write_jsonl, atomic_write_text
+
+SPLITS = ("train", "validation", "test")
+
+
+def create_run_dir(cfg: Config) -> Path:
+    """Make the run directory (checking it is writable) and write the resolved config."""
+    run_dir = Path(cfg.output_dir)
+    try:
+        run_dir.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise TunekitError(f"output_dir: cannot create {run_dir} ({e.strerror}); choose another folder") from None
+    if not os.access(run_dir, os.W_OK):
+        raise TunekitError(f"output_dir: {run_dir} is not writable; choose another folder")
+    atomic_write_text(run_dir / "config.yaml", config_to_yaml(cfg))
+    return run_dir
+
+
+def load_run_config(run_dir: str | Path) -> Config:
+    run_dir = Path(run_dir)
+    if not (run_dir / "config.yaml").is_file():
+        raise TunekitError(
+            f"{run_dir}: not a tunekit run directory (no config.yaml). Pass the output_dir of a "
+            "`tunekit train` run, e.g. runs/quickstart."
+        )
+    return load_config(run_dir / "config.yaml")
+
+
+def prepare_splits(cfg: Config, run_dir: Path) -> dict[str, list[Example]]:
+    """Load train/validation/test as the config says, splitting the train file where one is omitted.
+
+    The examples of each split are written to `run_dir/data/` with a manifest, so evaluation later
+    reads exactly the held-out examples that training never saw.
+    """
+    from tunekit.data import load_examples, split_examples
+
+    d = cfg.data
+    load = lambda p: load_examples(p, format=d.format, columns=d.columns or None)  # noqa: E731
+    train = load(d.train)
+    splits: dict[str, list[Example]] = {"validation": [], "test": []}
+    if d.validation is not None:
+        splits["validation"] = load(d.validation)
+    if d.test is not None:
+        splits["test"] = load(d.test)
+    missing = [s for s in ("validation", "test") if getattr(d, s) is None]
+    if missing:
+        # Split what is missing off the train file with the configured ratios; a given file's
+        # share goes back to train.
+        r_train, r_val, r_test = d.split
+        ratios = (r_train + (0 if "validation" in missing else r_val) + (0 if "test" in missing else r_test),
+                  r_val if "validation" in missing else 0.0,
+                  r_test if "test" in missing else 0.0)
+        parts = split_examples(train, ratios=ratios, seed=d.split_seed)
+        train = parts["train"]
+        for s in missing:
+            splits[s] = parts[s]
+    splits["train"] = train
+    _write_splits(run_dir, splits, cfg)
+    return {s: splits[s] for s in SPLITS}
+
+
+def _write_splits(run_dir: Path, splits: dict[str, list[Example]], cfg: Config) -> None:
+    rows = []
+    for name in SPLITS:
+        atomic_write_jsonl(run_dir / "data" / f"{name}.jsonl", [e.to_dict() for e in splits[name]])
+        rows += [{"split": name, "source": e.source, "line": e.line, "hash": e.content_hash()} for e in splits[name]]
+    manifest = {
+        "format": cfg.data.format,
+        "split": list(cfg.data.split),
+        "split_seed": cfg.data.split_seed,
+        "counts": {s: len(splits[s]) for s in SPLITS},
+        "rows": rows,
+    }
+    atomic_write_json(run_dir / "data" / "manifest.json", manifest)
+
+
+def read_split(run_dir: str | Path, name: str) -> list[Example]:
+    """The examples of one split as training saw them."""
+    from tunekit.data import load_examples
+
+    path = Path(run_dir) / "data" / f"{name}.jsonl"
+    if not path.is_file():
+        raise TunekitError(f"{run_dir}: no {name} split at {path}; was this run trained with tunekit train?")
+    if path.stat().st_size == 0:
+        return []
+    return load_examples(path, format="chat")
+
+
+def read_metrics(run_dir: str | Path) -> list[dict]:
+    path = Path(run_dir) / "metrics.jsonl"
+    if not path.is_file():
+        return []
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]

@@ -1,0 +1,86 @@
+"""Shared fixtures: the real tokenizer of the default model, and tiny random llama models built from it."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+
+SHARED_DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
+
+
+def shared_data(rel: str) -> Path:
+    """A file from ../shared/data, or skip the test with the reason."""
+    path = SHARED_DATA / rel
+    if not path.exists():
+        pytest.skip(f"../shared/data not present ({path}): real-data test skipped")
+    return path
+
+
+@pytest.fixture(scope="session")
+def default_model_dir() -> Path:
+    """The embedded default, converted once into the tunekit cache."""
+    from tunekit.models import resolve_model
+
+    return resolve_model("smollm2-135m-instruct")
+
+
+@pytest.fixture(scope="session")
+def tokenizer(default_model_dir):
+    from tunekit.models import load_tokenizer
+
+    return load_tokenizer(default_model_dir)
+
+
+def make_tiny_llama(folder: Path, tokenizer, seed: int = 0) -> Path:
+    """A 2-layer, hidden-64 llama with the real tokenizer and chat template, saved as a HF folder."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(seed)
+    cfg = LlamaConfig(
+        vocab_size=len(tokenizer),
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=1024,
+        tie_word_embeddings=True,
+        # Wide init: with the default 0.02 a 64-wide tied head can only produce logits of about +-1, so
+        # no adapter could ever fit a target; 0.2 gives the head the range a trained model has.
+        initializer_range=0.2,
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+    )
+    model = LlamaForCausalLM(cfg)
+    model.generation_config.eos_token_id = tokenizer.eos_token_id
+    model.save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    return folder
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir(tmp_path_factory, tokenizer) -> Path:
+    return make_tiny_llama(tmp_path_factory.mktemp("tiny-llama"), tokenizer)
+
+
+@pytest.fixture
+def chat_file(tmp_path) -> Path:
+    """A small chat JSONL the tiny model can overfit: 24 fixed question -> answer pairs."""
+    import json
+
+    rows = []
+    for i in range(24):
+        rows.append(
+            {
+                "messages": [
+                    {"role": "user", "content": f"What is the code for item {i}?"},
+                    {"role": "assistant", "content": f"CODE-{i % 4}"},
+                ]
+            }
+        )
+    path = tmp_path / "chat.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return path
