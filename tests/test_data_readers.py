@@ -129,9 +129,13 @@ def test_csv_wrong_column_counts_are_problems(tmp_path):
 
 
 def test_csv_crlf_and_duplicate_header(tmp_path):
-    assert read_records(write(tmp_path, "a.csv", "text,label\r\nhi,x\r\n"))[0] == [(2, {"text": "hi", "label": "x"})]
+    assert read_records(write(tmp_path, "a.csv", "text,label\r\nhi,x\r\n"))[0] == [
+        (2, {"text": "hi", "label": "x"})
+    ]
     _, problems = read_records(write(tmp_path, "b.csv", "text,text\nhi,x\n"))
-    assert problems == [f"{tmp_path / 'b.csv'}:1: duplicate column name(s) text in the header row; rename them"]
+    assert problems == [
+        f"{tmp_path / 'b.csv'}:1: duplicate column name(s) text in the header row; rename them"
+    ]
 
 
 def test_tsv_quotes_are_literal(tmp_path):
@@ -181,7 +185,9 @@ def test_missing_file_directory_and_unknown_extension(tmp_path):
         read_records(tmp_path / "nope.jsonl")
     with pytest.raises(TunekitError, match=r"is a directory; pass one data file \(\.jsonl, \.ndjson"):
         read_records(tmp_path)
-    with pytest.raises(TunekitError, match=r"unknown extension '\.txt'; supported: \.jsonl, \.ndjson, \.json, \.csv"):
+    with pytest.raises(
+        TunekitError, match=r"unknown extension '\.txt'; supported: \.jsonl, \.ndjson, \.json, \.csv"
+    ):
         read_records(write(tmp_path, "x.txt", "hello"))
 
 
@@ -299,7 +305,9 @@ def test_classification_label_string_or_integer(tmp_path):
     assert first.messages == (Message("user", "great"), Message("assistant", "1"))
     assert (first.label, second.label, second.target) == ("1", "neg", "neg")
     bad = write(tmp_path, "d.jsonl", jsonl({"text": "x", "label": 1.5}))
-    assert read_examples(bad)[1] == [f"{bad}:1: label: must be a non-empty string or an integer, found the number 1.5"]
+    assert read_examples(bad)[1] == [
+        f"{bad}:1: label: must be a non-empty string or an integer, found the number 1.5"
+    ]
 
 
 def test_auto_detection_uses_the_most_common_format(tmp_path):
@@ -307,14 +315,18 @@ def test_auto_detection_uses_the_most_common_format(tmp_path):
     path = write(tmp_path, "c.jsonl", jsonl(*rows))
     examples, problems = read_examples(path)
     assert [e.format for e in examples] == ["classification", "classification"]
-    assert problems == [f"{path}:3: text: missing; classification rows need keys text, label (found: prompt, completion)"]
+    assert problems == [
+        f"{path}:3: text: missing; classification rows need keys text, label (found: prompt, completion)"
+    ]
 
 
 def test_explicit_format_and_unknown_format(tmp_path):
     path = write(tmp_path, "c.jsonl", jsonl({"text": "a", "label": "x", "prompt": "p", "completion": "c"}))
     assert load_examples(path)[0].format == "prompt_completion"
     assert load_examples(path, format="classification")[0].format == "classification"
-    with pytest.raises(TunekitError, match="unknown data format 'sharegpt'; use one of: auto, chat, prompt_completion"):
+    with pytest.raises(
+        TunekitError, match="unknown data format 'sharegpt'; use one of: auto, chat, prompt_completion"
+    ):
         read_examples(path, format="sharegpt")
 
 
@@ -323,7 +335,9 @@ def test_columns_mapping_renames_before_detection_and_raw_keeps_the_source(tmp_p
     [ex] = load_examples(path, columns={"label": "category"})
     assert (ex.format, ex.label, ex.line) == ("classification", "card_arrival", 2)
     assert ex.raw == {"text": "where is my card?", "category": "card_arrival"}
-    with pytest.raises(DataError, match=r"columns: 'categry' \(for label\) not found in the file; its keys are text"):
+    with pytest.raises(
+        DataError, match=r"columns: 'categry' \(for label\) not found in the file; its keys are text"
+    ):
         read_examples(path, columns={"label": "categry"})
 
 
@@ -349,7 +363,11 @@ def test_load_examples_raises_on_any_problem_and_on_no_examples(tmp_path):
 
 
 def test_problems_are_sorted_by_line(tmp_path):
-    path = write(tmp_path, "x.jsonl", jsonl({"prompt": "a", "completion": ""}) + "oops\n" + jsonl({"prompt": 1, "completion": "b"}))
+    path = write(
+        tmp_path,
+        "x.jsonl",
+        jsonl({"prompt": "a", "completion": ""}) + "oops\n" + jsonl({"prompt": 1, "completion": "b"}),
+    )
     _, problems = read_examples(path)
     assert [p.split(":")[1] for p in problems] == ["1", "2", "3"]
 

@@ -15,6 +15,7 @@ P1_MARKERS = (
     "urgent", "asap", "critical", "emergency", "losing", "blocked", "today", "right away",
     "top priority", "costing", "all users", "all of our users",
 )  # fmt: skip
+P2_MARKERS = ("this week", "soon", "workaround", "few days", "normal priority")
 P3_MARKERS = (
     "no rush", "whenever", "low priority", "take your time", "no hurry", "curious", "can wait",
     "nothing pressing", "not pressing", "not a big deal",
@@ -86,8 +87,10 @@ def test_priority_follows_from_explicit_cues(rows):
     for row in rows:
         text, priority = _text(row).lower(), _record(row)["priority"]
         p1 = any(m in text for m in P1_MARKERS)
+        p2 = any(m in text for m in P2_MARKERS)
         p3 = any(m in text for m in P3_MARKERS)
-        assert (p1, p3) == {"P1": (True, False), "P2": (False, False), "P3": (False, True)}[priority], text
+        expected = {"P1": (True, False, False), "P2": (False, True, False), "P3": (False, False, True)}
+        assert (p1, p2, p3) == expected[priority], text
 
 
 def test_product_follows_from_exactly_one_product_name(rows):

@@ -89,10 +89,13 @@ def _write_splits(run_dir: Path, splits: dict[str, list[Example]], cfg: Config) 
     for name in SPLITS:
         atomic_write_jsonl(run_dir / "data" / f"{name}.jsonl", [e.to_dict() for e in splits[name]])
         rows += [{"split": name, "source": e.source, "line": e.line, "hash": e.content_hash()} for e in splits[name]]
+    # The same shape as `tunekit data split`'s manifest, plus each row's source file (a run may
+    # read train, validation and test from different files).
     manifest = {
-        "format": cfg.data.format,
-        "split": list(cfg.data.split),
-        "split_seed": cfg.data.split_seed,
+        "source": {s: str(getattr(cfg.data, s)) for s in SPLITS if getattr(cfg.data, s) is not None},
+        "format": next((e.format for s in SPLITS for e in splits[s]), cfg.data.format),
+        "seed": cfg.data.split_seed,
+        "ratios": list(cfg.data.split),
         "counts": {s: len(splits[s]) for s in SPLITS},
         "rows": rows,
     }

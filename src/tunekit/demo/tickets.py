@@ -8,8 +8,10 @@ For that to work the record must follow from the text alone:
 - intent: from the problem sentence; each intent has its own problem templates and details.
 - product: from exactly one product name; every product has several surface names.
 - priority: P1 when the ticket carries an urgency cue (urgent, ASAP, losing money, all users...),
-  P3 when it carries a no-hurry cue (no rush, whenever, low priority...), P2 when it carries
-  neither. A ticket never carries both kinds.
+  P3 when it carries a no-hurry cue (no rush, whenever, low priority...), P2 when it carries a
+  normal-priority cue (this week, soon, a workaround...). A ticket carries exactly one kind: an
+  absent cue is a weak signal that a small model learns slowly (measured: P2 without a cue of
+  its own was the quickstart's main error, exact match 0.55 after one epoch).
 
 Everything else (greetings, names, order numbers, dates, closings, the odd typo) varies freely and
 carries no signal. A generated row (`generate(800, 0)[0]`):
@@ -17,9 +19,9 @@ carries no signal. A generated row (`generate(800, 0)[0]`):
     {"messages": [
       {"role": "system", "content": "Triage this Northwind Cloud support ticket into a JSON record
                                      with the keys intent, priority and product."},
-      {"role": "user", "content": "Hey there, the export button in the app on my phone does nothing
-                                   when I click it. It started last night. Any help is appreciated.
-                                   Best, Mateo"},
+      {"role": "user", "content": "Good morning, my name is Mateo Becker. The export button in the
+                                   app on my phone does nothing when I click it. It started last
+                                   night. Please look into it this week. Appreciate your help."},
       {"role": "assistant", "content": "{\\"intent\\": \\"technical.bug\\", \\"priority\\": \\"P2\\",
                                         \\"product\\": \\"mobile_app\\"}"}]}
 
@@ -279,6 +281,17 @@ P3_SENTENCES = (
     "Just letting you know, nothing pressing.",
 )
 P3_PREFIXES = ("Low priority:", "No rush:", "Not pressing:")
+P2_SENTENCES = (
+    "Please look into it this week.",
+    "We have a workaround for now, but please fix it soon.",
+    "A reply in the next few days would be great.",
+    "Would appreciate a fix soon.",
+    "It's annoying, though we have a workaround.",
+    "Hoping to get this sorted this week.",
+    "Please get back to me soon.",
+    "Sometime in the next few days is fine.",
+)
+P2_PREFIXES = ("Normal priority:", "Fairly soon please:")
 SERVICE_INTENTS = ("account.login", "technical.bug", "technical.outage")
 
 GREETINGS = (
@@ -412,17 +425,16 @@ def _ticket(rng: random.Random, intent: str, priority: str) -> tuple[str, str]:
 
     # The priority cue: a prefix ("URGENT:"), or a sentence before or after the problem.
     prefix = ""
-    if priority != "P2":
-        cues = P1_SENTENCES if priority == "P1" else P3_SENTENCES
-        if priority == "P1" and intent in SERVICE_INTENTS:
-            cues += P1_SERVICE_SENTENCES
-        if rng.random() < 0.2:
-            prefix = rng.choice(P1_PREFIXES if priority == "P1" else P3_PREFIXES)
-        elif priority == "P1" and rng.random() < 0.3:
-            # "This is urgent. The API ..." reads naturally; "Take your time. The API ..." does not.
-            sentences.insert(0, rng.choice(cues))
-        else:
-            sentences.append(rng.choice(cues))
+    cues = {"P1": P1_SENTENCES, "P2": P2_SENTENCES, "P3": P3_SENTENCES}[priority]
+    if priority == "P1" and intent in SERVICE_INTENTS:
+        cues += P1_SERVICE_SENTENCES
+    if rng.random() < 0.2:
+        prefix = rng.choice({"P1": P1_PREFIXES, "P2": P2_PREFIXES, "P3": P3_PREFIXES}[priority])
+    elif priority == "P1" and rng.random() < 0.3:
+        # "This is urgent. The API ..." reads naturally; "Take your time. The API ..." does not.
+        sentences.insert(0, rng.choice(cues))
+    else:
+        sentences.append(rng.choice(cues))
 
     if rng.random() < 0.2:
         sentences.insert(0, rng.choice(INTROS).format(**slots))

@@ -31,6 +31,18 @@ ALIASES: dict[str, tuple[str, str]] = {
 }
 
 
+def quiet_libraries() -> None:
+    """Silence per-load progress bars and deprecation chatter from transformers/peft: tunekit
+    prints its own progress, and these would bury it (and warnings a user can act on)."""
+    import warnings
+
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.set_verbosity_error()
+    hf_logging.disable_progress_bar()
+    warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
+
+
 def tunekit_home() -> Path:
     """Where tunekit caches converted models and keeps its registry: $TUNEKIT_HOME or ~/.cache/tunekit."""
     return Path(os.environ.get("TUNEKIT_HOME") or Path.home() / ".cache" / "tunekit")
@@ -38,6 +50,7 @@ def tunekit_home() -> Path:
 
 def resolve_model(spec: str) -> Path:
     """Turn a model spec into a local folder that `from_pretrained` can read."""
+    quiet_libraries()
     if spec in ALIASES:
         return _cached_alias(spec)
     path = Path(spec).expanduser()

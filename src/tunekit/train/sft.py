@@ -217,6 +217,9 @@ def train_sft(cfg: Config, quiet: bool = False) -> Path:
                     f.write(json.dumps(record) + "\n")
             info = f"loss {loss:.4f}  {tokens_total / t_train:.0f} tok/s"
             progress.update(task, advance=1, info=info)
+            if not quiet and not console.is_terminal and (step % max(1, total_steps // 10) == 0):
+                # Logs and CI have no live bar: print a line at every tenth of the run instead.
+                console.print(f"step {step}/{total_steps}: {info}, {t_train:.0f}s")
 
     adapter_dir = run_dir / "adapter"
     _save_adapter(model, tokenizer, adapter_dir)

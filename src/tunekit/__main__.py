@@ -1,0 +1,5 @@
+"""`python -m tunekit` is `tunekit`."""
+
+from tunekit.cli import main
+
+main()

@@ -1,0 +1,79 @@
+"""The command line as a user runs it: real processes, exit codes, no tracebacks for user mistakes."""
+
+import json
+import subprocess
+import sys
+
+import yaml
+
+
+def tunekit(*args, cwd=None):
+    return subprocess.run([sys.executable, "-m", "tunekit", *args], capture_output=True, text=True, cwd=cwd)
+
+
+def test_help_lists_commands():
+    r = tunekit("--help")
+    assert r.returncode == 0
+    for cmd in ("train", "eval", "data", "quickstart"):
+        assert cmd in r.stdout
+
+
+def test_data_split_cli(tmp_path):
+    src = tmp_path / "d.jsonl"
+    src.write_text("".join(json.dumps({"prompt": f"q{i}", "completion": f"a{i}"}) + "\n" for i in range(50)))
+    r = tunekit("data", "split", str(src), "--out", str(tmp_path / "out"), "--seed", "3")
+    assert r.returncode == 0, r.stderr
+    manifest = json.loads((tmp_path / "out/manifest.json").read_text())
+    assert manifest["counts"] == {"train": 40, "validation": 5, "test": 5}
+    assert "train 40" in r.stderr
+
+
+def test_bad_data_line_is_named_without_traceback(tmp_path):
+    src = tmp_path / "d.jsonl"
+    src.write_text('{"prompt": "a", "completion": "b"}\n{"prompt": "a", \n')
+    r = tunekit("data", "split", str(src), "--out", str(tmp_path / "out"))
+    assert r.returncode == 2
+    assert f"{src}:2" in r.stderr and "Traceback" not in r.stderr
+
+
+def test_bad_ratios_cli(tmp_path):
+    r = tunekit("data", "split", "x.jsonl", "--out", str(tmp_path), "--ratios", "0.8,0.1")
+    assert r.returncode == 2 and "--ratios" in r.stderr and "Traceback" not in r.stderr
+
+
+def test_config_errors_reported_at_once(tmp_path):
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text(yaml.safe_dump({"data": {"train": "x.jsonl"}, "train": {"lr": 1, "epocs": 2}}))
+    r = tunekit("train", str(cfg), "--set", "lora.rank=4")
+    assert r.returncode == 2 and "Traceback" not in r.stderr
+    for key in ("train.lr", "train.epocs", "lora.rank", "did you mean 'train.epochs'"):
+        assert key in r.stderr
+
+
+def test_missing_train_file_is_named(tmp_path, tiny_model_dir):
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text(yaml.safe_dump({"model": str(tiny_model_dir), "data": {"train": "nope.jsonl"}, "output_dir": str(tmp_path / "r")}))
+    r = tunekit("train", str(cfg))
+    assert r.returncode == 2 and "nope.jsonl" in r.stderr and "Traceback" not in r.stderr
+
+
+def test_train_and_eval_cli_on_tiny_model(tmp_path, tiny_model_dir, chat_file):
+    run = tmp_path / "run"
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text(
+        yaml.safe_dump(
+            {
+                "model": str(tiny_model_dir),
+                "data": {"train": str(chat_file)},
+                "train": {"batch_size": 4, "max_length": 64},
+                "eval": {"max_new_tokens": 4},
+                "output_dir": str(run),
+            }
+        )
+    )
+    r = tunekit("train", str(cfg), "--set", "train.max_steps=2")
+    assert r.returncode == 0, r.stderr
+    assert yaml.safe_load((run / "config.yaml").read_text())["train"]["max_steps"] == 2
+    r = tunekit("eval", str(run))
+    assert r.returncode == 0, r.stderr
+    assert json.loads((run / "report.json").read_text())["n_test"] > 0

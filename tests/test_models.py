@@ -1,0 +1,56 @@
+import pytest
+
+from tunekit.errors import ModelError
+from tunekit.models import load_model, load_tokenizer, resolve_model
+
+
+def test_alias_is_cached_as_safetensors(default_model_dir):
+    assert (default_model_dir / "model.safetensors").is_file()
+    assert (default_model_dir / "config.json").is_file()
+    assert resolve_model("smollm2-135m-instruct") == default_model_dir  # cached: same folder, no reconversion
+
+
+def test_default_tokenizer_has_chat_template(tokenizer):
+    assert tokenizer.chat_template and "<|im_start|>" in tokenizer.chat_template
+    assert tokenizer.eos_token == "<|im_end|>" and tokenizer.pad_token_id is not None
+    assert len(tokenizer) == 49152
+
+
+def test_local_folder_loads(tiny_model_dir):
+    assert resolve_model(str(tiny_model_dir)) == tiny_model_dir
+    model = load_model(tiny_model_dir)
+    assert model.config.num_hidden_layers == 2
+    assert load_tokenizer(tiny_model_dir).chat_template
+
+
+def test_folder_without_config_is_a_clear_error(tmp_path):
+    with pytest.raises(ModelError, match="no config.json"):
+        resolve_model(str(tmp_path))
+
+
+def test_unknown_spec_is_a_clear_error():
+    with pytest.raises(ModelError, match="not a known alias"):
+        resolve_model("./does/not/exist")
+
+
+def test_hub_id_offline_fails_clearly(monkeypatch, tmp_path):
+    # No network here; HF_HUB_OFFLINE makes the same point quickly on machines that have one.
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setenv("HF_HOME", str(tmp_path))
+    with pytest.raises(ModelError, match="hub cannot be reached"):
+        resolve_model("some-org/some-model-that-is-not-cached")
+
+
+def test_tokenizer_without_chat_template_is_rejected(tiny_model_dir, tmp_path):
+    import shutil
+
+    folder = tmp_path / "m"
+    shutil.copytree(tiny_model_dir, folder)
+    (folder / "chat_template.jinja").unlink(missing_ok=True)
+    import json
+
+    cfg = json.loads((folder / "tokenizer_config.json").read_text())
+    cfg.pop("chat_template", None)
+    (folder / "tokenizer_config.json").write_text(json.dumps(cfg))
+    with pytest.raises(ModelError, match="no chat template"):
+        load_tokenizer(folder)
