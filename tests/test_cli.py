@@ -52,7 +52,11 @@ def test_config_errors_reported_at_once(tmp_path):
 
 def test_missing_train_file_is_named(tmp_path, tiny_model_dir):
     cfg = tmp_path / "c.yaml"
-    cfg.write_text(yaml.safe_dump({"model": str(tiny_model_dir), "data": {"train": "nope.jsonl"}, "output_dir": str(tmp_path / "r")}))
+    cfg.write_text(
+        yaml.safe_dump(
+            {"model": str(tiny_model_dir), "data": {"train": "nope.jsonl"}, "output_dir": str(tmp_path / "r")}
+        )
+    )
     r = tunekit("train", str(cfg))
     assert r.returncode == 2 and "nope.jsonl" in r.stderr and "Traceback" not in r.stderr
 

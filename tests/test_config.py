@@ -8,8 +8,18 @@ def test_defaults_fill_in():
     cfg = config_from_dict({"data": {"train": "x.jsonl"}})
     assert cfg.model == "smollm2-135m-instruct"
     assert cfg.method == "lora"
-    assert (cfg.lora.r, cfg.lora.alpha, cfg.lora.dropout, cfg.lora.target_modules) == (16, 32, 0.05, "all-linear")
-    assert (cfg.train.epochs, cfg.train.learning_rate, cfg.train.batch_size, cfg.train.grad_accum) == (3, 2e-4, 8, 1)
+    assert (cfg.lora.r, cfg.lora.alpha, cfg.lora.dropout, cfg.lora.target_modules) == (
+        16,
+        32,
+        0.05,
+        "all-linear",
+    )
+    assert (cfg.train.epochs, cfg.train.learning_rate, cfg.train.batch_size, cfg.train.grad_accum) == (
+        3,
+        2e-4,
+        8,
+        1,
+    )
     assert cfg.train.max_steps is None and cfg.train.max_length == 512 and cfg.train.seed == 42
 
 
@@ -28,7 +38,9 @@ def test_all_errors_reported_at_once_with_dotted_paths_and_suggestions():
 
 
 def test_set_overrides_are_typed():
-    cfg = config_from_dict({"data": {"train": "x.jsonl"}}, ["train.max_steps=5", "lora.target_modules=[q_proj, v_proj]"])
+    cfg = config_from_dict(
+        {"data": {"train": "x.jsonl"}}, ["train.max_steps=5", "lora.target_modules=[q_proj, v_proj]"]
+    )
     assert cfg.train.max_steps == 5
     assert cfg.lora.target_modules == ["q_proj", "v_proj"]
 

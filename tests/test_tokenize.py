@@ -5,7 +5,7 @@ from tunekit.data.tokenize import IGNORE_INDEX, render_prompt, tokenize_example
 
 
 def _loss_text(tokenizer, t):
-    return tokenizer.decode([i for i, lab in zip(t.input_ids, t.labels) if lab != IGNORE_INDEX])
+    return tokenizer.decode([i for i, lab in zip(t.input_ids, t.labels, strict=False) if lab != IGNORE_INDEX])
 
 
 def test_only_assistant_tokens_carry_loss(tokenizer):
@@ -21,7 +21,7 @@ def test_only_assistant_tokens_carry_loss(tokenizer):
     t = tokenize_example(tokenizer, ex, 512)
     assert _loss_text(tokenizer, t) == "4<|im_end|>\n6 is the answer.<|im_end|>\n"
     # labels equal input ids where they are set
-    assert all(lab in (IGNORE_INDEX, i) for i, lab in zip(t.input_ids, t.labels))
+    assert all(lab in (IGNORE_INDEX, i) for i, lab in zip(t.input_ids, t.labels, strict=False))
 
 
 def test_weight_zero_turn_carries_no_loss(tokenizer):

@@ -67,7 +67,13 @@ def test_train_overfits_tiny_set_and_writes_run_dir(tiny_model_dir, chat_file, t
     assert losses[-1] < 0.5 * losses[0], losses
     assert {"step", "epoch", "loss", "learning_rate", "tokens_per_s"} <= set(metrics[0])
     assert any("val_loss" in m for m in metrics)
-    for name in ("config.yaml", "train_summary.json", "data/manifest.json", "data/test.jsonl", "adapter/adapter_config.json"):
+    for name in (
+        "config.yaml",
+        "train_summary.json",
+        "data/manifest.json",
+        "data/test.jsonl",
+        "adapter/adapter_config.json",
+    ):
         assert (run / name).is_file(), name
     manifest = json.loads((run / "data/manifest.json").read_text())
     assert sum(manifest["counts"].values()) == 24 and len(manifest["rows"]) == 24

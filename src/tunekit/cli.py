@@ -10,32 +10,37 @@ from pathlib import Path
 from typing import Annotated
 
 import typer
-from rich.console import Console
 
+from tunekit.console import err
 from tunekit.errors import TunekitError
 
-app = typer.Typer(add_completion=False, no_args_is_help=True, help="Fine-tune language models on your own data.")
+app = typer.Typer(
+    add_completion=False, no_args_is_help=True, help="Fine-tune language models on your own data."
+)
 data_app = typer.Typer(no_args_is_help=True, help="Data sets: split (and more to come).")
 app.add_typer(data_app, name="data")
-err = Console(stderr=True)
 
 
 @app.command()
 def train(
     config: Annotated[Path, typer.Argument(help="YAML config file.")],
-    set_: Annotated[list[str], typer.Option("--set", help="Override a key: --set train.max_steps=5")] = [],
+    set_: Annotated[list[str], typer.Option("--set", help="Override a key: --set train.max_steps=5")] = None,
 ) -> None:
     """Fine-tune a model as CONFIG says; writes the run directory."""
     from tunekit.config import load_config
     from tunekit.train.sft import train_sft
 
+    if set_ is None:
+        set_ = []
     train_sft(load_config(config, set_))
 
 
 @app.command("eval")
 def eval_(
     run_dir: Annotated[Path, typer.Argument(help="A run directory written by `tunekit train`.")],
-    data: Annotated[Path | None, typer.Option(help="Evaluate on this file instead of the run's test split.")] = None,
+    data: Annotated[
+        Path | None, typer.Option(help="Evaluate on this file instead of the run's test split.")
+    ] = None,
 ) -> None:
     """Compare the base and the fine-tuned model on held-out examples; writes report.json and report.md."""
     from tunekit.eval.evaluate import evaluate
@@ -52,7 +57,9 @@ def data_split(
     out: Annotated[Path, typer.Option(help="Output folder.")],
     ratios: Annotated[str, typer.Option(help="train,validation,test shares.")] = "0.8,0.1,0.1",
     seed: Annotated[int, typer.Option(help="Shuffle seed.")] = 42,
-    format: Annotated[str, typer.Option(help="auto, chat, prompt_completion, alpaca, classification.")] = "auto",
+    format: Annotated[
+        str, typer.Option(help="auto, chat, prompt_completion, alpaca, classification.")
+    ] = "auto",
 ) -> None:
     """Split FILE reproducibly into train/validation/test.jsonl plus manifest.json."""
     from tunekit.data import write_split
@@ -65,17 +72,23 @@ def data_split(
         raise TunekitError(f"--ratios {ratios!r}: expected three numbers like 0.8,0.1,0.1")
     manifest = write_split(file, out, ratios=parts, seed=seed, format=format)
     counts = manifest["counts"]
-    err.print(f"{file}: {sum(counts.values())} examples -> " + ", ".join(f"{k} {v}" for k, v in counts.items()) + f" in {out}")
+    err.print(
+        f"{file}: {sum(counts.values())} examples -> "
+        + ", ".join(f"{k} {v}" for k, v in counts.items())
+        + f" in {out}"
+    )
 
 
 @app.command()
 def quickstart(
     output_dir: Annotated[Path, typer.Option(help="Run directory.")] = Path("runs/quickstart"),
-    set_: Annotated[list[str], typer.Option("--set", help="Override a key: --set train.epochs=2")] = [],
+    set_: Annotated[list[str], typer.Option("--set", help="Override a key: --set train.epochs=2")] = None,
 ) -> None:
     """The main job: fine-tune the embedded default model on the demo tickets and compare with the base."""
     from tunekit.quickstart import quickstart as run
 
+    if set_ is None:
+        set_ = []
     run(output_dir, set_)
 
 

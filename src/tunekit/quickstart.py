@@ -2,24 +2,23 @@
 
 The demo task is support-ticket triage: turn a customer's message into a JSON record in the
 company's own taxonomy, e.g. {"intent": "billing.refund", "priority": "P2", "product": "mobile_app"}.
-The base model cannot know the taxonomy, so its exact match is near zero; a few minutes of LoRA
+The base model cannot know the taxonomy, so its exact match is near zero; two epochs of LoRA
 on 640 examples teach it.
 """
 
 from __future__ import annotations
 
+import json
 import time
 from importlib import resources
 from pathlib import Path
 
-from rich.console import Console
 from rich.table import Table
 
 from tunekit.config import Config, config_from_dict
+from tunekit.console import out as console
 from tunekit.eval.evaluate import evaluate
 from tunekit.train.sft import train_sft
-
-console = Console()
 
 
 def demo_data_path() -> Path:
@@ -28,13 +27,17 @@ def demo_data_path() -> Path:
 
 
 def quickstart_config(output_dir: str | Path = "runs/quickstart", overrides: list[str] = ()) -> Config:
-    """The quickstart's config: the values were tuned so the job runs in minutes on 2 CPU cores."""
+    """The quickstart's config, tuned so the job runs in about 11 minutes on 2 CPU cores.
+
+    Two epochs, not one: after one epoch the model has the taxonomy's intents and products but still
+    guesses the priority (exact match 0.38-0.55 measured); after two it has all three (0.975).
+    """
     raw = {
         "model": "smollm2-135m-instruct",
         "method": "lora",
         "data": {"train": str(demo_data_path()), "format": "chat"},
         "lora": {"r": 16, "alpha": 32, "dropout": 0.0, "target_modules": "all-linear"},
-        "train": {"epochs": 1, "learning_rate": 1.0e-3, "batch_size": 8, "max_length": 256, "seed": 42},
+        "train": {"epochs": 2, "learning_rate": 1.0e-3, "batch_size": 8, "max_length": 256, "seed": 42},
         "output_dir": str(output_dir),
     }
     return config_from_dict(raw, overrides, source="quickstart")
@@ -49,9 +52,17 @@ def quickstart(output_dir: str | Path = "runs/quickstart", overrides: list[str] 
     t1 = time.perf_counter()
     report = evaluate(run_dir)
     t_eval = time.perf_counter() - t1
-    report["stage_seconds"] = {"train": t_train, "eval": t_eval, "total": t_train + t_eval}
+    summary = json.loads((run_dir / "train_summary.json").read_text())
+    stages = {
+        "setup (data, model load)": summary["setup_seconds"],
+        "training": t_train - summary["setup_seconds"],
+        "evaluation (base + fine-tuned)": t_eval,
+        "total": t_train + t_eval,
+    }
+    report["stage_seconds"] = stages
     print_comparison(report)
-    console.print(f"stages: train {t_train:.0f}s (incl. model load), eval {t_eval:.0f}s; total {t_train + t_eval:.0f}s")
+    console.print("stages: " + ", ".join(f"{k} {v:.0f}s" for k, v in stages.items()))
+    console.print(f"training throughput: {summary['tokens_per_s']:.0f} tokens/s")
     console.print(f"run directory: {run_dir}  (report.md, report.json, adapter/)")
     return report
 

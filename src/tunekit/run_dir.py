@@ -1,17 +1,17 @@
 """The run directory: the unit of state. Every command after `train` takes one.
 
-    runs/NAME/
-      config.yaml          the resolved config, every default filled in
-      data/                the exact examples of each split, in canonical chat JSONL,
-        train.jsonl          and manifest.json: which source line went to which split,
-        validation.jsonl     with content hashes
-        test.jsonl
-        manifest.json
-      metrics.jsonl        one JSON object per logged step
-      train_summary.json   wall time, tokens/s, final losses, dropped/truncated counts
-      adapter/             the LoRA adapter (PEFT format) and the tokenizer with its chat template
-      report.json          written by `tunekit eval`
-      report.md
+runs/NAME/
+  config.yaml          the resolved config, every default filled in
+  data/                the exact examples of each split, in canonical chat JSONL,
+    train.jsonl          and manifest.json: which source line went to which split,
+    validation.jsonl     with content hashes
+    test.jsonl
+    manifest.json
+  metrics.jsonl        one JSON object per logged step
+  train_summary.json   wall time, tokens/s, final losses, dropped/truncated counts
+  adapter/             the LoRA adapter (PEFT format) and the tokenizer with its chat template
+  report.json          written by `tunekit eval`
+  report.md
 """
 
 from __future__ import annotations
@@ -34,7 +34,9 @@ def create_run_dir(cfg: Config) -> Path:
     try:
         run_dir.mkdir(parents=True, exist_ok=True)
     except OSError as e:
-        raise TunekitError(f"output_dir: cannot create {run_dir} ({e.strerror}); choose another folder") from None
+        raise TunekitError(
+            f"output_dir: cannot create {run_dir} ({e.strerror}); choose another folder"
+        ) from None
     if not os.access(run_dir, os.W_OK):
         raise TunekitError(f"output_dir: {run_dir} is not writable; choose another folder")
     atomic_write_text(run_dir / "config.yaml", config_to_yaml(cfg))
@@ -72,9 +74,11 @@ def prepare_splits(cfg: Config, run_dir: Path) -> dict[str, list[Example]]:
         # Split what is missing off the train file with the configured ratios; a given file's
         # share goes back to train.
         r_train, r_val, r_test = d.split
-        ratios = (r_train + (0 if "validation" in missing else r_val) + (0 if "test" in missing else r_test),
-                  r_val if "validation" in missing else 0.0,
-                  r_test if "test" in missing else 0.0)
+        ratios = (
+            r_train + (0 if "validation" in missing else r_val) + (0 if "test" in missing else r_test),
+            r_val if "validation" in missing else 0.0,
+            r_test if "test" in missing else 0.0,
+        )
         parts = split_examples(train, ratios=ratios, seed=d.split_seed)
         train = parts["train"]
         for s in missing:
@@ -88,7 +92,10 @@ def _write_splits(run_dir: Path, splits: dict[str, list[Example]], cfg: Config) 
     rows = []
     for name in SPLITS:
         atomic_write_jsonl(run_dir / "data" / f"{name}.jsonl", [e.to_dict() for e in splits[name]])
-        rows += [{"split": name, "source": e.source, "line": e.line, "hash": e.content_hash()} for e in splits[name]]
+        rows += [
+            {"split": name, "source": e.source, "line": e.line, "hash": e.content_hash()}
+            for e in splits[name]
+        ]
     # The same shape as `tunekit data split`'s manifest, plus each row's source file (a run may
     # read train, validation and test from different files).
     manifest = {

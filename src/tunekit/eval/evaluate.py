@@ -10,8 +10,7 @@ import math
 import time
 from pathlib import Path
 
-from rich.console import Console
-
+from tunekit.console import err as console
 from tunekit.data.tokenize import render_prompt
 from tunekit.errors import TunekitError
 from tunekit.eval.generate import generate
@@ -21,8 +20,6 @@ from tunekit.io import atomic_write_json
 from tunekit.models import load_model, load_tokenizer, resolve_model
 from tunekit.run_dir import load_run_config, read_split
 from tunekit.train.sft import evaluate_loss, tokenize_all
-
-console = Console(stderr=True)
 
 
 def evaluate(run_dir: str | Path, data: str | Path | None = None, quiet: bool = False) -> dict:
@@ -50,9 +47,13 @@ def evaluate(run_dir: str | Path, data: str | Path | None = None, quiet: bool = 
     model.eval()
     references = [ex.target for ex in examples]
     is_cls = all(ex.label is not None for ex in examples)
-    max_new = cfg.eval.max_new_tokens or 16 + max(len(tokenizer(r, add_special_tokens=False)["input_ids"]) for r in references)
+    max_new = cfg.eval.max_new_tokens or 16 + max(
+        len(tokenizer(r, add_special_tokens=False)["input_ids"]) for r in references
+    )
     test_tok = tokenize_all(tokenizer, examples, cfg.train.max_length, "test")
-    prompt_tokens = sum(len(tokenizer(render_prompt(tokenizer, ex), add_special_tokens=False)["input_ids"]) for ex in examples)
+    prompt_tokens = sum(
+        len(tokenizer(render_prompt(tokenizer, ex), add_special_tokens=False)["input_ids"]) for ex in examples
+    )
 
     contenders, predictions = {}, {}
     for name in ("base", "finetuned"):

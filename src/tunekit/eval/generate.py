@@ -22,7 +22,11 @@ def generate(model, tokenizer, examples, max_new_tokens: int, batch_size: int = 
     for start in range(0, len(order), batch_size):
         idx = order[start : start + batch_size]
         enc = tokenizer(
-            [prompts[i] for i in idx], add_special_tokens=False, padding=True, padding_side="left", return_tensors="pt"
+            [prompts[i] for i in idx],
+            add_special_tokens=False,
+            padding=True,
+            padding_side="left",
+            return_tensors="pt",
         )
         gen = model.generate(
             **enc,

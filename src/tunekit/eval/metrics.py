@@ -14,7 +14,9 @@ def normalize(text: str) -> str:
 def exact_match(predictions: list[str], references: list[str]) -> float:
     if not references:
         return 0.0
-    return sum(normalize(p) == normalize(r) for p, r in zip(predictions, references, strict=True)) / len(references)
+    return sum(normalize(p) == normalize(r) for p, r in zip(predictions, references, strict=True)) / len(
+        references
+    )
 
 
 def macro_f1(predictions: list[str], references: list[str]) -> float:
@@ -37,5 +39,8 @@ def macro_f1(predictions: list[str], references: list[str]) -> float:
 def task_metrics(predictions: list[str], references: list[str], is_classification: bool) -> dict[str, float]:
     """Exact match for generation; accuracy and macro-F1 when every example has a label."""
     if is_classification:
-        return {"accuracy": exact_match(predictions, references), "macro_f1": macro_f1(predictions, references)}
+        return {
+            "accuracy": exact_match(predictions, references),
+            "macro_f1": macro_f1(predictions, references),
+        }
     return {"exact_match": exact_match(predictions, references)}

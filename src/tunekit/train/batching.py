@@ -31,13 +31,14 @@ def length_grouped_batches(lengths: list[int], batch_size: int, seed: int) -> li
 def collate(examples: list[TokenizedExample], pad_id: int, left: bool = False) -> dict[str, torch.Tensor]:
     """Pad to the longest example: input_ids, attention_mask and labels, each (B, T)."""
     width = max(len(e.input_ids) for e in examples)
-    ids, mask, labels = [], [], []
-    for e in examples:
-        n = width - len(e.input_ids)
-        pad = (lambda row, v: [v] * n + row) if left else (lambda row, v: row + [v] * n)
-        ids.append(pad(e.input_ids, pad_id))
-        mask.append(pad([1] * len(e.input_ids), 0))
-        labels.append(pad(e.labels, IGNORE_INDEX))
+
+    def pad(row: list[int], value: int) -> list[int]:
+        fill = [value] * (width - len(row))
+        return fill + row if left else row + fill
+
+    ids = [pad(e.input_ids, pad_id) for e in examples]
+    mask = [pad([1] * len(e.input_ids), 0) for e in examples]
+    labels = [pad(e.labels, IGNORE_INDEX) for e in examples]
     return {
         "input_ids": torch.tensor(ids),
         "attention_mask": torch.tensor(mask),

@@ -15,10 +15,10 @@ import time
 from pathlib import Path
 
 import torch
-from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
 from tunekit.config import Config, LoraConfig
+from tunekit.console import err as console
 from tunekit.data.tokenize import IGNORE_INDEX, TokenizedExample, tokenize_example
 from tunekit.errors import TunekitError
 from tunekit.io import atomic_write_json
@@ -26,8 +26,6 @@ from tunekit.models import load_model, load_tokenizer, resolve_model
 from tunekit.run_dir import create_run_dir, prepare_splits
 from tunekit.train.batching import collate, length_grouped_batches, sequential_batches
 from tunekit.train.loss import loss_sum
-
-console = Console(stderr=True)
 
 
 def add_lora(model, lora: LoraConfig, seed: int):
@@ -159,8 +157,13 @@ def train_sft(cfg: Config, quiet: bool = False) -> Path:
     tokens_total, t_train, last_val = 0, 0.0, None
     window = {"loss": 0.0, "n": 0, "tokens": 0, "time": 0.0}
     progress = Progress(
-        TextColumn("[bold]train"), BarColumn(), MofNCompleteColumn(), TextColumn("{task.fields[info]}"),
-        TimeElapsedColumn(), console=console, disable=quiet,
+        TextColumn("[bold]train"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TextColumn("{task.fields[info]}"),
+        TimeElapsedColumn(),
+        console=console,
+        disable=quiet,
     )
     with progress:
         task = progress.add_task("train", total=total_steps, info="")
@@ -179,7 +182,11 @@ def train_sft(cfg: Config, quiet: bool = False) -> Path:
             grad_norm = (
                 float(torch.nn.utils.clip_grad_norm_(params, tc.max_grad_norm))
                 if tc.max_grad_norm
-                else float(torch.linalg.vector_norm(torch.stack([p.grad.norm() for p in params if p.grad is not None])))
+                else float(
+                    torch.linalg.vector_norm(
+                        torch.stack([p.grad.norm() for p in params if p.grad is not None])
+                    )
+                )
             )
             if not (math.isfinite(loss) and math.isfinite(grad_norm)):
                 raise TunekitError(
@@ -211,7 +218,9 @@ def train_sft(cfg: Config, quiet: bool = False) -> Path:
                 record = record or {"step": step, "epoch": round(step / steps_per_epoch, 4)}
                 record["val_loss"] = last_val
                 if not quiet:
-                    progress.console.print(f"step {step}: train loss {loss:.4f}, validation loss {last_val:.4f}")
+                    progress.console.print(
+                        f"step {step}: train loss {loss:.4f}, validation loss {last_val:.4f}"
+                    )
             if record:
                 with metrics_path.open("a") as f:
                     f.write(json.dumps(record) + "\n")
