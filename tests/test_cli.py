@@ -28,6 +28,17 @@ def test_data_split_cli(tmp_path):
     assert "train 40" in r.stderr
 
 
+def test_data_split_cli_stratifies_with_renamed_label_column(tmp_path):
+    src = tmp_path / "d.csv"
+    src.write_text(
+        "text,category\n" + "".join(f"msg {i},{'spam' if i % 5 == 0 else 'ham'}\n" for i in range(100))
+    )
+    r = tunekit("data", "split", str(src), "--out", str(tmp_path / "out"), "--column", "label=category")
+    assert r.returncode == 0, r.stderr
+    test_rows = [json.loads(x) for x in (tmp_path / "out/test.jsonl").read_text().splitlines()]
+    assert len(test_rows) == 10 and sum(r["category"] == "spam" for r in test_rows) == 2
+
+
 def test_bad_data_line_is_named_without_traceback(tmp_path):
     src = tmp_path / "d.jsonl"
     src.write_text('{"prompt": "a", "completion": "b"}\n{"prompt": "a", \n')

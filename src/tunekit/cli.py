@@ -60,9 +60,18 @@ def data_split(
     format: Annotated[
         str, typer.Option(help="auto, chat, prompt_completion, alpaca, classification.")
     ] = "auto",
+    column: Annotated[
+        list[str] | None, typer.Option(help="Rename a source column: --column label=category (repeatable).")
+    ] = None,
 ) -> None:
     """Split FILE reproducibly into train/validation/test.jsonl plus manifest.json."""
     from tunekit.data import write_split
+
+    column = column or []
+    bad = [c for c in column if "=" not in c]
+    if bad:
+        raise TunekitError(f"--column {bad[0]!r}: expected CANONICAL=SOURCE, e.g. --column label=category")
+    columns = dict(c.split("=", 1) for c in column) or None
 
     try:
         parts = tuple(float(x) for x in ratios.split(","))
@@ -70,7 +79,7 @@ def data_split(
         raise TunekitError(f"--ratios {ratios!r}: expected three numbers like 0.8,0.1,0.1") from None
     if len(parts) != 3:
         raise TunekitError(f"--ratios {ratios!r}: expected three numbers like 0.8,0.1,0.1")
-    manifest = write_split(file, out, ratios=parts, seed=seed, format=format)
+    manifest = write_split(file, out, ratios=parts, seed=seed, format=format, columns=columns)
     counts = manifest["counts"]
     err.print(
         f"{file}: {sum(counts.values())} examples -> "
