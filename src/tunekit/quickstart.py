@@ -18,6 +18,7 @@ from rich.table import Table
 from tunekit.config import Config, config_from_dict
 from tunekit.console import out as console
 from tunekit.eval.evaluate import evaluate
+from tunekit.io import atomic_write_json
 from tunekit.train.sft import train_sft
 
 
@@ -60,6 +61,8 @@ def quickstart(output_dir: str | Path = "runs/quickstart", overrides: list[str] 
         "total": t_train + t_eval,
     }
     report["stage_seconds"] = stages
+    report["train_tokens_per_s"] = summary["tokens_per_s"]
+    atomic_write_json(run_dir / "report.json", report)  # the timings travel with the report
     print_comparison(report)
     console.print("stages: " + ", ".join(f"{k} {v:.0f}s" for k, v in stages.items()))
     console.print(f"training throughput: {summary['tokens_per_s']:.0f} tokens/s")
