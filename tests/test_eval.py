@@ -64,3 +64,20 @@ def test_eval_on_another_file(tiny_run, tmp_path):
 def test_eval_needs_a_run_dir(tmp_path):
     with pytest.raises(TunekitError, match="not a tunekit run directory"):
         evaluate(tmp_path)
+
+
+def test_quickstart_pipeline_on_tiny_model(tiny_model_dir, tmp_path):
+    """The quickstart's own code path (train, eval, timings, table) with a tiny model swapped in."""
+    from tunekit.quickstart import quickstart
+
+    overrides = [
+        f"model={tiny_model_dir}",
+        "train.max_steps=2",
+        "eval.max_examples=3",
+        "eval.max_new_tokens=3",
+    ]
+    report = quickstart(tmp_path / "qs", overrides)
+    on_disk = json.loads((tmp_path / "qs" / "report.json").read_text())
+    assert on_disk["n_test"] == 3 and set(on_disk["contenders"]) == {"base", "finetuned"}
+    assert on_disk["stage_seconds"]["total"] > 0 and on_disk["train_tokens_per_s"] > 0
+    assert report["stage_seconds"] == on_disk["stage_seconds"]
