@@ -37,6 +37,9 @@ class Example:
 
     messages: tuple[Message, ...]
     label: str | None = None
+    # Preference pairs: `messages` is the prompt plus the chosen answer, `rejected` the rejected
+    # answer's turns (usually one assistant message) that replace the chosen ones after the prompt.
+    rejected: tuple[Message, ...] | None = None
     source: str = ""  # the file it came from
     line: int = 0  # 1-based line in that file where the row starts (CSV: the physical line)
     format: str = ""  # the detected or given input format, e.g. "chat", "alpaca"
@@ -66,6 +69,8 @@ class Example:
         }
         if self.label is not None:
             d["label"] = self.label
+        if self.rejected is not None:
+            d["rejected"] = [{"role": m.role, "content": m.content} for m in self.rejected]
         return d
 
     def content_hash(self) -> str:
