@@ -22,6 +22,11 @@ def write(tmp_path: Path, name: str, content: str | bytes) -> Path:
     return path
 
 
+def strs(problems: list) -> list[str]:
+    """Problems as their "file:line: field: message" strings."""
+    return [str(p) for p in problems]
+
+
 def jsonl(*rows: dict) -> str:
     return "".join(json.dumps(r) + "\n" for r in rows)
 
@@ -47,7 +52,7 @@ def test_jsonl_bad_lines_name_file_line_and_fix(tmp_path):
     path = write(tmp_path, "x.jsonl", '{"a": 1}\n{"a": 1 "b": 2}\n[1, 2]\n"text"\n{"a": 5}\n')
     records, problems = read_records(path)
     assert records == [(1, {"a": 1}), (5, {"a": 5})]
-    assert problems == [
+    assert strs(problems) == [
         f"{path}:2: invalid JSON (Expecting ',' delimiter at column 9); each line must be one JSON object",
         f"{path}:3: expected a JSON object {{...}}, found an array [...]; each line must be one JSON object",
         f"{path}:4: expected a JSON object {{...}}, found a string; each line must be one JSON object",
@@ -82,15 +87,15 @@ def test_json_array_non_object_element_and_syntax_error(tmp_path):
     path = write(tmp_path, "x.json", '[\n  {"a": 1},\n  42,\n  {"a": 3},\n  {"a": }\n]\n')
     records, problems = read_records(path)
     assert records == [(2, {"a": 1}), (4, {"a": 3})]
-    assert problems[0] == f"{path}:3: array element 1 is a number, not an object {{...}}"
-    assert problems[1].startswith(f"{path}:5: invalid JSON (Expecting value at column 9)")
+    assert str(problems[0]) == f"{path}:3: array element 1 is a number, not an object {{...}}"
+    assert str(problems[1]).startswith(f"{path}:5: invalid JSON (Expecting value at column 9)")
 
 
 def test_json_array_trailing_comma_and_extra_data(tmp_path):
     _, problems = read_records(write(tmp_path, "a.json", '[{"a": 1},\n]'))
-    assert problems[0].startswith(f"{tmp_path / 'a.json'}:2: invalid JSON (Expecting value")
+    assert str(problems[0]).startswith(f"{tmp_path / 'a.json'}:2: invalid JSON (Expecting value")
     _, problems = read_records(write(tmp_path, "b.json", '[{"a": 1}]\n\n{"b": 2}'))
-    assert problems[0].startswith(f"{tmp_path / 'b.json'}:3: extra data after the closing ']'")
+    assert str(problems[0]).startswith(f"{tmp_path / 'b.json'}:3: extra data after the closing ']'")
 
 
 def test_json_that_is_not_an_array_is_read_as_json_lines(tmp_path):
@@ -122,7 +127,7 @@ def test_csv_wrong_column_counts_are_problems(tmp_path):
     path = write(tmp_path, "x.csv", "text,label\nok,a\ntoo,many,fields\nfew\n")
     records, problems = read_records(path)
     assert records == [(2, {"text": "ok", "label": "a"})]
-    assert problems == [
+    assert strs(problems) == [
         f"{path}:3: expected 2 columns (text, label), found 3; quote fields that hold commas or line breaks",
         f"{path}:4: expected 2 columns (text, label), found 1; quote fields that hold commas or line breaks",
     ]
@@ -133,7 +138,7 @@ def test_csv_crlf_and_duplicate_header(tmp_path):
         (2, {"text": "hi", "label": "x"})
     ]
     _, problems = read_records(write(tmp_path, "b.csv", "text,text\nhi,x\n"))
-    assert problems == [
+    assert strs(problems) == [
         f"{tmp_path / 'b.csv'}:1: duplicate column name(s) text in the header row; rename them"
     ]
 
@@ -153,16 +158,16 @@ def test_invalid_utf8_is_a_problem_on_its_line_not_a_crash(tmp_path):
     path = write(tmp_path, "x.jsonl", b'{"a": 1}\n{"a": "caf\xe9"}\n{"a": 3}\n')
     records, problems = read_records(path)
     assert records == [(1, {"a": 1}), (3, {"a": 3})]
-    assert problems == [f"{path}:2: not valid UTF-8 (byte 0xe9 at byte 11); save the file as UTF-8"]
+    assert strs(problems) == [f"{path}:2: not valid UTF-8 (byte 0xe9 at byte 11); save the file as UTF-8"]
 
 
 def test_invalid_utf8_in_csv_and_json_array(tmp_path):
     records, problems = read_records(write(tmp_path, "x.csv", b"text,label\nok,a\nbad\xff,b\nfine,c\n"))
     assert [n for n, _ in records] == [2, 4]
-    assert [p.split(": ")[0] for p in problems] == [f"{tmp_path / 'x.csv'}:3"]
+    assert [str(p).split(": ")[0] for p in problems] == [f"{tmp_path / 'x.csv'}:3"]
     records, problems = read_records(write(tmp_path, "x.json", b'[\n{"a": 1},\n{"a": "\xff"},\n{"a": 3}\n]'))
     assert [n for n, _ in records] == [2, 4]
-    assert [p.split(": ")[0] for p in problems] == [f"{tmp_path / 'x.json'}:3"]
+    assert [str(p).split(": ")[0] for p in problems] == [f"{tmp_path / 'x.json'}:3"]
 
 
 def test_utf8_bom_is_accepted(tmp_path):
@@ -199,8 +204,9 @@ def test_detect_format_by_keys():
     assert detect_format({"prompt": "a", "completion": "b"}) == "prompt_completion"
     assert detect_format({"instruction": "a", "output": "b"}) == "alpaca"
     assert detect_format({"text": "a", "label": 1}) == "classification"
-    assert detect_format({"text": "a"}) is None
-    assert set(FORMATS) == {"chat", "prompt_completion", "alpaca", "classification"}
+    assert detect_format({"text": "a"}) == "text"
+    assert detect_format({"question": "a"}) is None
+    assert set(FORMATS) >= {"chat", "prompt_completion", "alpaca", "classification"}
 
 
 def test_prompt_completion(tmp_path):
@@ -221,7 +227,7 @@ def test_prompt_completion_bad_rows(tmp_path):
     path = write(tmp_path, "pc.jsonl", jsonl(*rows))
     examples, problems = read_examples(path)
     assert [e.line for e in examples] == [1]
-    assert problems == [
+    assert strs(problems) == [
         f"{path}:2: completion: missing; prompt_completion rows need keys prompt, completion (found: prompt, answer)",
         f"{path}:3: completion: must be a non-empty string, found ''",
         f"{path}:4: prompt: must be a non-empty string, found the number 3",
@@ -263,7 +269,7 @@ def test_chat_bad_rows(tmp_path):
     path = write(tmp_path, "chat.jsonl", jsonl(*rows))
     examples, problems = read_examples(path)
     assert [e.line for e in examples] == [1]
-    assert problems == [
+    assert strs(problems) == [
         f"{path}:2: messages[0].weight: only assistant messages take a weight; remove it from this user message",
         f"{path}:3: messages[1].weight: must be 0 (no loss on this turn) or 1, found 2",
         f"{path}:4: messages: every assistant message has weight 0, so nothing is learned; set one to 1",
@@ -294,7 +300,7 @@ def test_alpaca_with_input_system_and_history(tmp_path):
 
 def test_alpaca_bad_history(tmp_path):
     path = write(tmp_path, "a.jsonl", jsonl({"instruction": "x", "output": "y", "history": [["only one"]]}))
-    assert read_examples(path)[1] == [
+    assert strs(read_examples(path)[1]) == [
         f"{path}:1: history[0]: must be a [user, assistant] pair of strings, found a list"
     ]
 
@@ -305,7 +311,7 @@ def test_classification_label_string_or_integer(tmp_path):
     assert first.messages == (Message("user", "great"), Message("assistant", "1"))
     assert (first.label, second.label, second.target) == ("1", "neg", "neg")
     bad = write(tmp_path, "d.jsonl", jsonl({"text": "x", "label": 1.5}))
-    assert read_examples(bad)[1] == [
+    assert strs(read_examples(bad)[1]) == [
         f"{bad}:1: label: must be a non-empty string or an integer, found the number 1.5"
     ]
 
@@ -315,7 +321,7 @@ def test_auto_detection_uses_the_most_common_format(tmp_path):
     path = write(tmp_path, "c.jsonl", jsonl(*rows))
     examples, problems = read_examples(path)
     assert [e.format for e in examples] == ["classification", "classification"]
-    assert problems == [
+    assert strs(problems) == [
         f"{path}:3: text: missing; classification rows need keys text, label (found: prompt, completion)"
     ]
 
@@ -325,9 +331,9 @@ def test_explicit_format_and_unknown_format(tmp_path):
     assert load_examples(path)[0].format == "prompt_completion"
     assert load_examples(path, format="classification")[0].format == "classification"
     with pytest.raises(
-        TunekitError, match="unknown data format 'sharegpt'; use one of: auto, chat, prompt_completion"
+        TunekitError, match="unknown data format 'openai'; use one of: auto, chat, prompt_completion"
     ):
-        read_examples(path, format="sharegpt")
+        read_examples(path, format="openai")
 
 
 def test_columns_mapping_renames_before_detection_and_raw_keeps_the_source(tmp_path):
@@ -369,7 +375,7 @@ def test_problems_are_sorted_by_line(tmp_path):
         jsonl({"prompt": "a", "completion": ""}) + "oops\n" + jsonl({"prompt": 1, "completion": "b"}),
     )
     _, problems = read_examples(path)
-    assert [p.split(":")[1] for p in problems] == ["1", "2", "3"]
+    assert [p.line for p in problems] == [1, 2, 3]
 
 
 # ---- real files ---------------------------------------------------------------------------------

@@ -17,22 +17,25 @@ from tunekit.errors import TunekitError
 app = typer.Typer(
     add_completion=False, no_args_is_help=True, help="Fine-tune language models on your own data."
 )
-data_app = typer.Typer(no_args_is_help=True, help="Data sets: split (and more to come).")
+data_app = typer.Typer(no_args_is_help=True, help="Data sets: check and split.")
 app.add_typer(data_app, name="data")
 
 
 @app.command()
 def train(
     config: Annotated[Path, typer.Argument(help="YAML config file.")],
-    set_: Annotated[list[str], typer.Option("--set", help="Override a key: --set train.max_steps=5")] = None,
+    set_: Annotated[
+        list[str] | None, typer.Option("--set", help="Override a key: --set train.max_steps=5")
+    ] = None,
+    allow_data_errors: Annotated[
+        bool, typer.Option(help="Train on the rows that read; leave out (and report) rows with errors.")
+    ] = False,
 ) -> None:
-    """Fine-tune a model as CONFIG says; writes the run directory."""
+    """Fine-tune a model as CONFIG says; writes the run directory. The data is checked first."""
     from tunekit.config import load_config
     from tunekit.train.sft import train_sft
 
-    if set_ is None:
-        set_ = []
-    train_sft(load_config(config, set_))
+    train_sft(load_config(config, set_ or []), allow_data_errors=allow_data_errors)
 
 
 @app.command("eval")
@@ -67,11 +70,7 @@ def data_split(
     """Split FILE reproducibly into train/validation/test.jsonl plus manifest.json."""
     from tunekit.data import write_split
 
-    column = column or []
-    bad = [c for c in column if "=" not in c]
-    if bad:
-        raise TunekitError(f"--column {bad[0]!r}: expected CANONICAL=SOURCE, e.g. --column label=category")
-    columns = dict(c.split("=", 1) for c in column) or None
+    columns = _columns(column)
 
     try:
         parts = tuple(float(x) for x in ratios.split(","))
@@ -86,6 +85,65 @@ def data_split(
         + ", ".join(f"{k} {v}" for k, v in counts.items())
         + f" in {out}"
     )
+
+
+@data_app.command("check")
+def data_check(
+    files: Annotated[
+        list[Path] | None, typer.Argument(help="Data files, e.g. train, validation and test.")
+    ] = None,
+    model: Annotated[str | None, typer.Option(help="Count tokens with this model's tokenizer.")] = None,
+    format: Annotated[str, typer.Option(help="auto or a format name.")] = "auto",
+    config: Annotated[Path | None, typer.Option(help="Check the data of this training config.")] = None,
+    json_out: Annotated[Path | None, typer.Option("--json", help="Write the full report as JSON.")] = None,
+    write_clean: Annotated[
+        Path | None, typer.Option(help="Write kept rows and rejects (with reasons) here.")
+    ] = None,
+    max_length: Annotated[int, typer.Option(help="Warn about examples longer than this (tokens).")] = 512,
+    column: Annotated[
+        list[str] | None, typer.Option(help="Rename a source column: --column label=category.")
+    ] = None,
+    estimate: Annotated[
+        bool, typer.Option(help="Measure training throughput here and estimate time (needs --config).")
+    ] = False,
+    price_per_hour: Annotated[
+        float | None, typer.Option(help="Price per GPU-hour, for the cost estimate.")
+    ] = None,
+) -> None:
+    """Find every defect in a data set: errors per row, duplicates, leakage, statistics. Exit 0/1/2."""
+    from tunekit.data.check import check_config, check_data
+    from tunekit.data.check import write_clean as write_clean_files
+    from tunekit.data.check_report import print_report
+    from tunekit.io import atomic_write_json
+
+    if config is not None:
+        from tunekit.config import load_config
+
+        report = check_config(load_config(config), estimate=estimate, price_per_hour=price_per_hour)
+    elif files:
+        if estimate:
+            raise TunekitError("--estimate needs --config: the estimate is for a training config")
+        report = check_data(
+            files, format=format, columns=_columns(column), model=model, max_length=max_length
+        )
+    else:
+        raise TunekitError("give data files (tunekit data check train.jsonl test.jsonl) or --config CONFIG")
+    print_report(report)
+    if json_out:
+        atomic_write_json(json_out, report.to_dict())
+        err.print(f"report: {json_out}")
+    if write_clean:
+        for src, dst in write_clean_files(report, write_clean).items():
+            err.print(f"{src}: kept rows -> {dst}")
+    raise typer.Exit(report.exit_code)
+
+
+def _columns(column: list[str] | None) -> dict[str, str] | None:
+    column = column or []
+    bad = [c for c in column if "=" not in c]
+    if bad:
+        raise TunekitError(f"--column {bad[0]!r}: expected CANONICAL=SOURCE, e.g. --column label=category")
+    return dict(c.split("=", 1) for c in column) or None
 
 
 @app.command()

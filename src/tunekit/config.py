@@ -41,6 +41,9 @@ class DataConfig(_Strict):
     columns: dict[str, str] = Field(
         default_factory=dict, description="Rename source columns, e.g. {label: category}."
     )
+    labels: list[str] | None = Field(
+        None, description="The declared label set; a label outside it is a data error."
+    )
     split: tuple[float, float, float] = Field(
         (0.8, 0.1, 0.1), description="train/validation/test ratios used when files are omitted."
     )

@@ -53,16 +53,22 @@ def load_run_config(run_dir: str | Path) -> Config:
     return load_config(run_dir / "config.yaml")
 
 
-def prepare_splits(cfg: Config, run_dir: Path) -> dict[str, list[Example]]:
+def prepare_splits(cfg: Config, run_dir: Path, allow_errors: bool = False) -> dict[str, list[Example]]:
     """Load train/validation/test as the config says, splitting the train file where one is omitted.
 
     The examples of each split are written to `run_dir/data/` with a manifest, so evaluation later
     reads exactly the held-out examples that training never saw.
     """
-    from tunekit.data import load_examples, split_examples
+    from tunekit.data import load_examples, read_examples, split_examples
 
     d = cfg.data
-    load = lambda p: load_examples(p, format=d.format, columns=d.columns or None)  # noqa: E731
+
+    def load(path: Path) -> list[Example]:
+        if not allow_errors:
+            return load_examples(path, format=d.format, columns=d.columns or None)
+        # --allow-data-errors: train on the rows that read; the check printed the others.
+        return read_examples(path, format=d.format, columns=d.columns or None)[0]
+
     train = load(d.train)
     splits: dict[str, list[Example]] = {"validation": [], "test": []}
     if d.validation is not None:

@@ -1,25 +1,42 @@
 """Detect a data file's format and normalize each of its records into an `Example`.
 
-Four formats, each a plain function in `FORMATS` that turns one record into an `Example` (or raises
-`FieldError` naming the field and the fix); `FORMAT_KEYS` holds the keys that identify each:
+Each format is a plain function in `FORMATS` that turns one record into an `Example` (or raises
+`FieldError` naming the field, the kind of problem and the fix); `FORMAT_KEYS` holds the keys that
+identify each, in detection order:
 
-    chat               {"messages": [{"role": "user", "content": "2+2?"}, {"role": "assistant", "content": "4"}]}
-    prompt_completion  {"prompt": "2+2=", "completion": "4"}
-    alpaca             {"instruction": "Add the numbers.", "input": "2, 2", "output": "4"}
-    classification     {"text": "Where is my card?", "label": "card_arrival"}
+    sharegpt_preference  {"conversations": [{"from": "human", "value": "2+2?"}],
+                          "chosen": {"from": "gpt", "value": "4"}, "rejected": {"from": "gpt", "value": "5"}}
+    preference           {"prompt": "2+2?", "chosen": "4", "rejected": "5"}   (or TRL's message lists)
+    anthropic_hh         {"chosen": "\\n\\nHuman: 2+2?\\n\\nAssistant: 4",
+                          "rejected": "\\n\\nHuman: 2+2?\\n\\nAssistant: 5"}
+    sharegpt             {"conversations": [{"from": "human", "value": "2+2?"}, {"from": "gpt", "value": "4"}]}
+    chat                 {"messages": [{"role": "user", "content": "2+2?"}, {"role": "assistant", "content": "4"}]}
+    prompt_completion    {"prompt": "2+2=", "completion": "4"}
+    alpaca               {"instruction": "Add the numbers.", "input": "2, 2", "output": "4"}
+    classification       {"text": "Where is my card?", "label": "card_arrival"}
+    text                 {"text": "table: ...\\nQ: ...\\nA: SELECT ..."}
 
-A new format is one function added to `FORMATS` (and its keys to `FORMAT_KEYS` to be auto-detected).
+Preference formats give an `Example` whose `messages` are the prompt plus the chosen answer and whose
+`rejected` holds the rejected answer. A new format is one function added to `FORMATS` (and its keys
+to `FORMAT_KEYS` to be auto-detected).
+
+Problem kinds raised here: missing_field, wrong_type, empty_content, unknown_role, no_target,
+ends_not_assistant, consecutive_roles, invalid_weight, prompt_mismatch, bad_label, format_mismatch,
+unsupported_field, invalid_utf8.
 """
 
 from __future__ import annotations
 
+import os
+import re
 from collections import Counter
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
 from tunekit.data.example import ROLES, Example, Message
+from tunekit.data.problems import Problem
 from tunekit.data.readers import Record, read_records
 from tunekit.errors import DataError, TunekitError
 
@@ -27,55 +44,334 @@ DETECT_SAMPLE = 100  # a file's format is the most common one among its first re
 
 
 class FieldError(ValueError):
-    """One field of one record is wrong; the loader adds the file and line."""
+    """One field of one record is wrong; the loader adds the file and line.
 
-    def __init__(self, field: str, message: str):
+    `kind` is the stable machine-readable name of the problem (see `Problem.kind`).
+    """
+
+    def __init__(self, field: str, kind: str, message: str):
         super().__init__(f"{field}: {message}")
-        self.field, self.message = field, message
+        self.field, self.kind, self.message = field, kind, message
 
 
-# ---- the formats --------------------------------------------------------------------------------
+# ---- chat ---------------------------------------------------------------------------------------
+
+_MESSAGES = "a non-empty list of {role, content} objects"
+_STRING_OR_MESSAGES = "a non-empty string, or " + _MESSAGES
 
 
 def chat(record: dict[str, Any]) -> Example:
     """OpenAI chat: `messages` of {role, content, weight?}, ending with an assistant turn; `label` kept."""
-    messages = record["messages"]
-    if not isinstance(messages, list) or not messages:
-        raise FieldError(
-            "messages", f"must be a non-empty list of {{role, content}} objects, found {_kind(messages)}"
-        )
-    turns = tuple(_message(m, f"messages[{i}]") for i, m in enumerate(messages))
-    if turns[-1].role != "assistant":
-        raise FieldError(
-            f"messages[{len(turns) - 1}].role",
-            f"the last message must be the assistant's answer, found {turns[-1].role!r}",
-        )
-    if not any(m.role == "assistant" and m.weight == 1 for m in turns):
-        raise FieldError(
-            "messages", "every assistant message has weight 0, so nothing is learned; set one to 1"
-        )
+    turns = _message_list(record["messages"], "messages")
+    _check_conversation(turns, [f"messages[{i}].role" for i in range(len(turns))], "messages")
+    _no_tools(record)
     label = record.get("label")
-    return Example(messages=turns, label=None if label is None else _label(label, "label"))
+    return Example(messages=tuple(turns), label=None if label is None else _label(label, "label"))
+
+
+def _message_list(value: Any, field: str, expected: str = _MESSAGES) -> list[Message]:
+    if not isinstance(value, list) or not value:
+        kind = "empty_content" if isinstance(value, list) else "wrong_type"
+        raise FieldError(field, kind, f"must be {expected}, found {_kind(value)}")
+    return [_message(m, f"{field}[{i}]") for i, m in enumerate(value)]
 
 
 def _message(m: Any, field: str) -> Message:
     if not isinstance(m, dict):
-        raise FieldError(field, f"must be an object {{role, content}}, found {_kind(m)}")
-    role = m.get("role")
+        raise FieldError(field, "wrong_type", f"must be an object {{role, content}}, found {_kind(m)}")
+    role = _required(m, "role", field)
     if role not in ROLES:
-        raise FieldError(f"{field}.role", f"unknown role {role!r}; use one of {', '.join(ROLES)}")
-    content = _text(m.get("content"), f"{field}.content")
+        raise FieldError(
+            f"{field}.role", "unknown_role", f"unknown role {role!r}; use one of {', '.join(ROLES)}"
+        )
+    content = _text(_required(m, "content", field), f"{field}.content")
     if "weight" not in m:
         return Message(role, content)
     weight = m["weight"]
     if role != "assistant":
         raise FieldError(
-            f"{field}.weight", f"only assistant messages take a weight; remove it from this {role} message"
+            f"{field}.weight",
+            "invalid_weight",
+            f"only assistant messages take a weight; remove it from this {role} message",
         )
     # bool is an int in Python; `true` is not a weight.
     if isinstance(weight, bool) or weight not in (0, 1):
-        raise FieldError(f"{field}.weight", f"must be 0 (no loss on this turn) or 1, found {weight!r}")
+        raise FieldError(
+            f"{field}.weight", "invalid_weight", f"must be 0 (no loss on this turn) or 1, found {weight!r}"
+        )
     return Message(role, content, int(weight))
+
+
+def _check_conversation(
+    turns: Sequence[Message], fields: Sequence[str], whole: str, names: Sequence[str] | None = None
+) -> None:
+    """A trainable conversation: no role twice in a row, an assistant turn last, and one that carries loss.
+
+    `fields[i]` names turn i's role field in the record, `whole` the field of the whole list, and
+    `names[i]` the role as the file spells it (ShareGPT's "human" for user), for the messages.
+    """
+    names = names or [m.role for m in turns]
+    for i in range(1, len(turns)):
+        if turns[i].role == turns[i - 1].role:
+            # Chat templates (Llama 2, Mistral, Gemma, ...) refuse such conversations, and in the rest
+            # the second turn reads as if nobody answered the first.
+            raise FieldError(
+                fields[i],
+                "consecutive_roles",
+                f"a second {turns[i].role} turn in a row (after {fields[i - 1]}); merge the two, "
+                "or add the missing turn between them",
+            )
+    if not any(m.role == "assistant" for m in turns):
+        raise FieldError(
+            whole, "no_target", "has no assistant turn, so there is nothing to learn; add the answer"
+        )
+    if turns[-1].role != "assistant":
+        raise FieldError(
+            fields[-1],
+            "ends_not_assistant",
+            f"the last message must be the assistant's answer, found {names[-1]!r}",
+        )
+    if not any(m.role == "assistant" and m.weight == 1 for m in turns):
+        raise FieldError(
+            whole, "no_target", "every assistant message has weight 0, so nothing is learned; set one to 1"
+        )
+
+
+def _no_tools(record: dict[str, Any]) -> None:
+    """Tool definitions are not supported yet. Dropping them would be wrong, not just lossy: the
+    answers may rely on them (calling a tool, or declining what no tool can do), so the row is an error.
+    Checked after the turns, so a row with tool turns reports those (`unknown_role`) first."""
+    for key in ("tools", "functions"):
+        value = record.get(key)
+        if not value or (isinstance(value, str) and value.strip() in ("", "[]")):  # none, or "[]"
+            continue
+        raise FieldError(
+            key,
+            "unsupported_field",
+            "tool definitions are not supported yet, and the answers in this row may rely on them; "
+            "remove the row (or the tools, if no answer depends on them)",
+        )
+
+
+# ---- ShareGPT -----------------------------------------------------------------------------------
+
+# ShareGPT's `from` values (LLaMA-Factory and FastChat spellings) and the role each becomes.
+SHAREGPT_ROLES: dict[str, str] = {
+    "human": "user",
+    "user": "user",
+    "gpt": "assistant",
+    "assistant": "assistant",
+    "model": "assistant",
+    "system": "system",
+}
+# LLaMA-Factory's tool-use turns. No `Message` role holds them yet, and mapping them onto
+# user/assistant would teach the model to speak tool output as plain text: each is an error.
+_TOOL_ROLES = ("function_call", "observation", "tool", "function")
+
+
+def sharegpt(record: dict[str, Any]) -> Example:
+    """ShareGPT: `conversations` of {from, value} (human/gpt/system), optional top-level `system`."""
+    turns, fields, names = _sharegpt_turns(record, "conversations")
+    _check_conversation(turns, fields, "conversations", names)
+    _no_tools(record)
+    return Example(messages=tuple(turns))
+
+
+def _sharegpt_turns(record: dict[str, Any], key: str) -> tuple[list[Message], list[str], list[str]]:
+    """The turns of `record[key]` (after the top-level `system`, if any), their fields and spelled roles."""
+    value = record[key]
+    if not isinstance(value, list) or not value:
+        kind = "empty_content" if isinstance(value, list) else "wrong_type"
+        raise FieldError(
+            key, kind, f"must be a non-empty list of {{from, value}} objects, found {_kind(value)}"
+        )
+    turns: list[Message] = []
+    fields: list[str] = []
+    names: list[str] = []
+    system = _optional_text(record, "system")
+    if system.strip():
+        turns, fields, names = [Message("system", system)], ["system"], ["system"]
+    for i, turn in enumerate(value):
+        message, name = _sharegpt_turn(turn, f"{key}[{i}]")
+        turns.append(message)
+        fields.append(f"{key}[{i}].from")
+        names.append(name)
+    return turns, fields, names
+
+
+def _sharegpt_turn(turn: Any, field: str) -> tuple[Message, str]:
+    if not isinstance(turn, dict):
+        raise FieldError(field, "wrong_type", f"must be an object {{from, value}}, found {_kind(turn)}")
+    name = _required(turn, "from", field)
+    if not isinstance(name, str):
+        raise FieldError(f"{field}.from", "wrong_type", f"must be a string, found {_kind(name)}")
+    if name not in SHAREGPT_ROLES:
+        tools = "; tool turns are not supported yet, so remove this row" if name in _TOOL_ROLES else ""
+        raise FieldError(
+            f"{field}.from",
+            "unknown_role",
+            f"unknown role {name!r}; use one of human/user, gpt/assistant/model, system{tools}",
+        )
+    content = _text(_required(turn, "value", field), f"{field}.value")
+    return Message(SHAREGPT_ROLES[name], content), name  # type: ignore[arg-type]  # a Role by construction
+
+
+def sharegpt_preference(record: dict[str, Any]) -> Example:
+    """LLaMA-Factory preference pairs: `conversations` (the prompt, ending on a human turn), and
+    `chosen` and `rejected`, each one {from: "gpt", value} answer."""
+    prompt, fields, names = _sharegpt_turns(record, "conversations")
+    answers = []
+    for key in ("chosen", "rejected"):
+        answer, name = _sharegpt_turn(record[key], key)
+        if answer.role != "assistant":
+            raise FieldError(
+                f"{key}.from",
+                "unknown_role",
+                f"must be the assistant's answer (gpt, assistant or model), found {name!r}",
+            )
+        _check_conversation([*prompt, answer], [*fields, f"{key}.from"], key, [*names, name])
+        answers.append(answer)
+    _no_tools(record)
+    return Example(messages=(*prompt, answers[0]), rejected=(answers[1],))
+
+
+# ---- preference (TRL) ---------------------------------------------------------------------------
+
+
+def preference(record: dict[str, Any]) -> Example:
+    """TRL preference pairs: `prompt`, `chosen`, `rejected`, as strings or as message lists.
+
+    String form: the prompt is one user turn, chosen and rejected one assistant turn each. Message
+    form (TRL "conversational"): `prompt` is a list of messages (or a string) and `chosen`/`rejected`
+    lists of messages holding the answer, or the whole conversation (the prompt's turns, then the answer).
+    """
+    if isinstance(record["prompt"], str):
+        prompt, fields = [Message("user", _text(record["prompt"], "prompt"))], ["prompt"]
+    else:
+        prompt = _message_list(record["prompt"], "prompt", _STRING_OR_MESSAGES)
+        fields = [f"prompt[{i}].role" for i in range(len(prompt))]
+    answers = []
+    for key in ("chosen", "rejected"):
+        answer, answer_fields = _preference_answer(record[key], key, prompt)
+        _check_conversation([*prompt, *answer], [*fields, *answer_fields], key)
+        answers.append(answer)
+    return Example(messages=(*prompt, *answers[0]), rejected=tuple(answers[1]))
+
+
+def _preference_answer(value: Any, key: str, prompt: list[Message]) -> tuple[list[Message], list[str]]:
+    """The answer turns of `chosen` or `rejected` and their fields, without a copy of the prompt."""
+    if isinstance(value, str):
+        return [Message("assistant", _text(value, key))], [key]
+    turns = _message_list(value, key, _STRING_OR_MESSAGES)
+    start = 0
+    if any(m.role != "assistant" for m in turns):  # the whole conversation: it must repeat the prompt
+        for i, (got, want) in enumerate(zip(turns, prompt, strict=False)):
+            if (got.role, got.content) != (want.role, want.content):
+                raise FieldError(
+                    f"{key}[{i}]",
+                    "prompt_mismatch",
+                    f"{key} repeats the prompt's turns, but turn {i} differs: "
+                    f"{_difference(want, got, 'the prompt')}; {key} must hold the answer alone, "
+                    "or the prompt's turns unchanged and then the answer",
+                )
+        start = len(prompt)
+        if len(turns) <= start:
+            raise FieldError(key, "no_target", "holds only the prompt's turns; add the assistant's answer")
+    return turns[start:], [f"{key}[{i}].role" for i in range(start, len(turns))]
+
+
+def _difference(want: Message, got: Message, other: str, names: Mapping[str, str] | None = None) -> str:
+    """How turn `got` differs from `want`, the same turn in `other`: its role, or where its text does."""
+    name = (names or {}).get
+    if got.role != want.role:
+        return (
+            f"it is a {name(got.role, got.role)} turn where {other} has a {name(want.role, want.role)} turn"
+        )
+    at = len(os.path.commonprefix([want.content, got.content]))
+    return (
+        f"from character {at + 1} its text reads {_snippet(got.content, at)} where {other} has "
+        f"{_snippet(want.content, at)}"
+    )
+
+
+# ---- Anthropic HH-RLHF --------------------------------------------------------------------------
+
+# A transcript is "\n\nHuman: ...\n\nAssistant: ..." turns; an empty last answer may lack the space.
+_HH_TURN = re.compile(r"\n\n(Human|Assistant):[ ]?")
+_HH_ROLES = {"Human": "user", "Assistant": "assistant"}
+_HH_NAMES = {role: name for name, role in _HH_ROLES.items()}
+
+
+def anthropic_hh(record: dict[str, Any]) -> Example:
+    """Anthropic HH-RLHF: `chosen` and `rejected` whole transcripts that differ only in the last answer.
+
+    The prompt is every turn before the last Assistant turn; both transcripts must share it.
+    """
+    chosen = _hh_turns(record["chosen"], "chosen")
+    rejected = _hh_turns(record["rejected"], "rejected")
+    for i, (a, b) in enumerate(zip(chosen[:-1], rejected[:-1], strict=False)):
+        if a != b:
+            raise FieldError(
+                "rejected",
+                "prompt_mismatch",
+                f"turn {i + 1}, before the last Assistant turn, differs from chosen's: "
+                f"{_difference(a, b, 'chosen', _HH_NAMES)}; both transcripts must share every turn "
+                "before their last Assistant turn (the prompt)",
+            )
+    if len(chosen) != len(rejected):
+        raise FieldError(
+            "rejected",
+            "prompt_mismatch",
+            f"has {_turns(len(rejected) - 1)} before its last Assistant turn where chosen has "
+            f"{_turns(len(chosen) - 1)}; both transcripts must share every turn before their last "
+            "Assistant turn (the prompt)",
+        )
+    return Example(messages=tuple(chosen), rejected=(rejected[-1],))
+
+
+def _hh_turns(value: Any, field: str) -> list[Message]:
+    transcript = _text(value, field)
+    # With a capturing group, split gives [before the first marker, role, content, role, content, ...].
+    parts = _HH_TURN.split("\n\n" + transcript.lstrip())
+    if len(parts) == 1 or parts[0].strip():
+        raise FieldError(
+            field,
+            "format_mismatch",
+            "must be a transcript of '\\n\\nHuman: ...' and '\\n\\nAssistant: ...' turns, starting with one, "
+            f"found {_snippet(transcript, 0)}",
+        )
+    names, contents = parts[1::2], parts[2::2]
+    for i, (name, content) in enumerate(zip(names, contents, strict=True)):
+        if not content.strip():
+            raise FieldError(field, "empty_content", f"turn {i + 1} ({name}) is empty; write its text")
+        if i and name == names[i - 1]:
+            raise FieldError(
+                field,
+                "consecutive_roles",
+                f"turns {i} and {i + 1} are both {name} turns; merge them, "
+                "or add the missing turn between them",
+            )
+    if "Assistant" not in names:
+        raise FieldError(field, "no_target", "has no Assistant turn, so there is nothing to learn")
+    if names[-1] != "Assistant":
+        raise FieldError(
+            field,
+            "ends_not_assistant",
+            f"must end with the Assistant's answer, but its last turn is {names[-1]}",
+        )
+    return [Message(_HH_ROLES[n], c) for n, c in zip(names, contents, strict=True)]  # type: ignore[arg-type]
+
+
+def _turns(n: int) -> str:
+    return f"{n} turn" if n == 1 else f"{n} turns"
+
+
+def _snippet(s: str, at: int) -> str:
+    part = s[at : at + 30]
+    return repr(part + "...") if len(s) > at + 30 else repr(part) if part else "the end"
+
+
+# ---- single-turn formats ------------------------------------------------------------------------
 
 
 def prompt_completion(record: dict[str, Any]) -> Example:
@@ -104,12 +400,16 @@ def _history(history: Any) -> list[Message]:
     if history is None:
         return []
     if not isinstance(history, list):
-        raise FieldError("history", f"must be a list of [user, assistant] pairs, found {_kind(history)}")
+        raise FieldError(
+            "history", "wrong_type", f"must be a list of [user, assistant] pairs, found {_kind(history)}"
+        )
     messages = []
     for i, pair in enumerate(history):
         if not isinstance(pair, list) or len(pair) != 2:
             raise FieldError(
-                f"history[{i}]", f"must be a [user, assistant] pair of strings, found {_kind(pair)}"
+                f"history[{i}]",
+                "wrong_type",
+                f"must be a [user, assistant] pair of strings, found {_kind(pair)}",
             )
         messages.append(Message("user", _text(pair[0], f"history[{i}][0]")))
         messages.append(Message("assistant", _text(pair[1], f"history[{i}][1]")))
@@ -118,9 +418,15 @@ def _history(history: Any) -> list[Message]:
 
 def classification(record: dict[str, Any]) -> Example:
     """`text` and `label` (string or integer): the user says the text, the assistant answers the label."""
-    text = _text(record["text"], "text")
+    said = _text(record["text"], "text")
     label = _label(record["label"], "label")
-    return Example(messages=(Message("user", text), Message("assistant", label)), label=label)
+    return Example(messages=(Message("user", said), Message("assistant", label)), label=label)
+
+
+def text(record: dict[str, Any]) -> Example:
+    """`text` alone: raw text for continued pretraining. There is no prompt; the whole text is the
+    target, held as one assistant turn (so every token of it carries loss)."""
+    return Example(messages=(Message("assistant", _text(record["text"], "text")),))
 
 
 FORMATS: dict[str, Callable[[dict[str, Any]], Example]] = {
@@ -128,24 +434,46 @@ FORMATS: dict[str, Callable[[dict[str, Any]], Example]] = {
     "prompt_completion": prompt_completion,
     "alpaca": alpaca,
     "classification": classification,
+    "text": text,
+    "sharegpt": sharegpt,
+    "preference": preference,
+    "anthropic_hh": anthropic_hh,
+    "sharegpt_preference": sharegpt_preference,
 }
 
-# Detection order matters: a record with `messages` and `label` (e.g. KTO data) is chat, not classification.
+# Detection order matters: the first format whose keys a record has wins, so a format whose keys
+# hold another's comes first. Preference pairs before the rest ({conversations, chosen, rejected} is
+# not plain ShareGPT, {prompt, chosen, rejected} not prompt_completion); `messages` and `label` (e.g.
+# KTO data) is chat, not classification; `text` and `label` is classification, `text` alone raw text.
 FORMAT_KEYS: dict[str, tuple[str, ...]] = {
+    "sharegpt_preference": ("conversations", "chosen", "rejected"),
+    "preference": ("prompt", "chosen", "rejected"),
+    "anthropic_hh": ("chosen", "rejected"),
+    "sharegpt": ("conversations",),
     "chat": ("messages",),
     "prompt_completion": ("prompt", "completion"),
     "alpaca": ("instruction", "output"),
     "classification": ("text", "label"),
+    "text": ("text",),
 }
 
 
 # ---- field helpers ------------------------------------------------------------------------------
 
 
+def _required(obj: dict[str, Any], key: str, field: str) -> Any:
+    if key not in obj:
+        found = ", ".join(obj) or "none"
+        raise FieldError(f"{field}.{key}", "missing_field", f"missing (found keys: {found})")
+    return obj[key]
+
+
 def _text(value: Any, field: str) -> str:
-    if not isinstance(value, str) or not value.strip():
-        raise FieldError(field, f"must be a non-empty string, found {_kind(value)}")
-    return value
+    if not isinstance(value, str):
+        raise FieldError(field, "wrong_type", f"must be a non-empty string, found {_kind(value)}")
+    if not value.strip():
+        raise FieldError(field, "empty_content", f"must be a non-empty string, found {_kind(value)}")
+    return _unicode(value, field)
 
 
 def _optional_text(record: dict[str, Any], key: str) -> str:
@@ -153,7 +481,22 @@ def _optional_text(record: dict[str, Any], key: str) -> str:
     if value is None:
         return ""
     if not isinstance(value, str):
-        raise FieldError(key, f"must be a string when present, found {_kind(value)}")
+        raise FieldError(key, "wrong_type", f"must be a string when present, found {_kind(value)}")
+    return _unicode(value, key)
+
+
+def _unicode(value: str, field: str) -> str:
+    """`value`, if it can be saved as UTF-8. A JSON escape such as "\\ud83d" without its pair decodes to
+    a lone surrogate, which would fail only later, when the examples are written or tokenized."""
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError as e:
+        raise FieldError(
+            field,
+            "invalid_utf8",
+            f"holds a lone surrogate \\u{ord(value[e.start]):04x} at character {e.start + 1} (a broken "
+            "\\u escape), which is not valid Unicode; fix the escape or remove it",
+        ) from None
     return value
 
 
@@ -164,8 +507,10 @@ def _label(value: Any, field: str) -> str:
     if isinstance(value, int):
         return str(value)
     if not isinstance(value, str) or not value.strip():
-        raise FieldError(field, f"must be a non-empty string or an integer, found {_kind(value)}")
-    return value
+        raise FieldError(
+            field, "bad_label", f"must be a non-empty string or an integer, found {_kind(value)}"
+        )
+    return _unicode(value, field)
 
 
 def _kind(value: Any) -> str:
@@ -184,7 +529,7 @@ def _kind(value: Any) -> str:
 
 
 def detect_format(record: dict[str, Any]) -> str | None:
-    """The format a record's keys identify (see `FORMAT_KEYS`), or None."""
+    """The format a record's keys identify (the first in `FORMAT_KEYS` whose keys it has), or None."""
     for name, keys in FORMAT_KEYS.items():
         if all(k in record for k in keys):
             return name
@@ -193,11 +538,13 @@ def detect_format(record: dict[str, Any]) -> str | None:
 
 def read_examples(
     path: str | Path, format: str = "auto", columns: Mapping[str, str] | None = None
-) -> tuple[list[Example], list[str]]:
+) -> tuple[list[Example], list[Problem]]:
     """Read a file's examples and every problem found (unreadable rows and rows that do not normalize).
 
     `format` is "auto" or a name in `FORMATS`; `columns` maps canonical names to the file's own, e.g.
-    {"label": "category"}, and is applied to every record before detection.
+    {"label": "category"}, and is applied to every record before detection. Problems are sorted by
+    line. Raises `TunekitError` (or its `DataError`) for what concerns the whole file: it cannot be
+    read, no known format is detected, or a `columns` name is in no record.
     """
     if format != "auto" and format not in FORMATS:
         raise TunekitError(f"unknown data format {format!r}; use one of: auto, {', '.join(FORMATS)}")
@@ -213,8 +560,8 @@ def read_examples(
         try:
             examples.append(replace(_normalize(fmt, record), source=where, line=line, format=fmt, raw=raw))
         except FieldError as e:
-            problems.append(f"{where}:{line}: {e.field}: {e.message}")
-    return examples, sorted(problems, key=lambda p: _line_of(p, where))
+            problems.append(Problem(where, line, e.field, e.kind, e.message))
+    return examples, sorted(problems, key=lambda p: p.line)
 
 
 def load_examples(
@@ -223,7 +570,9 @@ def load_examples(
     """Like `read_examples`, but raise `DataError` listing every problem, or if there are no examples."""
     examples, problems = read_examples(path, format, columns)
     if problems:
-        raise DataError(problems, header=f"{path}: {len(examples)} rows read, rows with errors")
+        raise DataError(
+            [str(p) for p in problems], header=f"{path}: {len(examples)} rows read, rows with errors"
+        )
     if not examples:
         raise DataError(
             [f"{path}: no examples; the file is empty or holds only blank lines"], header="no data"
@@ -236,7 +585,12 @@ def _normalize(fmt: str, record: dict[str, Any]) -> Example:
     missing = [k for k in keys if k not in record]
     if missing:
         found = ", ".join(record) or "none"
-        raise FieldError(missing[0], f"missing; {fmt} rows need keys {', '.join(keys)} (found: {found})")
+        # A row whose keys are another format's (and not just some of this one's) is in the wrong file.
+        other = detect_format(record)
+        kind = "format_mismatch" if other and not set(FORMAT_KEYS[other]) <= set(keys) else "missing_field"
+        raise FieldError(
+            missing[0], kind, f"missing; {fmt} rows need keys {', '.join(keys)} (found: {found})"
+        )
     return FORMATS[fmt](record)
 
 
@@ -281,9 +635,3 @@ def _detect_file_format(records: list[Record], where: str) -> str:
 def _keys(records: list[Record]) -> str:
     keys = dict.fromkeys(k for _, record in records for k in record)  # first-seen order, no repeats
     return ", ".join(keys) or "(none)"
-
-
-def _line_of(problem: str, where: str) -> int:
-    """The line number in a "file:line: ..." problem, for sorting; 0 when it names no line."""
-    head = problem[len(where) + 1 :].split(":", 1)[0]
-    return int(head) if head.isdigit() else 0

@@ -7,8 +7,10 @@ A JSONL file such as
     {"prompt": "3+3=", "completion": "6"}
 
 gives ([(1, {"prompt": "2+2=", "completion": "4"}), (3, {...})], []). Nothing here knows about formats:
-`formats.py` turns records into `Example`s. A bad row never stops the read; it becomes a problem
-string `"file:line: what is wrong; how to fix it"` and reading goes on, so one pass reports every bad row.
+`formats.py` turns records into `Example`s. A bad row never stops the read; it becomes a `Problem`
+(file, line, kind, and what is wrong and how to fix it) and reading goes on, so one pass reports every
+bad row. The kinds found here: invalid_utf8, invalid_json, not_an_object, wrong_column_count,
+bad_header, invalid_csv.
 """
 
 from __future__ import annotations
@@ -22,23 +24,25 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from tunekit.data.problems import Problem
 from tunekit.errors import TunekitError
 
 Record = tuple[int, dict[str, Any]]
-# Internally a problem is (line, message); `read_records` prefixes "file:line: " at the end.
-Problem = tuple[int, str]
+# Internally a problem is (line, kind, message); `read_records` adds the file at the end.
+Issue = tuple[int, str, str]
 
 _JSON_WS = re.compile(r"[ \t\n\r]*")  # exactly JSON's whitespace, not Python's wider notion
 _JSONL_HINT = "each line must be one JSON object"
 _JSON_HINT = "a .json file must hold one JSON array of objects, or one JSON object per line"
 
 
-def read_records(path: str | Path) -> tuple[list[Record], list[str]]:
+def read_records(path: str | Path) -> tuple[list[Record], list[Problem]]:
     """Read every record of a .jsonl/.ndjson, .json, .csv or .tsv file.
 
     Returns (records, problems): records are (1-based line where the record starts, dict); problems are
-    strings naming `file:line` and the fix, sorted by line. Raises `TunekitError` when the file is
-    missing, is a directory, or has an extension that is not supported.
+    `Problem`s about whole rows (field ""), sorted by line; `str(problem)` is "file:line: message".
+    Raises `TunekitError` when the file is missing, is a directory, has an extension that is not
+    supported, or is UTF-16 encoded.
     """
     path = Path(path)
     reader = _reader_for(path)
@@ -49,11 +53,13 @@ def read_records(path: str | Path) -> tuple[list[Record], list[str]]:
         raise TunekitError(f"{where}: cannot read the file ({e.strerror})") from e
     text, bad_lines = _decode(data, where)
     records, problems = reader(text, set(bad_lines))
-    problems += bad_lines.items()
-    return records, [f"{where}:{line}: {msg}" for line, msg in sorted(problems, key=lambda p: p[0])]
+    problems += [(line, "invalid_utf8", msg) for line, msg in bad_lines.items()]
+    return records, [
+        Problem(where, line, "", kind, msg) for line, kind, msg in sorted(problems, key=lambda p: p[0])
+    ]
 
 
-def _reader_for(path: Path) -> Callable[[str, set[int]], tuple[list[Record], list[Problem]]]:
+def _reader_for(path: Path) -> Callable[[str, set[int]], tuple[list[Record], list[Issue]]]:
     if path.is_dir():
         raise TunekitError(f"{path}: is a directory; pass one data file ({', '.join(_READERS)})")
     if not path.exists():
@@ -96,29 +102,41 @@ def _decode(data: bytes, where: str) -> tuple[str, dict[int, str]]:
 # ---- JSON Lines ---------------------------------------------------------------------------------
 
 
-def _read_jsonl(text: str, bad: set[int], hint: str = _JSONL_HINT) -> tuple[list[Record], list[Problem]]:
+def _read_jsonl(text: str, bad: set[int], hint: str = _JSONL_HINT) -> tuple[list[Record], list[Issue]]:
     records: list[Record] = []
-    problems: list[Problem] = []
+    problems: list[Issue] = []
     # split("\n"), not splitlines(): JSON strings may hold a raw U+2028, which splitlines() splits on.
     for n, line in enumerate(text.split("\n"), start=1):
         if n in bad or not line.strip():
             continue
         try:
             obj = json.loads(line)
-        except json.JSONDecodeError as e:
-            problems.append((n, f"invalid JSON ({e.msg} at column {e.colno}); {hint}"))
+        except (ValueError, RecursionError) as e:
+            problems.append((n, "invalid_json", f"invalid JSON ({_json_error(e)}); {hint}"))
             continue
         if isinstance(obj, dict):
             records.append((n, obj))
         else:
-            problems.append((n, f"expected a JSON object {{...}}, found {_kind(obj)}; {hint}"))
+            problems.append(
+                (n, "not_an_object", f"expected a JSON object {{...}}, found {_kind(obj)}; {hint}")
+            )
     return records, problems
+
+
+def _json_error(e: ValueError | RecursionError) -> str:
+    """What `json` found wrong. Besides syntax errors (JSONDecodeError, a ValueError), valid JSON can
+    fail to load: an integer of over 4,300 digits (ValueError) or arrays nested thousands deep."""
+    if isinstance(e, json.JSONDecodeError):
+        return f"{e.msg} at column {e.colno}"
+    if isinstance(e, RecursionError):
+        return "nested too deeply"
+    return str(e)
 
 
 # ---- JSON ---------------------------------------------------------------------------------------
 
 
-def _read_json(text: str, bad: set[int]) -> tuple[list[Record], list[Problem]]:
+def _read_json(text: str, bad: set[int]) -> tuple[list[Record], list[Issue]]:
     start = _skip_ws(text, 0)
     if text.startswith("[", start):
         return _read_json_array(text, start + 1, bad)
@@ -127,22 +145,24 @@ def _read_json(text: str, bad: set[int]) -> tuple[list[Record], list[Problem]]:
         return records, problems
     # Not one line of it is a JSON object: perhaps one pretty-printed object (a record, whose keys the
     # format detection reports if they are no known format, e.g. {"data": [...]}) or a broken one.
+    first = text.count("\n", 0, start) + 1
     try:
         obj = json.loads(text)
-    except json.JSONDecodeError as e:
-        return [], [(e.lineno, f"invalid JSON ({e.msg} at column {e.colno}); {_JSON_HINT}")]
-    first = text.count("\n", 0, start) + 1
+    except (ValueError, RecursionError) as e:
+        line = e.lineno if isinstance(e, json.JSONDecodeError) else first
+        return [], [(line, "invalid_json", f"invalid JSON ({_json_error(e)}); {_JSON_HINT}")]
     if isinstance(obj, dict):
         return [(first, obj)], []
-    return [], [(first, f"expected a JSON array of objects, found {_kind(obj)}; {_JSON_HINT}")]
+    msg = f"expected a JSON array of objects, found {_kind(obj)}; {_JSON_HINT}"
+    return [], [(first, "not_an_object", msg)]
 
 
-def _read_json_array(text: str, pos: int, bad: set[int]) -> tuple[list[Record], list[Problem]]:
+def _read_json_array(text: str, pos: int, bad: set[int]) -> tuple[list[Record], list[Issue]]:
     """Walk the array after its "[" at `pos`, one element at a time, noting the line each starts on."""
     decoder = json.JSONDecoder()
     lines = _LineCounter(text)
     records: list[Record] = []
-    problems: list[Problem] = []
+    problems: list[Issue] = []
     pos = _skip_ws(text, pos)
     if text.startswith("]", pos):
         return records, _after_array(text, pos + 1, lines)
@@ -150,32 +170,35 @@ def _read_json_array(text: str, pos: int, bad: set[int]) -> tuple[list[Record], 
         first = lines.at(pos)
         try:
             obj, end = decoder.raw_decode(text, pos)
-        except json.JSONDecodeError as e:
+        except (ValueError, RecursionError) as e:
             # After a syntax error the next element's start is unknown: stop here.
+            line = e.lineno if isinstance(e, json.JSONDecodeError) else first
             return records, [
                 *problems,
-                (e.lineno, f"invalid JSON ({e.msg} at column {e.colno}); {_JSON_HINT}"),
+                (line, "invalid_json", f"invalid JSON ({_json_error(e)}); {_JSON_HINT}"),
             ]
         if not bad.intersection(range(first, lines.at(end) + 1)):
             if isinstance(obj, dict):
                 records.append((first, obj))
             else:
-                problems.append((first, f"array element {index} is {_kind(obj)}, not an object {{...}}"))
+                msg = f"array element {index} is {_kind(obj)}, not an object {{...}}"
+                problems.append((first, "not_an_object", msg))
         pos = _skip_ws(text, end)
         if text.startswith(",", pos):
             pos = _skip_ws(text, pos + 1)
         elif text.startswith("]", pos):
             return records, problems + _after_array(text, pos + 1, lines)
         else:
-            return records, [*problems, (lines.at(pos), f"invalid JSON (expected ',' or ']'); {_JSON_HINT}")]
+            msg = f"invalid JSON (expected ',' or ']'); {_JSON_HINT}"
+            return records, [*problems, (lines.at(pos), "invalid_json", msg)]
     raise AssertionError("unreachable")
 
 
-def _after_array(text: str, pos: int, lines: _LineCounter) -> list[Problem]:
+def _after_array(text: str, pos: int, lines: _LineCounter) -> list[Issue]:
     pos = _skip_ws(text, pos)
     if pos == len(text):
         return []
-    return [(lines.at(pos), f"extra data after the closing ']'; {_JSON_HINT}")]
+    return [(lines.at(pos), "invalid_json", f"extra data after the closing ']'; {_JSON_HINT}")]
 
 
 class _LineCounter:
@@ -207,11 +230,11 @@ def _kind(value: Any) -> str:
 # ---- CSV / TSV ----------------------------------------------------------------------------------
 
 
-def _read_csv(text: str, bad: set[int]) -> tuple[list[Record], list[Problem]]:
+def _read_csv(text: str, bad: set[int]) -> tuple[list[Record], list[Issue]]:
     return _read_delimited(text, bad, ",", csv.QUOTE_MINIMAL, "quote fields that hold commas or line breaks")
 
 
-def _read_tsv(text: str, bad: set[int]) -> tuple[list[Record], list[Problem]]:
+def _read_tsv(text: str, bad: set[int]) -> tuple[list[Record], list[Issue]]:
     # TSV fields are not quoted (IANA text/tab-separated-values): a field that merely starts with '"',
     # common in real text, would otherwise swallow the lines up to the next quote without any error.
     return _read_delimited(text, bad, "\t", csv.QUOTE_NONE, "fields must not hold tabs or line breaks")
@@ -219,14 +242,14 @@ def _read_tsv(text: str, bad: set[int]) -> tuple[list[Record], list[Problem]]:
 
 def _read_delimited(
     text: str, bad: set[int], delimiter: str, quoting: int, fix: str
-) -> tuple[list[Record], list[Problem]]:
+) -> tuple[list[Record], list[Issue]]:
     """Rows after the header row as dicts; a row's line is the physical line where it starts."""
     # Feed the csv module our own "\n"-split lines so its line_num counts lines exactly as we do.
     physical = [line + "\n" for line in text.split("\n")]
     reader = csv.reader(physical, delimiter=delimiter, quoting=quoting)
     header: list[str] | None = None
     records: list[Record] = []
-    problems: list[Problem] = []
+    problems: list[Issue] = []
     start = 1
     try:
         for row in reader:
@@ -240,22 +263,23 @@ def _read_delimited(
                 continue
             elif len(row) != len(header):
                 msg = f"expected {len(header)} columns ({', '.join(header)}), found {len(row)}; {fix}"
-                problems.append((first, msg))
+                problems.append((first, "wrong_column_count", msg))
             else:
                 records.append((first, dict(zip(header, row, strict=True))))
     except csv.Error as e:
-        problems.append((start, f"cannot parse ({e}); reading stopped here; {fix}"))
+        problems.append((start, "invalid_csv", f"cannot parse ({e}); reading stopped here; {fix}"))
     return records, problems
 
 
-def _check_header(header: list[str], line: int) -> list[Problem]:
+def _check_header(header: list[str], line: int) -> list[Issue]:
     dupes = sorted({name for name in header if header.count(name) > 1})
     if dupes:
-        return [(line, f"duplicate column name(s) {', '.join(dupes)} in the header row; rename them")]
+        msg = f"duplicate column name(s) {', '.join(dupes)} in the header row; rename them"
+        return [(line, "bad_header", msg)]
     return []
 
 
-_READERS: dict[str, Callable[[str, set[int]], tuple[list[Record], list[Problem]]]] = {
+_READERS: dict[str, Callable[[str, set[int]], tuple[list[Record], list[Issue]]]] = {
     ".jsonl": _read_jsonl,
     ".ndjson": _read_jsonl,
     ".json": _read_json,

@@ -12,6 +12,7 @@ import json
 import math
 import random
 import time
+from collections import Counter
 from pathlib import Path
 
 import torch
@@ -20,7 +21,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from tunekit.config import Config, LoraConfig
 from tunekit.console import err as console
 from tunekit.data.tokenize import IGNORE_INDEX, TokenizedExample, tokenize_example
-from tunekit.errors import TunekitError
+from tunekit.errors import DataError, TunekitError
 from tunekit.io import atomic_write_json
 from tunekit.models import load_model, load_tokenizer, resolve_model
 from tunekit.run_dir import create_run_dir, prepare_splits
@@ -108,13 +109,47 @@ def evaluate_loss(model, data: list[TokenizedExample], pad_id: int, batch_size: 
     return total / max(n, 1)
 
 
-def train_sft(cfg: Config, quiet: bool = False) -> Path:
-    """Fine-tune `cfg.model` with LoRA on `cfg.data`; returns the run directory."""
+def check_before_training(cfg: Config, allow_data_errors: bool, quiet: bool) -> None:
+    """Run `tunekit data check` on the config's data: refuse to train on errors unless allowed."""
+    from tunekit.data.check import check_config
+
+    report = check_config(cfg)
+    unreadable = [f.unreadable for f in report.files if f.unreadable]
+    if unreadable:
+        raise TunekitError(unreadable[0])
+    if not quiet and (report.warnings or report.duplicates or report.leakage):
+        kinds = Counter(w.kind for w in report.warnings)
+        console.print(
+            "[yellow]data check:[/] "
+            + ", ".join(
+                [f"{n} {k}" for k, n in kinds.most_common()]
+                + [f"{len(report.duplicates)} duplicate groups"] * bool(report.duplicates)
+                + [f"{len(report.leakage)} leaked pairs between files"] * bool(report.leakage)
+            )
+            + " (details: tunekit data check --config CONFIG)"
+        )
+    if report.errors and not allow_data_errors:
+        raise DataError(
+            [str(p) for p in report.errors],
+            header=f"data check: {report.rejected} of {report.kept + report.rejected} rows have errors; fix them, "
+            "or train on the rest with --allow-data-errors",
+        )
+    if report.errors and not quiet:
+        console.print(f"[yellow]--allow-data-errors: training without {report.rejected} rejected rows")
+
+
+def train_sft(cfg: Config, quiet: bool = False, allow_data_errors: bool = False) -> Path:
+    """Fine-tune `cfg.model` with LoRA on `cfg.data`; returns the run directory.
+
+    The data is checked first (as `tunekit data check` does); rows with errors stop the run
+    unless `allow_data_errors`, in which case they are left out and reported.
+    """
     t_start = time.perf_counter()
     random.seed(cfg.train.seed)
     torch.manual_seed(cfg.train.seed)
+    check_before_training(cfg, allow_data_errors, quiet)
     run_dir = create_run_dir(cfg)
-    splits = prepare_splits(cfg, run_dir)
+    splits = prepare_splits(cfg, run_dir, allow_errors=allow_data_errors)
     if not splits["train"]:
         raise TunekitError(f"data.train: {cfg.data.train} leaves no training examples after the split")
 

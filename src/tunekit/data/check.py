@@ -1,0 +1,313 @@
+"""`tunekit data check`: find every defect in a data set before training costs anything.
+
+    report = check_data(["train.jsonl", "test.jsonl"], model="smollm2-135m-instruct")
+    report.exit_code   # 0 clean (warnings allowed), 1 errors found, 2 a file cannot be read
+
+Per row: the reader's and normalizer's errors (invalid JSON, missing fields, unknown roles, ...),
+plus warnings (no system or user message, longer than max_length, a very short target, control
+characters). Per file: exact and near duplicates. Across files: leakage (the same or nearly the
+same example in two files, e.g. train and test). Statistics: turns, tokens with the model's
+tokenizer, labels. Every row is accounted for: kept + rejected == total.
+"""
+
+from __future__ import annotations
+
+import re
+import statistics
+from collections import Counter
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from tunekit.data.example import Example
+from tunekit.data.problems import Problem
+from tunekit.errors import TunekitError
+
+CONTROL = re.compile(r"[\x00-\x08\x0b\x0c\x0e-\x1f\x7f]")
+SHORT_TARGET_CHARS = 2  # a target this short is usually a mistake, except for labels
+
+
+@dataclass
+class FileCheck:
+    """One file's examples and problems."""
+
+    path: str
+    examples: list[Example] = field(default_factory=list)
+    problems: list[Problem] = field(default_factory=list)
+    unreadable: str | None = None  # set when the file could not be read at all
+
+    @property
+    def rejected_lines(self) -> set[int]:
+        return {p.line for p in self.problems if p.severity == "error" and p.line}
+
+
+@dataclass
+class CheckReport:
+    files: list[FileCheck]
+    warnings: list[Problem]
+    duplicates: list[dict[str, Any]]
+    leakage: list[dict[str, Any]]
+    stats: dict[str, Any]
+    estimate: dict[str, Any] | None = None
+
+    @property
+    def errors(self) -> list[Problem]:
+        return [p for f in self.files for p in f.problems if p.severity == "error"]
+
+    @property
+    def kept(self) -> int:
+        return sum(len(f.examples) for f in self.files)
+
+    @property
+    def rejected(self) -> int:
+        return sum(len(f.rejected_lines) for f in self.files)
+
+    @property
+    def exit_code(self) -> int:
+        if any(f.unreadable for f in self.files):
+            return 2
+        return 1 if self.errors else 0
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "total": self.kept + self.rejected,
+            "kept": self.kept,
+            "rejected": self.rejected,
+            "files": [
+                {
+                    "file": f.path,
+                    "kept": len(f.examples),
+                    "rejected": len(f.rejected_lines),
+                    "unreadable": f.unreadable,
+                }
+                for f in self.files
+            ],
+            "errors": [p.to_dict() for p in self.errors],
+            "warnings": [p.to_dict() for p in self.warnings],
+            "duplicates": self.duplicates,
+            "leakage": self.leakage,
+            "stats": self.stats,
+            "estimate": self.estimate,
+            "exit_code": self.exit_code,
+        }
+
+
+def read_file(path: str | Path, format: str, columns: Mapping[str, str] | None, labels) -> FileCheck:
+    """Read and normalize one file, keeping every problem; a file that cannot be read is noted."""
+    from tunekit.data.formats import read_examples
+
+    fc = FileCheck(str(path))
+    try:
+        fc.examples, fc.problems = read_examples(path, format=format, columns=columns)
+    except TunekitError as e:
+        fc.unreadable = str(e)
+        return fc
+    if labels:
+        fc.examples, bad = _check_labels(fc.examples, set(labels))
+        fc.problems += bad
+    return fc
+
+
+def _check_labels(examples: list[Example], allowed: set[str]) -> tuple[list[Example], list[Problem]]:
+    kept, bad = [], []
+    for ex in examples:
+        if ex.label is not None and ex.label not in allowed:
+            msg = f"label {ex.label!r} is not in the declared label set ({', '.join(sorted(allowed))}); fix the label or add it to data.labels"
+            bad.append(Problem(ex.source, ex.line, "label", "bad_label", msg))
+        else:
+            kept.append(ex)
+    return kept, bad
+
+
+def row_warnings(ex: Example, n_tokens: int | None, max_length: int) -> list[Problem]:
+    """Warnings for one example that is valid but probably not what the user meant."""
+    w = []
+    roles = {m.role for m in ex.messages}
+
+    def warn(field: str, kind: str, msg: str) -> None:
+        w.append(Problem(ex.source, ex.line, field, kind, msg, "warning"))
+
+    conversational = ex.format in ("chat", "sharegpt")
+    if conversational and "system" not in roles:
+        warn("messages", "no_system", "no system message; the model's default system prompt will be used")
+    if ex.format != "text" and "user" not in roles:
+        warn("messages", "no_user", "no user message: the model learns to answer nothing")
+    if n_tokens is not None and n_tokens > max_length:
+        warn(
+            "",
+            "too_long",
+            f"{n_tokens} tokens, over max_length {max_length}: {n_tokens - max_length} would be cut",
+        )
+    if ex.label is None and ex.format != "text" and len(ex.target.strip()) < SHORT_TARGET_CHARS:
+        warn("target", "short_target", f"the target is only {len(ex.target.strip())} character(s)")
+    if any(CONTROL.search(m.content) for m in ex.messages):
+        warn("", "control_chars", "control characters in the text; remove them unless they are intended")
+    return w
+
+
+def example_text(ex: Example) -> str:
+    """One string per example for duplicate detection: every turn, the rejected answer included."""
+    turns = list(ex.messages) + list(ex.rejected or ())
+    return "\n".join(m.content for m in turns)
+
+
+def find_duplicates(fc: FileCheck, threshold: float) -> list[dict[str, Any]]:
+    from tunekit.data.dedup import exact_duplicate_groups, near_duplicate_pairs
+
+    texts = [example_text(e) for e in fc.examples]
+    lines = [e.line for e in fc.examples]
+    out: list[dict[str, Any]] = [
+        {"file": fc.path, "kind": "exact", "lines": [lines[i] for i in g]}
+        for g in exact_duplicate_groups(texts)
+    ]
+    out += [
+        {"file": fc.path, "kind": "near", "lines": [lines[i], lines[j]], "similarity": round(s, 4)}
+        for i, j, s in near_duplicate_pairs(texts, threshold=threshold)
+    ]
+    return out
+
+
+def find_leakage(a: FileCheck, b: FileCheck, threshold: float) -> list[dict[str, Any]]:
+    from tunekit.data.dedup import cross_pairs
+
+    exact, near = cross_pairs(
+        [example_text(e) for e in a.examples], [example_text(e) for e in b.examples], threshold
+    )
+    la, lb = [e.line for e in a.examples], [e.line for e in b.examples]
+    out = [
+        {"kind": "exact", "a": {"file": a.path, "line": la[i]}, "b": {"file": b.path, "line": lb[j]}}
+        for i, j in exact
+    ]
+    out += [
+        {
+            "kind": "near",
+            "a": {"file": a.path, "line": la[i]},
+            "b": {"file": b.path, "line": lb[j]},
+            "similarity": round(s, 4),
+        }
+        for i, j, s in near
+    ]
+    return out
+
+
+def token_lengths(tokenizer, examples: Sequence[Example]) -> list[int]:
+    """Tokens per example as training would see them: the chat template, then the tokenizer in batch."""
+    from tunekit.data.tokenize import render
+
+    texts = [render(tokenizer, e.messages) for e in examples]
+    return [len(ids) for ids in tokenizer(texts, add_special_tokens=False)["input_ids"]] if texts else []
+
+
+def _summary(values: Sequence[float]) -> dict[str, float]:
+    if not values:
+        return {}
+    s = sorted(values)
+    return {
+        "min": s[0],
+        "median": statistics.median(s),
+        "p95": s[min(len(s) - 1, int(round(0.95 * (len(s) - 1))))],
+        "max": s[-1],
+        "mean": round(sum(s) / len(s), 2),
+    }
+
+
+def compute_stats(examples: list[Example], lengths: list[int] | None) -> dict[str, Any]:
+    stats: dict[str, Any] = {
+        "examples": len(examples),
+        "formats": dict(Counter(e.format for e in examples)),
+        "turns_per_example": _summary([len(e.messages) for e in examples]),
+    }
+    if lengths is not None:
+        stats["tokens_per_example"] = _summary(lengths)
+        stats["total_tokens"] = sum(lengths)
+    labels = Counter(e.label for e in examples if e.label is not None)
+    if labels:
+        stats["labels"] = dict(labels.most_common())
+        stats["label_imbalance_ratio"] = round(max(labels.values()) / min(labels.values()), 3)
+    return stats
+
+
+def check_data(
+    files: Sequence[str | Path],
+    *,
+    format: str = "auto",
+    columns: Mapping[str, str] | None = None,
+    labels: Sequence[str] | None = None,
+    model: str | None = None,
+    max_length: int = 512,
+    near_threshold: float = 0.8,
+) -> CheckReport:
+    """Check `files` (e.g. train, validation, test): rows, duplicates within each, leakage between them."""
+    checks = [read_file(p, format, columns, labels) for p in files]
+    examples = [e for fc in checks for e in fc.examples]
+    lengths = None
+    if model is not None and examples:
+        from tunekit.models import load_tokenizer, resolve_model
+
+        lengths = token_lengths(load_tokenizer(resolve_model(model)), examples)
+    warnings = [
+        w
+        for k, ex in enumerate(examples)
+        for w in row_warnings(ex, lengths[k] if lengths else None, max_length)
+    ]
+    warnings += [p for fc in checks for p in fc.problems if p.severity == "warning"]
+    duplicates = [d for fc in checks for d in find_duplicates(fc, near_threshold)]
+    leakage = [
+        d for i, a in enumerate(checks) for b in checks[i + 1 :] for d in find_leakage(a, b, near_threshold)
+    ]
+    stats = compute_stats(examples, lengths)
+    stats["max_length"] = max_length
+    if lengths:
+        stats["over_max_length"] = sum(n > max_length for n in lengths)
+    return CheckReport(checks, warnings, duplicates, leakage, stats)
+
+
+def check_config(cfg, *, estimate: bool = False, price_per_hour: float | None = None) -> CheckReport:
+    """Check the data a config trains on, with its model, max_length and label set."""
+    d = cfg.data
+    files = [p for p in (d.train, d.validation, d.test) if p is not None]
+    report = check_data(
+        files,
+        format=d.format,
+        columns=d.columns or None,
+        labels=d.labels,
+        model=cfg.model,
+        max_length=cfg.train.max_length,
+    )
+    if estimate and report.files[0].examples:
+        from tunekit.models import load_tokenizer, resolve_model
+        from tunekit.train.estimate import estimate_training
+
+        train_split = cfg.data.split[0] if d.validation is None or d.test is None else 1.0
+        lengths = token_lengths(load_tokenizer(resolve_model(cfg.model)), report.files[0].examples)
+        # The training split is a share of the train file when validation/test are split off it.
+        lengths = lengths[: max(1, int(len(lengths) * train_split))]
+        report.estimate = estimate_training(cfg, lengths, price_per_hour)
+    return report
+
+
+def write_clean(report: CheckReport, out_dir: str | Path) -> dict[str, str]:
+    """Write each file's kept rows (as they were) and a rejects file with the reasons for each row."""
+    from tunekit.data.readers import read_records
+    from tunekit.io import atomic_write_jsonl
+
+    out_dir = Path(out_dir)
+    written = {}
+    for fc in report.files:
+        if fc.unreadable:
+            continue
+        stem = Path(fc.path).stem
+        raw_by_line = dict(read_records(fc.path)[0])
+        reasons: dict[int, list[str]] = {}
+        for p in fc.problems:
+            if p.severity == "error" and p.line:
+                reasons.setdefault(p.line, []).append(f"{p.kind}: {p}")
+        rejects = [
+            {"file": fc.path, "line": ln, "reasons": r, "record": raw_by_line.get(ln)}
+            for ln, r in sorted(reasons.items())
+        ]
+        atomic_write_jsonl(out_dir / f"{stem}.clean.jsonl", [e.raw for e in fc.examples])
+        atomic_write_jsonl(out_dir / f"{stem}.rejects.jsonl", rejects)
+        written[fc.path] = str(out_dir / f"{stem}.clean.jsonl")
+    return written

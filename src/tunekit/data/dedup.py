@@ -1,0 +1,486 @@
+"""Exact duplicates, near duplicates and leakage between two collections, over plain texts.
+
+The caller renders each example to one text (e.g. its message contents joined by "\\n"):
+
+    texts = ["Reset my password", "reset  my PASSWORD", "How do I reset my password please",
+             "how do I reset my password please now"]
+    exact_duplicate_groups(texts)          # -> [[0, 1]]  (case and whitespace ignored)
+    near_duplicate_pairs(texts)            # -> [(2, 3, 0.8333...)]  i < j, exact Jaccard >= 0.8
+    groups, pairs = find_duplicates(texts)  # both of the above, one pass over the texts
+    exact, near = cross_pairs(train_texts, test_texts)
+    # exact -> [(train_index, test_index), ...]; near -> [(train_index, test_index, jaccard), ...]
+
+Texts are compared in normalized form (`normalize_text`: lowercase, whitespace collapsed). Near
+duplicates are pairs whose Jaccard similarity over word n-gram shingles (n = `shingle`; a text of
+fewer than n words is one shingle of all its words) reaches `threshold`. They are found with
+MinHash + LSH banding, and every candidate is then checked against the exact Jaccard of the two
+shingle sets (each shingle a 64-bit hash), so a reported pair is never below the threshold and its
+score is the exact Jaccard. A pair exactly at the threshold is missed with probability below 0.2%
+(see `choose_bands`); pairs above it, far less often.
+
+Pairs of exact duplicates are left to `exact_duplicate_groups` and never reported as near
+duplicates. Each distinct normalized text is compared once; a near pair between two texts that have
+exact copies is reported for every copy, so the output grows with the product of copy counts.
+
+Speed (about 13k texts/s for exact + near on one core, see bench/dedup_speed.py): texts are split
+into words and hashed in numpy over their UTF-8 bytes (no Python object per word), shingle hashes
+are combined from word hashes, and the `num_perm` hash functions run over blocks of shingles as one
+(num_perm x block) uint32 array reduced per text with `np.minimum.reduceat`. Texts go through in
+chunks, so memory is the signatures (4 * num_perm bytes a text) plus one chunk's arrays.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+
+import numpy as np
+
+__all__ = [
+    "choose_bands",
+    "cross_pairs",
+    "exact_duplicate_groups",
+    "find_duplicates",
+    "near_duplicate_pairs",
+    "normalize_text",
+]
+
+_TEXTS_PER_CHUNK = 1024  # texts parsed and sketched together ...
+_CHARS_PER_CHUNK = 1 << 20  # ... or fewer, up to 1M characters: arrays of some MB, mostly in cache
+_CELLS_PER_BLOCK = 1 << 20  # num_perm x shingles hashed at once (4 MiB of uint32: stays in cache)
+_RECALL_TARGET = 0.99  # wanted P(candidate) at J == threshold; choose_bands(0.8, 128) gives 0.998
+_FILTER_SIGMAS = 5.0  # see _signature_filter
+_PAIR_BATCH = 1 << 16  # candidate pairs compared per numpy batch
+_MAX32 = np.uint32(0xFFFFFFFF)
+# Salts for the fixed (seed-independent) keys of word and text hashing.
+_BYTE_SALT, _WORD_SALT, _LEN_SALT = (
+    np.uint64(s) for s in (0x243F6A8885A308D3, 0x13198A2E03707344, 0xA4093822)
+)
+
+
+def normalize_text(text: str) -> str:
+    """Lowercase, whitespace runs to one space, stripped: the form texts are compared in."""
+    return " ".join(text.lower().split())
+
+
+def exact_duplicate_groups(texts: Sequence[str]) -> list[list[int]]:
+    """Groups (size >= 2) of indices whose normalized texts are equal, each ascending, by first index."""
+    _, multi = _exact_groups(texts, _text_hashes(texts))
+    return sorted(multi.values())
+
+
+def near_duplicate_pairs(
+    texts: Sequence[str], threshold: float = 0.8, shingle: int = 3, num_perm: int = 128, seed: int = 0
+) -> list[tuple[int, int, float]]:
+    """Pairs (i, j, jaccard), i < j, of texts whose exact shingle Jaccard is >= `threshold`.
+
+    Exact duplicates (equal normalized texts) are not reported here. Sorted by (i, j).
+    """
+    return find_duplicates(texts, threshold, shingle, num_perm, seed)[1]
+
+
+def find_duplicates(
+    texts: Sequence[str], threshold: float = 0.8, shingle: int = 3, num_perm: int = 128, seed: int = 0
+) -> tuple[list[list[int]], list[tuple[int, int, float]]]:
+    """(exact_duplicate_groups(texts), near_duplicate_pairs(texts, ...)) in one pass over the texts."""
+    _check(threshold, shingle, num_perm)
+    hasher = _Hasher(shingle, num_perm, seed)
+    doc_hash, sig, has_words = hasher.sketch(texts)
+    label, multi = _exact_groups(texts, doc_hash)
+    pairs = []
+    for r, s, score in _near_reps(hasher, texts, label, sig, has_words, threshold, side=None):
+        pairs += [(min(i, j), max(i, j), score) for i in multi.get(r, [r]) for j in multi.get(s, [s])]
+    return sorted(multi.values()), sorted(pairs)
+
+
+def cross_pairs(
+    texts_a: Sequence[str],
+    texts_b: Sequence[str],
+    threshold: float = 0.8,
+    shingle: int = 3,
+    num_perm: int = 128,
+    seed: int = 0,
+) -> tuple[list[tuple[int, int]], list[tuple[int, int, float]]]:
+    """Leakage between two collections: ([(a, b), ...] exact, [(a, b, jaccard), ...] near), sorted.
+
+    Indices are into `texts_a` and `texts_b`; only pairs with one text on each side are reported.
+    Near matches follow `near_duplicate_pairs` (exact matches are not repeated there).
+    """
+    _check(threshold, shingle, num_perm)
+    n_a = len(texts_a)
+    texts = [*texts_a, *texts_b]
+    hasher = _Hasher(shingle, num_perm, seed)
+    doc_hash, sig, has_words = hasher.sketch(texts)
+    label, multi = _exact_groups(texts, doc_hash)
+    side = np.zeros(len(texts), dtype=np.uint8)  # per representative: 1 = has a text of a, 2 = of b
+    np.bitwise_or.at(side, label, np.where(np.arange(len(texts)) < n_a, 1, 2).astype(np.uint8))
+
+    def split(r: int) -> tuple[list[int], list[int]]:
+        members = multi.get(r, [r])
+        return [i for i in members if i < n_a], [i - n_a for i in members if i >= n_a]
+
+    exact = []
+    for r in multi:
+        a, b = split(r)
+        exact += [(i, j) for i in a for j in b]
+    near = []
+    for r, s, score in _near_reps(hasher, texts, label, sig, has_words, threshold, side=side):
+        (a1, b1), (a2, b2) = split(r), split(s)
+        near += [(i, j, score) for i in a1 for j in b2] + [(i, j, score) for i in a2 for j in b1]
+    return sorted(exact), sorted(near)
+
+
+def choose_bands(threshold: float, num_perm: int, target: float = _RECALL_TARGET) -> tuple[int, int]:
+    """(bands, rows): the most rows per band that still make a pair at `threshold` a candidate w.p. >= target.
+
+    Two texts with Jaccard J agree on one MinHash value with probability J, so on all r rows of a
+    band with probability J**r, and share at least one of b bands (become candidates) with
+    probability P(J) = 1 - (1 - J**r)**b. More rows make chance candidates rarer (fewer pairs to
+    verify), fewer rows make true pairs likelier to be caught; we take the largest r, with
+    b = num_perm // r, for which P(threshold) >= target. For threshold 0.8 and 128 permutations:
+    r = 6, b = 21 (126 of the 128 values; all 128 feed _signature_filter):
+    P(0.8) = 1 - (1 - 0.8**6)**21 = 1 - 0.738**21 = 0.998, P(0.85) = 0.9999, P(0.9) > 0.999999,
+    while P(0.5) = 0.28, P(0.3) = 0.015 and P(0.2) = 0.0013, so unrelated texts rarely become
+    candidates. (r = 7, b = 18 would give only P(0.8) = 0.986; r = 8, b = 16 only 0.947.)
+    """
+    best = (num_perm, 1)
+    for r in range(1, num_perm + 1):
+        b = num_perm // r
+        if 1.0 - (1.0 - threshold**r) ** b >= target:
+            best = (b, r)
+    return best
+
+
+# ---------------------------------------------------------------------------------------------------
+
+
+def _check(threshold: float, shingle: int, num_perm: int) -> None:
+    if not 0.0 < threshold <= 1.0:
+        raise ValueError(f"threshold must be in (0, 1], got {threshold}")
+    if shingle < 1:
+        raise ValueError(f"shingle must be >= 1, got {shingle}")
+    if num_perm < 1:
+        raise ValueError(f"num_perm must be >= 1, got {num_perm}")
+
+
+def _mix64(x: np.ndarray) -> np.ndarray:
+    """splitmix64's finalizer, elementwise on uint64: a bijection with full avalanche."""
+    with np.errstate(over="ignore"):
+        x = x ^ (x >> np.uint64(30))
+        x *= np.uint64(0xBF58476D1CE4E5B9)
+        x ^= x >> np.uint64(27)
+        x *= np.uint64(0x94D049BB133111EB)
+        x ^= x >> np.uint64(31)
+    return x
+
+
+def _keys(n: int, salt: np.uint64) -> np.ndarray:
+    """n fixed pseudo-random odd uint64 keys, one per position (the same for any n)."""
+    with np.errstate(over="ignore"):
+        return _mix64(np.arange(n, dtype=np.uint64) + salt) | np.uint64(1)
+
+
+def _segment_sums(values: np.ndarray, counts: np.ndarray, salt: np.uint64) -> np.ndarray:
+    """Per segment (consecutive runs of `counts` values; 0 allowed): mix(sum_p values[p] * key[p] + len).
+
+    With odd random keys this is a universal hash of the sequence: two different sequences of one
+    length collide with probability about 2**-57 (the differences are at most 2**7 times a unit).
+    """
+    out = np.zeros(len(counts), dtype=np.uint64)
+    filled = counts > 0
+    if filled.any():
+        starts = np.cumsum(counts) - counts
+        pos = np.arange(len(values), dtype=np.int64) - np.repeat(starts, counts)
+        with np.errstate(over="ignore"):
+            out[filled] = np.add.reduceat(values * _keys(int(counts.max()), salt)[pos], starts[filled])
+    with np.errstate(over="ignore"):
+        return _mix64(out + counts.astype(np.uint64) * (_LEN_SALT | np.uint64(1)))
+
+
+def _chunks(texts: Sequence[str]) -> list[tuple[int, int]]:
+    """[lo, hi) ranges of at most _TEXTS_PER_CHUNK texts and about _CHARS_PER_CHUNK characters."""
+    out, lo, chars = [], 0, 0
+    for i, t in enumerate(texts):
+        chars += len(t)
+        if i + 1 - lo >= _TEXTS_PER_CHUNK or chars >= _CHARS_PER_CHUNK:
+            out.append((lo, i + 1))
+            lo, chars = i + 1, 0
+    if lo < len(texts):
+        out.append((lo, len(texts)))
+    return out
+
+
+class _Words:
+    """Splits normalized texts into words and hashes each word, in numpy over the UTF-8 bytes.
+
+    An ASCII text is only lowercased in Python: its words are the runs of bytes that are not ASCII
+    whitespace, exactly what str.split() gives. Any other text is normalized in Python first (its
+    whitespace may be Unicode), leaving single spaces. A word w of bytes c_0 .. c_{L-1} hashes to
+    mix(sum_i c_i * Q**i + L * K) mod 2**64, a polynomial in Q = P**-1 read off prefix sums
+    S[k] = sum_{i<k} c_i * Q**i of the whole chunk as (S[end] - S[start]) * P**start: a few passes
+    over the bytes, no Python object per word, and the hash depends only on the word's bytes.
+    """
+
+    P = 0x9E3779B97F4A7C15  # odd, so invertible mod 2**64
+    Q = pow(P, -1, 2**64)
+
+    def __init__(self) -> None:
+        self.p_pow = np.ones(1, dtype=np.uint64)  # P**k, k < len, grown on demand
+        self.q_pow = np.ones(1, dtype=np.uint64)
+
+    def _grow(self, n: int) -> None:
+        with np.errstate(over="ignore"):
+            while len(self.p_pow) < n:  # doubling: powers k .. 2k-1 are powers 0 .. k-1 times base**k
+                k = len(self.p_pow)
+                self.p_pow = np.concatenate((self.p_pow, self.p_pow * np.uint64(pow(self.P, k, 2**64))))
+                self.q_pow = np.concatenate((self.q_pow, self.q_pow * np.uint64(pow(self.Q, k, 2**64))))
+
+    def __call__(self, texts: Sequence[str]) -> tuple[np.ndarray, np.ndarray]:
+        """(word hashes uint64 flat, words per text int64)."""
+        parts = [t.lower().encode() if t.isascii() else normalize_text(t).encode() for t in texts]
+        sizes = np.fromiter(map(len, parts), dtype=np.int64, count=len(parts)) + 1
+        data = np.frombuffer(b" ".join(parts) + b" ", dtype=np.uint8)  # a space ends every text
+        space = data <= 0x20
+        odd = np.flatnonzero(space & (data != 0x20))  # control bytes: whitespace only if \t-\r, \x1c-\x1f
+        if len(odd):
+            c = data[odd]
+            space[odd] = ((c >= 0x09) & (c <= 0x0D)) | (c >= 0x1C)
+        word = ~space
+        starts = np.flatnonzero(word[1:] & space[:-1]) + 1
+        if len(data) and word[0]:
+            starts = np.concatenate(([0], starts))
+        ends = np.flatnonzero(word[:-1] & space[1:]) + 1
+        self._grow(len(data) + 1)
+        with np.errstate(over="ignore"):
+            prefix = np.zeros(len(data) + 1, dtype=np.uint64)
+            np.cumsum(data * self.q_pow[: len(data)], out=prefix[1:])
+            raw = (prefix[ends] - prefix[starts]) * self.p_pow[starts]
+            word_hash = _mix64(raw + (ends - starts).astype(np.uint64) * (_BYTE_SALT | np.uint64(1)))
+        first_word = np.searchsorted(starts, np.cumsum(sizes) - sizes)  # each text's first word
+        lens = np.diff(np.append(first_word, len(starts)))
+        return word_hash, lens
+
+
+def _text_hashes(texts: Sequence[str]) -> np.ndarray:
+    """A uint64 hash of each normalized text (of its word sequence), for exact grouping."""
+    out = np.empty(len(texts), dtype=np.uint64)
+    words = _Words()
+    for lo, hi in _chunks(texts):
+        word_hash, lens = words(texts[lo:hi])
+        out[lo:hi] = _segment_sums(word_hash, lens, _WORD_SALT)
+    return out
+
+
+def _exact_groups(texts: Sequence[str], doc_hash: np.ndarray) -> tuple[np.ndarray, dict[int, list[int]]]:
+    """(label, multi): label[i] = first index of the texts equal to i once normalized;
+    multi = {first index: all indices, ascending} for groups of 2 or more.
+
+    Texts are grouped on a 64-bit hash, and a bucket of more than one is split by the normalized
+    texts themselves, so a hash collision never merges different texts.
+    """
+    n = len(doc_hash)
+    label = np.arange(n, dtype=np.int64)
+    order = np.argsort(doc_hash, kind="stable")
+    sorted_hash = doc_hash[order]
+    run_start = np.flatnonzero(np.concatenate(([True], sorted_hash[1:] != sorted_hash[:-1])))
+    run_len = np.diff(np.append(run_start, n))
+    multi: dict[int, list[int]] = {}
+    for s, m in zip(run_start[run_len > 1].tolist(), run_len[run_len > 1].tolist(), strict=True):
+        by_text: dict[str, list[int]] = {}
+        for i in order[s : s + m].tolist():  # ascending: the sort is stable
+            by_text.setdefault(normalize_text(texts[i]), []).append(i)
+        for members in by_text.values():
+            if len(members) > 1:
+                multi[members[0]] = members
+                label[members] = members[0]
+    return label, multi
+
+
+class _Hasher:
+    """The seeded hashing: shingle hashes from word hashes, and the MinHash permutations."""
+
+    def __init__(self, shingle: int, num_perm: int, seed: int):
+        rng = np.random.default_rng(seed)
+        self.n = shingle
+        self.num_perm = num_perm
+        # Shingle hash: mix(sum_t word_hash[t] * k[t] + width * k[n]) mod 2^64.
+        self.k = rng.integers(0, 2**64, size=shingle + 1, dtype=np.uint64) | np.uint64(1)
+        # Permutation i of a 32-bit shingle hash x: a[i] * x + b[i] mod 2^32 with a[i] odd: a bijection,
+        # so over random-looking x each one is a min-wise hash; measured estimates have the ideal
+        # binomial spread sqrt(J (1 - J) / num_perm).
+        self.a = (rng.integers(0, 2**32, size=num_perm, dtype=np.uint64) | np.uint64(1)).astype(np.uint32)
+        self.b = rng.integers(0, 2**32, size=num_perm, dtype=np.uint64).astype(np.uint32)
+        self.band_k = rng.integers(0, 2**64, size=num_perm, dtype=np.uint64) | np.uint64(1)
+        self.words = _Words()
+
+    def shingles(self, word_hash: np.ndarray, lens: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """(hashes uint64, counts): each text's shingle hashes in order (repeats kept), flattened."""
+        n, h = self.n, word_hash
+        starts = np.cumsum(lens) - lens
+        counts = np.where(lens >= n, lens - n + 1, np.minimum(lens, 1))
+        out_starts = np.cumsum(counts) - counts
+        out = np.empty(int(counts.sum()), dtype=np.uint64)
+        long = lens >= n
+        with np.errstate(over="ignore"):
+            if long.any():
+                # Full-width shingles at every position of the flat word array (contiguous slices),
+                # then those that start a shingle inside one text.
+                m = len(h) - n + 1
+                acc = np.full(m, np.uint64(n) * self.k[n], dtype=np.uint64)
+                for t in range(n):
+                    acc += h[t : t + m] * self.k[t]
+                c = counts[long]
+                first = np.repeat(np.cumsum(c) - c, c)
+                within = np.arange(len(first), dtype=np.int64) - first
+                out[np.repeat(out_starts[long], c) + within] = acc[np.repeat(starts[long], c) + within]
+            short = (lens > 0) & ~long
+            if short.any():  # fewer than n words: one shingle of all of them
+                s0, width = starts[short], lens[short]
+                acc = width.astype(np.uint64) * self.k[n]
+                for t in range(n - 1):
+                    inside = t < width
+                    acc[inside] += h[s0[inside] + t] * self.k[t]
+                out[out_starts[short]] = acc
+        return _mix64(out), counts
+
+    def sketch(self, texts: Sequence[str]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """(text hashes uint64, MinHash signatures uint32 (num_perm, len(texts)), has-words bool).
+
+        A text without words keeps an all-ones signature and is never compared.
+        """
+        doc_hash = np.empty(len(texts), dtype=np.uint64)
+        has_words = np.zeros(len(texts), dtype=bool)
+        sig = np.full((self.num_perm, len(texts)), _MAX32, dtype=np.uint32)
+        block = max(256, _CELLS_PER_BLOCK // self.num_perm)
+        buf = np.empty((self.num_perm, block), dtype=np.uint32)
+        a, b = self.a[:, None], self.b[:, None]
+        for c0, c1 in _chunks(texts):
+            word_hash, lens = self.words(texts[c0:c1])
+            doc_hash[c0:c1] = _segment_sums(word_hash, lens, _WORD_SALT)
+            hashes, counts = self.shingles(word_hash, lens)
+            x = hashes.astype(np.uint32)  # the low 32 bits of the mixed 64-bit hash
+            cols = c0 + np.flatnonzero(counts)
+            off = np.append(0, np.cumsum(counts[counts > 0]))  # text k's shingles: off[k]:off[k+1]
+            part = np.full((self.num_perm, len(cols)), _MAX32, dtype=np.uint32)
+            for lo in range(0, len(x), block):
+                hi = min(lo + block, len(x))
+                v = buf[:, : hi - lo]
+                np.multiply(a, x[None, lo:hi], out=v)
+                v += b
+                # Texts overlapping [lo, hi) are d0..d1-1; each segment starts where its text does, or
+                # at lo for a text begun in the previous block (its minima are merged by np.minimum).
+                d0 = int(np.searchsorted(off, lo, side="right")) - 1
+                d1 = int(np.searchsorted(off, hi, side="left"))
+                mins = np.minimum.reduceat(v, np.maximum(off[d0:d1], lo) - lo, axis=1)
+                np.minimum(part[:, d0:d1], mins, out=part[:, d0:d1])
+            sig[:, cols] = part
+            has_words[cols] = True
+        return doc_hash, sig, has_words
+
+
+def _near_reps(
+    hasher: _Hasher,
+    texts: Sequence[str],
+    label: np.ndarray,
+    sig: np.ndarray,
+    has_words: np.ndarray,
+    threshold: float,
+    side: np.ndarray | None,
+) -> list[tuple[int, int, float]]:
+    """(r, s, jaccard), r < s, over representatives (first of each group of equal texts, with words).
+
+    With `side` (per representative: bit 1 = its group has a text of collection a, bit 2 = of b)
+    only pairs that can span the two collections are kept.
+    """
+    reps = np.flatnonzero((label == np.arange(len(label))) & has_words)
+    if len(reps) < 2:
+        return []
+    rep_sig = sig[:, reps]
+    bands, rows = choose_bands(threshold, hasher.num_perm)
+    cand = _candidates(rep_sig, hasher.band_k, bands, rows, None if side is None else side[reps])
+    cand = _signature_filter(rep_sig, cand, threshold)
+    return [
+        (int(reps[i]), int(reps[j]), score) for i, j, score in _verify(hasher, texts, reps, cand, threshold)
+    ]
+
+
+def _candidates(
+    sig: np.ndarray, band_k: np.ndarray, bands: int, rows: int, side: np.ndarray | None
+) -> np.ndarray:
+    """Column pairs (i, j), i < j, shape (m, 2), that agree on all rows of at least one band."""
+    n = sig.shape[1]
+    codes: list[np.ndarray] = []
+    for band in range(bands):
+        key = np.zeros(n, dtype=np.uint64)
+        with np.errstate(over="ignore"):
+            for t in range(band * rows, (band + 1) * rows):
+                key += sig[t].astype(np.uint64) * band_k[t]
+        key = _mix64(key)
+        order = np.argsort(key)
+        sorted_key = key[order]
+        run_start = np.flatnonzero(np.concatenate(([True], sorted_key[1:] != sorted_key[:-1])))
+        run_len = np.diff(np.append(run_start, n))
+        multi = run_len > 1
+        if not multi.any():
+            continue
+        # Every element of a run of equal keys pairs with each later element of that run:
+        # position p of a run ending at e has e - p - 1 partners, at p + 1 .. e - 1.
+        elem = np.flatnonzero(np.repeat(multi, run_len))
+        follow = np.repeat(run_start + run_len, run_len)[elem] - elem - 1
+        left = np.repeat(elem, follow)
+        step = np.arange(len(left)) - np.repeat(np.cumsum(follow) - follow, follow) + 1
+        i, j = order[left], order[left + step]
+        i, j = np.minimum(i, j), np.maximum(i, j)
+        if side is not None:
+            spans = ((side[i] & 1) & (side[j] >> 1)) | ((side[j] & 1) & (side[i] >> 1))
+            i, j = i[spans > 0], j[spans > 0]
+        codes.append(i.astype(np.int64) * n + j)
+    if not codes:
+        return np.empty((0, 2), dtype=np.int64)
+    code = np.unique(np.concatenate(codes))
+    return np.stack((code // n, code % n), axis=1)
+
+
+def _signature_filter(sig: np.ndarray, cand: np.ndarray, threshold: float) -> np.ndarray:
+    """Drop candidates whose MinHash estimate is far below the threshold, before exact verification.
+
+    The estimate (share of equal signature values) of a pair with Jaccard J has mean J and standard
+    deviation sqrt(J (1 - J) / num_perm) (0.035 at J = 0.8 with 128); we drop estimates more than 5
+    such deviations below the threshold (< 0.62 for 0.8), which loses a pair at the threshold with
+    probability about 3e-7 and removes most chance candidates (J around 0.5 and below) cheaply.
+    """
+    num_perm = sig.shape[0]
+    cut = threshold - _FILTER_SIGMAS * math.sqrt(threshold * (1.0 - threshold) / num_perm)
+    if len(cand) == 0 or cut <= 0:
+        return cand
+    rows = np.ascontiguousarray(sig.T)
+    keep = []
+    for lo in range(0, len(cand), _PAIR_BATCH):
+        c = cand[lo : lo + _PAIR_BATCH]
+        agree = np.count_nonzero(rows[c[:, 0]] == rows[c[:, 1]], axis=1)
+        keep.append(c[agree >= cut * num_perm])
+    return np.concatenate(keep)
+
+
+def _verify(
+    hasher: _Hasher, texts: Sequence[str], reps: np.ndarray, cand: np.ndarray, threshold: float
+) -> list[tuple[int, int, float]]:
+    """The candidates (columns into reps) whose exact Jaccard over 64-bit shingle hashes is >= threshold."""
+    if len(cand) == 0:
+        return []
+    cols = np.unique(cand).tolist()
+    chosen = [texts[reps[c]] for c in cols]
+    sets: dict[int, frozenset[int]] = {}
+    for lo, hi in _chunks(chosen):
+        hashes, counts = hasher.shingles(*hasher.words(chosen[lo:hi]))
+        flat, ends = hashes.tolist(), np.cumsum(counts).tolist()
+        for c, start, end in zip(cols[lo:hi], [0, *ends[:-1]], ends, strict=True):
+            sets[c] = frozenset(flat[start:end])
+    out = []
+    for i, j in cand.tolist():
+        a, b = sets[i], sets[j]
+        inter = len(a & b)
+        score = inter / (len(a) + len(b) - inter)
+        if score >= threshold:
+            out.append((i, j, score))
+    return out
