@@ -32,7 +32,7 @@ def test_every_tunekit_command_and_option_exists():
         sub = [
             w
             for w in words[:2]
-            if re.fullmatch(r"[a-z]+", w) and w in ("data", "split", "train", "eval", "quickstart")
+            if re.fullmatch(r"[a-z]+", w) and w in ("data", "split", "check", "train", "eval", "quickstart")
         ]
         r = subprocess.run([sys.executable, "-m", "tunekit", *sub, "--help"], capture_output=True, text=True)
         assert r.returncode == 0, (cmd, r.stderr)

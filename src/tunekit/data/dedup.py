@@ -49,8 +49,9 @@ _TEXTS_PER_CHUNK = 1024  # texts parsed and sketched together ...
 _CHARS_PER_CHUNK = 1 << 20  # ... or fewer, up to 1M characters: arrays of some MB, mostly in cache
 _CELLS_PER_BLOCK = 1 << 20  # num_perm x shingles hashed at once (4 MiB of uint32: stays in cache)
 _RECALL_TARGET = 0.99  # wanted P(candidate) at J == threshold; choose_bands(0.8, 128) gives 0.998
-_FILTER_SIGMAS = 5.0  # see _signature_filter
-_PAIR_BATCH = 1 << 16  # candidate pairs compared per numpy batch
+_FILTER_SIGMAS = 5.0  # see _candidates
+_PAIR_BATCH = 1 << 18  # candidate pairs made and compared per numpy batch
+_VERIFY_BATCH = 8192  # candidate pairs whose texts' shingle sets are held at once (<= 16384 sets)
 _MAX32 = np.uint32(0xFFFFFFFF)
 # Salts for the fixed (seed-independent) keys of word and text hashing.
 _BYTE_SALT, _WORD_SALT, _LEN_SALT = (
@@ -138,7 +139,7 @@ def choose_bands(threshold: float, num_perm: int, target: float = _RECALL_TARGET
     probability P(J) = 1 - (1 - J**r)**b. More rows make chance candidates rarer (fewer pairs to
     verify), fewer rows make true pairs likelier to be caught; we take the largest r, with
     b = num_perm // r, for which P(threshold) >= target. For threshold 0.8 and 128 permutations:
-    r = 6, b = 21 (126 of the 128 values; all 128 feed _signature_filter):
+    r = 6, b = 21 (126 of the 128 values; all 128 feed the estimate filter in _candidates):
     P(0.8) = 1 - (1 - 0.8**6)**21 = 1 - 0.738**21 = 0.998, P(0.85) = 0.9999, P(0.9) > 0.999999,
     while P(0.5) = 0.28, P(0.3) = 0.015 and P(0.2) = 0.0013, so unrelated texts rarely become
     candidates. (r = 7, b = 18 would give only P(0.8) = 0.986; r = 8, b = 16 only 0.947.)
@@ -351,7 +352,7 @@ class _Hasher:
         doc_hash = np.empty(len(texts), dtype=np.uint64)
         has_words = np.zeros(len(texts), dtype=bool)
         sig = np.full((self.num_perm, len(texts)), _MAX32, dtype=np.uint32)
-        block = max(256, _CELLS_PER_BLOCK // self.num_perm)
+        block = max(1, _CELLS_PER_BLOCK // self.num_perm)
         buf = np.empty((self.num_perm, block), dtype=np.uint32)
         a, b = self.a[:, None], self.b[:, None]
         for c0, c1 in _chunks(texts):
@@ -389,33 +390,48 @@ def _near_reps(
 ) -> list[tuple[int, int, float]]:
     """(r, s, jaccard), r < s, over representatives (first of each group of equal texts, with words).
 
-    With `side` (per representative: bit 1 = its group has a text of collection a, bit 2 = of b)
-    only pairs that can span the two collections are kept.
+    With `side` (per text: bit 1 = its group has a text of collection a, bit 2 = of b) only pairs
+    that can span the two collections are kept.
     """
     reps = np.flatnonzero((label == np.arange(len(label))) & has_words)
     if len(reps) < 2:
         return []
-    rep_sig = sig[:, reps]
     bands, rows = choose_bands(threshold, hasher.num_perm)
-    cand = _candidates(rep_sig, hasher.band_k, bands, rows, None if side is None else side[reps])
-    cand = _signature_filter(rep_sig, cand, threshold)
-    return [
-        (int(reps[i]), int(reps[j]), score) for i, j, score in _verify(hasher, texts, reps, cand, threshold)
-    ]
+    cand = _candidates(sig, reps, hasher.band_k, bands, rows, side, threshold)
+    return _verify(hasher, texts, cand, threshold)
 
 
 def _candidates(
-    sig: np.ndarray, band_k: np.ndarray, bands: int, rows: int, side: np.ndarray | None
+    sig: np.ndarray,
+    reps: np.ndarray,
+    band_k: np.ndarray,
+    bands: int,
+    rows: int,
+    side: np.ndarray | None,
+    threshold: float,
 ) -> np.ndarray:
-    """Column pairs (i, j), i < j, shape (m, 2), that agree on all rows of at least one band."""
-    n = sig.shape[1]
+    """Text pairs (i, j), i < j, both in `reps`, shape (m, 2), sorted: equal on all rows of some band,
+    and with a MinHash estimate not far below the threshold.
+
+    Pairs are made and filtered _PAIR_BATCH at a time, so a huge bucket (many texts sharing
+    boilerplate) costs time but not memory.
+    """
+    n, n_texts = len(reps), sig.shape[1]
+    # The estimate (share of equal signature values) of a pair with Jaccard J has mean J and
+    # standard deviation sqrt(J (1 - J) / num_perm) (0.035 at J = 0.8 with 128). Dropping estimates
+    # more than 5 such deviations below the threshold (< 0.62 for 0.8) loses a pair at the threshold
+    # with probability about 3e-7 and removes most chance candidates (J about 0.5 and below) before
+    # the exact check.
+    num_perm = sig.shape[0]
+    cut = threshold - _FILTER_SIGMAS * math.sqrt(threshold * (1.0 - threshold) / num_perm)
+    by_text: np.ndarray | None = None  # sig as rows, made on the first candidate
     codes: list[np.ndarray] = []
     for band in range(bands):
         key = np.zeros(n, dtype=np.uint64)
         with np.errstate(over="ignore"):
             for t in range(band * rows, (band + 1) * rows):
-                key += sig[t].astype(np.uint64) * band_k[t]
-        key = _mix64(key)
+                key += sig[t, reps].astype(np.uint64) * band_k[t]
+        key = _mix64(key)  # equal band values give equal keys; unequal ones collide w.p. ~2**-64
         order = np.argsort(key)
         sorted_key = key[order]
         run_start = np.flatnonzero(np.concatenate(([True], sorted_key[1:] != sorted_key[:-1])))
@@ -427,60 +443,54 @@ def _candidates(
         # position p of a run ending at e has e - p - 1 partners, at p + 1 .. e - 1.
         elem = np.flatnonzero(np.repeat(multi, run_len))
         follow = np.repeat(run_start + run_len, run_len)[elem] - elem - 1
-        left = np.repeat(elem, follow)
-        step = np.arange(len(left)) - np.repeat(np.cumsum(follow) - follow, follow) + 1
-        i, j = order[left], order[left + step]
-        i, j = np.minimum(i, j), np.maximum(i, j)
-        if side is not None:
-            spans = ((side[i] & 1) & (side[j] >> 1)) | ((side[j] & 1) & (side[i] >> 1))
-            i, j = i[spans > 0], j[spans > 0]
-        codes.append(i.astype(np.int64) * n + j)
+        done = np.cumsum(follow)  # pairs made once elements 0..k are through
+        lo = 0
+        while lo < len(elem):
+            hi = max(lo + 1, int(np.searchsorted(done, done[lo] - follow[lo] + _PAIR_BATCH, side="right")))
+            e, f = elem[lo:hi], follow[lo:hi]
+            left = np.repeat(e, f)
+            step = np.arange(len(left)) - np.repeat(np.cumsum(f) - f, f) + 1
+            i, j = reps[order[left]], reps[order[left + step]]
+            i, j = np.minimum(i, j), np.maximum(i, j)
+            if side is not None:
+                spans = (((side[i] & 1) & (side[j] >> 1)) | ((side[j] & 1) & (side[i] >> 1))) > 0
+                i, j = i[spans], j[spans]
+            if cut > 0 and len(i):
+                if by_text is None:
+                    by_text = np.ascontiguousarray(sig.T)
+                agree = np.count_nonzero(by_text[i] == by_text[j], axis=1)
+                i, j = i[agree >= cut * num_perm], j[agree >= cut * num_perm]
+            codes.append(i * n_texts + j)
+            lo = hi
     if not codes:
         return np.empty((0, 2), dtype=np.int64)
     code = np.unique(np.concatenate(codes))
-    return np.stack((code // n, code % n), axis=1)
-
-
-def _signature_filter(sig: np.ndarray, cand: np.ndarray, threshold: float) -> np.ndarray:
-    """Drop candidates whose MinHash estimate is far below the threshold, before exact verification.
-
-    The estimate (share of equal signature values) of a pair with Jaccard J has mean J and standard
-    deviation sqrt(J (1 - J) / num_perm) (0.035 at J = 0.8 with 128); we drop estimates more than 5
-    such deviations below the threshold (< 0.62 for 0.8), which loses a pair at the threshold with
-    probability about 3e-7 and removes most chance candidates (J around 0.5 and below) cheaply.
-    """
-    num_perm = sig.shape[0]
-    cut = threshold - _FILTER_SIGMAS * math.sqrt(threshold * (1.0 - threshold) / num_perm)
-    if len(cand) == 0 or cut <= 0:
-        return cand
-    rows = np.ascontiguousarray(sig.T)
-    keep = []
-    for lo in range(0, len(cand), _PAIR_BATCH):
-        c = cand[lo : lo + _PAIR_BATCH]
-        agree = np.count_nonzero(rows[c[:, 0]] == rows[c[:, 1]], axis=1)
-        keep.append(c[agree >= cut * num_perm])
-    return np.concatenate(keep)
+    return np.stack((code // n_texts, code % n_texts), axis=1)
 
 
 def _verify(
-    hasher: _Hasher, texts: Sequence[str], reps: np.ndarray, cand: np.ndarray, threshold: float
+    hasher: _Hasher, texts: Sequence[str], cand: np.ndarray, threshold: float
 ) -> list[tuple[int, int, float]]:
-    """The candidates (columns into reps) whose exact Jaccard over 64-bit shingle hashes is >= threshold."""
-    if len(cand) == 0:
-        return []
-    cols = np.unique(cand).tolist()
-    chosen = [texts[reps[c]] for c in cols]
-    sets: dict[int, frozenset[int]] = {}
-    for lo, hi in _chunks(chosen):
-        hashes, counts = hasher.shingles(*hasher.words(chosen[lo:hi]))
-        flat, ends = hashes.tolist(), np.cumsum(counts).tolist()
-        for c, start, end in zip(cols[lo:hi], [0, *ends[:-1]], ends, strict=True):
-            sets[c] = frozenset(flat[start:end])
+    """The candidate text pairs whose exact Jaccard over 64-bit shingle hashes is >= threshold.
+
+    The shingle sets are rebuilt for the texts of _VERIFY_BATCH pairs at a time (few texts are
+    candidates), so memory stays bounded however many pairs there are.
+    """
     out = []
-    for i, j in cand.tolist():
-        a, b = sets[i], sets[j]
-        inter = len(a & b)
-        score = inter / (len(a) + len(b) - inter)
-        if score >= threshold:
-            out.append((i, j, score))
+    for lo in range(0, len(cand), _VERIFY_BATCH):
+        batch = cand[lo : lo + _VERIFY_BATCH]
+        docs = np.unique(batch).tolist()
+        chosen = [texts[d] for d in docs]
+        sets: dict[int, frozenset[int]] = {}
+        for c0, c1 in _chunks(chosen):
+            hashes, counts = hasher.shingles(*hasher.words(chosen[c0:c1]))
+            flat, ends = hashes.tolist(), np.cumsum(counts).tolist()
+            for d, start, end in zip(docs[c0:c1], [0, *ends[:-1]], ends, strict=True):
+                sets[d] = frozenset(flat[start:end])
+        for i, j in batch.tolist():
+            a, b = sets[i], sets[j]
+            inter = len(a & b)
+            score = inter / (len(a) + len(b) - inter)
+            if score >= threshold:
+                out.append((i, j, score))
     return out
