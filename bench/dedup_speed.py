@@ -17,6 +17,7 @@ from __future__ import annotations
 import argparse
 import json
 import random
+import resource
 import time
 from pathlib import Path
 
@@ -201,6 +202,9 @@ def main() -> None:
         )
         figures |= {"baseline_n": len(sub), "datasketch_seconds": round(t_ds, 3), "speedup": round(ratio, 1)}
 
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    print(f"peak RSS of this process (texts included): {peak:.0f} MiB")
+    figures["peak_rss_mib"] = round(peak)
     if args.json:
         args.json.write_text(json.dumps(figures, indent=2) + "\n")
 

@@ -25,6 +25,7 @@ from tunekit.data.problems import Problem
 from tunekit.errors import TunekitError
 
 CONTROL = re.compile(r"[\x00-\x08\x0b\x0c\x0e-\x1f\x7f]")
+MAX_NEAR_PAIRS = 10_000  # near-duplicate pairs listed per file
 SHORT_TARGET_CHARS = 2  # a target this short is usually a mistake, except for labels
 
 
@@ -147,24 +148,35 @@ def row_warnings(ex: Example, n_tokens: int | None, max_length: int) -> list[Pro
 
 
 def example_text(ex: Example) -> str:
-    """One string per example for duplicate detection: every turn, the rejected answer included."""
+    """One string per example for duplicate detection: every user and assistant turn, the rejected
+    answer included. System prompts are left out: a data set usually repeats one in every row, and
+    a long shared prompt would make every short example a near duplicate of every other."""
     turns = list(ex.messages) + list(ex.rejected or ())
-    return "\n".join(m.content for m in turns)
+    return "\n".join(m.content for m in turns if m.role != "system")
 
 
 def find_duplicates(fc: FileCheck, threshold: float) -> list[dict[str, Any]]:
-    from tunekit.data.dedup import exact_duplicate_groups, near_duplicate_pairs
+    from tunekit.data.dedup import find_duplicates as exact_and_near
 
-    texts = [example_text(e) for e in fc.examples]
     lines = [e.line for e in fc.examples]
+    groups, pairs = exact_and_near([example_text(e) for e in fc.examples], threshold=threshold)
     out: list[dict[str, Any]] = [
-        {"file": fc.path, "kind": "exact", "lines": [lines[i] for i in g]}
-        for g in exact_duplicate_groups(texts)
+        {"file": fc.path, "kind": "exact", "lines": [lines[i] for i in g]} for g in groups
     ]
+    # A pathological file (every row nearly the same) has O(n^2) pairs: list a bounded number.
     out += [
         {"file": fc.path, "kind": "near", "lines": [lines[i], lines[j]], "similarity": round(s, 4)}
-        for i, j, s in near_duplicate_pairs(texts, threshold=threshold)
+        for i, j, s in pairs[:MAX_NEAR_PAIRS]
     ]
+    if len(pairs) > MAX_NEAR_PAIRS:
+        out.append(
+            {
+                "file": fc.path,
+                "kind": "near_truncated",
+                "lines": [],
+                "not_listed": len(pairs) - MAX_NEAR_PAIRS,
+            }
+        )
     return out
 
 

@@ -22,17 +22,23 @@ Pairs of exact duplicates are left to `exact_duplicate_groups` and never reporte
 duplicates. Each distinct normalized text is compared once; a near pair between two texts that have
 exact copies is reported for every copy, so the output grows with the product of copy counts.
 
-Speed (about 13k texts/s for exact + near on one core, see bench/dedup_speed.py): texts are split
-into words and hashed in numpy over their UTF-8 bytes (no Python object per word), shingle hashes
-are combined from word hashes, and the `num_perm` hash functions run over blocks of shingles as one
-(num_perm x block) uint32 array reduced per text with `np.minimum.reduceat`. Texts go through in
-chunks, so memory is the signatures (4 * num_perm bytes a text) plus one chunk's arrays.
+Speed (bench/dedup_speed.py, 100,000 texts of about 105 words, one core: `find_duplicates` about
+2 s, the two separate calls about 3 s): texts are split into words and hashed in numpy over their
+UTF-8 bytes (no Python object per word), shingle hashes are combined from word hashes, and the
+`num_perm` hash functions run over blocks of shingles as one (num_perm x block) uint32 array reduced
+per text with `np.minimum.reduceat`. Texts go through in chunks, so memory is the signatures and
+band keys (4 * num_perm + 8 * bands bytes a text) plus one chunk's arrays.
+
+Texts that share a long boilerplate (a system prompt, a template) share many shingles; that stays
+fast (see `_candidates`), but if the boilerplate alone makes them near duplicates, every pair is
+one. Render examples without text that every example repeats.
 """
 
 from __future__ import annotations
 
 import math
 from collections.abc import Sequence
+from typing import NamedTuple
 
 import numpy as np
 
@@ -49,7 +55,9 @@ _TEXTS_PER_CHUNK = 1024  # texts parsed and sketched together ...
 _CHARS_PER_CHUNK = 1 << 20  # ... or fewer, up to 1M characters: arrays of some MB, mostly in cache
 _CELLS_PER_BLOCK = 1 << 20  # num_perm x shingles hashed at once (4 MiB of uint32: stays in cache)
 _RECALL_TARGET = 0.99  # wanted P(candidate) at J == threshold; choose_bands(0.8, 128) gives 0.998
-_FILTER_SIGMAS = 5.0  # see _candidates
+_FILTER_SIGMAS = 5.0  # see _estimate_ok
+_FILTER_HEAD = 32  # MinHash values in the first, cheap estimate
+_MAX_BUCKET = 500  # texts in one band bucket before it is split, see _candidates
 _PAIR_BATCH = 1 << 18  # candidate pairs made and compared per numpy batch
 _VERIFY_BATCH = 8192  # candidate pairs whose texts' shingle sets are held at once (<= 16384 sets)
 _MAX32 = np.uint32(0xFFFFFFFF)
@@ -85,11 +93,11 @@ def find_duplicates(
 ) -> tuple[list[list[int]], list[tuple[int, int, float]]]:
     """(exact_duplicate_groups(texts), near_duplicate_pairs(texts, ...)) in one pass over the texts."""
     _check(threshold, shingle, num_perm)
-    hasher = _Hasher(shingle, num_perm, seed)
-    doc_hash, sig, has_words = hasher.sketch(texts)
-    label, multi = _exact_groups(texts, doc_hash)
+    hasher = _Hasher(shingle, num_perm, seed, threshold)
+    sk = hasher.sketch(texts)
+    label, multi = _exact_groups(texts, sk.doc_hash)
     pairs = []
-    for r, s, score in _near_reps(hasher, texts, label, sig, has_words, threshold, side=None):
+    for r, s, score in _near_reps(hasher, texts, sk, label, threshold, side=None):
         pairs += [(min(i, j), max(i, j), score) for i in multi.get(r, [r]) for j in multi.get(s, [s])]
     return sorted(multi.values()), sorted(pairs)
 
@@ -110,9 +118,9 @@ def cross_pairs(
     _check(threshold, shingle, num_perm)
     n_a = len(texts_a)
     texts = [*texts_a, *texts_b]
-    hasher = _Hasher(shingle, num_perm, seed)
-    doc_hash, sig, has_words = hasher.sketch(texts)
-    label, multi = _exact_groups(texts, doc_hash)
+    hasher = _Hasher(shingle, num_perm, seed, threshold)
+    sk = hasher.sketch(texts)
+    label, multi = _exact_groups(texts, sk.doc_hash)
     side = np.zeros(len(texts), dtype=np.uint8)  # per representative: 1 = has a text of a, 2 = of b
     np.bitwise_or.at(side, label, np.where(np.arange(len(texts)) < n_a, 1, 2).astype(np.uint8))
 
@@ -125,7 +133,7 @@ def cross_pairs(
         a, b = split(r)
         exact += [(i, j) for i in a for j in b]
     near = []
-    for r, s, score in _near_reps(hasher, texts, label, sig, has_words, threshold, side=side):
+    for r, s, score in _near_reps(hasher, texts, sk, label, threshold, side=side):
         (a1, b1), (a2, b2) = split(r), split(s)
         near += [(i, j, score) for i in a1 for j in b2] + [(i, j, score) for i in a2 for j in b1]
     return sorted(exact), sorted(near)
@@ -139,7 +147,7 @@ def choose_bands(threshold: float, num_perm: int, target: float = _RECALL_TARGET
     probability P(J) = 1 - (1 - J**r)**b. More rows make chance candidates rarer (fewer pairs to
     verify), fewer rows make true pairs likelier to be caught; we take the largest r, with
     b = num_perm // r, for which P(threshold) >= target. For threshold 0.8 and 128 permutations:
-    r = 6, b = 21 (126 of the 128 values; all 128 feed the estimate filter in _candidates):
+    r = 6, b = 21 (126 of the 128 values; all 128 feed _estimate_ok):
     P(0.8) = 1 - (1 - 0.8**6)**21 = 1 - 0.738**21 = 0.998, P(0.85) = 0.9999, P(0.9) > 0.999999,
     while P(0.5) = 0.28, P(0.3) = 0.015 and P(0.2) = 0.0013, so unrelated texts rarely become
     candidates. (r = 7, b = 18 would give only P(0.8) = 0.986; r = 8, b = 16 only 0.947.)
@@ -184,8 +192,8 @@ def _keys(n: int, salt: np.uint64) -> np.ndarray:
 def _segment_sums(values: np.ndarray, counts: np.ndarray, salt: np.uint64) -> np.ndarray:
     """Per segment (consecutive runs of `counts` values; 0 allowed): mix(sum_p values[p] * key[p] + len).
 
-    With odd random keys this is a universal hash of the sequence: two different sequences of one
-    length collide with probability about 2**-57 (the differences are at most 2**7 times a unit).
+    An order-dependent hash of each segment's sequence of (already random) word hashes: equal word
+    sequences hash equal; a collision of different ones only costs _exact_groups a string compare.
     """
     out = np.zeros(len(counts), dtype=np.uint64)
     filled = counts > 0
@@ -220,6 +228,8 @@ class _Words:
     mix(sum_i c_i * Q**i + L * K) mod 2**64, a polynomial in Q = P**-1 read off prefix sums
     S[k] = sum_{i<k} c_i * Q**i of the whole chunk as (S[end] - S[start]) * P**start: a few passes
     over the bytes, no Python object per word, and the hash depends only on the word's bytes.
+    (Polynomial hashes mod 2**64 can be made to collide by crafted words thousands of bytes long;
+    natural words collide about as often as random 64-bit values.)
     """
 
     P = 0x9E3779B97F4A7C15  # odd, so invertible mod 2**64
@@ -300,10 +310,11 @@ def _exact_groups(texts: Sequence[str], doc_hash: np.ndarray) -> tuple[np.ndarra
 class _Hasher:
     """The seeded hashing: shingle hashes from word hashes, and the MinHash permutations."""
 
-    def __init__(self, shingle: int, num_perm: int, seed: int):
+    def __init__(self, shingle: int, num_perm: int, seed: int, threshold: float = 0.8):
         rng = np.random.default_rng(seed)
         self.n = shingle
         self.num_perm = num_perm
+        self.bands, self.rows = choose_bands(threshold, num_perm)
         # Shingle hash: mix(sum_t word_hash[t] * k[t] + width * k[n]) mod 2^64.
         self.k = rng.integers(0, 2**64, size=shingle + 1, dtype=np.uint64) | np.uint64(1)
         # Permutation i of a 32-bit shingle hash x: a[i] * x + b[i] mod 2^32 with a[i] odd: a bijection,
@@ -311,6 +322,8 @@ class _Hasher:
         # binomial spread sqrt(J (1 - J) / num_perm).
         self.a = (rng.integers(0, 2**32, size=num_perm, dtype=np.uint64) | np.uint64(1)).astype(np.uint32)
         self.b = rng.integers(0, 2**32, size=num_perm, dtype=np.uint64).astype(np.uint32)
+        # Band key: mix(sum of the band's rows * band_k) mod 2^64: equal band values give equal keys,
+        # unequal ones collide with probability about 2^-64.
         self.band_k = rng.integers(0, 2**64, size=num_perm, dtype=np.uint64) | np.uint64(1)
         self.words = _Words()
 
@@ -344,20 +357,20 @@ class _Hasher:
                 out[out_starts[short]] = acc
         return _mix64(out), counts
 
-    def sketch(self, texts: Sequence[str]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        """(text hashes uint64, MinHash signatures uint32 (num_perm, len(texts)), has-words bool).
-
-        A text without words keeps an all-ones signature and is never compared.
-        """
-        doc_hash = np.empty(len(texts), dtype=np.uint64)
-        has_words = np.zeros(len(texts), dtype=bool)
-        sig = np.full((self.num_perm, len(texts)), _MAX32, dtype=np.uint32)
+    def sketch(self, texts: Sequence[str]) -> _Sketch:
+        """Text hashes, MinHash signatures and band keys of every text, a chunk of texts at a time."""
+        sk = _Sketch(
+            doc_hash=np.empty(len(texts), dtype=np.uint64),
+            sig=np.full((len(texts), self.num_perm), _MAX32, dtype=np.uint32),
+            band_keys=np.zeros((self.bands, len(texts)), dtype=np.uint64),
+            has_words=np.zeros(len(texts), dtype=bool),
+        )
         block = max(1, _CELLS_PER_BLOCK // self.num_perm)
         buf = np.empty((self.num_perm, block), dtype=np.uint32)
         a, b = self.a[:, None], self.b[:, None]
         for c0, c1 in _chunks(texts):
             word_hash, lens = self.words(texts[c0:c1])
-            doc_hash[c0:c1] = _segment_sums(word_hash, lens, _WORD_SALT)
+            sk.doc_hash[c0:c1] = _segment_sums(word_hash, lens, _WORD_SALT)
             hashes, counts = self.shingles(word_hash, lens)
             x = hashes.astype(np.uint32)  # the low 32 bits of the mixed 64-bit hash
             cols = c0 + np.flatnonzero(counts)
@@ -374,17 +387,29 @@ class _Hasher:
                 d1 = int(np.searchsorted(off, hi, side="left"))
                 mins = np.minimum.reduceat(v, np.maximum(off[d0:d1], lo) - lo, axis=1)
                 np.minimum(part[:, d0:d1], mins, out=part[:, d0:d1])
-            sig[:, cols] = part
-            has_words[cols] = True
-        return doc_hash, sig, has_words
+            sk.sig[cols] = part.T
+            sk.has_words[cols] = True
+            with np.errstate(over="ignore"):
+                for band in range(self.bands):
+                    key = np.zeros(len(cols), dtype=np.uint64)
+                    for t in range(band * self.rows, (band + 1) * self.rows):
+                        key += part[t].astype(np.uint64) * self.band_k[t]
+                    sk.band_keys[band, cols] = _mix64(key)
+        return sk
+
+
+class _Sketch(NamedTuple):
+    doc_hash: np.ndarray  # (texts,) uint64: hash of the normalized text
+    sig: np.ndarray  # (texts, num_perm) uint32 MinHash values; all ones for a text without words
+    band_keys: np.ndarray  # (bands, texts) uint64
+    has_words: np.ndarray  # (texts,) bool
 
 
 def _near_reps(
     hasher: _Hasher,
     texts: Sequence[str],
+    sk: _Sketch,
     label: np.ndarray,
-    sig: np.ndarray,
-    has_words: np.ndarray,
     threshold: float,
     side: np.ndarray | None,
 ) -> list[tuple[int, int, float]]:
@@ -393,49 +418,40 @@ def _near_reps(
     With `side` (per text: bit 1 = its group has a text of collection a, bit 2 = of b) only pairs
     that can span the two collections are kept.
     """
-    reps = np.flatnonzero((label == np.arange(len(label))) & has_words)
+    reps = np.flatnonzero((label == np.arange(len(label))) & sk.has_words)
     if len(reps) < 2:
         return []
-    bands, rows = choose_bands(threshold, hasher.num_perm)
-    cand = _candidates(sig, reps, hasher.band_k, bands, rows, side, threshold)
-    return _verify(hasher, texts, cand, threshold)
+    return _verify(hasher, texts, _candidates(sk, reps, side, threshold), threshold)
 
 
-def _candidates(
-    sig: np.ndarray,
-    reps: np.ndarray,
-    band_k: np.ndarray,
-    bands: int,
-    rows: int,
-    side: np.ndarray | None,
-    threshold: float,
-) -> np.ndarray:
+def _candidates(sk: _Sketch, reps: np.ndarray, side: np.ndarray | None, threshold: float) -> np.ndarray:
     """Text pairs (i, j), i < j, both in `reps`, shape (m, 2), sorted: equal on all rows of some band,
     and with a MinHash estimate not far below the threshold.
 
-    Pairs are made and filtered _PAIR_BATCH at a time, so a huge bucket (many texts sharing
-    boilerplate) costs time but not memory.
+    A bucket (texts with one band key) of more than _MAX_BUCKET texts, as when many texts share a
+    long boilerplate whose shingles hold their minima, is split by the keys of the following bands
+    until its parts are small: without that, N texts that all share half their shingles would make
+    about N**2 / 2 * P(0.5) = 0.14 N**2 candidates. A pair inside such a bucket is then a candidate
+    in that band only if it also agrees on the extra bands, so recall can drop below the figure in
+    `choose_bands` for pairs whose texts sit in clusters of more than _MAX_BUCKET similar texts;
+    elsewhere buckets are small and nothing changes. Pairs are made and filtered _PAIR_BATCH at a
+    time, so memory stays bounded.
     """
-    n, n_texts = len(reps), sig.shape[1]
-    # The estimate (share of equal signature values) of a pair with Jaccard J has mean J and
-    # standard deviation sqrt(J (1 - J) / num_perm) (0.035 at J = 0.8 with 128). Dropping estimates
-    # more than 5 such deviations below the threshold (< 0.62 for 0.8) loses a pair at the threshold
-    # with probability about 3e-7 and removes most chance candidates (J about 0.5 and below) before
-    # the exact check.
-    num_perm = sig.shape[0]
-    cut = threshold - _FILTER_SIGMAS * math.sqrt(threshold * (1.0 - threshold) / num_perm)
-    by_text: np.ndarray | None = None  # sig as rows, made on the first candidate
+    n_texts = len(sk.sig)
+    keys = sk.band_keys[:, reps]
+    bands = len(keys)
     codes: list[np.ndarray] = []
     for band in range(bands):
-        key = np.zeros(n, dtype=np.uint64)
-        with np.errstate(over="ignore"):
-            for t in range(band * rows, (band + 1) * rows):
-                key += sig[t, reps].astype(np.uint64) * band_k[t]
-        key = _mix64(key)  # equal band values give equal keys; unequal ones collide w.p. ~2**-64
-        order = np.argsort(key)
-        sorted_key = key[order]
-        run_start = np.flatnonzero(np.concatenate(([True], sorted_key[1:] != sorted_key[:-1])))
-        run_len = np.diff(np.append(run_start, n))
+        key = keys[band]
+        order, run_start, run_len = _runs(key)
+        for extra in range(1, bands):
+            big = run_len > _MAX_BUCKET
+            if not big.any():
+                break
+            members = order[np.flatnonzero(np.repeat(big, run_len))]
+            key = key.copy() if extra == 1 else key
+            key[members] = _mix64(key[members] ^ keys[(band + extra) % bands, members])
+            order, run_start, run_len = _runs(key)
         multi = run_len > 1
         if not multi.any():
             continue
@@ -455,17 +471,40 @@ def _candidates(
             if side is not None:
                 spans = (((side[i] & 1) & (side[j] >> 1)) | ((side[j] & 1) & (side[i] >> 1))) > 0
                 i, j = i[spans], j[spans]
-            if cut > 0 and len(i):
-                if by_text is None:
-                    by_text = np.ascontiguousarray(sig.T)
-                agree = np.count_nonzero(by_text[i] == by_text[j], axis=1)
-                i, j = i[agree >= cut * num_perm], j[agree >= cut * num_perm]
+            for width in (_FILTER_HEAD, sk.sig.shape[1]):  # a cheap look at a few values, then all
+                ok = _estimate_ok(sk.sig, i, j, width, threshold)
+                i, j = i[ok], j[ok]
             codes.append(i * n_texts + j)
             lo = hi
     if not codes:
         return np.empty((0, 2), dtype=np.int64)
     code = np.unique(np.concatenate(codes))
     return np.stack((code // n_texts, code % n_texts), axis=1)
+
+
+def _runs(key: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(order, run_start, run_len): key[order] is sorted, in runs of equal keys."""
+    order = np.argsort(key)
+    sorted_key = key[order]
+    run_start = np.flatnonzero(np.concatenate(([True], sorted_key[1:] != sorted_key[:-1])))
+    return order, run_start, np.diff(np.append(run_start, len(key)))
+
+
+def _estimate_ok(sig: np.ndarray, i: np.ndarray, j: np.ndarray, width: int, threshold: float) -> np.ndarray:
+    """Which pairs' MinHash estimate over the first `width` values is not far below the threshold.
+
+    The estimate (share of equal values) of a pair with Jaccard J has mean J and standard deviation
+    sqrt(J (1 - J) / width): 0.035 at J = 0.8 over 128 values, 0.071 over 32. Dropping estimates more
+    than 5 such deviations below the threshold (< 0.62 over 128, < 0.45 over 32, for 0.8) loses a
+    pair at the threshold with probability under 1e-6 and drops most chance candidates before the
+    exact check.
+    """
+    width = min(width, sig.shape[1])
+    cut = threshold - _FILTER_SIGMAS * math.sqrt(threshold * (1.0 - threshold) / width)
+    if cut <= 0 or len(i) == 0:
+        return np.ones(len(i), dtype=bool)
+    head = sig[:, :width]
+    return np.count_nonzero(head[i] == head[j], axis=1) >= cut * width
 
 
 def _verify(
