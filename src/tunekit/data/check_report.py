@@ -63,6 +63,8 @@ def _problems(title: str, probs) -> None:
 
 def _stats(report: CheckReport) -> None:
     s = report.stats
+    if not s.get("examples"):
+        return
     t = Table(title="statistics")
     t.add_column("figure")
     t.add_column("value", overflow="fold")
