@@ -1,0 +1,427 @@
+"""Training throughput of tunekit's loop against TRL's SFTTrainer, on identical token sequences.
+
+Run as: python bench/train_throughput.py [--data banking77|alpaca] [--steps 20] [--batch-size 8] [--full]
+                                         [--examples N] [--runs tunekit,trl_default,trl_best] [--threads N]
+                                         [--json OUT]
+
+Fine-tunes the default model (SmolLM2-135M-Instruct, fp32) with LoRA r16 alpha 32 on all linear layers
+(or every weight with --full) on real examples from ../shared/data, for the same optimizer steps, three
+ways, each in a fresh model instance in its own spawned process (so peak RSS is per run):
+
+  tunekit      tunekit's own loop pieces: `collate`, `accumulate_gradients` (loss projected onto the
+               vocabulary only at target positions), AdamW, `lr_at`; LoRA dropout 0.0 as in the quickstart.
+  trl_default  TRL `SFTTrainer` + PEFT `LoraConfig` with TRL's defaults, except bf16=False and
+               use_cpu=True (needed on this CPU) and LoRA dropout 0.05 (what PEFT users usually set).
+  trl_best     TRL with the settings that are fastest here: no gradient checkpointing, LoRA dropout 0.
+
+Optional extra runs (name them in --runs): `trl_padding_free` (trl_best + padding_free=True) and
+`trl_std_loss` (trl_best with TRL's chunked log-prob loss replaced, by a subclass, by the standard
+transformers loss: TRL 1.16 has no setting for that).
+
+Every run trains on the same batches in the same order: the examples are tokenized once with tunekit's
+`tokenize_example` (chat template, loss on assistant tokens only), grouped into batches with tunekit's
+`length_grouped_batches`, and TRL gets that order as a pre-tokenized `input_ids` + `labels` dataset read
+sequentially. Learning rate 2e-4, cosine decay, no warmup, clipping at 1.0, weight decay 0, in all runs.
+
+Measures per run: non-padding tokens/s and examples/s over the training steps after the first (step
+wall time, data collation and logging included), peak RSS, the loss at each step and the final loss
+(mean of the last 3), model-FLOPs utilisation against the machine's fp32 matmul peak, and the ratio of
+each figure to tunekit's.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import random
+import resource
+import sys
+import tempfile
+import time
+from concurrent.futures import ProcessPoolExecutor
+from multiprocessing import get_context
+from pathlib import Path
+
+MODEL = "smollm2-135m-instruct"
+SHARED_DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
+# name -> (file under ../shared/data, tunekit format, column renames)
+DATASETS = {
+    "banking77": ("banking77/train.csv", "classification", {"label": "category"}),
+    "alpaca": ("llamafactory-demo/alpaca_en_demo.json", "alpaca", None),
+}
+LEARNING_RATE = 2e-4
+LORA_R, LORA_ALPHA = 16, 32
+MAX_LENGTH = 512  # tunekit's default train.max_length; TRL gets the same so it cuts nothing more
+MAX_GRAD_NORM = 1.0
+SEED = 42
+
+# Each run's settings; "loop" picks the trainer. Anything not named here is the library's default.
+RUNS = {
+    "tunekit": {"loop": "tunekit", "lora_dropout": 0.0},
+    "trl_default": {"loop": "trl", "lora_dropout": 0.05, "gradient_checkpointing": True},
+    "trl_best": {"loop": "trl", "lora_dropout": 0.0, "gradient_checkpointing": False},
+    "trl_padding_free": {
+        "loop": "trl",
+        "lora_dropout": 0.0,
+        "gradient_checkpointing": False,
+        "padding_free": True,
+    },
+    "trl_std_loss": {
+        "loop": "trl",
+        "lora_dropout": 0.0,
+        "gradient_checkpointing": False,
+        "standard_loss": True,
+    },
+}
+DEFAULT_RUNS = ("tunekit", "trl_default", "trl_best")
+
+
+# ---- data --------------------------------------------------------------------------------------------
+
+
+def training_sequences(data: str, n_examples: int, steps: int, batch_size: int) -> list[dict]:
+    """The token sequences every run trains on, in training order: steps * batch_size of them.
+
+    A seeded sample of the file (banking77 is sorted by intent, so the head of the file would be a
+    handful of intents), tokenized with tunekit, cut into tunekit's length-grouped batches; only full
+    batches are kept so that TRL, reading the list sequentially, forms exactly the same batches.
+    """
+    from tunekit.data import load_examples
+    from tunekit.models import load_tokenizer, resolve_model
+    from tunekit.train.batching import length_grouped_batches
+    from tunekit.train.sft import tokenize_all
+
+    rel, fmt, columns = DATASETS[data]
+    path = SHARED_DATA / rel
+    if not path.is_file():
+        sys.exit(f"train_throughput: {path} not found; this benchmark needs ../shared/data beside the repo.")
+    examples = load_examples(path, format=fmt, columns=columns)
+    random.Random(SEED).shuffle(examples)
+    tokenizer = load_tokenizer(resolve_model(MODEL))
+    tokenized = tokenize_all(tokenizer, examples[:n_examples], MAX_LENGTH, data)
+    batches = length_grouped_batches([len(t.input_ids) for t in tokenized], batch_size, SEED)
+    batches = [b for b in batches if len(b) == batch_size][:steps]
+    if len(batches) < steps:
+        sys.exit(
+            f"train_throughput: {n_examples} examples give {len(batches)} full batches of {batch_size}, "
+            f"fewer than --steps {steps}; raise --examples."
+        )
+    return [{"input_ids": tokenized[i].input_ids, "labels": tokenized[i].labels} for b in batches for i in b]
+
+
+# ---- machine -----------------------------------------------------------------------------------------
+
+
+def matmul_peak_gflops(n: int = 2048, repeats: int = 5) -> float:
+    """Best fp32 GFLOP/s of an n x n matmul, with torch's own thread settings (as training uses)."""
+    import torch
+
+    a, b = torch.randn(n, n), torch.randn(n, n)
+    a @ b  # warm up the BLAS threads
+    best = float("inf")
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        a @ b
+        best = min(best, time.perf_counter() - t0)
+    return 2 * n**3 / best / 1e9
+
+
+def set_threads(threads: int | None) -> None:
+    """Pin torch's intra-op threads. On a machine where another job holds a core, two spinning OpenMP
+    threads are over 10x slower than one (measured: 55 s against 4.3 s a LoRA step), so a shared
+    machine needs --threads 1 for figures that mean anything."""
+    import torch
+
+    if threads:
+        torch.set_num_threads(threads)
+
+
+def machine_info() -> dict:
+    import os
+
+    import peft
+    import torch
+    import transformers
+    import trl
+
+    return {
+        "cpu": platform.processor() or platform.machine(),
+        "cpu_count": os.cpu_count(),
+        "torch_threads": torch.get_num_threads(),
+        "matmul_fp32_peak_gflops": round(matmul_peak_gflops(), 1),
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "transformers": transformers.__version__,
+        "peft": peft.__version__,
+        "trl": trl.__version__,
+    }
+
+
+# ---- runs (each in its own spawned process) -----------------------------------------------------------
+
+
+def run_one(
+    name: str, spec: dict, seqs: list[dict], steps: int, batch_size: int, full: bool, threads: int | None
+) -> dict:
+    """Train one way and return its per-step losses, step end times and the process's peak RSS."""
+    import torch
+
+    from tunekit.models import load_model, resolve_model
+
+    set_threads(threads)
+    torch.manual_seed(SEED)
+    random.seed(SEED)
+    model = load_model(resolve_model(MODEL))
+    n_params = sum(p.numel() for p in model.parameters())  # tied embeddings counted once
+    train = train_tunekit if spec["loop"] == "tunekit" else train_trl
+    losses, step_ends, extra = train(model, spec, seqs, steps, batch_size, full)
+    return {
+        "losses": losses,
+        "step_ends": step_ends,
+        "parameters": n_params,
+        # ru_maxrss is in KiB on Linux; this process ran this one training only, so it is the run's peak.
+        "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+        **extra,
+    }
+
+
+def lora_settings(dropout: float):
+    from tunekit.config import LoraConfig
+
+    return LoraConfig(r=LORA_R, alpha=LORA_ALPHA, dropout=dropout, target_modules="all-linear")
+
+
+def train_tunekit(model, spec, seqs, steps, batch_size, full):
+    """tunekit's loop, as `train_sft` runs it, minus validation, logging and saving."""
+    import torch
+
+    from tunekit.data.tokenize import TokenizedExample
+    from tunekit.models import load_tokenizer, resolve_model
+    from tunekit.train.batching import collate
+    from tunekit.train.sft import accumulate_gradients, add_lora, lr_at
+
+    pad_id = load_tokenizer(resolve_model(MODEL)).pad_token_id
+    if not full:
+        model = add_lora(model, lora_settings(spec["lora_dropout"]), SEED)
+    model.train()
+    params = [p for p in model.parameters() if p.requires_grad]
+    opt = torch.optim.AdamW(params, lr=LEARNING_RATE, weight_decay=0.0)
+    examples = [TokenizedExample(s["input_ids"], s["labels"]) for s in seqs]
+    losses, step_ends = [], []
+    for step in range(steps):
+        batch = collate(examples[step * batch_size : (step + 1) * batch_size], pad_id)
+        losses.append(accumulate_gradients(model, [batch]))
+        for g in opt.param_groups:
+            g["lr"] = lr_at(step, steps, 0, LEARNING_RATE, "cosine")
+        torch.nn.utils.clip_grad_norm_(params, MAX_GRAD_NORM)
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        step_ends.append(time.perf_counter())
+    return losses, step_ends, {"optimizer": "torch.optim.AdamW (default implementation)"}
+
+
+def train_trl(model, spec, seqs, steps, batch_size, full):
+    """TRL's SFTTrainer on the pre-tokenized sequences, read in order."""
+    import torch
+    from datasets import Dataset
+    from peft import LoraConfig
+    from transformers import Trainer, TrainerCallback
+    from trl import SFTConfig, SFTTrainer
+
+    from tunekit.models import load_tokenizer, resolve_model
+
+    class Clock(TrainerCallback):
+        """Step end times and logged losses (logging_steps=1, so one loss per step)."""
+
+        def __init__(self):
+            self.step_ends, self.losses = [], []
+
+        def on_step_end(self, args, state, control, **kw):
+            self.step_ends.append(time.perf_counter())
+
+        def on_log(self, args, state, control, logs=None, **kw):
+            if logs and "loss" in logs:
+                self.losses.append(float(logs["loss"]))
+
+    class StdLossSFTTrainer(SFTTrainer):
+        """TRL 1.16 always computes the loss through its chunked log-prob head; this swaps in the
+        standard transformers loss (full logits + cross-entropy), which TRL offers no setting for."""
+
+        def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+            return Trainer.compute_loss(self, model, inputs, return_outputs, num_items_in_batch)
+
+    args = SFTConfig(
+        output_dir=tempfile.mkdtemp(prefix="tp_trl_"),
+        # Needed on this CPU: TRL defaults to bf16=True, which fails or runs bf16 matmuls 17x slower.
+        bf16=False,
+        use_cpu=True,
+        # transformers 5 renamed gradient_checkpointing (TRL's default: True) to activation_checkpointing.
+        activation_checkpointing=spec["gradient_checkpointing"],
+        padding_free=spec.get("padding_free", False),
+        # The same optimisation as tunekit's run.
+        max_steps=steps,
+        per_device_train_batch_size=batch_size,
+        gradient_accumulation_steps=1,
+        learning_rate=LEARNING_RATE,
+        lr_scheduler_type="cosine",
+        warmup_steps=0,
+        weight_decay=0.0,
+        max_grad_norm=MAX_GRAD_NORM,
+        seed=SEED,
+        # The sequences arrive already truncated to MAX_LENGTH, in tunekit's batch order. TRL refuses
+        # max_length with padding_free (it cannot enforce it there); the inputs need no cutting anyway.
+        max_length=None if spec.get("padding_free") else MAX_LENGTH,
+        train_sampling_strategy="sequential",
+        # Bookkeeping: a loss per step, nothing saved or reported.
+        logging_steps=1,
+        save_strategy="no",
+        report_to="none",
+        disable_tqdm=True,
+    )
+    peft_config = None
+    if not full:
+        peft_config = LoraConfig(
+            r=LORA_R,
+            lora_alpha=LORA_ALPHA,
+            lora_dropout=spec["lora_dropout"],
+            target_modules="all-linear",
+            task_type="CAUSAL_LM",
+        )
+    clock = Clock()
+    cls = StdLossSFTTrainer if spec.get("standard_loss") else SFTTrainer
+    torch.manual_seed(SEED)  # TRL creates the adapters inside the constructor
+    trainer = cls(
+        model=model,
+        args=args,
+        train_dataset=Dataset.from_list(seqs),
+        processing_class=load_tokenizer(resolve_model(MODEL)),
+        peft_config=peft_config,
+        callbacks=[clock],
+    )
+    trainer.train()
+    extra = {"optimizer": args.optim if isinstance(args.optim, str) else args.optim.value}
+    if not spec.get("standard_loss"):
+        # TRL counts the non-padding tokens it trained on: a check that it saw our batches.
+        extra["trl_token_count"] = trainer._total_train_tokens
+    return clock.losses, clock.step_ends, extra
+
+
+def run_in_fresh_process(*args) -> dict:
+    """One run per spawned process: a fresh model, fresh threads, and a peak RSS of its own."""
+    with ProcessPoolExecutor(max_workers=1, mp_context=get_context("spawn")) as pool:
+        return pool.submit(run_one, *args).result()
+
+
+# ---- figures -----------------------------------------------------------------------------------------
+
+
+def summarize(raw: dict, seqs: list[dict], steps: int, batch_size: int, full: bool, peak: float) -> dict:
+    """Throughput over steps 2..N (the first carries one-off warm-up), losses, MFU."""
+    tokens = [
+        sum(len(s["input_ids"]) for s in seqs[i * batch_size : (i + 1) * batch_size]) for i in range(steps)
+    ]
+    ends = raw["step_ends"]
+    seconds = ends[-1] - ends[0]
+    tokens_per_s = sum(tokens[1:]) / seconds
+    # Model FLOPs a token: forward 2N + backward 2N through the activations; full fine-tuning adds 2N
+    # for the weight gradients. N counts every parameter, embeddings included; attention's
+    # sequence-length term is left out (sequences here are short).
+    flops_per_token = (6 if full else 4) * raw["parameters"]
+    losses = raw["losses"]
+    return {
+        "tokens_per_s": tokens_per_s,
+        "examples_per_s": (steps - 1) * batch_size / seconds,
+        "seconds_per_step": seconds / (steps - 1),
+        "peak_rss_mb": raw["peak_rss_mb"],
+        "final_loss": sum(losses[-3:]) / len(losses[-3:]),
+        "losses": losses,
+        "mfu": tokens_per_s * flops_per_token / (peak * 1e9),
+        "tokens_trained": sum(tokens),
+        "parameters": raw["parameters"],
+        **{k: raw[k] for k in ("optimizer", "trl_token_count") if k in raw},
+    }
+
+
+def print_table(runs: dict) -> None:
+    base = runs.get("tunekit")
+    cols = ("tokens_per_s", "examples_per_s", "peak_rss_mb", "final_loss", "mfu")
+    print(f"\n{'run':<18}" + "".join(f"{c:>16}" for c in cols))
+    for name, r in runs.items():
+        print(f"{name:<18}" + "".join(f"{r[c]:>16.4g}" for c in cols))
+        if base and name != "tunekit":
+            print(f"{'  / tunekit':<18}" + "".join(f"{r[c] / base[c]:>15.2f}x" for c in cols))
+    print("\nloss at each step:")
+    for name, r in runs.items():
+        print(f"{name:<18}" + " ".join(f"{x:.4f}" for x in r["losses"]))
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--data", choices=sorted(DATASETS), default="banking77")
+    ap.add_argument("--steps", type=int, default=20)
+    ap.add_argument("--batch-size", type=int, default=8)
+    ap.add_argument("--examples", type=int, help="examples to sample (default: steps x batch size)")
+    ap.add_argument("--full", action="store_true", help="full fine-tuning instead of LoRA")
+    ap.add_argument("--runs", default=",".join(DEFAULT_RUNS), help=f"comma-separated, from {', '.join(RUNS)}")
+    ap.add_argument("--threads", type=int, help="torch threads in every run (default: torch's own)")
+    ap.add_argument("--json", type=Path, help="write machine, settings and runs here")
+    a = ap.parse_args()
+    names = a.runs.split(",")
+    unknown = [n for n in names if n not in RUNS]
+    if unknown or a.steps < 2:
+        sys.exit(f"train_throughput: unknown runs {unknown}" if unknown else "--steps must be at least 2")
+    n_examples = a.examples or a.steps * a.batch_size
+
+    seqs = training_sequences(a.data, n_examples, a.steps, a.batch_size)
+    set_threads(a.threads)
+    machine = machine_info()
+    settings = {
+        "data": a.data,
+        "model": MODEL,
+        "method": "full" if a.full else f"lora r{LORA_R} alpha{LORA_ALPHA} all-linear",
+        "steps": a.steps,
+        "batch_size": a.batch_size,
+        "examples": len(seqs),
+        "tokens_per_example_mean": sum(len(s["input_ids"]) for s in seqs) / len(seqs),
+        "target_tokens_per_example_mean": sum(sum(x != -100 for x in s["labels"]) for s in seqs) / len(seqs),
+        "max_length": MAX_LENGTH,
+        "learning_rate": LEARNING_RATE,
+        "lr_schedule": "cosine, no warmup",
+        "max_grad_norm": MAX_GRAD_NORM,
+        "seed": SEED,
+        "fp32": True,
+        "runs": {n: RUNS[n] for n in names},
+    }
+    print(
+        f"{a.data}: {len(seqs)} examples, {settings['tokens_per_example_mean']:.0f} tokens an example "
+        f"({settings['target_tokens_per_example_mean']:.1f} with loss), {a.steps} steps of {a.batch_size}; "
+        f"fp32 matmul peak {machine['matmul_fp32_peak_gflops']} GFLOP/s on {machine['torch_threads']} threads",
+        flush=True,
+    )
+    runs = {}
+    for name in names:
+        t0 = time.perf_counter()
+        raw = run_in_fresh_process(name, RUNS[name], seqs, a.steps, a.batch_size, a.full, a.threads)
+        runs[name] = summarize(raw, seqs, a.steps, a.batch_size, a.full, machine["matmul_fp32_peak_gflops"])
+        r = runs[name]
+        print(
+            f"{name}: {r['tokens_per_s']:.1f} tokens/s, {r['examples_per_s']:.2f} examples/s, "
+            f"peak RSS {r['peak_rss_mb']:.0f} MB, final loss {r['final_loss']:.4f}, MFU {r['mfu']:.1%} "
+            f"({time.perf_counter() - t0:.0f}s in all)",
+            flush=True,
+        )
+    if "tunekit" in runs:
+        for r in runs.values():
+            r["ratio_to_tunekit"] = {
+                k: r[k] / runs["tunekit"][k]
+                for k in ("tokens_per_s", "examples_per_s", "peak_rss_mb", "final_loss", "mfu")
+            }
+    print_table(runs)
+    if a.json:
+        a.json.write_text(json.dumps({"machine": machine, "settings": settings, "runs": runs}, indent=2))
+        print(f"\nwrote {a.json}")
+
+
+if __name__ == "__main__":
+    main()
