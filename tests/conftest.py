@@ -18,6 +18,16 @@ def shared_data(rel: str) -> Path:
     return path
 
 
+def write(tmp_path: Path, name: str, content: str | bytes) -> Path:
+    """Write a test data file byte for byte (no newline translation)."""
+    path = tmp_path / name
+    if isinstance(content, bytes):
+        path.write_bytes(content)
+    else:
+        path.write_text(content, encoding="utf-8", newline="")
+    return path
+
+
 @pytest.fixture(scope="session")
 def default_model_dir() -> Path:
     """The embedded default, converted once into the tunekit cache."""

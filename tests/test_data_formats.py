@@ -21,16 +21,7 @@ from tunekit.data.problems import Problem
 from tunekit.errors import DataError, TunekitError
 
 FIXTURES = Path(__file__).parent / "fixtures" / "formats"
-SHARED_DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
-
-
-def write(tmp_path: Path, name: str, content: str | bytes) -> Path:
-    path = tmp_path / name
-    if isinstance(content, bytes):
-        path.write_bytes(content)
-    else:
-        path.write_text(content, encoding="utf-8", newline="")
-    return path
+from conftest import SHARED_DATA, write  # noqa: E402
 
 
 def jsonl(*rows: object) -> str:

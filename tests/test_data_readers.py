@@ -7,19 +7,9 @@ from pathlib import Path
 
 import pytest
 
+from conftest import SHARED_DATA, write  # noqa: E402
 from tunekit.data import FORMATS, Message, detect_format, load_examples, read_examples, read_records
 from tunekit.errors import DataError, TunekitError
-
-SHARED_DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
-
-
-def write(tmp_path: Path, name: str, content: str | bytes) -> Path:
-    path = tmp_path / name
-    if isinstance(content, bytes):
-        path.write_bytes(content)
-    else:
-        path.write_text(content, encoding="utf-8", newline="")
-    return path
 
 
 def strs(problems: list) -> list[str]:
