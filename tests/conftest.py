@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import pytest
@@ -16,6 +17,11 @@ def shared_data(rel: str) -> Path:
     if not path.exists():
         pytest.skip(f"../shared/data not present ({path}): real-data test skipped")
     return path
+
+
+def jsonl(*rows: object) -> str:
+    """Rows as JSON Lines text."""
+    return "".join(json.dumps(r) + "\n" for r in rows)
 
 
 def write(tmp_path: Path, name: str, content: str | bytes) -> Path:

@@ -15,24 +15,14 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from conftest import jsonl, write
+from conftest import shared_data as shared
 from tunekit.data import FORMATS, Message, detect_format, load_examples, read_examples
 from tunekit.data.formats import FORMAT_KEYS, FieldError
 from tunekit.data.problems import Problem
 from tunekit.errors import DataError, TunekitError
 
 FIXTURES = Path(__file__).parent / "fixtures" / "formats"
-from conftest import SHARED_DATA, write  # noqa: E402
-
-
-def jsonl(*rows: object) -> str:
-    return "".join(json.dumps(r) + "\n" for r in rows)
-
-
-def shared(relative: str) -> Path:
-    path = SHARED_DATA / relative
-    if not path.is_file():
-        pytest.skip(f"../shared/data not present: {path} is missing (real-data tests run where it exists)")
-    return path
 
 
 def where(problems: list[Problem]) -> list[tuple[int, str, str]]:

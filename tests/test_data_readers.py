@@ -3,11 +3,11 @@
 from __future__ import annotations
 
 import json
-from pathlib import Path
 
 import pytest
 
-from conftest import SHARED_DATA, write  # noqa: E402
+from conftest import jsonl, write
+from conftest import shared_data as shared
 from tunekit.data import FORMATS, Message, detect_format, load_examples, read_examples, read_records
 from tunekit.errors import DataError, TunekitError
 
@@ -15,17 +15,6 @@ from tunekit.errors import DataError, TunekitError
 def strs(problems: list) -> list[str]:
     """Problems as their "file:line: field: message" strings."""
     return [str(p) for p in problems]
-
-
-def jsonl(*rows: dict) -> str:
-    return "".join(json.dumps(r) + "\n" for r in rows)
-
-
-def shared(relative: str) -> Path:
-    path = SHARED_DATA / relative
-    if not path.is_file():
-        pytest.skip(f"../shared/data not present: {path} is missing (real-data tests run where it exists)")
-    return path
 
 
 # ---- read_records: JSON Lines -------------------------------------------------------------------

@@ -51,6 +51,7 @@ class CheckReport:
     leakage: list[dict[str, Any]]
     stats: dict[str, Any]
     estimate: dict[str, Any] | None = None
+    token_lengths: list[int] | None = None  # per kept example, files in order; None without a model
 
     @property
     def errors(self) -> list[Problem]:
@@ -280,7 +281,7 @@ def check_data(
     stats["max_length"] = max_length
     if lengths:
         stats["over_max_length"] = sum(n > max_length for n in lengths)
-    return CheckReport(checks, warnings, duplicates, leakage, stats)
+    return CheckReport(checks, warnings, duplicates, leakage, stats, token_lengths=lengths)
 
 
 def check_config(cfg, *, estimate: bool = False, price_per_hour: float | None = None) -> CheckReport:
@@ -296,11 +297,10 @@ def check_config(cfg, *, estimate: bool = False, price_per_hour: float | None = 
         max_length=cfg.train.max_length,
     )
     if estimate and report.files[0].examples:
-        from tunekit.models import load_tokenizer, resolve_model
         from tunekit.train.estimate import estimate_training
 
         train_split = cfg.data.split[0] if d.validation is None or d.test is None else 1.0
-        lengths = token_lengths(load_tokenizer(resolve_model(cfg.model)), report.files[0].examples)
+        lengths = report.token_lengths[: len(report.files[0].examples)]  # the train file comes first
         # The training split is a share of the train file when validation/test are split off it.
         lengths = lengths[: max(1, int(len(lengths) * train_split))]
         report.estimate = estimate_training(cfg, lengths, price_per_hour)
