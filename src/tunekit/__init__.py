@@ -2,8 +2,8 @@
 
 The Python API is the same set of functions the CLI calls:
 
-    from tunekit import load_config, train_sft, evaluate
-    run_dir = train_sft(load_config("examples/lora.yaml"))
+    from tunekit import load_config, fine_tune, evaluate
+    run_dir = fine_tune(load_config("examples/lora_tickets.yaml"))  # any task: sft, classify, dpo, ...
     report = evaluate(run_dir)
 """
 
@@ -12,6 +12,7 @@ from tunekit.data import load_examples, split_examples, write_split
 from tunekit.errors import ConfigError, DataError, ModelError, TunekitError
 from tunekit.eval.evaluate import evaluate
 from tunekit.quickstart import quickstart
+from tunekit.train import train as fine_tune
 from tunekit.train.sft import train_sft
 
 __all__ = [
@@ -22,6 +23,7 @@ __all__ = [
     "TunekitError",
     "config_from_dict",
     "evaluate",
+    "fine_tune",
     "load_config",
     "load_examples",
     "quickstart",

@@ -33,9 +33,9 @@ def train(
 ) -> None:
     """Fine-tune a model as CONFIG says; writes the run directory. The data is checked first."""
     from tunekit.config import load_config
-    from tunekit.train.sft import train_sft
+    from tunekit.train import train as train_task
 
-    train_sft(load_config(config, set_ or []), allow_data_errors=allow_data_errors)
+    train_task(load_config(config, set_ or []), allow_data_errors=allow_data_errors)
 
 
 @app.command("eval")

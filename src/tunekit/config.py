@@ -66,6 +66,31 @@ class LoraConfig(_Strict):
     target_modules: str | list[str] = Field(
         "all-linear", description="'all-linear' or a list of module names, e.g. [q_proj, v_proj]."
     )
+    use_dora: bool = Field(False, description="DoRA: weight-decomposed LoRA (magnitude + direction).")
+
+
+class DpoConfig(_Strict):
+    """Direct preference optimisation (`task: dpo`)."""
+
+    beta: float = Field(0.1, gt=0, description="Strength of the implicit KL penalty to the reference.")
+    label_smoothing: float = Field(0.0, ge=0, lt=0.5, description="Conservative DPO: assumed label noise.")
+
+
+class RlConfig(_Strict):
+    """Policy optimisation against a reward model (`task: rl`), the last stage of classic RLHF.
+
+    With `policy` and `reward_model` left null the run chains all three stages in one run
+    directory: SFT on the preferred responses, a reward model on the pairs, then RL.
+    """
+
+    algorithm: Literal["grpo", "rloo"] = Field("grpo", description="TRL's on-policy trainer to use.")
+    policy: Path | None = Field(None, description="Run dir of an SFT run to start from; null: train one.")
+    reward_model: Path | None = Field(None, description="Run dir of a `task: reward` run; null: train one.")
+    kl_coef: float = Field(0.05, ge=0, description="Weight of the KL penalty to the reference policy.")
+    num_generations: int = Field(4, ge=2, description="Completions sampled per prompt.")
+    max_new_tokens: int = Field(48, gt=0, description="Length limit of each sampled completion.")
+    temperature: float = Field(1.0, gt=0, description="Sampling temperature for the completions.")
+    max_prompts: int | None = Field(None, gt=0, description="Use only the first N training prompts.")
 
 
 class TrainConfig(_Strict):
@@ -103,9 +128,16 @@ class Config(_Strict):
     """A whole run: model, method, data, LoRA, training, evaluation and where it goes."""
 
     model: str = Field("smollm2-135m-instruct", description="Alias, local HF folder or hub id.")
-    method: Literal["lora"] = Field("lora", description="Fine-tuning method.")
+    method: Literal["full", "lora", "qlora"] = Field(
+        "lora", description="full: every weight; lora: adapters; qlora: adapters on a 4-bit NF4 base."
+    )
+    task: Literal["sft", "classify", "reward", "dpo", "rl"] = Field(
+        "sft", description="sft, classify (label head), reward (pairs), dpo (pairs) or rl (RLHF)."
+    )
     data: DataConfig
     lora: LoraConfig = Field(default_factory=LoraConfig)
+    dpo: DpoConfig = Field(default_factory=DpoConfig)
+    rl: RlConfig = Field(default_factory=RlConfig)
     train: TrainConfig = Field(default_factory=TrainConfig)
     eval: EvalConfig = Field(default_factory=EvalConfig)
     output_dir: Path = Field(Path("runs/run"), description="The run directory.")
@@ -148,6 +180,11 @@ _ALIASES = {
     "output": "output_dir",
     "base_model": "model",
     "model_name_or_path": "model",
+    "finetuning_type": "method",
+    "stage": "task",
+    "pref_beta": "beta",
+    "dpo_beta": "beta",
+    "num_labels": "labels",
 }
 
 

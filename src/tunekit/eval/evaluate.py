@@ -1,13 +1,15 @@
 """`tunekit eval RUN_DIR`: base model vs fine-tuned model on the same held-out test examples.
 
-Both contenders share one model in memory: the base is the fine-tuned model with its adapter
-switched off, so the comparison cannot be skewed by loading two different copies.
+For adapter runs both contenders share one model in memory: the base is the fine-tuned model with
+its adapter switched off, so the comparison cannot be skewed by loading two different copies. A
+full fine-tune's base is loaded from the same source the run started from.
 """
 
 from __future__ import annotations
 
 import math
 import time
+from contextlib import contextmanager
 from pathlib import Path
 
 from tunekit.console import err as console
@@ -17,22 +19,33 @@ from tunekit.eval.generate import generate
 from tunekit.eval.metrics import normalize, task_metrics
 from tunekit.eval.report import write_report
 from tunekit.io import atomic_write_json
-from tunekit.models import load_model, load_tokenizer, resolve_model
+from tunekit.models import load_model, resolve_model
 from tunekit.run_dir import load_run_config, read_split
+from tunekit.train.setup import load_trained
 from tunekit.train.sft import evaluate_loss, tokenize_all
+
+
+@contextmanager
+def _contender(model, is_adapter: bool, cfg, name: str):
+    """The model playing `name`: the fine-tuned one, or the base. An adapter run's base is the same
+    model with its adapter switched off; a full fine-tune's base is loaded beside it."""
+    if name != "base":
+        yield model
+    elif is_adapter:
+        with model.disable_adapter():
+            yield model
+    else:
+        base = load_model(resolve_model(cfg.model)).eval()
+        yield base
+        del base
 
 
 def evaluate(run_dir: str | Path, data: str | Path | None = None, quiet: bool = False) -> dict:
     """Evaluate base and fine-tuned on the run's test split (or `data`); writes report.json and report.md."""
-    from peft import PeftModel
-
     from tunekit.data import load_examples
 
     run_dir = Path(run_dir)
     cfg = load_run_config(run_dir)
-    adapter = run_dir / "adapter"
-    if not (adapter / "adapter_config.json").is_file():
-        raise TunekitError(f"{run_dir}: no trained adapter in {adapter}; run `tunekit train` first")
     if data is not None:
         examples = load_examples(data, format=cfg.data.format, columns=cfg.data.columns or None)
     else:
@@ -42,9 +55,7 @@ def evaluate(run_dir: str | Path, data: str | Path | None = None, quiet: bool = 
     if not examples:
         raise TunekitError(f"{run_dir}: the test split is empty; pass --data FILE or set data.split")
 
-    tokenizer = load_tokenizer(adapter)
-    model = PeftModel.from_pretrained(load_model(resolve_model(cfg.model)), adapter)
-    model.eval()
+    model, tokenizer, is_adapter = load_trained(run_dir)
     references = [ex.target for ex in examples]
     is_cls = all(ex.label is not None for ex in examples)
     max_new = cfg.eval.max_new_tokens or 16 + max(
@@ -58,13 +69,9 @@ def evaluate(run_dir: str | Path, data: str | Path | None = None, quiet: bool = 
     contenders, predictions = {}, {}
     for name in ("base", "finetuned"):
         t0 = time.perf_counter()
-        if name == "base":
-            with model.disable_adapter():
-                preds = generate(model, tokenizer, examples, max_new, cfg.eval.batch_size)
-                loss = evaluate_loss(model, test_tok, tokenizer.pad_token_id, cfg.eval.batch_size)
-        else:
-            preds = generate(model, tokenizer, examples, max_new, cfg.eval.batch_size)
-            loss = evaluate_loss(model, test_tok, tokenizer.pad_token_id, cfg.eval.batch_size)
+        with _contender(model, is_adapter, cfg, name) as m:
+            preds = generate(m, tokenizer, examples, max_new, cfg.eval.batch_size)
+            loss = evaluate_loss(m, test_tok, tokenizer.pad_token_id, cfg.eval.batch_size)
         seconds = time.perf_counter() - t0
         gen_tokens = sum(len(tokenizer(p, add_special_tokens=False)["input_ids"]) for p in preds)
         contenders[name] = task_metrics(preds, references, is_cls) | {

@@ -28,13 +28,13 @@ def measure_throughput(cfg: Config, lengths: list[int], steps: int = 3) -> dict:
     """Run `steps` timed optimizer steps (after one warm-up) at the config's batch size and the
     data's median length; returns tokens/s, seconds/step and peak memory."""
     from tunekit.data.tokenize import IGNORE_INDEX, TokenizedExample
-    from tunekit.models import load_model, load_tokenizer, resolve_model
-    from tunekit.train.sft import accumulate_gradients, add_lora
+    from tunekit.models import load_tokenizer, resolve_model
+    from tunekit.train.setup import build_model
+    from tunekit.train.sft import accumulate_gradients
 
     path = resolve_model(cfg.model)
     tok = load_tokenizer(path)
-    model = add_lora(load_model(path), cfg.lora, cfg.train.seed)
-    model.train()
+    model, _ = build_model(cfg, path)
     n = max(8, min(cfg.train.max_length, int(statistics.median(lengths)) if lengths else 128))
     # Half prompt, half target: the loss projection then costs what a typical SFT row costs.
     g = torch.Generator().manual_seed(0)

@@ -1,51 +1,32 @@
-"""Supervised fine-tuning with LoRA: the recipe, top to bottom.
+"""Supervised fine-tuning (`task: sft`): the recipe, top to bottom.
 
 Run as: `tunekit train CONFIG.yaml` or `tunekit.train_sft(load_config("CONFIG.yaml"))`.
 
-setup (run dir, data splits, model + LoRA) -> tokenize -> loop (length-grouped batches,
-AdamW, warmup + decay, clipping, validation loss) -> save the adapter -> summary.
+setup (run dir, data splits, model as `method` says) -> tokenize (loss on assistant tokens only)
+-> the shared loop (train/loop.py) -> save the adapter or model -> summary. The helpers at the
+bottom (start_run, announce, finish_run) are what every task's recipe file shares.
 """
 
 from __future__ import annotations
 
-import json
-import math
 import random
 import time
 from collections import Counter
 from pathlib import Path
 
 import torch
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
-from tunekit.config import Config, LoraConfig
+from tunekit.config import Config
 from tunekit.console import err as console
 from tunekit.data.tokenize import IGNORE_INDEX, TokenizedExample, tokenize_example
 from tunekit.errors import DataError, TunekitError
 from tunekit.io import atomic_write_json
-from tunekit.models import load_model, load_tokenizer, resolve_model
+from tunekit.models import load_tokenizer, resolve_model
 from tunekit.run_dir import create_run_dir, prepare_splits
-from tunekit.train.batching import collate, length_grouped_batches, sequential_batches
+from tunekit.train.batching import collate, sequential_batches
+from tunekit.train.loop import Recipe, lr_at, plan_steps, run_loop  # noqa: F401  (lr_at: re-exported)
 from tunekit.train.loss import loss_sum
-
-
-def add_lora(model, lora: LoraConfig, seed: int):
-    """Wrap `model` with fresh LoRA adapters (PEFT). Only the adapters will train."""
-    from peft import LoraConfig as PeftLoraConfig
-    from peft import get_peft_model
-
-    torch.manual_seed(seed)  # adapter init is random: make it reproducible
-    peft_cfg = PeftLoraConfig(
-        r=lora.r,
-        lora_alpha=lora.alpha,
-        lora_dropout=lora.dropout,
-        target_modules=lora.target_modules,
-        task_type="CAUSAL_LM",
-    )
-    try:
-        return get_peft_model(model, peft_cfg)
-    except ValueError as e:
-        raise TunekitError(f"lora.target_modules: {e}") from None
+from tunekit.train.setup import add_lora, build_model, save_trained  # noqa: F401  (add_lora: re-exported)
 
 
 def tokenize_all(tokenizer, examples, max_length: int, name: str) -> list[TokenizedExample]:
@@ -66,18 +47,6 @@ def tokenize_all(tokenizer, examples, max_length: int, name: str) -> list[Tokeni
             f"and are not trained on: {', '.join(empty[:5])}{' ...' if len(empty) > 5 else ''}"
         )
     return out
-
-
-def lr_at(step: int, total: int, warmup: int, peak: float, kind: str) -> float:
-    """Learning rate for optimizer step `step` (0-based): linear warmup, then cosine/linear/constant."""
-    if step < warmup:
-        return peak * (step + 1) / warmup
-    if kind == "constant":
-        return peak
-    progress = (step - warmup) / max(1, total - warmup)
-    if kind == "linear":
-        return peak * (1 - progress)
-    return peak * 0.5 * (1 + math.cos(math.pi * progress))
 
 
 def accumulate_gradients(model, batches: list[dict[str, torch.Tensor]]) -> float:
@@ -139,24 +108,17 @@ def check_before_training(cfg: Config, allow_data_errors: bool, quiet: bool) -> 
 
 
 def train_sft(cfg: Config, quiet: bool = False, allow_data_errors: bool = False) -> Path:
-    """Fine-tune `cfg.model` with LoRA on `cfg.data`; returns the run directory.
+    """Fine-tune `cfg.model` (full, LoRA, DoRA or QLoRA) on `cfg.data`; returns the run directory.
 
     The data is checked first (as `tunekit data check` does); rows with errors stop the run
     unless `allow_data_errors`, in which case they are left out and reported.
     """
     t_start = time.perf_counter()
-    random.seed(cfg.train.seed)
-    torch.manual_seed(cfg.train.seed)
-    check_before_training(cfg, allow_data_errors, quiet)
-    run_dir = create_run_dir(cfg)
-    splits = prepare_splits(cfg, run_dir, allow_errors=allow_data_errors)
-    if not splits["train"]:
-        raise TunekitError(f"data.train: {cfg.data.train} leaves no training examples after the split")
+    run_dir, splits = start_run(cfg, quiet, allow_data_errors)
 
     model_path = resolve_model(cfg.model)
     tokenizer = load_tokenizer(model_path)
-    model = add_lora(load_model(model_path), cfg.lora, cfg.train.seed)
-    model.train()
+    model, params = build_model(cfg, model_path)
     t_setup = time.perf_counter() - t_start
 
     tc = cfg.train
@@ -165,145 +127,73 @@ def train_sft(cfg: Config, quiet: bool = False, allow_data_errors: bool = False)
     if not train_data:
         raise TunekitError("data.train: no example has target tokens within train.max_length")
     pad_id = tokenizer.pad_token_id
+    recipe = Recipe(
+        train=train_data,
+        validation=val_data,
+        lengths=[len(t.input_ids) for t in train_data],
+        collate=lambda items: collate(items, pad_id),
+        step=lambda m, batches: (accumulate_gradients(m, batches), {}),
+        validate=lambda m, data: {"val_loss": evaluate_loss(m, data, pad_id, cfg.eval.batch_size)},
+    )
+    announce(cfg, model, params, len(train_data), len(val_data), len(splits["test"]), quiet)
+    result = run_loop(model, params, recipe, tc, run_dir, quiet)
+    saved = save_trained(model, tokenizer, run_dir, cfg.method)
+    finish_run(cfg, run_dir, result, model_path, params, splits, t_setup, t_start, saved, quiet)
+    return run_dir
 
-    # Steps: an epoch is ceil(N / (batch_size * grad_accum)) optimizer steps.
-    micro_per_epoch = math.ceil(len(train_data) / tc.batch_size)
-    steps_per_epoch = math.ceil(micro_per_epoch / tc.grad_accum)
-    total_steps = tc.max_steps or max(1, math.ceil(tc.epochs * steps_per_epoch))
-    warmup = int(tc.warmup_ratio * total_steps)
-    eval_every = tc.eval_every or steps_per_epoch
 
-    params = [p for p in model.parameters() if p.requires_grad]
-    opt = torch.optim.AdamW(params, lr=tc.learning_rate, weight_decay=tc.weight_decay)
+def start_run(cfg: Config, quiet: bool, allow_data_errors: bool) -> tuple[Path, dict]:
+    """Seed, check the data, create the run directory and write the splits: the start of every task."""
+    random.seed(cfg.train.seed)
+    torch.manual_seed(cfg.train.seed)
+    check_before_training(cfg, allow_data_errors, quiet)
+    run_dir = create_run_dir(cfg)
+    splits = prepare_splits(cfg, run_dir, allow_errors=allow_data_errors)
+    if not splits["train"]:
+        raise TunekitError(f"data.train: {cfg.data.train} leaves no training examples after the split")
+    return run_dir, splits
+
+
+def announce(cfg: Config, model, params, n_train: int, n_val: int, n_test: int, quiet: bool) -> None:
+    if quiet:
+        return
+    _, total_steps = plan_steps(n_train, cfg.train)
     n_trainable = sum(p.numel() for p in params)
     n_total = sum(p.numel() for p in model.parameters())
-    if not quiet:
-        console.print(
-            f"train: {len(train_data)} examples, validation: {len(val_data)}, test: {len(splits['test'])}; "
-            f"{total_steps} steps; trainable {n_trainable / 1e6:.2f}M of {n_total / 1e6:.1f}M parameters"
-        )
-
-    metrics_path = run_dir / "metrics.jsonl"
-    metrics_path.write_text("")
-    lengths = [len(t.input_ids) for t in train_data]
-    micro_batches: list[list[int]] = []
-    epoch = 0
-    step = 0
-    tokens_total, t_train, last_val = 0, 0.0, None
-    window = {"loss": 0.0, "n": 0, "tokens": 0, "time": 0.0}
-    progress = Progress(
-        TextColumn("[bold]train"),
-        BarColumn(),
-        MofNCompleteColumn(),
-        TextColumn("{task.fields[info]}"),
-        TimeElapsedColumn(),
-        console=console,
-        disable=quiet,
+    console.print(
+        f"{cfg.task} ({cfg.method}): train {n_train} examples, validation {n_val}, test {n_test}; "
+        f"{total_steps} steps; trainable {n_trainable / 1e6:.2f}M of {n_total / 1e6:.1f}M parameters"
     )
-    with progress:
-        task = progress.add_task("train", total=total_steps, info="")
-        while step < total_steps:
-            if len(micro_batches) < tc.grad_accum:
-                # A new epoch: reshuffle with a seed derived from the epoch, so any run is replayable.
-                micro_batches += length_grouped_batches(lengths, tc.batch_size, tc.seed + epoch)
-                epoch += 1
-            group = [micro_batches.pop(0) for _ in range(tc.grad_accum)]
-            t0 = time.perf_counter()
-            batches = [collate([train_data[i] for i in idx], pad_id) for idx in group]
-            loss = accumulate_gradients(model, batches)
-            lr = lr_at(step, total_steps, warmup, tc.learning_rate, tc.lr_scheduler)
-            for g in opt.param_groups:
-                g["lr"] = lr
-            grad_norm = (
-                float(torch.nn.utils.clip_grad_norm_(params, tc.max_grad_norm))
-                if tc.max_grad_norm
-                else float(
-                    torch.linalg.vector_norm(
-                        torch.stack([p.grad.norm() for p in params if p.grad is not None])
-                    )
-                )
-            )
-            if not (math.isfinite(loss) and math.isfinite(grad_norm)):
-                raise TunekitError(
-                    f"step {step + 1}: the loss or gradient is not finite (loss={loss}, grad_norm={grad_norm}). "
-                    "Lower train.learning_rate or check the data for broken examples."
-                )
-            opt.step()
-            opt.zero_grad(set_to_none=True)
-            step += 1
-            n_tokens = sum(int(b["attention_mask"].sum()) for b in batches)
-            dt = time.perf_counter() - t0
-            tokens_total += n_tokens
-            t_train += dt
-            for k, v in (("loss", loss), ("n", 1), ("tokens", n_tokens), ("time", dt)):
-                window[k] += v
-            record = None
-            if step % tc.log_every == 0 or step == total_steps:
-                record = {
-                    "step": step,
-                    "epoch": round(step / steps_per_epoch, 4),
-                    "loss": window["loss"] / window["n"],
-                    "learning_rate": lr,
-                    "grad_norm": grad_norm,
-                    "tokens_per_s": window["tokens"] / window["time"],
-                }
-                window = {"loss": 0.0, "n": 0, "tokens": 0, "time": 0.0}
-            if val_data and (step % eval_every == 0 or step == total_steps):
-                last_val = evaluate_loss(model, val_data, pad_id, cfg.eval.batch_size)
-                record = record or {"step": step, "epoch": round(step / steps_per_epoch, 4)}
-                record["val_loss"] = last_val
-                if not quiet:
-                    progress.console.print(
-                        f"step {step}: train loss {loss:.4f}, validation loss {last_val:.4f}"
-                    )
-            if record:
-                with metrics_path.open("a") as f:
-                    f.write(json.dumps(record) + "\n")
-            info = f"loss {loss:.4f}  {tokens_total / t_train:.0f} tok/s"
-            progress.update(task, advance=1, info=info)
-            if not quiet and not console.is_terminal and (step % max(1, total_steps // 10) == 0):
-                # Logs and CI have no live bar: print a line at every tenth of the run instead.
-                console.print(f"step {step}/{total_steps}: {info}, {t_train:.0f}s")
 
-    adapter_dir = run_dir / "adapter"
-    _save_adapter(model, tokenizer, adapter_dir)
+
+def finish_run(cfg, run_dir, result, model_path, params, splits, t_setup, t_start, saved, quiet, **extra):
+    """Write train_summary.json and say where the model went."""
     summary = {
         "model": cfg.model,
         "model_path": str(model_path),
         "method": cfg.method,
-        "steps": step,
-        "epochs": round(step / steps_per_epoch, 4),
-        "train_examples": len(train_data),
-        "validation_examples": len(val_data),
+        "task": cfg.task,
+        "steps": result.steps,
+        "epochs": result.epochs,
+        "train_examples": len(splits["train"]),
+        "validation_examples": len(splits["validation"]),
         "test_examples": len(splits["test"]),
-        "trainable_parameters": n_trainable,
-        "final_train_loss": loss,
-        "final_val_loss": last_val,
-        "tokens": tokens_total,
-        "tokens_per_s": tokens_total / t_train,
-        "train_seconds": t_train,
+        "trainable_parameters": sum(p.numel() for p in params),
+        "final_train_loss": result.final_loss,
+        "final_val_loss": result.val.get("val_loss"),
+        "final_validation": result.val,
+        "tokens": result.tokens,
+        "tokens_per_s": result.tokens_per_s,
+        "train_seconds": result.train_seconds,
         "setup_seconds": t_setup,
         "wall_seconds": time.perf_counter() - t_start,
-    }
+        "saved": saved.name,
+    } | extra
     atomic_write_json(run_dir / "train_summary.json", summary)
     if not quiet:
+        val = ", ".join(f"{k.replace('val_', 'validation ')} {v:.4f}" for k, v in result.val.items())
         console.print(
-            f"trained {step} steps in {t_train:.0f}s ({summary['tokens_per_s']:.0f} tokens/s); "
-            f"final train loss {loss:.4f}"
-            + (f", validation loss {last_val:.4f}" if last_val is not None else "")
-            + f"; adapter -> {adapter_dir}"
+            f"trained {result.steps} steps in {result.train_seconds:.0f}s ({result.tokens_per_s:.0f} tokens/s); "
+            f"final train loss {result.final_loss:.4f}" + (f", {val}" if val else "") + f"; saved -> {saved}"
         )
-    return run_dir
-
-
-def _save_adapter(model, tokenizer, adapter_dir: Path) -> None:
-    """Save adapter + tokenizer into a temporary folder, then rename it into place."""
-    import shutil
-    import tempfile
-
-    tmp = Path(tempfile.mkdtemp(dir=adapter_dir.parent, prefix=".adapter."))
-    model.save_pretrained(tmp)
-    tokenizer.save_pretrained(tmp)
-    if adapter_dir.exists():
-        shutil.rmtree(adapter_dir)
-    tmp.rename(adapter_dir)
+    return summary
