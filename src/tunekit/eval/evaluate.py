@@ -40,11 +40,33 @@ def _contender(model, is_adapter: bool, cfg, name: str):
         del base
 
 
+# task -> (module, function) for the tasks whose evaluation is not generation: each lives in its
+# own file, and `tunekit eval RUN_DIR` picks by the run's task.
+EVALUATORS = {
+    "classify": ("tunekit.eval.classify", "evaluate_classifier"),
+    "reward": ("tunekit.eval.preference", "evaluate_preference"),
+    "dpo": ("tunekit.eval.preference", "evaluate_preference"),
+    "rl": ("tunekit.eval.preference", "evaluate_preference"),
+}
+
+
 def evaluate(run_dir: str | Path, data: str | Path | None = None, quiet: bool = False) -> dict:
-    """Evaluate base and fine-tuned on the run's test split (or `data`); writes report.json and report.md."""
-    from tunekit.data import load_examples
+    """Evaluate a run on its held-out test split (or `data`) as its task needs; writes report.json
+    and report.md. For sft: the base against the fine-tuned model, by generation."""
+    from importlib import import_module
 
     run_dir = Path(run_dir)
+    cfg = load_run_config(run_dir)
+    if cfg.task in EVALUATORS:
+        module, func = EVALUATORS[cfg.task]
+        return getattr(import_module(module), func)(run_dir, data, quiet=quiet)
+    return evaluate_generation(run_dir, data, quiet)
+
+
+def evaluate_generation(run_dir: Path, data: str | Path | None = None, quiet: bool = False) -> dict:
+    """SFT: base and fine-tuned generate for each test prompt; scored against the reference."""
+    from tunekit.data import load_examples
+
     cfg = load_run_config(run_dir)
     if data is not None:
         examples = load_examples(data, format=cfg.data.format, columns=cfg.data.columns or None)
