@@ -31,6 +31,16 @@ class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", validate_assignment=True)
 
 
+class ReplayConfig(_Strict):
+    """General data mixed into the training split (`data.replay`), so the model keeps what it knew."""
+
+    path: Path = Field(description="File of general examples (any supported format), e.g. alpaca data.")
+    ratio: float = Field(
+        0.1, gt=0, le=1, description="Replay examples added, as a share of the training examples."
+    )
+    seed: int = Field(0, description="Seed of the draw from the replay file.")
+
+
 class DataConfig(_Strict):
     """Where the examples come from."""
 
@@ -48,6 +58,10 @@ class DataConfig(_Strict):
         (0.8, 0.1, 0.1), description="train/validation/test ratios used when files are omitted."
     )
     split_seed: int = Field(42, description="Seed of that split.")
+    replay: ReplayConfig | None = Field(
+        None,
+        description="Mix general data into training against forgetting, e.g. {path: alpaca.json, ratio: 0.1}.",
+    )
 
     @field_validator("split")
     @classmethod
@@ -111,6 +125,14 @@ class TrainConfig(_Strict):
     eval_every: int | None = Field(
         None, gt=0, description="Validation loss every N steps; null: at each epoch end."
     )
+    early_stopping_patience: int | None = Field(
+        None,
+        gt=0,
+        description="Stop after N validations without a lower validation loss, and keep the best weights.",
+    )
+    init_from: Path | None = Field(
+        None, description="Start from the weights of an earlier run directory (`tunekit train --from`)."
+    )
 
 
 class EvalConfig(_Strict):
@@ -122,6 +144,22 @@ class EvalConfig(_Strict):
     )
     max_examples: int | None = Field(None, gt=0, description="Evaluate only the first N test examples.")
     show_examples: int = Field(5, ge=0, description="Side-by-side examples in report.md.")
+    few_shot: int = Field(
+        3, ge=0, description="Train examples shown to the `base_few_shot` contender; 0 leaves it out."
+    )
+    metrics: list[str] | None = Field(
+        None,
+        description="Metric names (exact_match, accuracy, macro_f1, numeric_match, rouge_l, bleu, json_valid, "
+        "field_accuracy) or 'module:function' callables; null: chosen from the references.",
+    )
+    probe: str | None = Field(
+        "builtin",
+        description="Forgetting probe: 'builtin', an MMLU-style CSV, a folder of them, or a JSONL of "
+        "{question, answer}; null turns it off.",
+    )
+    probe_max_questions: int | None = Field(
+        200, gt=0, description="Questions drawn from each probe part (multiple choice, open); null: all."
+    )
 
 
 class Config(_Strict):
@@ -203,8 +241,17 @@ def _format_errors(err: ValidationError) -> list[str]:
             problems.append(f"{dotted}: required key is missing")
         else:
             msg = e["msg"].removeprefix("Value error, ")
-            problems.append(f"{dotted}: {msg} (got {e.get('input')!r})")
+            problems.append(f"{dotted}: {msg} (got {_short_repr(e.get('input'))})")
     return problems
+
+
+def _short_repr(value: Any, limit: int = 120) -> str:
+    """A value as the user wrote it, cut short: a hostile config must not flood the terminal."""
+    try:
+        text = repr(value)
+    except (RecursionError, ValueError):
+        return f"a {type(value).__name__}"
+    return text if len(text) <= limit else text[:limit] + f"... ({len(text):,} characters)"
 
 
 def _apply_override(raw: dict[str, Any], item: str) -> str | None:
@@ -250,6 +297,12 @@ def load_config(path: str | Path, overrides: list[str] = ()) -> Config:
         raw = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
     except (yaml.YAMLError, UnicodeDecodeError) as e:
         raise ConfigError([f"not valid YAML: {e}"], str(path)) from None
+    except RecursionError:
+        raise ConfigError(["not a usable config: nested too deeply"], str(path)) from None
+    except ValueError as e:  # e.g. an integer of more than 4,300 digits
+        raise ConfigError([f"not a usable config: {e}"], str(path)) from None
+    except OSError as e:
+        raise ConfigError([f"cannot read the file ({e.strerror})"], str(path)) from None
     return config_from_dict(raw, overrides, source=str(path))
 
 
