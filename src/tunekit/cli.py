@@ -30,12 +30,25 @@ def train(
     allow_data_errors: Annotated[
         bool, typer.Option(help="Train on the rows that read; leave out (and report) rows with errors.")
     ] = False,
+    resume: Annotated[
+        bool, typer.Option(help="Continue from the newest checkpoint in the config's output_dir.")
+    ] = False,
 ) -> None:
     """Fine-tune a model as CONFIG says; writes the run directory. The data is checked first."""
     from tunekit.config import load_config
     from tunekit.train import train as train_task
 
-    train_task(load_config(config, set_ or []), allow_data_errors=allow_data_errors)
+    train_task(load_config(config, set_ or []), allow_data_errors=allow_data_errors, resume=resume)
+
+
+@app.command("resume")
+def resume_(
+    run_dir: Annotated[Path, typer.Argument(help="The run directory of an interrupted `tunekit train`.")],
+) -> None:
+    """Continue an interrupted run from its newest complete checkpoint, with its own config."""
+    from tunekit.train import resume as resume_run
+
+    resume_run(run_dir)
 
 
 @app.command("eval")
@@ -165,7 +178,7 @@ def main() -> None:
         app()
     except TunekitError as e:
         err.print(f"[bold red]error:[/] {e}", markup=True, highlight=False)
-        sys.exit(2)
+        sys.exit(getattr(e, "exit_code", 2))
     except KeyboardInterrupt:
         err.print("interrupted")
         sys.exit(130)

@@ -125,6 +125,10 @@ class TrainConfig(_Strict):
     eval_every: int | None = Field(
         None, gt=0, description="Validation loss every N steps; null: at each epoch end."
     )
+    save_steps: int | None = Field(
+        None, gt=0, description="Checkpoint every N steps (and always at the end); null: at each epoch end."
+    )
+    save_total_limit: int | None = Field(2, gt=0, description="Keep the newest N checkpoints; null: all.")
     early_stopping_patience: int | None = Field(
         None,
         gt=0,

@@ -31,3 +31,12 @@ class ConfigError(TunekitError):
 
 class ModelError(TunekitError):
     """A model spec could not be resolved or loaded."""
+
+
+class Interrupted(TunekitError):
+    """Training stopped on SIGTERM or SIGINT after saving a checkpoint; `exit_code` follows the shell
+    convention (128 + signal number)."""
+
+    def __init__(self, message: str, exit_code: int):
+        self.exit_code = exit_code
+        super().__init__(message)

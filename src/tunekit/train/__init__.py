@@ -17,7 +17,19 @@ TASKS = {
 }
 
 
-def train(cfg: Config, quiet: bool = False, allow_data_errors: bool = False) -> Path:
-    """Train as `cfg.task` and `cfg.method` say; returns the run directory."""
+def train(cfg: Config, quiet: bool = False, allow_data_errors: bool = False, resume: bool = False) -> Path:
+    """Train as `cfg.task` and `cfg.method` say; returns the run directory.
+
+    `resume` continues from the newest complete checkpoint in `cfg.output_dir`."""
     module, func = TASKS[cfg.task]
-    return getattr(import_module(module), func)(cfg, quiet=quiet, allow_data_errors=allow_data_errors)
+    kwargs = {"quiet": quiet, "allow_data_errors": allow_data_errors} | ({"resume": True} if resume else {})
+    return getattr(import_module(module), func)(cfg, **kwargs)
+
+
+def resume(run_dir: str | Path, quiet: bool = False) -> Path:
+    """Continue an interrupted run from its newest checkpoint, with the config it was started with."""
+    from tunekit.run_dir import load_run_config
+
+    cfg = load_run_config(run_dir)
+    cfg.output_dir = Path(run_dir)  # the run may have been started from another working directory
+    return train(cfg, quiet=quiet, resume=True)

@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import json
 import math
+import signal
+import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -21,8 +23,9 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 
 from tunekit.config import TrainConfig
 from tunekit.console import err as console
-from tunekit.errors import TunekitError
+from tunekit.errors import Interrupted, TunekitError
 from tunekit.train.batching import length_grouped_batches
+from tunekit.train.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
 
 
 @dataclass
@@ -84,21 +87,101 @@ def _grad_norm(params: list[torch.Tensor], max_norm: float | None) -> float:
     return float(torch.linalg.vector_norm(torch.stack(norms))) if norms else 0.0
 
 
+class _StopOnSignal:
+    """SIGTERM/SIGINT ask the loop to stop at the end of the current step (after a checkpoint); a
+    second SIGINT stops at once. Only the main thread can own signal handlers; elsewhere it is a no-op."""
+
+    def __init__(self):
+        self.signum: int | None = None
+        self._previous: dict[int, object] = {}
+
+    def _handle(self, signum, frame):
+        if self.signum == signal.SIGINT and signum == signal.SIGINT:
+            raise KeyboardInterrupt
+        self.signum = signum
+        console.print(f"[yellow]{signal.Signals(signum).name}: stopping after this step, with a checkpoint")
+
+    def __enter__(self):
+        if threading.current_thread() is threading.main_thread():
+            for sig in (signal.SIGTERM, signal.SIGINT):
+                self._previous[sig] = signal.signal(sig, self._handle)
+        return self
+
+    def __exit__(self, *exc):
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)
+
+
+def _truncate_metrics(path: Path, step: int) -> None:
+    """Keep the records up to `step`: a resumed run rewrites what came after its checkpoint."""
+    if not path.is_file():
+        path.write_text("")
+        return
+    keep = [
+        line for line in path.read_text().splitlines() if line.strip() and json.loads(line)["step"] <= step
+    ]
+    path.write_text("".join(line + "\n" for line in keep))
+
+
 def run_loop(
-    model, params: list[torch.Tensor], recipe: Recipe, tc: TrainConfig, run_dir: Path, quiet: bool = False
+    model,
+    params: list[torch.Tensor],
+    recipe: Recipe,
+    tc: TrainConfig,
+    run_dir: Path,
+    quiet: bool = False,
+    resume: bool = False,
 ) -> LoopResult:
-    """Train `params` of `model` on `recipe` as `tc` says; logs to run_dir/metrics.jsonl."""
+    """Train `params` of `model` on `recipe` as `tc` says; logs to run_dir/metrics.jsonl.
+
+    Checkpoints go to run_dir/checkpoints every `tc.save_steps` (default: each epoch) and at the end.
+    With `resume`, the newest complete checkpoint restores the weights, optimizer, RNGs and data
+    order, so the losses after it equal an uninterrupted run's.
+    """
     steps_per_epoch, total_steps = plan_steps(len(recipe.train), tc)
     warmup = int(tc.warmup_ratio * total_steps)
     eval_every = tc.eval_every or steps_per_epoch
     opt = torch.optim.AdamW(params, lr=tc.learning_rate, weight_decay=tc.weight_decay)
 
     metrics_path = run_dir / "metrics.jsonl"
-    metrics_path.write_text("")
-    micro_batches: list[list[int]] = []
+    step_groups: list[list[int]] = []
     epoch = step = tokens_total = 0
     t_train, loss, last_val = 0.0, float("nan"), {}
     window: dict[str, float] = {"loss": 0.0, "n": 0, "tokens": 0, "time": 0.0}
+    ckpt = latest_checkpoint(run_dir) if resume else None
+    if ckpt is not None:
+        state = load_checkpoint(ckpt, model, opt)
+        step, epoch, step_groups = state["step"], state["epoch"], state["step_groups"]
+        tokens_total, t_train, loss, last_val = state["tokens"], state["seconds"], state["loss"], state["val"]
+        window = state["window"]
+        _truncate_metrics(metrics_path, step)
+        if state["total_steps"] != total_steps:
+            console.print(
+                f"[yellow]resume: the run was planned for {state['total_steps']} steps, now {total_steps}; "
+                "the learning-rate schedule follows the new plan"
+            )
+        if not quiet:
+            console.print(f"resuming from {ckpt} (step {step} of {total_steps})")
+    else:
+        if resume and not quiet:
+            console.print(f"resume: no checkpoint in {run_dir / 'checkpoints'}; starting at step 0")
+        metrics_path.write_text("")
+    save_every = tc.save_steps or steps_per_epoch
+
+    def checkpoint() -> Path:
+        state = {
+            "step": step,
+            "epoch": epoch,
+            "step_groups": step_groups,
+            "total_steps": total_steps,
+            "tokens": tokens_total,
+            "seconds": t_train,
+            "loss": loss,
+            "val": last_val,
+            "window": window,
+        }
+        return save_checkpoint(run_dir, model, opt, state, tc.save_total_limit)
+
     progress = Progress(
         TextColumn("[bold]train"),
         BarColumn(),
@@ -108,14 +191,19 @@ def run_loop(
         console=console,
         disable=quiet,
     )
-    with progress:
-        bar = progress.add_task("train", total=total_steps, info="")
+    with _StopOnSignal() as stop, progress:
+        bar = progress.add_task("train", total=total_steps, completed=step, info="")
         while step < total_steps:
-            if len(micro_batches) < tc.grad_accum:
+            if not step_groups:
                 # A new epoch: reshuffle with a seed derived from the epoch, so any run is replayable.
-                micro_batches += length_grouped_batches(recipe.lengths, tc.batch_size, tc.seed + epoch)
+                # Groups are formed per optimizer step and then cut into micro-batches, so batch 8 x
+                # accumulation 1 and batch 1 x accumulation 8 see the same examples at each step.
+                step_groups = length_grouped_batches(
+                    recipe.lengths, tc.batch_size * tc.grad_accum, tc.seed + epoch
+                )
                 epoch += 1
-            group = [micro_batches.pop(0) for _ in range(tc.grad_accum)]
+            idx = step_groups.pop(0)
+            group = [idx[i : i + tc.batch_size] for i in range(0, len(idx), tc.batch_size)]
             t0 = time.perf_counter()
             batches = [recipe.collate([recipe.train[i] for i in idx]) for idx in group]
             loss, extra = recipe.step(model, batches)
@@ -171,6 +259,15 @@ def run_loop(
             if not quiet and not console.is_terminal and (step % max(1, total_steps // 10) == 0):
                 # Logs and CI have no live bar: print a line at every tenth of the run instead.
                 console.print(f"step {step}/{total_steps}: {info}, {t_train:.0f}s")
+            if step % save_every == 0 or step == total_steps or stop.signum:
+                saved = checkpoint()
+                if stop.signum:
+                    raise Interrupted(
+                        f"{signal.Signals(stop.signum).name} at step {step} of {total_steps}: checkpoint "
+                        f"saved to {saved}. Resume with `tunekit resume {run_dir}` "
+                        "(or `tunekit train CONFIG --resume`).",
+                        exit_code=128 + stop.signum,
+                    )
 
     return LoopResult(
         steps=step,

@@ -22,7 +22,7 @@ from tunekit.data.tokenize import IGNORE_INDEX, TokenizedExample, tokenize_examp
 from tunekit.errors import DataError, TunekitError
 from tunekit.io import atomic_write_json
 from tunekit.models import load_tokenizer, resolve_model
-from tunekit.run_dir import create_run_dir, prepare_splits
+from tunekit.run_dir import SPLITS, create_run_dir, prepare_splits, read_split
 from tunekit.train.batching import collate, sequential_batches
 from tunekit.train.loop import Recipe, lr_at, plan_steps, run_loop  # noqa: F401  (lr_at: re-exported)
 from tunekit.train.loss import loss_sum
@@ -107,14 +107,14 @@ def check_before_training(cfg: Config, allow_data_errors: bool, quiet: bool) -> 
         console.print(f"[yellow]--allow-data-errors: training without {report.rejected} rejected rows")
 
 
-def train_sft(cfg: Config, quiet: bool = False, allow_data_errors: bool = False) -> Path:
+def train_sft(cfg: Config, quiet: bool = False, allow_data_errors: bool = False, resume: bool = False) -> Path:
     """Fine-tune `cfg.model` (full, LoRA, DoRA or QLoRA) on `cfg.data`; returns the run directory.
 
     The data is checked first (as `tunekit data check` does); rows with errors stop the run
     unless `allow_data_errors`, in which case they are left out and reported.
     """
     t_start = time.perf_counter()
-    run_dir, splits = start_run(cfg, quiet, allow_data_errors)
+    run_dir, splits = start_run(cfg, quiet, allow_data_errors, resume)
 
     model_path = resolve_model(cfg.model)
     tokenizer = load_tokenizer(model_path)
@@ -136,16 +136,22 @@ def train_sft(cfg: Config, quiet: bool = False, allow_data_errors: bool = False)
         validate=lambda m, data: {"val_loss": evaluate_loss(m, data, pad_id, cfg.eval.batch_size)},
     )
     announce(cfg, model, params, len(train_data), len(val_data), len(splits["test"]), quiet)
-    result = run_loop(model, params, recipe, tc, run_dir, quiet)
+    result = run_loop(model, params, recipe, tc, run_dir, quiet, resume=resume)
     saved = save_trained(model, tokenizer, run_dir, cfg.method)
     finish_run(cfg, run_dir, result, model_path, params, splits, t_setup, t_start, saved, quiet)
     return run_dir
 
 
-def start_run(cfg: Config, quiet: bool, allow_data_errors: bool) -> tuple[Path, dict]:
-    """Seed, check the data, create the run directory and write the splits: the start of every task."""
+def start_run(cfg: Config, quiet: bool, allow_data_errors: bool, resume: bool = False) -> tuple[Path, dict]:
+    """Seed, check the data, create the run directory and write the splits: the start of every task.
+
+    A resumed run reads back the splits it wrote when it started, so it trains on exactly the same
+    examples even if the source files moved or changed since."""
     random.seed(cfg.train.seed)
     torch.manual_seed(cfg.train.seed)
+    if resume and (Path(cfg.output_dir) / "data" / "manifest.json").is_file():
+        run_dir = Path(cfg.output_dir)
+        return run_dir, {s: read_split(run_dir, s) for s in SPLITS}
     check_before_training(cfg, allow_data_errors, quiet)
     run_dir = create_run_dir(cfg)
     splits = prepare_splits(cfg, run_dir, allow_errors=allow_data_errors)

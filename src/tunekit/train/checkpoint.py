@@ -1,0 +1,161 @@
+"""Checkpoints that survive any interruption, and exact resume from them.
+
+run_dir/checkpoints/step-000120/
+    trainable.safetensors   the parameters that train (the adapter, or every weight for full)
+    optimizer.pt            AdamW state (moments and step counts)
+    rng.pt                  Python, NumPy and torch RNG states (dropout masks replay exactly)
+    state.json              step, epoch, the data order still to come, loop counters
+
+A checkpoint is written into a temporary folder, every file fsynced, then renamed into place and
+the parent fsynced: a rename is atomic, so a process killed at any moment leaves either a complete
+checkpoint or a hidden temporary folder that resume ignores (and the next save clears). Only the
+newest `save_total_limit` checkpoints are kept.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import re
+import shutil
+import tempfile
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from tunekit.errors import TunekitError
+
+CHECKPOINTS = "checkpoints"
+_NAME = re.compile(r"^step-(\d+)$")
+
+
+def _fsync_dir(path: Path) -> None:
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:  # some filesystems do not allow opening a directory; the rename still holds
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+def trainable_state(model) -> dict[str, torch.Tensor]:
+    """The parameters that train, by name, as contiguous CPU tensors."""
+    return {
+        name: p.detach().to("cpu").contiguous().clone()
+        for name, p in model.named_parameters()
+        if p.requires_grad
+    }
+
+
+def rng_state() -> tuple[dict, dict[str, torch.Tensor]]:
+    """(JSON-able Python/NumPy states, torch states as tensors): both load without unpickling code."""
+    version, internal, gauss = random.getstate()
+    kind, keys, pos, has_gauss, cached = np.random.get_state()
+    plain = {
+        "python": [version, list(internal), gauss],
+        "numpy": [kind, keys.tolist(), int(pos), int(has_gauss), float(cached)],
+    }
+    tensors = {"torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        tensors |= {f"cuda{i}": s for i, s in enumerate(torch.cuda.get_rng_state_all())}
+    return plain, tensors
+
+
+def set_rng_state(plain: dict, tensors: dict[str, torch.Tensor]) -> None:
+    version, internal, gauss = plain["python"]
+    random.setstate((version, tuple(internal), gauss))
+    kind, keys, pos, has_gauss, cached = plain["numpy"]
+    np.random.set_state((kind, np.array(keys, dtype=np.uint32), pos, has_gauss, cached))
+    torch.set_rng_state(tensors["torch"])
+    cuda = [tensors[k] for k in sorted(k for k in tensors if k.startswith("cuda"))]
+    if cuda and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(cuda)
+
+
+def save_checkpoint(run_dir: Path, model, optimizer, state: dict, total_limit: int | None = 2) -> Path:
+    """Write a complete checkpoint for `state["step"]` atomically; prune older ones. Returns its path."""
+    from safetensors.torch import save_file
+
+    root = Path(run_dir) / CHECKPOINTS
+    root.mkdir(parents=True, exist_ok=True)
+    for stale in root.glob(".tmp-*"):  # left by a process killed while saving
+        shutil.rmtree(stale, ignore_errors=True)
+    target = root / f"step-{state['step']:06d}"
+    tmp = Path(tempfile.mkdtemp(dir=root, prefix=".tmp-"))
+    try:
+        save_file(trainable_state(model), tmp / "trainable.safetensors")
+        torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
+        plain_rng, tensor_rng = rng_state()
+        torch.save(tensor_rng, tmp / "rng.pt")
+        (tmp / "state.json").write_text(json.dumps(state | {"rng": plain_rng}))
+        for f in tmp.iterdir():
+            with open(f, "rb") as fh:
+                os.fsync(fh.fileno())
+        if target.exists():
+            shutil.rmtree(target)
+        os.replace(tmp, target)
+        _fsync_dir(root)
+    except OSError as e:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise TunekitError(
+            f"{target}: cannot write the checkpoint ({e.strerror or e}); free disk space in {root.parent} "
+            "or set output_dir elsewhere. The last complete checkpoint is unchanged."
+        ) from None
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    if total_limit:
+        for old in list_checkpoints(run_dir)[:-total_limit]:
+            shutil.rmtree(old, ignore_errors=True)
+    return target
+
+
+def list_checkpoints(run_dir: Path) -> list[Path]:
+    """Complete checkpoints, oldest first (temporary folders of an interrupted save are not listed)."""
+    root = Path(run_dir) / CHECKPOINTS
+    if not root.is_dir():
+        return []
+    found = [(int(m.group(1)), p) for p in root.iterdir() if (m := _NAME.match(p.name)) and p.is_dir()]
+    return [p for _, p in sorted(found)]
+
+
+def latest_checkpoint(run_dir: Path) -> Path | None:
+    ckpts = list_checkpoints(run_dir)
+    return ckpts[-1] if ckpts else None
+
+
+def load_checkpoint(path: Path, model, optimizer) -> dict:
+    """Restore the trainable parameters, the optimizer and the RNGs from `path`; returns its state."""
+    from safetensors.torch import load_file
+
+    path = Path(path)
+    try:
+        weights = load_file(path / "trainable.safetensors")
+        opt_state = torch.load(path / "optimizer.pt", weights_only=True)
+        tensor_rng = torch.load(path / "rng.pt", weights_only=True)
+        state = json.loads((path / "state.json").read_text())
+    except (OSError, ValueError, RuntimeError, KeyError) as e:
+        raise TunekitError(
+            f"{path}: the checkpoint cannot be read ({e}); delete it to resume from the one before"
+        ) from None
+    params = dict(model.named_parameters())
+    missing = [n for n, p in params.items() if p.requires_grad and n not in weights]
+    unknown = [n for n in weights if n not in params]
+    if missing or unknown:
+        raise TunekitError(
+            f"{path}: the checkpoint does not match the model this config builds "
+            f"({len(missing)} parameters missing, {len(unknown)} unknown, e.g. {(missing or unknown)[0]}); "
+            "resume with the config the run was started with"
+        )
+    with torch.no_grad():
+        for name, value in weights.items():
+            params[name].copy_(value.to(params[name].device, params[name].dtype))
+    optimizer.load_state_dict(opt_state)
+    set_rng_state(state.pop("rng"), tensor_rng)
+    return state
