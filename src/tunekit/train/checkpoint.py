@@ -132,6 +132,7 @@ def latest_checkpoint(run_dir: Path) -> Path | None:
 
 def load_checkpoint(path: Path, model, optimizer) -> dict:
     """Restore the trainable parameters, the optimizer and the RNGs from `path`; returns its state."""
+    from safetensors import SafetensorError
     from safetensors.torch import load_file
 
     path = Path(path)
@@ -140,7 +141,7 @@ def load_checkpoint(path: Path, model, optimizer) -> dict:
         opt_state = torch.load(path / "optimizer.pt", weights_only=True)
         tensor_rng = torch.load(path / "rng.pt", weights_only=True)
         state = json.loads((path / "state.json").read_text())
-    except (OSError, ValueError, RuntimeError, KeyError) as e:
+    except (OSError, ValueError, RuntimeError, KeyError, SafetensorError) as e:
         raise TunekitError(
             f"{path}: the checkpoint cannot be read ({e}); delete it to resume from the one before"
         ) from None
