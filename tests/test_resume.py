@@ -247,3 +247,41 @@ def test_sigterm_to_a_real_process_exits_cleanly(tiny_model_dir, chat_file, tmp_
     assert "Traceback" not in out
     assert "tunekit resume" in out
     assert latest_checkpoint(tmp_path / "run") is not None
+
+
+def test_too_little_disk_space_is_refused_before_training(tmp_path):
+    from tunekit.train.checkpoint import ensure_free_space
+
+    ensure_free_space(tmp_path, 1)
+    with pytest.raises(TunekitError, match="MiB free"):
+        ensure_free_space(tmp_path, 2**62)
+
+
+def test_a_full_disk_while_checkpointing_fails_cleanly(tiny_model_dir, chat_file, tmp_path):
+    """A file-size limit makes the checkpoint write fail like a full disk would (EFBIG instead of
+    ENOSPC): a clear error, exit 2, and no checkpoint that looks complete but is not."""
+    import resource
+
+    def limit():
+        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # get an OSError instead of being killed
+        resource.setrlimit(resource.RLIMIT_FSIZE, (20 * 2**20, 20 * 2**20))
+
+    cfg_path = tmp_path / "c.yaml"
+    cfg_path.write_text(
+        json.dumps(
+            {
+                "model": str(tiny_model_dir),
+                "method": "full",  # about 13 MB of weights and 25 MB of optimizer state per checkpoint
+                "data": {"train": str(chat_file)},
+                "train": {"max_steps": 2, "batch_size": 4, "save_steps": 1},
+                "output_dir": str(tmp_path / "run"),
+            }
+        )
+    )
+    proc = _tunekit("train", cfg_path, preexec_fn=limit)
+    out, _ = proc.communicate(timeout=300)
+    assert proc.returncode == 2, out
+    assert "Traceback" not in out
+    assert "cannot write the checkpoint" in out
+    assert list_checkpoints(tmp_path / "run") == []
+    assert not list((tmp_path / "run" / "checkpoints").glob(".tmp-*"))

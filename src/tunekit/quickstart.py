@@ -76,6 +76,11 @@ def print_comparison(report: dict) -> None:
     table.add_column("metric")
     for name in c:
         table.add_column(name, justify="right")
-    for m in c["base"]:
-        table.add_row(m, *(f"{c[n][m]:.4f}" if isinstance(c[n][m], float) else str(c[n][m]) for n in c))
+    metrics = dict.fromkeys(m for n in c for m, v in c[n].items() if isinstance(v, int | float | str))
+
+    def cell(v) -> str:
+        return "-" if v is None else f"{v:.4f}" if isinstance(v, float) else str(v)
+
+    for m in metrics:
+        table.add_row(m, *(cell(c[n].get(m)) for n in c))
     console.print(table)

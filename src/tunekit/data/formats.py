@@ -11,6 +11,7 @@ identify each, in detection order:
                           "rejected": "\\n\\nHuman: 2+2?\\n\\nAssistant: 5"}
     sharegpt             {"conversations": [{"from": "human", "value": "2+2?"}, {"from": "gpt", "value": "4"}]}
     chat                 {"messages": [{"role": "user", "content": "2+2?"}, {"role": "assistant", "content": "4"}]}
+                         (plus "rejected": [{"role": "assistant", ...}] in tunekit's canonical pair form)
     prompt_completion    {"prompt": "2+2=", "completion": "4"}
     alpaca               {"instruction": "Add the numbers.", "input": "2, 2", "output": "4"}
     classification       {"text": "Where is my card?", "label": "card_arrival"}
@@ -66,7 +67,11 @@ def chat(record: dict[str, Any]) -> Example:
     _check_conversation(turns, [f"messages[{i}].role" for i in range(len(turns))], "messages")
     _no_tools(record)
     label = record.get("label")
-    return Example(messages=tuple(turns), label=None if label is None else _label(label, "label"))
+    # `rejected`: the canonical form of a preference pair, as run directories store their splits.
+    rejected = tuple(_message_list(record["rejected"], "rejected")) if "rejected" in record else None
+    return Example(
+        messages=tuple(turns), label=None if label is None else _label(label, "label"), rejected=rejected
+    )
 
 
 def _message_list(value: Any, field: str, expected: str = _MESSAGES) -> list[Message]:

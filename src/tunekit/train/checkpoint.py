@@ -101,10 +101,11 @@ def save_checkpoint(run_dir: Path, model, optimizer, state: dict, total_limit: i
             shutil.rmtree(target)
         os.replace(tmp, target)
         _fsync_dir(root)
-    except OSError as e:
+    except (OSError, RuntimeError) as e:  # torch.save reports a failed write as a RuntimeError
         shutil.rmtree(tmp, ignore_errors=True)
+        why = getattr(e, "strerror", None) or (str(e).splitlines() or [type(e).__name__])[0]
         raise TunekitError(
-            f"{target}: cannot write the checkpoint ({e.strerror or e}); free disk space in {root.parent} "
+            f"{target}: cannot write the checkpoint ({why}); free disk space in {root.parent} "
             "or set output_dir elsewhere. The last complete checkpoint is unchanged."
         ) from None
     except BaseException:
@@ -114,6 +115,22 @@ def save_checkpoint(run_dir: Path, model, optimizer, state: dict, total_limit: i
         for old in list_checkpoints(run_dir)[:-total_limit]:
             shutil.rmtree(old, ignore_errors=True)
     return target
+
+
+def checkpoint_bytes(params) -> int:
+    """Size of one checkpoint: the trainable weights plus AdamW's two moments for each."""
+    return 3 * sum(p.numel() * p.element_size() for p in params)
+
+
+def ensure_free_space(run_dir: Path, need: int) -> None:
+    """Refuse to start when the run directory's disk cannot hold the checkpoints and final model."""
+    free = shutil.disk_usage(run_dir).free
+    if free < need:
+        raise TunekitError(
+            f"output_dir: {run_dir} has {free / 2**20:,.0f} MiB free, but this run's checkpoints and model "
+            f"need about {need / 2**20:,.0f} MiB; free space, lower train.save_total_limit, or set "
+            "output_dir on a bigger disk"
+        )
 
 
 def list_checkpoints(run_dir: Path) -> list[Path]:

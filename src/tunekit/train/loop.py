@@ -24,8 +24,15 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from tunekit.config import TrainConfig
 from tunekit.console import err as console
 from tunekit.errors import Interrupted, TunekitError
+from tunekit.train import trackers
 from tunekit.train.batching import length_grouped_batches
-from tunekit.train.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
+from tunekit.train.checkpoint import (
+    checkpoint_bytes,
+    ensure_free_space,
+    latest_checkpoint,
+    load_checkpoint,
+    save_checkpoint,
+)
 
 
 @dataclass
@@ -55,6 +62,9 @@ class LoopResult:
     val: dict[str, float]
     tokens: int
     train_seconds: float
+    stopped_early: bool = False  # train.early_stopping_patience ended the run
+    best_step: int | None = None  # lowest validation loss: its weights are kept when stopping early
+    best_val_loss: float | None = None
 
     @property
     def tokens_per_s(self) -> float:
@@ -147,6 +157,7 @@ def run_loop(
     step_groups: list[list[int]] = []
     epoch = step = tokens_total = 0
     t_train, loss, last_val = 0.0, float("nan"), {}
+    stopper = EarlyStopping(params, tc.early_stopping_patience)
     window: dict[str, float] = {"loss": 0.0, "n": 0, "tokens": 0, "time": 0.0}
     ckpt = latest_checkpoint(run_dir) if resume else None
     if ckpt is not None:
@@ -167,6 +178,8 @@ def run_loop(
             console.print(f"resume: no checkpoint in {run_dir / 'checkpoints'}; starting at step 0")
         metrics_path.write_text("")
     save_every = tc.save_steps or steps_per_epoch
+    # The kept checkpoints, one being written, and the final model: check the room before step 1.
+    ensure_free_space(run_dir, checkpoint_bytes(params) * ((tc.save_total_limit or total_steps) + 2))
 
     def checkpoint() -> Path:
         state = {
@@ -251,9 +264,12 @@ def run_loop(
                         f"{k.replace('val_', 'validation ')} {v:.4f}" for k, v in last_val.items()
                     )
                     progress.console.print(f"step {step}: train loss {loss:.4f}, {shown}")
+                if "val_loss" in last_val and stopper.update(step, last_val["val_loss"], loss) and not quiet:
+                    progress.console.print(f"[yellow]{stopper.warning}")
             if record:
                 with metrics_path.open("a") as f:
                     f.write(json.dumps(record) + "\n")
+                trackers.log_metrics(run_dir, record, total_steps)  # registry, TensorBoard, MLflow
             info = f"loss {loss:.4f}  {tokens_total / t_train:.0f} tok/s"
             progress.update(bar, advance=1, info=info)
             if not quiet and not console.is_terminal and (step % max(1, total_steps // 10) == 0):
@@ -268,7 +284,15 @@ def run_loop(
                         "(or `tunekit train CONFIG --resume`).",
                         exit_code=128 + stop.signum,
                     )
+            if stopper.should_stop:
+                if not quiet:
+                    progress.console.print(
+                        f"early stopping: no lower validation loss in {tc.early_stopping_patience} "
+                        f"validations; keeping the weights of step {stopper.best_step}"
+                    )
+                break
 
+    stopper.restore_best()
     return LoopResult(
         steps=step,
         epochs=round(step / steps_per_epoch, 4),
@@ -277,4 +301,53 @@ def run_loop(
         val=last_val,
         tokens=tokens_total,
         train_seconds=t_train,
+        stopped_early=stopper.should_stop,
+        best_step=stopper.best_step,
+        best_val_loss=stopper.best,
     )
+
+
+class EarlyStopping:
+    """Tracks the best validation loss; with `patience` set, snapshots the trainable weights at each
+    new best and says when `patience` validations in a row brought no improvement.
+
+    The snapshot is of the trainable parameters only (a LoRA adapter is a few MB; for a full
+    fine-tune they are every weight), copied to CPU. It also notices overfitting (validation loss
+    rising while training loss falls) and warns once. A resumed run starts tracking afresh.
+    """
+
+    def __init__(self, params: list[torch.Tensor], patience: int | None):
+        self.params, self.patience = params, patience
+        self.best, self.best_step, self.bad, self.snapshot = None, None, 0, None
+        self.prev: tuple[float, float] | None = None  # (val loss, train loss) at the last validation
+        self.warning, self.warned = "", False
+
+    def update(self, step: int, val_loss: float, train_loss: float) -> bool:
+        """Record a validation; returns True when an overfitting warning should be shown now."""
+        if self.best is None or val_loss < self.best:
+            self.best, self.best_step, self.bad = val_loss, step, 0
+            if self.patience:
+                self.snapshot = [p.detach().to("cpu", copy=True) for p in self.params]
+        else:
+            self.bad += 1
+        show = False
+        if self.prev and val_loss > self.prev[0] and train_loss < self.prev[1] and not self.warned:
+            self.warning = (
+                f"step {step}: validation loss rose ({self.prev[0]:.4f} -> {val_loss:.4f}) while training "
+                f"loss fell ({self.prev[1]:.4f} -> {train_loss:.4f}): the model may be overfitting; consider "
+                "train.early_stopping_patience or fewer epochs"
+            )
+            self.warned = show = True
+        self.prev = (val_loss, train_loss)
+        return show
+
+    @property
+    def should_stop(self) -> bool:
+        return bool(self.patience) and self.bad >= self.patience
+
+    @torch.no_grad()
+    def restore_best(self) -> None:
+        """Put the best validation step's weights back (only when patience is set)."""
+        if self.snapshot is not None and self.bad:
+            for p, saved in zip(self.params, self.snapshot, strict=True):
+                p.copy_(saved.to(p.device))

@@ -18,11 +18,13 @@ import torch
 
 from tunekit.config import Config
 from tunekit.console import err as console
+from tunekit.data.replay import mix_replay
 from tunekit.data.tokenize import IGNORE_INDEX, TokenizedExample, tokenize_example
 from tunekit.errors import DataError, TunekitError
 from tunekit.io import atomic_write_json
 from tunekit.models import load_tokenizer, resolve_model
 from tunekit.run_dir import SPLITS, create_run_dir, prepare_splits, read_split
+from tunekit.train import trackers
 from tunekit.train.batching import collate, sequential_batches
 from tunekit.train.loop import Recipe, lr_at, plan_steps, run_loop  # noqa: F401  (lr_at: re-exported)
 from tunekit.train.loss import loss_sum
@@ -119,10 +121,16 @@ def train_sft(cfg: Config, quiet: bool = False, allow_data_errors: bool = False,
     model_path = resolve_model(cfg.model)
     tokenizer = load_tokenizer(model_path)
     model, params = build_model(cfg, model_path)
+    if cfg.train.init_from is not None and not resume:
+        init_from_run(model, cfg.train.init_from, cfg.method, quiet)
     t_setup = time.perf_counter() - t_start
 
     tc = cfg.train
-    train_data = tokenize_all(tokenizer, splits["train"], tc.max_length, "train")
+    # data.replay: general examples join the training examples only (the split files stay the task's).
+    train_examples, n_replay = mix_replay(splits["train"], cfg.data.replay)
+    if n_replay and not quiet:
+        console.print(f"replay: {n_replay} examples from {cfg.data.replay.path} mixed into training")
+    train_data = tokenize_all(tokenizer, train_examples, tc.max_length, "train")
     val_data = tokenize_all(tokenizer, splits["validation"], tc.max_length, "validation")
     if not train_data:
         raise TunekitError("data.train: no example has target tokens within train.max_length")
@@ -138,8 +146,44 @@ def train_sft(cfg: Config, quiet: bool = False, allow_data_errors: bool = False,
     announce(cfg, model, params, len(train_data), len(val_data), len(splits["test"]), quiet)
     result = run_loop(model, params, recipe, tc, run_dir, quiet, resume=resume)
     saved = save_trained(model, tokenizer, run_dir, cfg.method)
-    finish_run(cfg, run_dir, result, model_path, params, splits, t_setup, t_start, saved, quiet)
+    summary_extra = {"replay_examples": n_replay}
+    finish_run(
+        cfg, run_dir, result, model_path, params, splits, t_setup, t_start, saved, quiet, **summary_extra
+    )
     return run_dir
+
+
+def init_from_run(model, run_dir: Path, method: str, quiet: bool) -> None:
+    """`tunekit train --from RUN_DIR`: start from an earlier run's trained weights (its adapter, or
+    its full model), to continue on new data. The methods must match."""
+    from safetensors.torch import load_file
+
+    run_dir = Path(run_dir)
+    adapter = run_dir / "adapter" / "adapter_model.safetensors"
+    full = sorted((run_dir / "model").glob("*.safetensors"))
+    if method == "full" and full:
+        state = {}
+        for f in full:
+            state |= load_file(f)
+        missing, unexpected = model.load_state_dict(state, strict=False)
+        if unexpected or len(missing) > 1:  # a tied lm_head may be absent from the file
+            raise TunekitError(
+                f"train.init_from: {run_dir}/model does not fit this model ({unexpected[:3] or missing[:3]})"
+            )
+    elif method != "full" and adapter.is_file():
+        from peft import set_peft_model_state_dict
+
+        result = set_peft_model_state_dict(model, load_file(adapter))
+        if getattr(result, "unexpected_keys", None):
+            raise TunekitError(
+                f"train.init_from: the adapter of {run_dir} does not fit this config's LoRA settings "
+                f"(unexpected {result.unexpected_keys[:3]}); use the same lora.r and target_modules"
+            )
+    else:
+        want = "model/ (a full fine-tune)" if method == "full" else "adapter/ (a LoRA run)"
+        raise TunekitError(f"train.init_from: {run_dir} has no {want}; --from needs a run of the same method")
+    if not quiet:
+        console.print(f"starting from the weights of {run_dir}")
 
 
 def start_run(cfg: Config, quiet: bool, allow_data_errors: bool, resume: bool = False) -> tuple[Path, dict]:
@@ -151,9 +195,11 @@ def start_run(cfg: Config, quiet: bool, allow_data_errors: bool, resume: bool = 
     torch.manual_seed(cfg.train.seed)
     if resume and (Path(cfg.output_dir) / "data" / "manifest.json").is_file():
         run_dir = Path(cfg.output_dir)
+        trackers.start_run(run_dir, cfg, resume=True)
         return run_dir, {s: read_split(run_dir, s) for s in SPLITS}
     check_before_training(cfg, allow_data_errors, quiet)
     run_dir = create_run_dir(cfg)
+    trackers.start_run(run_dir, cfg)  # registry (tunekit runs / ui), TensorBoard, MLflow
     splits = prepare_splits(cfg, run_dir, allow_errors=allow_data_errors)
     if not splits["train"]:
         raise TunekitError(f"data.train: {cfg.data.train} leaves no training examples after the split")
@@ -168,7 +214,7 @@ def announce(cfg: Config, model, params, n_train: int, n_val: int, n_test: int, 
     n_total = sum(p.numel() for p in model.parameters())
     console.print(
         f"{cfg.task} ({cfg.method}): train {n_train} examples, validation {n_val}, test {n_test}; "
-        f"{total_steps} steps; trainable {n_trainable / 1e6:.2f}M of {n_total / 1e6:.1f}M parameters"
+        f"{total_steps} steps; trainable {n_trainable / 1e6:.2f}M of {n_total / 1e6:.2f}M parameters"
     )
 
 
@@ -194,8 +240,12 @@ def finish_run(cfg, run_dir, result, model_path, params, splits, t_setup, t_star
         "setup_seconds": t_setup,
         "wall_seconds": time.perf_counter() - t_start,
         "saved": saved.name,
+        "stopped_early": getattr(result, "stopped_early", False),
+        "best_step": getattr(result, "best_step", None),
+        "best_val_loss": getattr(result, "best_val_loss", None),
     } | extra
     atomic_write_json(run_dir / "train_summary.json", summary)
+    trackers.finish_run(run_dir, summary, saved)
     if not quiet:
         val = ", ".join(f"{k.replace('val_', 'validation ')} {v:.4f}" for k, v in result.val.items())
         console.print(

@@ -1,0 +1,314 @@
+"""`tunekit eval RUN_DIR` for preference runs (task reward, dpo, rl), on the held-out test pairs.
+
+- reward: the reward model's pairwise accuracy (chosen scores higher; ties are wrong) and mean
+  margin r(chosen) - r(rejected).
+- dpo, rl: the policy against its reference (dpo: the base model; rl: the SFT policy RL started
+  from). Preference accuracy: how often the implicit reward beta * log(policy / reference) of the
+  chosen answer beats the rejected one's (beta: dpo.beta, or rl.kl_coef). Win rate: policy and
+  reference answer each test prompt (greedy, short), a reward model scores both, and the win rate
+  is the share where the policy's answer scores higher (ties count half). The reward model is the
+  rl run's reward stage; for dpo it is `rl.reward_model` of the config or the `reward_model`
+  argument, and without one the report says the win rate was not measured.
+
+Writes report.json (`task_metric`, `n_test`, `contenders`), report.md and predictions.json.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+from tunekit.console import err as console
+from tunekit.data.example import Example, Message
+from tunekit.errors import TunekitError
+from tunekit.eval.generate import generate
+from tunekit.eval.report import comparison_table
+from tunekit.io import atomic_write_json, atomic_write_text
+from tunekit.run_dir import load_run_config, read_split
+from tunekit.train.dpo import compute_reference_logps, evaluate_pairs, reference, split_pair, tokenize_pairs
+from tunekit.train.setup import ADAPTER_DIR, MODEL_DIR, load_base, load_trained
+
+
+def evaluate_preference(
+    run_dir: str | Path,
+    data: str | Path | None = None,
+    quiet: bool = False,
+    reward_model: str | Path | None = None,
+) -> dict:
+    """Evaluate a reward, dpo or rl run on its test pairs (or the pairs in `data`); writes
+    report.json, report.md and predictions.json into the run directory and returns the report."""
+    run_dir = Path(run_dir)
+    cfg = load_run_config(run_dir)
+    examples = _test_pairs(run_dir, cfg, data)
+    t0 = time.perf_counter()
+    if cfg.task == "reward":
+        report, rows = _reward_report(run_dir, cfg, examples)
+    elif cfg.task in ("dpo", "rl"):
+        report, rows = _policy_report(run_dir, cfg, examples, reward_model, quiet)
+    else:
+        raise TunekitError(
+            f"{run_dir}: a task: {cfg.task} run; preference evaluation is for reward, dpo and rl"
+        )
+    report = {
+        "task": cfg.task,
+        "task_metric": report.pop("task_metric"),
+        "n_test": len(examples),
+        "test_data": str(data) if data is not None else str(run_dir / "data" / "test.jsonl"),
+        "seconds": time.perf_counter() - t0,
+    } | report
+    atomic_write_json(run_dir / "report.json", report)
+    atomic_write_json(run_dir / "predictions.json", rows)
+    _write_markdown(run_dir, report, rows, cfg.eval.show_examples)
+    if not quiet:
+        console.print(f"eval {cfg.task}: {report['contenders']} ({report['seconds']:.0f}s)")
+    return report
+
+
+def _test_pairs(run_dir: Path, cfg, data) -> list[Example]:
+    from tunekit.data import load_examples
+    from tunekit.train.reward import require_pairs
+
+    if data is not None:
+        examples = load_examples(data, format=cfg.data.format, columns=cfg.data.columns or None)
+    else:
+        examples = _read_pair_split(run_dir, "test")
+    examples = examples[: cfg.eval.max_examples] if cfg.eval.max_examples else examples
+    if not examples:
+        raise TunekitError(f"{run_dir}: the test split is empty; pass --data FILE or set data.split")
+    require_pairs(examples, "test")
+    return examples
+
+
+def _read_pair_split(run_dir: Path, name: str) -> list[Example]:
+    """A split as training saw it, rejected answers included (run_dir.read_split reads the files as
+    plain chat, which has no `rejected`)."""
+    import json
+
+    read_split(run_dir, name)  # its checks and errors for a missing split
+    path = run_dir / "data" / f"{name}.jsonl"
+    out = []
+    for i, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
+        if line.strip():
+            row = json.loads(line)
+            out.append(
+                Example(
+                    messages=tuple(Message(**m) for m in row["messages"]),
+                    rejected=tuple(Message(**m) for m in row["rejected"]) if "rejected" in row else None,
+                    source=str(path),
+                    line=i,
+                    format="chat",
+                )
+            )
+    return out
+
+
+# ---------------------------------------------------------------------------------------------
+# task: reward
+
+
+def _reward_report(run_dir: Path, cfg, examples: list[Example]) -> tuple[dict, list[dict]]:
+    """Pairwise accuracy and mean margin of the reward model, from one scoring pass."""
+    from tunekit.train.reward import load_reward_model, score_texts
+
+    model, tokenizer = load_reward_model(run_dir)
+    convs = [[*p, *c] for p, c, _ in map(split_pair, examples)] + [
+        [*p, *r] for p, _, r in map(split_pair, examples)
+    ]
+    scores = score_texts(
+        model, tokenizer, [_dicts(c) for c in convs], cfg.eval.batch_size, cfg.train.max_length
+    )
+    n = len(examples)
+    rows = [
+        {
+            "source": ex.where,
+            "prompt": split_pair(ex)[0][-1].content,
+            "chosen_score": scores[i],
+            "rejected_score": scores[n + i],
+            "correct": scores[i] > scores[n + i],
+        }
+        for i, ex in enumerate(examples)
+    ]
+    metrics = {
+        "accuracy": sum(r["correct"] for r in rows) / n,
+        "mean_margin": sum(r["chosen_score"] - r["rejected_score"] for r in rows) / n,
+    }
+    return {"task_metric": "accuracy", "contenders": {"reward_model": metrics}}, rows
+
+
+# ---------------------------------------------------------------------------------------------
+# task: dpo and rl
+
+
+def _policy_report(run_dir: Path, cfg, examples, reward_model, quiet: bool) -> tuple[dict, list[dict]]:
+    model, tokenizer, is_adapter = load_trained(run_dir)
+    pad = tokenizer.pad_token_id
+    beta = cfg.dpo.beta if cfg.task == "dpo" else (cfg.rl.kl_coef or 1.0)
+    pairs = tokenize_pairs(tokenizer, examples, cfg.train.max_length, "test")
+    with _reference(run_dir, cfg, model, is_adapter) as ref:
+        compute_reference_logps(ref, pairs, pad, cfg.eval.batch_size)
+    implicit = evaluate_pairs(model, pairs, pad, beta, 0.0, cfg.eval.batch_size)
+    policy = {"preference_accuracy": implicit["val_accuracy"], "reward_margin": implicit["val_margin"]}
+    # The reference against itself: every implicit reward is 0, a tie, which counts as wrong.
+    ref_metrics = {"preference_accuracy": 0.0, "reward_margin": 0.0}
+    policy |= _policy_logps(model, pairs, pad, cfg.eval.batch_size)
+    ref_metrics |= {
+        "logp_chosen": sum(p.ref_chosen for p in pairs) / len(pairs),
+        "logp_rejected": sum(p.ref_rejected for p in pairs) / len(pairs),
+    }
+    rows = [
+        {"source": ex.where, "prompt": split_pair(ex)[0][-1].content, "chosen": ex.target,
+         "rejected": ex.rejected[-1].content}
+        for ex in examples
+    ]  # fmt: skip
+
+    rm_dir = _reward_model_dir(run_dir, cfg, reward_model)
+    report: dict = {"task_metric": "preference_accuracy", "beta": beta, "reward_model": None}
+    if rm_dir is None:
+        report["win_rate_note"] = (
+            "no reward model: the win rate was not measured (set rl.reward_model in the config, or pass one)"
+        )
+    else:
+        wins = _win_rate(run_dir, cfg, model, tokenizer, is_adapter, examples, rm_dir, rows)
+        policy |= {"reward_score": wins["policy_score"], "win_rate": wins["win_rate"]}
+        ref_metrics |= {"reward_score": wins["reference_score"], "win_rate": 1 - wins["win_rate"]}
+        report["reward_model"] = str(rm_dir)
+        if cfg.task == "rl":
+            report["task_metric"] = "win_rate"
+    report["contenders"] = {"reference": ref_metrics, "policy": policy}
+    report["reference_model"] = "base model" if cfg.task == "dpo" else str(_policy_start(run_dir, cfg))
+    return report, rows
+
+
+def _policy_logps(model, pairs, pad: int, batch_size: int) -> dict[str, float]:
+    """Mean summed log-prob of the chosen and of the rejected answers under `model`."""
+    import torch
+
+    from tunekit.train.dpo import collate_pairs, sequence_logps
+
+    chosen = rejected = 0.0
+    with torch.no_grad():
+        for i in range(0, len(pairs), batch_size):
+            b = collate_pairs(pairs[i : i + batch_size], pad)
+            c, r = sequence_logps(model, b["input_ids"], b["attention_mask"], b["labels"]).chunk(2)
+            chosen, rejected = chosen + float(c.sum()), rejected + float(r.sum())
+    return {"logp_chosen": chosen / len(pairs), "logp_rejected": rejected / len(pairs)}
+
+
+def _policy_start(run_dir: Path, cfg) -> Path:
+    from tunekit.train.rl import stage_dirs
+
+    return stage_dirs(cfg, run_dir)[0]
+
+
+@contextmanager
+def _reference(run_dir: Path, cfg, model, is_adapter: bool) -> Iterator:
+    """The reference policy. dpo: the base (the adapter switched off, or the base model loaded
+    beside a full fine-tune). rl: the SFT policy RL started from (its adapter loaded beside the RL
+    adapter on the same base, or its full model)."""
+    if cfg.task == "dpo" and is_adapter:
+        with reference(model) as ref:
+            yield ref
+        return
+    if cfg.task == "dpo":
+        from tunekit.models import resolve_model
+
+        yield load_base(resolve_model(cfg.model), "full").eval()
+        return
+    start = _policy_start(run_dir, cfg)
+    if is_adapter:
+        if "reference" not in model.peft_config:
+            model.load_adapter(start / ADAPTER_DIR, adapter_name="reference")
+        model.set_adapter("reference")
+        try:
+            yield model
+        finally:
+            model.set_adapter("default")
+        return
+    yield load_base(start / MODEL_DIR, "full").eval()
+
+
+def _reward_model_dir(run_dir: Path, cfg, given) -> Path | None:
+    if given is not None:
+        return Path(given)
+    if cfg.task == "rl":
+        from tunekit.train.rl import stage_dirs
+
+        return stage_dirs(cfg, run_dir)[1]
+    return Path(cfg.rl.reward_model) if cfg.rl.reward_model else None
+
+
+def _win_rate(run_dir, cfg, model, tokenizer, is_adapter, examples, rm_dir, rows) -> dict[str, float]:
+    """Greedy answers of policy and reference to each test prompt, scored by the reward model."""
+    from tunekit.train.reward import load_reward_model, score_texts
+
+    prompts = [split_pair(ex)[0] for ex in examples]
+    asks = [Example(messages=(*p, Message("assistant", ""))) for p in prompts]  # .prompt is p
+    max_new = cfg.eval.max_new_tokens or (cfg.rl.max_new_tokens if cfg.task == "rl" else 64)
+    answers = {}
+    with _reference(run_dir, cfg, model, is_adapter) as ref:
+        answers["reference"] = generate(ref, tokenizer, asks, max_new, cfg.eval.batch_size)
+    answers["policy"] = generate(model, tokenizer, asks, max_new, cfg.eval.batch_size)
+    rm, rm_tok = load_reward_model(rm_dir)
+    scores = {
+        name: score_texts(
+            rm, rm_tok, [_dicts([*p, Message("assistant", a)]) for p, a in zip(prompts, texts, strict=True)],
+            cfg.eval.batch_size, cfg.train.max_length,
+        )
+        for name, texts in answers.items()
+    }  # fmt: skip
+    wins = 0.0
+    for i, row in enumerate(rows):
+        s_p, s_r = scores["policy"][i], scores["reference"][i]
+        wins += 1.0 if s_p > s_r else 0.5 if s_p == s_r else 0.0
+        row |= {
+            "policy_answer": answers["policy"][i],
+            "reference_answer": answers["reference"][i],
+            "policy_score": s_p,
+            "reference_score": s_r,
+        }
+    n = len(rows)
+    return {
+        "win_rate": wins / n,
+        "policy_score": sum(scores["policy"]) / n,
+        "reference_score": sum(scores["reference"]) / n,
+    }
+
+
+# ---------------------------------------------------------------------------------------------
+# Report
+
+
+def _dicts(messages) -> list[dict[str, str]]:
+    return [{"role": m.role, "content": m.content} for m in messages]
+
+
+def _write_markdown(run_dir: Path, report: dict, rows: list[dict], show: int) -> None:
+    tm = report["task_metric"]
+    c = report["contenders"]
+    parts = [
+        "# Evaluation report\n",
+        f"Task `{report['task']}`, held-out test: {report['n_test']} preference pairs from `{report['test_data']}`.\n",
+        f"Task metric **{tm}**: "
+        + ", ".join(f"{name} {m[tm]:.3f}" for name, m in c.items() if m.get(tm) is not None)
+        + ".\n",
+        comparison_table(report) + "\n",
+    ]
+    if report.get("win_rate_note"):
+        parts.append(f"_{report['win_rate_note']}_\n")
+    if "policy" in c:
+        parts.append(
+            f"Reference: {report['reference_model']}. preference_accuracy: how often the implicit reward "
+            f"beta * log(policy / reference) (beta {report['beta']}) of the chosen answer beats the rejected one's.\n"
+        )
+    if show and rows and "policy_answer" in rows[0]:
+        parts.append("## Side by side\n")
+        for i, r in enumerate(rows[:show], 1):
+            parts.append(f"### Example {i} ({r['source']})\n")
+            parts.append(f"**prompt**\n\n```\n{r['prompt']}\n```\n")
+            for who in ("reference", "policy"):
+                parts.append(
+                    f"**{who}** (reward {r[f'{who}_score']:.3f})\n\n```\n{r[f'{who}_answer']}\n```\n"
+                )
+    atomic_write_text(run_dir / "report.md", "\n".join(parts) + "\n")

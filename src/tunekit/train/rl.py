@@ -1,0 +1,272 @@
+"""Policy optimisation against a reward model (`task: rl`): classic RLHF, top to bottom.
+
+Run as: `tunekit train examples/rlhf_pipeline.yaml`, with preference pairs as data.
+
+One run directory holds the whole pipeline:
+
+    run_dir/stages/sft/      1. SFT on the prompts and their chosen answers   (when rl.policy is null)
+    run_dir/stages/reward/   2. a reward model on the pairs (train/reward.py)  (when rl.reward_model is null)
+    run_dir/adapter/         3. RL: the SFT policy trained to raise the reward model's score, with a
+                                KL penalty (rl.kl_coef) to the SFT policy; model/ for method full
+
+Stage 3 runs TRL's GRPOTrainer (rl.algorithm: grpo) or RLOOTrainer (rloo): for each prompt of the
+train split it samples rl.num_generations completions, scores prompt + completion with the reward
+model, and raises the likelihood of completions that beat their group's mean. The policy starts
+as the SFT adapter itself (trained on, not merged), and TRL keeps a frozen copy of that adapter as
+the KL reference; for method full TRL loads the SFT model a second time as the reference. TRL's
+logs become our metrics.jsonl records (reward, kl, loss per step). Every stage reads the same
+`train` section.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+
+import torch
+
+from tunekit.config import Config
+from tunekit.console import err as console
+from tunekit.errors import ConfigError, TunekitError
+from tunekit.models import resolve_model
+from tunekit.run_dir import load_run_config
+from tunekit.train.dpo import split_pair
+from tunekit.train.loop import LoopResult
+from tunekit.train.setup import ADAPTER_DIR, MODEL_DIR, load_base, save_trained
+from tunekit.train.sft import announce, finish_run, start_run
+
+# TRL log key -> our metrics.jsonl key.
+TRL_METRICS = {
+    "loss": "loss",
+    "reward": "reward",
+    "reward_std": "reward_std",
+    "kl": "kl",
+    "entropy": "entropy",
+    "learning_rate": "learning_rate",
+    "grad_norm": "grad_norm",
+    "completions/mean_length": "completion_length",
+    "completions/clipped_ratio": "completion_clipped_ratio",
+}
+
+
+def stage_dirs(cfg: Config, run_dir: Path) -> tuple[Path, Path]:
+    """(the SFT policy's run dir, the reward model's run dir): given in the config, else stages."""
+    return (
+        Path(cfg.rl.policy) if cfg.rl.policy else run_dir / "stages" / "sft",
+        Path(cfg.rl.reward_model) if cfg.rl.reward_model else run_dir / "stages" / "reward",
+    )
+
+
+def train_rl(cfg: Config, quiet: bool = False, allow_data_errors: bool = False) -> Path:
+    """Run the RLHF pipeline as `cfg.rl` says (SFT and reward stages where not given, then RL);
+    returns the run directory, which holds the final policy and train_summary.json."""
+    t_start = time.perf_counter()
+    run_dir, splits = start_run(cfg, quiet, allow_data_errors)
+    policy_dir, reward_dir = stage_dirs(cfg, run_dir)
+    stages: dict[str, dict] = {}
+    if cfg.rl.policy is None:
+        stages["sft"] = _run_stage(cfg, "sft", policy_dir, quiet, allow_data_errors)
+    if cfg.rl.reward_model is None:
+        stages["reward"] = _run_stage(cfg, "reward", reward_dir, quiet, allow_data_errors)
+    _check_stage(policy_dir, "rl.policy", ("sft",))
+    _check_stage(reward_dir, "rl.reward_model", ("reward",))
+
+    prompts = rl_prompts(splits["train"], cfg.rl.max_prompts)
+    model, tokenizer, params = load_policy(policy_dir, cfg)
+    from tunekit.train.reward import load_reward_model
+
+    reward_model, reward_tokenizer = load_reward_model(reward_dir)
+    t_setup = time.perf_counter() - t_start
+    announce(cfg, model, params, len(prompts), 0, len(splits["test"]), quiet)
+
+    reward = reward_fn(reward_model, reward_tokenizer, cfg.eval.batch_size)
+    trainer = _trainer(cfg, run_dir, model, tokenizer, prompts, reward, quiet)
+    t_train = time.perf_counter()
+    trainer.train()
+    train_seconds = time.perf_counter() - t_train
+
+    model = trainer.model
+    if hasattr(model, "peft_config") and "ref" in model.peft_config:
+        model.delete_adapter("ref")  # TRL's frozen copy of the starting adapter: not part of the policy
+    saved = save_trained(model, tokenizer, run_dir, cfg.method)
+    if not any((run_dir / "stages" / "rl").iterdir()):
+        (run_dir / "stages" / "rl").rmdir()  # TRL's output folder: empty, as nothing is checkpointed
+    logged = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines() if line]
+    last = {k: v for r in logged for k, v in r.items()}  # the latest value of each metric
+    result = LoopResult(
+        steps=trainer.state.global_step,
+        epochs=round(trainer.state.epoch or 0.0, 4),
+        steps_per_epoch=0,
+        final_loss=last.get("loss", float("nan")),
+        val={},
+        tokens=int(trainer.state.num_input_tokens_seen or 0),
+        train_seconds=train_seconds,
+    )
+    stages["rl"] = {"algorithm": cfg.rl.algorithm, "prompts": len(prompts), "seconds": train_seconds}
+    finish_run(
+        cfg, run_dir, result, resolve_model(cfg.model), params, splits, t_setup, t_start, saved, quiet,
+        policy_start=str(policy_dir), reward_model=str(reward_dir), stages=stages,
+        final_reward=last.get("reward"), final_kl=last.get("kl"),
+        first_reward=next((r["reward"] for r in logged if "reward" in r), None),
+    )  # fmt: skip
+    return run_dir
+
+
+# ---------------------------------------------------------------------------------------------
+# Stages 1 and 2
+
+
+def _run_stage(cfg: Config, task: str, out: Path, quiet: bool, allow_data_errors: bool) -> dict:
+    """Train stage `task` (sft or reward) on the same data and `train` section into `out`."""
+    from tunekit.train import train
+
+    if not quiet:
+        console.print(f"[bold]stage {task}[/] -> {out}")
+    stage_cfg = cfg.model_copy(update={"task": task, "output_dir": out})
+    t0 = time.perf_counter()
+    train(stage_cfg, quiet=quiet, allow_data_errors=allow_data_errors)
+    summary = json.loads((out / "train_summary.json").read_text())
+    keep = ("steps", "final_train_loss", "final_validation", "train_seconds")
+    return {"run_dir": str(out), "seconds": time.perf_counter() - t0} | {k: summary.get(k) for k in keep}
+
+
+def _check_stage(run_dir: Path, key: str, tasks: tuple[str, ...]) -> None:
+    if not (run_dir / "config.yaml").is_file():
+        raise ConfigError([f"{key}: {run_dir} is not a tunekit run directory (no config.yaml)"])
+    task = load_run_config(run_dir).task
+    if task not in tasks:
+        raise ConfigError([f"{key}: {run_dir} is a task: {task} run; expected task: {' or '.join(tasks)}"])
+
+
+# ---------------------------------------------------------------------------------------------
+# Stage 3: RL
+
+
+def rl_prompts(examples, max_prompts: int | None) -> list[list[dict[str, str]]]:
+    """The distinct prompts of the train pairs, in order, as chat messages (TRL's conversational form)."""
+    seen, out = set(), []
+    for ex in examples:
+        prompt = [{"role": m.role, "content": m.content} for m in split_pair(ex)[0]]
+        key = json.dumps(prompt)
+        if key not in seen:
+            seen.add(key)
+            out.append(prompt)
+    if not out:
+        raise TunekitError("data.train: no prompts for RL")
+    return out[:max_prompts] if max_prompts else out
+
+
+def load_policy(policy_dir: Path, cfg: Config):
+    """The SFT policy to start from, trainable: its adapter on its base, or its full model.
+    Returns (model, tokenizer, trainable parameters)."""
+    from tunekit.models import load_tokenizer
+
+    policy_cfg = load_run_config(policy_dir)
+    is_full = (policy_dir / MODEL_DIR / "config.json").is_file()
+    if is_full != (cfg.method == "full"):
+        raise ConfigError(
+            [f"method: {cfg.method}, but rl.policy {policy_dir} was trained with method: {policy_cfg.method}; "
+             "RL continues the policy as it was trained: set the same method"]
+        )  # fmt: skip
+    if is_full:
+        model = load_base(policy_dir / MODEL_DIR, "full")
+        tokenizer = load_tokenizer(policy_dir / MODEL_DIR)
+    else:
+        from peft import PeftModel
+
+        adapter = policy_dir / ADAPTER_DIR
+        if not (adapter / "adapter_config.json").is_file():
+            raise ConfigError(
+                [f"rl.policy: {policy_dir} holds no trained model ({ADAPTER_DIR}/ or {MODEL_DIR}/)"]
+            )
+        if policy_cfg.model != cfg.model:
+            raise ConfigError([f"model: {cfg.model}, but rl.policy {policy_dir} adapts {policy_cfg.model}"])
+        base = load_base(resolve_model(policy_cfg.model), policy_cfg.method)
+        model = PeftModel.from_pretrained(base, adapter, is_trainable=True)
+        tokenizer = load_tokenizer(adapter)
+    model.train()
+    return model, tokenizer, [p for p in model.parameters() if p.requires_grad]
+
+
+def reward_fn(reward_model, reward_tokenizer, batch_size: int = 16):
+    """TRL's reward-function interface around the reward model: the score of prompt + completion."""
+    from tunekit.train.reward import score_texts
+
+    def reward_model_score(prompts, completions, **_) -> list[float]:
+        conversations = [p + c for p, c in zip(prompts, completions, strict=True)]
+        return score_texts(reward_model, reward_tokenizer, conversations, batch_size)
+
+    return reward_model_score
+
+
+def _trainer(cfg: Config, run_dir: Path, model, tokenizer, prompts, reward, quiet: bool):
+    """TRL's GRPO or RLOO trainer as our config says. Each optimizer step samples
+    train.batch_size prompts x rl.num_generations completions per micro-batch."""
+    from datasets import Dataset
+    from transformers import PrinterCallback, TrainerCallback
+
+    if cfg.rl.algorithm == "grpo":
+        from trl import GRPOConfig as TrlConfig
+        from trl import GRPOTrainer as TrlTrainer
+    else:
+        from trl import RLOOConfig as TrlConfig
+        from trl import RLOOTrainer as TrlTrainer
+
+    tc, rc = cfg.train, cfg.rl
+    args = TrlConfig(
+        output_dir=str(run_dir / "stages" / "rl"),
+        per_device_train_batch_size=tc.batch_size * rc.num_generations,
+        gradient_accumulation_steps=tc.grad_accum,
+        num_train_epochs=tc.epochs,
+        max_steps=tc.max_steps or -1,
+        learning_rate=tc.learning_rate,
+        lr_scheduler_type=tc.lr_scheduler,
+        warmup_steps=tc.warmup_ratio,  # a float in [0, 1) is a ratio of the total steps
+        weight_decay=tc.weight_decay,
+        max_grad_norm=tc.max_grad_norm or 0.0,
+        seed=tc.seed,
+        logging_steps=tc.log_every,
+        beta=rc.kl_coef,
+        num_generations=rc.num_generations,
+        max_completion_length=rc.max_new_tokens,
+        temperature=rc.temperature,
+        # TRL defaults that are wrong on a CPU: bf16 runs 17x slower here, and checkpointing costs a
+        # third of the step while activations are not the limit (PLATFORM.md).
+        bf16=False,
+        fp16=False,
+        use_cpu=not torch.cuda.is_available(),
+        gradient_checkpointing=False,
+        save_strategy="no",
+        report_to=[],
+        disable_tqdm=True,
+    )
+    metrics_path = run_dir / "metrics.jsonl"
+    metrics_path.write_text("")
+
+    class ToMetrics(TrainerCallback):
+        """TRL's log records -> our metrics.jsonl (one JSON object per logged step)."""
+
+        def on_log(self, args, state, control, logs=None, **kwargs):
+            record = {ours: logs[theirs] for theirs, ours in TRL_METRICS.items() if logs and theirs in logs}
+            if not record:
+                return
+            record = {"step": state.global_step, "epoch": round(state.epoch or 0.0, 4)} | record
+            with metrics_path.open("a") as f:
+                f.write(json.dumps(record) + "\n")
+            if not quiet:
+                console.print(
+                    f"step {state.global_step}/{state.max_steps}: "
+                    + ", ".join(f"{k} {v:.4f}" for k, v in record.items() if k not in ("step", "epoch"))
+                )
+
+    trainer = TrlTrainer(
+        model=model,
+        reward_funcs=[reward],
+        args=args,
+        train_dataset=Dataset.from_list([{"prompt": p} for p in prompts]),
+        processing_class=tokenizer,
+        callbacks=[ToMetrics()],
+    )
+    trainer.remove_callback(PrinterCallback)  # our callback prints the mapped records instead
+    return trainer

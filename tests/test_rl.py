@@ -1,0 +1,87 @@
+"""The classic RLHF pipeline on a tiny random llama: sft -> reward -> RL (TRL GRPO) in one run dir."""
+
+import json
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from tunekit.config import config_from_dict
+from tunekit.errors import ConfigError
+from tunekit.models import load_model
+from tunekit.train.rl import train_rl
+from tunekit.train.setup import load_trained
+
+
+@pytest.fixture
+def pairs_file(tmp_path):
+    rows = [
+        {"prompt": f"What is the code for item {i}?", "chosen": f"CODE-{i % 4}", "rejected": f"NOPE-{i % 4}"}
+        for i in range(16)
+    ]
+    path = tmp_path / "pairs.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return path
+
+
+def _cfg(tiny_model_dir, pairs_file, out, **rl):
+    return config_from_dict(
+        {
+            "model": str(tiny_model_dir),
+            "task": "rl",
+            "data": {"train": str(pairs_file), "split": [0.75, 0.125, 0.125]},
+            "lora": {"r": 8, "alpha": 16, "dropout": 0.0},
+            "rl": {"num_generations": 2, "max_new_tokens": 6, "max_prompts": 4} | rl,
+            "train": {
+                "max_steps": 2,
+                "batch_size": 2,
+                "learning_rate": 1e-2,
+                "max_length": 64,
+                "warmup_ratio": 0.0,
+            },
+            "eval": {"max_examples": 2, "max_new_tokens": 6},
+            "output_dir": str(out),
+        }
+    )
+
+
+def test_pipeline_runs_end_to_end_and_trains_only_the_policy_adapter(tiny_model_dir, pairs_file, tmp_path):
+    run = train_rl(_cfg(tiny_model_dir, pairs_file, tmp_path / "run"), quiet=True)
+    for name in ("stages/sft/adapter", "stages/reward/adapter", "adapter"):
+        assert (run / name / "adapter_config.json").is_file(), name
+    assert not (run / "adapter" / "ref").exists()  # TRL's reference copy is not saved with the policy
+
+    metrics = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    assert [m["step"] for m in metrics] == [1, 2]
+    assert all({"reward", "kl", "loss"} <= set(m) for m in metrics)
+    summary = json.loads((run / "train_summary.json").read_text())
+    assert summary["task"] == "rl" and set(summary["stages"]) == {"sft", "reward", "rl"}
+    assert summary["final_reward"] == metrics[-1]["reward"]
+
+    # RL moved the SFT adapter it started from ...
+    sft = load_file(run / "stages/sft/adapter/adapter_model.safetensors")
+    rl = load_file(run / "adapter/adapter_model.safetensors")
+    assert sft.keys() == rl.keys()
+    assert any(not torch.equal(sft[k], rl[k]) for k in sft)
+    # ... and the base under it is untouched.
+    model, tok, _ = load_trained(run)
+    ids = tok("What is the code for item 3?", return_tensors="pt")["input_ids"]
+    with torch.no_grad(), model.disable_adapter():
+        ours = model(input_ids=ids).logits
+        base = load_model(tiny_model_dir)(input_ids=ids).logits
+    torch.testing.assert_close(ours, base)
+
+    # Evaluation: the policy against the SFT policy, with the reward stage's win rate.
+    from tunekit.eval.preference import evaluate_preference
+
+    report = evaluate_preference(run, quiet=True)
+    assert report["task_metric"] == "win_rate" and report["n_test"] == 2
+    assert set(report["contenders"]) == {"reference", "policy"}
+    assert 0.0 <= report["contenders"]["policy"]["win_rate"] <= 1.0
+    assert report["reference_model"] == str(run / "stages" / "sft")
+
+
+def test_given_stages_must_be_runs_of_the_right_task(tiny_model_dir, pairs_file, tmp_path):
+    cfg = _cfg(tiny_model_dir, pairs_file, tmp_path / "run", policy=str(tmp_path), reward_model=str(tmp_path))
+    with pytest.raises(ConfigError, match="rl.policy: .* not a tunekit run directory"):
+        train_rl(cfg, quiet=True)
