@@ -54,3 +54,35 @@ def test_tokenizer_without_chat_template_is_rejected(tiny_model_dir, tmp_path):
     (folder / "tokenizer_config.json").write_text(json.dumps(cfg))
     with pytest.raises(ModelError, match="no chat template"):
         load_tokenizer(folder)
+
+
+def test_pickle_weights_are_refused(tiny_model_dir, tmp_path):
+    """A pytorch_model.bin is a pickle that can run code when loaded: only safetensors load."""
+    import shutil
+
+    import torch
+    from safetensors.torch import load_file
+
+    folder = tmp_path / "pickled"
+    shutil.copytree(tiny_model_dir, folder)
+    torch.save(load_file(folder / "model.safetensors"), folder / "pytorch_model.bin")
+    (folder / "model.safetensors").unlink()
+    with pytest.raises(ModelError, match="safetensors"):
+        load_model(folder)
+
+
+def test_remote_code_in_a_model_folder_never_runs(tiny_model_dir, tmp_path):
+    import contextlib
+    import json
+    import shutil
+
+    folder = tmp_path / "custom"
+    shutil.copytree(tiny_model_dir, folder)
+    marker = tmp_path / "code-ran"
+    (folder / "evil.py").write_text(f"open({str(marker)!r}, 'w').write('ran')\n")
+    cfg = json.loads((folder / "config.json").read_text())
+    cfg["auto_map"] = {"AutoConfig": "evil.EvilConfig", "AutoModelForCausalLM": "evil.EvilModel"}
+    (folder / "config.json").write_text(json.dumps(cfg))
+    with contextlib.suppress(Exception):  # refusing is fine too; running the folder's code is not
+        load_model(folder)
+    assert not marker.exists()
