@@ -72,6 +72,7 @@ def load_base(
     head: "causal" (a language-model head) or "score" (a sequence-classification head with
     `num_labels` outputs: the classifier's labels, or 1 for a reward model).
     """
+    from safetensors import SafetensorError
     from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
 
     kwargs = {"dtype": torch.float32, "use_safetensors": True, "trust_remote_code": False}
@@ -90,6 +91,10 @@ def load_base(
         model = cls.from_pretrained(path, **kwargs)
     except OSError as e:
         raise ModelError(f"model at {path}: cannot load safetensors weights ({e})") from None
+    except SafetensorError as e:
+        raise ModelError(
+            f"model at {path}: a *.safetensors file is damaged ({e}); copy or convert the model again"
+        ) from None
     except (ImportError, RuntimeError, ValueError) as e:
         if method == "qlora":
             raise ModelError(

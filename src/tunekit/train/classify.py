@@ -1,0 +1,168 @@
+"""Text classification (`task: classify`): a label head on the model, top to bottom.
+
+Run as: `tunekit train examples/banking77_classifier.yaml` or `tunekit.train.classify.train_classify(cfg)`.
+
+Unlike `task: sft` on the same data (which teaches the model to *write* the label), this puts a
+sequence-classification head (one output per label) on the model: one forward pass per text, no
+generation, and every prediction is a valid label. The input is the prompt's text (for the
+classification format, the `text` column); the head reads the last token, which in a causal
+model has seen the whole text. Cross-entropy over the labels; validation loss and accuracy in the
+loop. The label order is written to labels.json: output i of the head is labels[i].
+"""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+from tunekit.config import Config
+from tunekit.console import err as console
+from tunekit.data.example import Example
+from tunekit.errors import DataError
+from tunekit.models import load_tokenizer, resolve_model
+from tunekit.train.loop import Recipe, run_loop
+from tunekit.train.setup import build_model, save_trained, write_labels
+from tunekit.train.sft import announce, finish_run, start_run
+
+LABEL_FORMATS = (
+    "classification ({text, label}; map other column names with data.columns) or chat with a label"
+)
+
+
+def train_classify(cfg: Config, quiet: bool = False, allow_data_errors: bool = False) -> Path:
+    """Train a classifier (full, LoRA, DoRA or QLoRA) on labelled text; returns the run directory."""
+    t_start = time.perf_counter()
+    run_dir, splits = start_run(cfg, quiet, allow_data_errors)
+    for name, examples in splits.items():
+        require_labels(examples, name)
+    labels = cfg.data.labels or sorted({ex.label for ex in splits["train"]})
+    check_label_set(splits, labels)
+    write_labels(run_dir, labels)
+
+    model_path = resolve_model(cfg.model)
+    tokenizer = load_tokenizer(model_path)
+    model, params = build_model(cfg, model_path, head="score", num_labels=len(labels), labels=labels)
+    t_setup = time.perf_counter() - t_start
+
+    tc = cfg.train
+    index = {lab: i for i, lab in enumerate(labels)}
+    train = encode_all(tokenizer, splits["train"], index, tc.max_length, "train", quiet)
+    val = encode_all(tokenizer, splits["validation"], index, tc.max_length, "validation", quiet)
+    pad_id = tokenizer.pad_token_id
+    recipe = Recipe(
+        train=train,
+        validation=val,
+        lengths=[len(ids) for ids, _ in train],
+        collate=lambda items: collate_labelled(items, pad_id),
+        step=cross_entropy_step,
+        validate=lambda m, data: validate_labelled(m, data, pad_id, cfg.eval.batch_size),
+    )
+    announce(cfg, model, params, len(train), len(val), len(splits["test"]), quiet)
+    if not quiet:
+        console.print(f"classify: {len(labels)} labels (written to {run_dir / 'labels.json'})")
+    result = run_loop(model, params, recipe, tc, run_dir, quiet)
+    saved = save_trained(model, tokenizer, run_dir, cfg.method)
+    finish_run(
+        cfg, run_dir, result, model_path, params, splits, t_setup, t_start, saved, quiet, labels=len(labels)
+    )
+    return run_dir
+
+
+def require_labels(examples: list[Example], split: str) -> None:
+    """A classifier needs a label on every example: name the file and the formats that carry one."""
+    unlabelled = [ex for ex in examples if ex.label is None]
+    if unlabelled:
+        ex = unlabelled[0]
+        raise DataError(
+            [
+                f"{ex.where}: {len(unlabelled)} of {len(examples)} {split} examples (format "
+                f"{ex.format or 'unknown'}) have no label. task: classify needs labelled text: "
+                f"use {LABEL_FORMATS}"
+            ],
+            header=f"data: {ex.source} has no labels",
+        )
+
+
+def check_label_set(splits: dict[str, list[Example]], labels: list[str]) -> None:
+    """A validation or test label the head has no output for could never be predicted: say so now."""
+    known = set(labels)
+    for name, examples in splits.items():
+        unknown = [ex for ex in examples if ex.label not in known]
+        if unknown:
+            ex = unknown[0]
+            raise DataError(
+                [
+                    f"{ex.where}: label {ex.label!r} ({len(unknown)} {name} example(s)) is not among the "
+                    f"{len(labels)} labels of the train split; add it to data.labels and to the train data"
+                ],
+                header="data: labels outside the label set",
+            )
+
+
+def input_text(ex: Example) -> str:
+    """What the classifier reads: the prompt's text (the user's message for classification data)."""
+    return "\n\n".join(m.content for m in ex.prompt)
+
+
+def encode(tokenizer, ex: Example, max_length: int) -> list[int]:
+    """Token ids of the input text, cut at max_length (an empty text reads as one eos token)."""
+    return tokenizer(input_text(ex), add_special_tokens=False)["input_ids"][:max_length] or [
+        tokenizer.eos_token_id
+    ]
+
+
+def encode_all(tokenizer, examples, index: dict[str, int], max_length: int, name: str, quiet: bool):
+    """(token ids, label index) per example; texts longer than max_length are cut (reported)."""
+    out, cut = [], 0
+    for ex in examples:
+        ids = encode(tokenizer, ex, max_length + 1)
+        cut += len(ids) > max_length
+        out.append((ids[:max_length], index[ex.label]))
+    if cut and not quiet:
+        console.print(f"[yellow]{name}: {cut} text(s) longer than train.max_length={max_length} were cut")
+    return out
+
+
+def collate_labelled(items: list[tuple[list[int], int]], pad_id: int) -> dict[str, torch.Tensor]:
+    """(B, T) input_ids and attention_mask padded on the right, and (B,) label indices. The head
+    reads the last token that is not `pad_id`."""
+    width = max(len(ids) for ids, _ in items)
+    return {
+        "input_ids": torch.tensor([ids + [pad_id] * (width - len(ids)) for ids, _ in items]),
+        "attention_mask": torch.tensor([[1] * len(ids) + [0] * (width - len(ids)) for ids, _ in items]),
+        "labels": torch.tensor([y for _, y in items]),
+    }
+
+
+def class_logits(model, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+    """(B, num_labels) logits in fp32."""
+    return model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits.float()
+
+
+def cross_entropy_step(model, batches: list[dict[str, torch.Tensor]]) -> tuple[float, dict[str, float]]:
+    """Forward + backward over one optimizer step's micro-batches; the loss is the mean over every
+    example of the step, so gradient accumulation matches one big batch."""
+    n = sum(len(b["labels"]) for b in batches)
+    total, correct = 0.0, 0
+    for b in batches:
+        logits = class_logits(model, b)
+        loss = F.cross_entropy(logits, b["labels"], reduction="sum")
+        (loss / n).backward()
+        total += float(loss.detach())
+        correct += int((logits.argmax(-1) == b["labels"]).sum())
+    return total / n, {"accuracy": correct / n}
+
+
+@torch.no_grad()
+def validate_labelled(model, data, pad_id: int, batch_size: int) -> dict[str, float]:
+    total, correct = 0.0, 0
+    for i in range(0, len(data), batch_size):
+        b = collate_labelled(data[i : i + batch_size], pad_id)
+        logits = class_logits(model, b)
+        total += float(F.cross_entropy(logits, b["labels"], reduction="sum"))
+        correct += int((logits.argmax(-1) == b["labels"]).sum())
+    n = max(len(data), 1)
+    return {"val_loss": total / n, "val_accuracy": correct / n}
