@@ -1,0 +1,1 @@
+"""Ship a fine-tune: export (merged safetensors, GGUF), serve (OpenAI-compatible), chat."""

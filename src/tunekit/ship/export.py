@@ -1,0 +1,164 @@
+"""`tunekit export RUN_DIR --out DIR`: the fine-tune as files other tools load.
+
+- `--merge` (adapter runs): the adapter folded into its base, saved as a plain Hugging Face
+  safetensors model that `AutoModelForCausalLM.from_pretrained(DIR)` loads with no PEFT involved.
+  Without `--merge` an adapter run exports the adapter alone (PEFT format); a full run always
+  exports its whole model.
+- `--format gguf` (see gguf_export.py): one GGUF file for llama.cpp and friends; always merged.
+
+Every export carries the run's tokenizer with the chat template used in training and a
+generation_config whose eos ids are the stop tokens training taught (the template's end-of-turn
+token first), so a server that reads them stops where the model learned to stop.
+
+QLoRA: merging into a 4-bit base and re-quantizing silently degrades the output (peft#2321), so
+the base is dequantized to fp32 first and the adapter merged into that: the merged model computes
+what the adapter model computed (tested).
+"""
+
+from __future__ import annotations
+
+import shutil
+import tempfile
+from pathlib import Path
+
+import torch
+
+from tunekit.console import err as console
+from tunekit.errors import TunekitError
+from tunekit.run_dir import load_run_config
+from tunekit.ship.generation import end_of_turn_token, stop_token_ids
+
+MANIFEST = "tunekit_export.json"
+
+
+def check_generative(run_dir: Path):
+    """The run's config, if its task produces a causal LM (only sft runs can be exported or served)."""
+    cfg = load_run_config(run_dir)
+    if cfg.task != "sft":
+        raise TunekitError(
+            f"{run_dir}: a '{cfg.task}' run has no language-model head to export or serve; only "
+            "task: sft runs can be exported, served or chatted with"
+        )
+    return cfg
+
+
+def load_merged(run_dir: str | Path):
+    """The run's fine-tuned model as one plain fp32 causal LM (adapter merged in), and its tokenizer."""
+    from tunekit.train.setup import load_trained
+
+    run_dir = Path(run_dir)
+    cfg = check_generative(run_dir)
+    if cfg.method == "qlora":
+        return _merge_dequantized(run_dir, cfg)
+    model, tokenizer, is_adapter = load_trained(run_dir)
+    if is_adapter:
+        model = model.merge_and_unload()
+    return model.eval(), tokenizer
+
+
+def _merge_dequantized(run_dir: Path, cfg):
+    """QLoRA: the 4-bit base exactly as training saw it, dequantized to fp32, then the adapter merged."""
+    from peft import PeftModel
+
+    from tunekit.models import load_tokenizer, resolve_model
+    from tunekit.train.setup import ADAPTER_DIR, load_base
+
+    base = load_base(resolve_model(cfg.model), "qlora")
+    # transformers replaces each bitsandbytes Linear4bit by an nn.Linear holding its dequantized
+    # weight: the very values the 4-bit forward pass computes with.
+    base = base.dequantize().to(torch.float32)
+    for name in ("quantization_config", "_pre_quantization_dtype"):
+        if hasattr(base.config, name):
+            delattr(base.config, name)
+    model = PeftModel.from_pretrained(base, run_dir / ADAPTER_DIR).merge_and_unload()
+    return model.eval(), load_tokenizer(run_dir / ADAPTER_DIR)
+
+
+def export(
+    run_dir: str | Path, out: str | Path, merge: bool = False, format: str = "hf", quant: str = "f16"
+) -> Path:
+    """Export a run; returns the folder (hf) or the .gguf file written."""
+    run_dir, out = Path(run_dir), Path(out)
+    cfg = check_generative(run_dir)
+    if format not in ("hf", "gguf"):
+        raise TunekitError(f"--format {format!r}: expected hf or gguf")
+    _check_out(out)
+    if format == "gguf":
+        from tunekit.ship.gguf_export import write_gguf
+
+        model, tokenizer = load_merged(run_dir)
+        out.mkdir(parents=True, exist_ok=True)
+        path = write_gguf(model, tokenizer, out / f"model-{quant}.gguf", quant, name=run_dir.name)
+        _write_manifest(out, run_dir, cfg, tokenizer, model, merged=True, format="gguf", quant=quant)
+        _register(run_dir, path)
+        return path
+    is_adapter = cfg.method != "full"
+    tmp = Path(tempfile.mkdtemp(dir=out.parent if out.parent.exists() else None, prefix=f".{out.name}."))
+    try:
+        if is_adapter and not merge:
+            from tunekit.models import load_tokenizer
+            from tunekit.train.setup import ADAPTER_DIR
+
+            shutil.copytree(run_dir / ADAPTER_DIR, tmp, dirs_exist_ok=True)
+            tokenizer, model = load_tokenizer(tmp), None
+        else:
+            model, tokenizer = load_merged(run_dir)
+            _set_stops(model, tokenizer)
+            model.save_pretrained(tmp, safe_serialization=True)
+            tokenizer.save_pretrained(tmp)
+        _write_manifest(tmp, run_dir, cfg, tokenizer, model, merged=model is not None, format="hf")
+        if out.exists():
+            shutil.rmtree(out)
+        out.parent.mkdir(parents=True, exist_ok=True)
+        shutil.move(str(tmp), out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    _register(run_dir, out)
+    if not merge and is_adapter:
+        console.print(f"exported the adapter -> {out} (add --merge for a standalone model)")
+    return out
+
+
+def _check_out(out: Path) -> None:
+    """Write into an empty or missing folder, or over an earlier export; never over anything else."""
+    if out.is_file():
+        raise TunekitError(f"--out {out}: is a file; give a folder")
+    if out.is_dir() and any(out.iterdir()) and not (out / MANIFEST).is_file():
+        raise TunekitError(
+            f"--out {out}: the folder is not empty and is not an earlier export; choose another"
+        )
+
+
+def _set_stops(model, tokenizer) -> None:
+    """The generation config ends replies on the stop tokens training taught."""
+    ids = stop_token_ids(tokenizer, model)
+    model.generation_config.eos_token_id = ids[0] if len(ids) == 1 else ids
+    model.generation_config.pad_token_id = tokenizer.pad_token_id
+    model.config.eos_token_id = ids[0]
+
+
+def _write_manifest(folder: Path, run_dir: Path, cfg, tokenizer, model, merged: bool, **extra) -> None:
+    from tunekit.io import atomic_write_json
+
+    ids = stop_token_ids(tokenizer, model)
+    atomic_write_json(
+        folder / MANIFEST,
+        {
+            "run_dir": str(run_dir.resolve()),
+            "base_model": cfg.model,
+            "method": cfg.method,
+            "merged": merged,
+            "end_of_turn_token": end_of_turn_token(tokenizer),
+            "stop_token_ids": ids,
+            "stop_tokens": tokenizer.convert_ids_to_tokens(ids),
+            "chat_template": tokenizer.chat_template,
+        }
+        | extra,
+    )
+
+
+def _register(run_dir: Path, path: Path) -> None:
+    from tunekit import registry
+
+    registry.add_artifact(run_dir, "export", path)

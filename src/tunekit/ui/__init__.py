@@ -1,0 +1,1 @@
+"""The local web dashboard (`tunekit ui`) over the run registry."""
