@@ -96,6 +96,8 @@ def test_two_processes_train_what_one_process_trains(one_process, tiny_model_dir
     assert steps == list(range(1, 7))
     assert (tmp_path / "run" / "adapter" / "adapter_model.safetensors").is_file()
     assert out.count("trained 6 steps") == 1
+    # tokenized once by rank 0, read by rank 1: one cache file per split
+    assert len(list((tmp_path / "run" / "cache").glob("train-*.jsonl"))) == 1
 
 
 def test_checkpoints_move_between_one_and_two_processes(one_process, tiny_model_dir, tmp_path):

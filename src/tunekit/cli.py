@@ -33,12 +33,29 @@ def train(
     resume: Annotated[
         bool, typer.Option(help="Continue from the newest checkpoint in the config's output_dir.")
     ] = False,
+    from_: Annotated[
+        Path | None, typer.Option("--from", help="Start from the weights of an earlier run (new data).")
+    ] = None,
+    nproc: Annotated[int, typer.Option(help="Processes on this machine (data parallel, via torchrun).")] = 1,
+    nnodes: Annotated[int, typer.Option(help="Machines taking part.")] = 1,
+    node_rank: Annotated[int, typer.Option(help="This machine's index, 0 .. nnodes-1.")] = 0,
+    master_addr: Annotated[str, typer.Option(help="Address of the node with rank 0.")] = "127.0.0.1",
+    master_port: Annotated[int | None, typer.Option(help="Free port on that node.")] = None,
 ) -> None:
     """Fine-tune a model as CONFIG says; writes the run directory. The data is checked first."""
     from tunekit.config import load_config
+    from tunekit.train import distributed
     from tunekit.train import train as train_task
 
-    train_task(load_config(config, set_ or []), allow_data_errors=allow_data_errors, resume=resume)
+    overrides = (set_ or []) + ([f"train.init_from={from_}"] if from_ is not None else [])
+    cfg = load_config(config, overrides)  # a bad config fails here, once, before any worker starts
+    if (nproc > 1 or nnodes > 1) and not distributed.launched():
+        distributed.check_supported(cfg)
+        argv = ["train", str(config), *(a for o in overrides for a in ("--set", o))]
+        argv += ["--allow-data-errors"] * allow_data_errors + ["--resume"] * resume
+        code = distributed.launch(argv, nproc, nnodes, node_rank, master_addr, master_port)
+        raise typer.Exit(code)
+    train_task(cfg, allow_data_errors=allow_data_errors, resume=resume)
 
 
 @app.command("resume")
@@ -53,16 +70,44 @@ def resume_(
 
 @app.command("eval")
 def eval_(
-    run_dir: Annotated[Path, typer.Argument(help="A run directory written by `tunekit train`.")],
+    run_dir: Annotated[
+        Path | None, typer.Argument(help="A run directory written by `tunekit train`.")
+    ] = None,
     data: Annotated[
         Path | None, typer.Option(help="Evaluate on this file instead of the run's test split.")
     ] = None,
+    few_shot: Annotated[
+        int | None, typer.Option(help="Train examples shown to the base_few_shot contender (0: none).")
+    ] = None,
+    probe: Annotated[
+        str | None, typer.Option(help="Forgetting probe: builtin, an MMLU-style CSV or folder, or a JSONL.")
+    ] = None,
+    compare: Annotated[
+        tuple[Path, Path] | None, typer.Option(help="Show what changed between two evaluated runs: A B.")
+    ] = None,
 ) -> None:
-    """Compare the base and the fine-tuned model on held-out examples; writes report.json and report.md."""
-    from tunekit.eval.evaluate import evaluate
+    """Compare the base (zero- and few-shot) and the fine-tuned model on held-out examples, with the
+    forgetting probe; writes report.json, report.md and report.html."""
+    from tunekit.eval.evaluate import evaluate, evaluate_generation
     from tunekit.quickstart import print_comparison
 
-    report = evaluate(run_dir, data)
+    if compare is not None:
+        from tunekit.console import out
+        from tunekit.eval.compare import compare_runs
+        from tunekit.eval.compare import print_comparison as print_changes
+
+        print_changes(compare_runs(*compare), out)
+        return
+    if run_dir is None:
+        raise TunekitError("give a run directory (tunekit eval runs/NAME) or --compare RUN_A RUN_B")
+    if few_shot is not None or probe is not None:
+        from tunekit.run_dir import load_run_config
+
+        if load_run_config(run_dir).task != "sft":
+            raise TunekitError("--few-shot and --probe apply to generation (task: sft) runs only")
+        report = evaluate_generation(run_dir, data, few_shot=few_shot, probe=probe)
+    else:
+        report = evaluate(run_dir, data)
     print_comparison(report)
     err.print(f"report: {run_dir / 'report.md'}")
 
@@ -170,6 +215,115 @@ def quickstart(
     if set_ is None:
         set_ = []
     run(output_dir, set_)
+
+
+@app.command()
+def estimate(
+    config: Annotated[Path, typer.Argument(help="YAML config file.")],
+    set_: Annotated[
+        list[str] | None, typer.Option("--set", help="Override a key: --set train.batch_size=4")
+    ] = None,
+    model_size: Annotated[
+        str | None, typer.Option(help="Predict for a llama-class reference size instead: 1b, 7b, 8b, 70b.")
+    ] = None,
+    compare_sizes: Annotated[
+        bool, typer.Option(help="Also tabulate full/lora/qlora for the reference sizes on 24/48/80 GB GPUs.")
+    ] = False,
+    measure: Annotated[
+        bool, typer.Option(help="Run a few real training steps here to measure tokens/s and peak memory.")
+    ] = True,
+    dtype: Annotated[
+        str | None, typer.Option(help="fp32 or bf16 (default: fp32 here, bf16 for the GPU tables).")
+    ] = None,
+    gradient_checkpointing: Annotated[
+        bool, typer.Option(help="Predict activations with gradient checkpointing (tunekit trains without).")
+    ] = False,
+    json_out: Annotated[Path | None, typer.Option("--json", help="Also write the estimate here.")] = None,
+) -> None:
+    """Predict peak memory (weights, gradients, optimizer, activations, logits) and training time
+    before training, here and on 24/48/80 GB GPUs."""
+    from tunekit.config import load_config
+    from tunekit.io import atomic_write_json
+    from tunekit.train.estimate import estimate_report, print_estimate
+
+    report = estimate_report(
+        load_config(config, set_ or []),
+        model_size=model_size,
+        compare_sizes=compare_sizes,
+        measure=measure,
+        dtype=dtype,
+        checkpointing=gradient_checkpointing,
+    )
+    print_estimate(report)
+    if json_out:
+        atomic_write_json(json_out, report)
+        err.print(f"estimate: {json_out}")
+
+
+@app.command("export")
+def export_(
+    run_dir: Annotated[Path, typer.Argument(help="A run directory written by `tunekit train` (task sft).")],
+    out: Annotated[Path, typer.Option(help="Output folder.")],
+    merge: Annotated[
+        bool, typer.Option(help="Fold the adapter into the base: a standalone model (QLoRA: dequantized).")
+    ] = False,
+    format: Annotated[str, typer.Option(help="hf (safetensors) or gguf (llama architectures).")] = "hf",
+    quant: Annotated[str, typer.Option(help="GGUF weights: f16 or q8_0.")] = "f16",
+) -> None:
+    """Export a fine-tune with its chat template and stop tokens: safetensors (merged or adapter) or GGUF."""
+    from tunekit.ship.export import export
+
+    path = export(run_dir, out, merge=merge, format=format, quant=quant)
+    err.print(f"exported -> {path}")
+
+
+@app.command()
+def serve(
+    run_dirs: Annotated[list[Path], typer.Argument(help="Run directories to serve (model = folder name).")],
+    port: Annotated[int, typer.Option(help="Port.")] = 8000,
+    host: Annotated[str, typer.Option(help="Interface to bind (0.0.0.0: the network).")] = "127.0.0.1",
+    api_key: Annotated[
+        str | None, typer.Option(help="Require `Authorization: Bearer KEY` on every request.")
+    ] = None,
+) -> None:
+    """An OpenAI-compatible server (/v1/models, /v1/chat/completions) for one or more fine-tunes."""
+    from tunekit.ship.serve import serve as run_server
+
+    run_server(run_dirs, host=host, port=port, api_key=api_key)
+
+
+@app.command()
+def chat(
+    run_dir: Annotated[Path, typer.Argument(help="A run directory written by `tunekit train` (task sft).")],
+    system: Annotated[str | None, typer.Option(help="A system message.")] = None,
+    temperature: Annotated[float, typer.Option(help="0 is greedy.")] = 0.0,
+    max_tokens: Annotated[int, typer.Option(help="Longest reply, in tokens.")] = 256,
+) -> None:
+    """Chat with a fine-tune in the terminal (/reset starts over, /exit leaves)."""
+    from tunekit.ship.chat import chat as run_chat
+
+    run_chat(run_dir, system=system, temperature=temperature, max_tokens=max_tokens)
+
+
+@app.command()
+def runs(
+    run: Annotated[str | None, typer.Argument(help="Show this run (id, name or folder).")] = None,
+) -> None:
+    """List the registered runs, or show one: config, status, metrics, artifacts."""
+    from tunekit.registry import print_run, print_runs
+
+    print_run(run) if run else print_runs()
+
+
+@app.command()
+def ui(
+    port: Annotated[int, typer.Option(help="Port.")] = 8765,
+    host: Annotated[str, typer.Option(help="Interface to bind.")] = "127.0.0.1",
+) -> None:
+    """A local web dashboard over the run registry: runs, loss curves, reports, live progress."""
+    from tunekit.ui.app import serve_ui
+
+    serve_ui(host=host, port=port)
 
 
 def main() -> None:

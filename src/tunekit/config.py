@@ -166,6 +166,14 @@ class EvalConfig(_Strict):
     )
 
 
+class DistributedConfig(_Strict):
+    """Several processes or machines (`tunekit train CONFIG --nproc N`); one process ignores it."""
+
+    strategy: Literal["ddp", "fsdp", "deepspeed"] = Field(
+        "ddp", description="ddp: replicate the model, average gradients. fsdp/deepspeed: not implemented yet."
+    )
+
+
 class Config(_Strict):
     """A whole run: model, method, data, LoRA, training, evaluation and where it goes."""
 
@@ -182,6 +190,7 @@ class Config(_Strict):
     rl: RlConfig = Field(default_factory=RlConfig)
     train: TrainConfig = Field(default_factory=TrainConfig)
     eval: EvalConfig = Field(default_factory=EvalConfig)
+    distributed: DistributedConfig = Field(default_factory=DistributedConfig)
     output_dir: Path = Field(Path("runs/run"), description="The run directory.")
 
     @model_validator(mode="after")

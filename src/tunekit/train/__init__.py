@@ -21,9 +21,20 @@ def train(cfg: Config, quiet: bool = False, allow_data_errors: bool = False, res
     """Train as `cfg.task` and `cfg.method` say; returns the run directory.
 
     `resume` continues from the newest complete checkpoint in `cfg.output_dir`."""
+    from tunekit.train import distributed
+
+    distributed.init()  # joins the process group inside a `--nproc N` worker; no-op otherwise
+    if distributed.world() > 1:
+        distributed.check_supported(cfg)
     module, func = TASKS[cfg.task]
     kwargs = {"quiet": quiet, "allow_data_errors": allow_data_errors} | ({"resume": True} if resume else {})
-    return getattr(import_module(module), func)(cfg, **kwargs)
+    try:
+        return getattr(import_module(module), func)(cfg, **kwargs)
+    except BaseException as e:
+        from tunekit.train import trackers
+
+        trackers.fail_run(Path(cfg.output_dir), e)  # only a run already registered as running
+        raise
 
 
 def resume(run_dir: str | Path, quiet: bool = False) -> Path:

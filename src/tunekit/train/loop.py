@@ -24,7 +24,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from tunekit.config import TrainConfig
 from tunekit.console import err as console
 from tunekit.errors import Interrupted, TunekitError
-from tunekit.train import trackers
+from tunekit.train import distributed, trackers
 from tunekit.train.batching import length_grouped_batches
 from tunekit.train.checkpoint import (
     checkpoint_bytes,
@@ -84,9 +84,9 @@ def lr_at(step: int, total: int, warmup: int, peak: float, kind: str) -> float:
 
 
 def plan_steps(n_items: int, tc: TrainConfig) -> tuple[int, int]:
-    """(steps per epoch, total optimizer steps): an epoch is ceil(N / (batch_size * grad_accum))."""
-    micro_per_epoch = math.ceil(n_items / tc.batch_size)
-    steps_per_epoch = max(1, math.ceil(micro_per_epoch / tc.grad_accum))
+    """(steps per epoch, total optimizer steps): an epoch is ceil(N / global batch), the global batch
+    being batch_size x grad_accum x the number of processes."""
+    steps_per_epoch = max(1, math.ceil(n_items / (tc.batch_size * tc.grad_accum * distributed.world())))
     return steps_per_epoch, tc.max_steps or max(1, math.ceil(tc.epochs * steps_per_epoch))
 
 
@@ -153,6 +153,8 @@ def run_loop(
     eval_every = tc.eval_every or steps_per_epoch
     opt = torch.optim.AdamW(params, lr=tc.learning_rate, weight_decay=tc.weight_decay)
 
+    main = distributed.is_main()  # rank 0 alone writes files and prints
+    quiet = quiet or not main
     metrics_path = run_dir / "metrics.jsonl"
     step_groups: list[list[int]] = []
     epoch = step = tokens_total = 0
@@ -165,7 +167,8 @@ def run_loop(
         step, epoch, step_groups = state["step"], state["epoch"], state["step_groups"]
         tokens_total, t_train, loss, last_val = state["tokens"], state["seconds"], state["loss"], state["val"]
         window = state["window"]
-        _truncate_metrics(metrics_path, step)
+        if main:
+            _truncate_metrics(metrics_path, step)
         if state["total_steps"] != total_steps:
             console.print(
                 f"[yellow]resume: the run was planned for {state['total_steps']} steps, now {total_steps}; "
@@ -176,10 +179,12 @@ def run_loop(
     else:
         if resume and not quiet:
             console.print(f"resume: no checkpoint in {run_dir / 'checkpoints'}; starting at step 0")
-        metrics_path.write_text("")
+        if main:
+            metrics_path.write_text("")
     save_every = tc.save_steps or steps_per_epoch
     # The kept checkpoints, one being written, and the final model: check the room before step 1.
-    ensure_free_space(run_dir, checkpoint_bytes(params) * ((tc.save_total_limit or total_steps) + 2))
+    if main:
+        ensure_free_space(run_dir, checkpoint_bytes(params) * ((tc.save_total_limit or total_steps) + 2))
 
     def checkpoint() -> Path:
         state = {
@@ -193,7 +198,9 @@ def run_loop(
             "val": last_val,
             "window": window,
         }
-        return save_checkpoint(run_dir, model, opt, state, tc.save_total_limit)
+        path = save_checkpoint(run_dir, model, opt, state, tc.save_total_limit) if main else None
+        distributed.barrier()  # no rank runs ahead of a checkpoint that may be resumed
+        return path
 
     progress = Progress(
         TextColumn("[bold]train"),
@@ -212,14 +219,17 @@ def run_loop(
                 # Groups are formed per optimizer step and then cut into micro-batches, so batch 8 x
                 # accumulation 1 and batch 1 x accumulation 8 see the same examples at each step.
                 step_groups = length_grouped_batches(
-                    recipe.lengths, tc.batch_size * tc.grad_accum, tc.seed + epoch
+                    recipe.lengths, tc.batch_size * tc.grad_accum * distributed.world(), tc.seed + epoch
                 )
                 epoch += 1
-            idx = step_groups.pop(0)
+            idx = distributed.rank_slice(step_groups.pop(0))
             group = [idx[i : i + tc.batch_size] for i in range(0, len(idx), tc.batch_size)]
             t0 = time.perf_counter()
             batches = [recipe.collate([recipe.train[i] for i in idx]) for idx in group]
             loss, extra = recipe.step(model, batches)
+            if distributed.active():
+                distributed.average_gradients(params)
+                loss = distributed.mean(loss)
             lr = lr_at(step, total_steps, warmup, tc.learning_rate, tc.lr_scheduler)
             for g in opt.param_groups:
                 g["lr"] = lr
@@ -232,7 +242,7 @@ def run_loop(
             opt.step()
             opt.zero_grad(set_to_none=True)
             step += 1
-            n_tokens = sum(recipe.n_tokens(b) for b in batches)
+            n_tokens = distributed.sum_int(sum(recipe.n_tokens(b) for b in batches))
             dt = time.perf_counter() - t0
             tokens_total += n_tokens
             t_train += dt
@@ -266,7 +276,7 @@ def run_loop(
                     progress.console.print(f"step {step}: train loss {loss:.4f}, {shown}")
                 if "val_loss" in last_val and stopper.update(step, last_val["val_loss"], loss) and not quiet:
                     progress.console.print(f"[yellow]{stopper.warning}")
-            if record:
+            if record and main:
                 with metrics_path.open("a") as f:
                     f.write(json.dumps(record) + "\n")
                 trackers.log_metrics(run_dir, record, total_steps)  # registry, TensorBoard, MLflow
@@ -275,6 +285,7 @@ def run_loop(
             if not quiet and not console.is_terminal and (step % max(1, total_steps // 10) == 0):
                 # Logs and CI have no live bar: print a line at every tenth of the run instead.
                 console.print(f"step {step}/{total_steps}: {info}, {t_train:.0f}s")
+            stop.signum = distributed.max_int(stop.signum or 0) or None  # every rank stops together
             if step % save_every == 0 or step == total_steps or stop.signum:
                 saved = checkpoint()
                 if stop.signum:

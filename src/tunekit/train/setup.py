@@ -137,7 +137,12 @@ def save_trained(model, tokenizer, run_dir: Path, method: str) -> Path:
     import shutil
     import tempfile
 
+    from tunekit.train import distributed
+
     target = run_dir / (MODEL_DIR if method == "full" else ADAPTER_DIR)
+    if not distributed.is_main():  # every rank holds the same weights; rank 0 writes them
+        distributed.barrier()
+        return target
     tmp = Path(tempfile.mkdtemp(dir=run_dir, prefix=f".{target.name}."))
     try:
         model.save_pretrained(tmp, safe_serialization=True)
@@ -148,6 +153,8 @@ def save_trained(model, tokenizer, run_dir: Path, method: str) -> Path:
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+    finally:
+        distributed.barrier()
     return target
 
 

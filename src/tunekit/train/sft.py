@@ -9,6 +9,7 @@ bottom (start_run, announce, finish_run) are what every task's recipe file share
 
 from __future__ import annotations
 
+import json
 import random
 import time
 from collections import Counter
@@ -21,10 +22,10 @@ from tunekit.console import err as console
 from tunekit.data.replay import mix_replay
 from tunekit.data.tokenize import IGNORE_INDEX, TokenizedExample, tokenize_example
 from tunekit.errors import DataError, TunekitError
-from tunekit.io import atomic_write_json
+from tunekit.io import atomic_write_json, atomic_write_jsonl
 from tunekit.models import load_tokenizer, resolve_model
 from tunekit.run_dir import SPLITS, create_run_dir, prepare_splits, read_split
-from tunekit.train import trackers
+from tunekit.train import distributed, trackers
 from tunekit.train.batching import collate, sequential_batches
 from tunekit.train.loop import Recipe, lr_at, plan_steps, run_loop  # noqa: F401  (lr_at: re-exported)
 from tunekit.train.loss import loss_sum
@@ -58,12 +59,37 @@ def accumulate_gradients(model, batches: list[dict[str, torch.Tensor]]) -> float
     micro-batches of n examples give the same gradient as one batch of k*n (tested).
     """
     n_targets = sum(int((b["labels"][:, 1:] != IGNORE_INDEX).sum()) for b in batches)
+    # Several processes: normalise by the step's global target count (per process), so averaging
+    # the gradients across processes gives exactly the one-process gradient.
+    n_targets = distributed.sum_int(n_targets) / distributed.world()
     total = 0.0
     for b in batches:
         s, _ = loss_sum(model, b["input_ids"], b["attention_mask"], b["labels"])
         (s / n_targets).backward()
         total += float(s.detach())
     return total / n_targets
+
+
+def tokenize_cached(tokenizer, examples, max_length: int, name: str, run_dir: Path):
+    """`tokenize_all`, computed once per content and shared: rank 0 tokenizes and writes
+    run_dir/cache/NAME-KEY.jsonl, the other ranks (and a resumed run) read it back. The key hashes
+    the tokenizer's vocabulary and chat template, max_length and every example's content."""
+    import xxhash
+
+    h = xxhash.xxh64()
+    for part in (str(len(tokenizer)), tokenizer.chat_template or "", str(max_length)):
+        h.update(part.encode())
+    for ex in examples:
+        h.update(ex.content_hash().encode())
+    path = run_dir / "cache" / f"{name}-{h.hexdigest()}.jsonl"
+    if distributed.is_main() and not path.is_file():
+        out = tokenize_all(tokenizer, examples, max_length, name)
+        atomic_write_jsonl(
+            path, [{"input_ids": t.input_ids, "labels": t.labels, "truncated": t.truncated} for t in out]
+        )
+    distributed.barrier()
+    with path.open() as f:
+        return [TokenizedExample(**json.loads(line)) for line in f if line.strip()]
 
 
 @torch.no_grad()
@@ -109,7 +135,9 @@ def check_before_training(cfg: Config, allow_data_errors: bool, quiet: bool) -> 
         console.print(f"[yellow]--allow-data-errors: training without {report.rejected} rejected rows")
 
 
-def train_sft(cfg: Config, quiet: bool = False, allow_data_errors: bool = False, resume: bool = False) -> Path:
+def train_sft(
+    cfg: Config, quiet: bool = False, allow_data_errors: bool = False, resume: bool = False
+) -> Path:
     """Fine-tune `cfg.model` (full, LoRA, DoRA or QLoRA) on `cfg.data`; returns the run directory.
 
     The data is checked first (as `tunekit data check` does); rows with errors stop the run
@@ -130,8 +158,8 @@ def train_sft(cfg: Config, quiet: bool = False, allow_data_errors: bool = False,
     train_examples, n_replay = mix_replay(splits["train"], cfg.data.replay)
     if n_replay and not quiet:
         console.print(f"replay: {n_replay} examples from {cfg.data.replay.path} mixed into training")
-    train_data = tokenize_all(tokenizer, train_examples, tc.max_length, "train")
-    val_data = tokenize_all(tokenizer, splits["validation"], tc.max_length, "validation")
+    train_data = tokenize_cached(tokenizer, train_examples, tc.max_length, "train", run_dir)
+    val_data = tokenize_cached(tokenizer, splits["validation"], tc.max_length, "validation", run_dir)
     if not train_data:
         raise TunekitError("data.train: no example has target tokens within train.max_length")
     pad_id = tokenizer.pad_token_id
@@ -197,17 +225,25 @@ def start_run(cfg: Config, quiet: bool, allow_data_errors: bool, resume: bool = 
         run_dir = Path(cfg.output_dir)
         trackers.start_run(run_dir, cfg, resume=True)
         return run_dir, {s: read_split(run_dir, s) for s in SPLITS}
-    check_before_training(cfg, allow_data_errors, quiet)
-    run_dir = create_run_dir(cfg)
-    trackers.start_run(run_dir, cfg)  # registry (tunekit runs / ui), TensorBoard, MLflow
-    splits = prepare_splits(cfg, run_dir, allow_errors=allow_data_errors)
+    if not distributed.is_main():
+        # Rank 0 checks the data and writes the splits; the others read back exactly those.
+        distributed.barrier()
+        run_dir = Path(cfg.output_dir)
+        return run_dir, {s: read_split(run_dir, s) for s in SPLITS}
+    try:
+        check_before_training(cfg, allow_data_errors, quiet)
+        run_dir = create_run_dir(cfg)
+        trackers.start_run(run_dir, cfg)  # registry (tunekit runs / ui), TensorBoard, MLflow
+        splits = prepare_splits(cfg, run_dir, allow_errors=allow_data_errors)
+    finally:
+        distributed.barrier()  # release the other ranks even if the check failed (they then fail to read)
     if not splits["train"]:
         raise TunekitError(f"data.train: {cfg.data.train} leaves no training examples after the split")
     return run_dir, splits
 
 
 def announce(cfg: Config, model, params, n_train: int, n_val: int, n_test: int, quiet: bool) -> None:
-    if quiet:
+    if quiet or not distributed.is_main():
         return
     _, total_steps = plan_steps(n_train, cfg.train)
     n_trainable = sum(p.numel() for p in params)
@@ -219,7 +255,9 @@ def announce(cfg: Config, model, params, n_train: int, n_val: int, n_test: int, 
 
 
 def finish_run(cfg, run_dir, result, model_path, params, splits, t_setup, t_start, saved, quiet, **extra):
-    """Write train_summary.json and say where the model went."""
+    """Write train_summary.json and say where the model went (rank 0 only)."""
+    if not distributed.is_main():
+        return {}
     summary = {
         "model": cfg.model,
         "model_path": str(model_path),
