@@ -32,7 +32,7 @@ def tiny_run(tiny_model_dir, chat_file, tmp_path):
             "data": {"train": str(chat_file)},
             "lora": {"r": 8, "alpha": 16, "dropout": 0.0},
             "train": {"epochs": 15, "learning_rate": 1e-2, "batch_size": 4, "max_length": 64, "seed": 0},
-            "eval": {"max_new_tokens": 8},
+            "eval": {"max_new_tokens": 8, "probe": None},
             "output_dir": str(tmp_path / "run"),
         }
     )
@@ -75,9 +75,10 @@ def test_quickstart_pipeline_on_tiny_model(tiny_model_dir, tmp_path):
         "train.max_steps=2",
         "eval.max_examples=3",
         "eval.max_new_tokens=3",
+        "eval.probe=null",
     ]
     report = quickstart(tmp_path / "qs", overrides)
     on_disk = json.loads((tmp_path / "qs" / "report.json").read_text())
-    assert on_disk["n_test"] == 3 and set(on_disk["contenders"]) == {"base", "finetuned"}
+    assert on_disk["n_test"] == 3 and set(on_disk["contenders"]) == {"base", "base_few_shot", "finetuned"}
     assert on_disk["stage_seconds"]["total"] > 0 and on_disk["train_tokens_per_s"] > 0
     assert report["stage_seconds"] == on_disk["stage_seconds"]

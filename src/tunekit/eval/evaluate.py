@@ -13,16 +13,15 @@ from contextlib import contextmanager
 from pathlib import Path
 
 from tunekit.console import err as console
-from tunekit.data.tokenize import render_prompt
+from tunekit.data.tokenize import render_prompt, tokenize_example
 from tunekit.errors import TunekitError
 from tunekit.eval.generate import generate
-from tunekit.eval.metrics import normalize, task_metrics
+from tunekit.eval.metrics import normalize
 from tunekit.eval.report import write_report
 from tunekit.io import atomic_write_json
 from tunekit.models import load_model, resolve_model
 from tunekit.run_dir import load_run_config, read_split
 from tunekit.train.setup import load_trained
-from tunekit.train.sft import evaluate_loss, tokenize_all
 
 
 @contextmanager
@@ -63,11 +62,31 @@ def evaluate(run_dir: str | Path, data: str | Path | None = None, quiet: bool = 
     return evaluate_generation(run_dir, data, quiet)
 
 
-def evaluate_generation(run_dir: Path, data: str | Path | None = None, quiet: bool = False) -> dict:
-    """SFT: base and fine-tuned generate for each test prompt; scored against the reference."""
+def evaluate_generation(
+    run_dir: Path,
+    data: str | Path | None = None,
+    quiet: bool = False,
+    few_shot: int | None = None,
+    probe: str | Path | None = None,
+) -> dict:
+    """SFT: three contenders on the same held-out prompts, scored against the references.
+
+    `base` (zero-shot), `base_few_shot` (the base shown `eval.few_shot` train examples first) and
+    `finetuned`. Each metric comes with its 95% bootstrap CI, each pair of contenders with a paired
+    test; then the forgetting probe, the failure triage, and report.json/.md/.html.
+    `few_shot` and `probe` override the run config's `eval.few_shot` and `eval.probe`.
+    """
     from tunekit.data import load_examples
+    from tunekit.eval.failures import analyze_failures, train_group_counts
+    from tunekit.eval.metrics import confusion_matrix, default_metrics, resolve_metric, score_metrics
+    from tunekit.eval.probe import forgetting_report, load_probe, run_probe, target_logprobs
+    from tunekit.eval.report import training_curves
+    from tunekit.eval.report_html import write_report_html
+    from tunekit.eval.stats import paired_difference, ratio_ci
 
     cfg = load_run_config(run_dir)
+    k = cfg.eval.few_shot if few_shot is None else few_shot
+    probe_spec = cfg.eval.probe if probe is None else probe
     if data is not None:
         examples = load_examples(data, format=cfg.data.format, columns=cfg.data.columns or None)
     else:
@@ -76,59 +95,126 @@ def evaluate_generation(run_dir: Path, data: str | Path | None = None, quiet: bo
         examples = examples[: cfg.eval.max_examples]
     if not examples:
         raise TunekitError(f"{run_dir}: the test split is empty; pass --data FILE or set data.split")
+    train_examples = read_split(run_dir, "train")
 
     model, tokenizer, is_adapter = load_trained(run_dir)
     references = [ex.target for ex in examples]
-    is_cls = all(ex.label is not None for ex in examples)
+    labels = set(cfg.data.labels or []) or (
+        {normalize(ex.target) for ex in [*examples, *train_examples]}
+        if all(ex.label is not None for ex in examples)
+        else None
+    )
+    metric_specs = cfg.eval.metrics or default_metrics(references, labels is not None)
+    task_metric = resolve_metric(metric_specs[0]).name
     max_new = cfg.eval.max_new_tokens or 16 + max(
         len(tokenizer(r, add_special_tokens=False)["input_ids"]) for r in references
     )
-    test_tok = tokenize_all(tokenizer, examples, cfg.train.max_length, "test")
-    prompt_tokens = sum(
-        len(tokenizer(render_prompt(tokenizer, ex), add_special_tokens=False)["input_ids"]) for ex in examples
-    )
+    shots = few_shot_examples(train_examples, k, cfg.train.seed)
+    inputs = {"base": examples, "finetuned": examples}
+    if shots:
+        inputs["base_few_shot"] = [with_shots(ex, shots) for ex in examples]
+    order = [n for n in ("base", "base_few_shot", "finetuned") if n in inputs]
 
-    contenders, predictions = {}, {}
-    for name in ("base", "finetuned"):
+    def n_tokens(text: str) -> int:
+        return len(tokenizer(text, add_special_tokens=False)["input_ids"])
+
+    contenders, predictions, per_example, probe_scores = {}, {}, {}, {}
+    for name in order:
+        exs = inputs[name]
+        # Few-shot prompts are longer than training's max_length by design: never cut them.
+        max_len = cfg.train.max_length if name != "base_few_shot" else 1 << 16
+        tok = [tokenize_example(tokenizer, ex, max_len) for ex in exs]
         t0 = time.perf_counter()
-        with _contender(model, is_adapter, cfg, name) as m:
-            preds = generate(m, tokenizer, examples, max_new, cfg.eval.batch_size)
-            loss = evaluate_loss(m, test_tok, tokenizer.pad_token_id, cfg.eval.batch_size)
+        with _contender(model, is_adapter, cfg, "base" if name.startswith("base") else name) as m:
+            preds = generate(m, tokenizer, exs, max_new, cfg.eval.batch_size)
+            t_gen = time.perf_counter() - t0
+            logps = target_logprobs(m, tok, tokenizer.pad_token_id, cfg.eval.batch_size)
+            if probe_spec and name in ("base", "finetuned"):
+                probe_data = load_probe(probe_spec, cfg.eval.probe_max_questions, seed=cfg.train.seed)
+                probe_scores[name] = run_probe(m, tokenizer, probe_data, cfg.eval.batch_size)
         seconds = time.perf_counter() - t0
-        gen_tokens = sum(len(tokenizer(p, add_special_tokens=False)["input_ids"]) for p in preds)
-        contenders[name] = task_metrics(preds, references, is_cls) | {
+        values, scores = score_metrics(metric_specs, preds, references)
+        loss, loss_lo, loss_hi = ratio_ci([-s for s, _ in logps], [n for _, n in logps])
+        contenders[name] = values | {
             "test_loss": loss,
+            "test_loss_ci_low": loss_lo,
+            "test_loss_ci_high": loss_hi,
             "perplexity": math.exp(min(loss, 50)),
-            "prompt_tokens_per_example": prompt_tokens / len(examples),
-            "completion_tokens_per_example": gen_tokens / len(examples),
-            "seconds_per_example": seconds / len(examples),
+            "perplexity_ci_low": math.exp(min(loss_lo, 50)),
+            "perplexity_ci_high": math.exp(min(loss_hi, 50)),
+            "prompt_tokens_per_example": sum(n_tokens(render_prompt(tokenizer, ex)) for ex in exs) / len(exs),
+            "completion_tokens_per_example": sum(n_tokens(p) for p in preds) / len(exs),
+            "latency_s_per_example": t_gen / len(exs),
+            "seconds_per_example": seconds / len(exs),
         }
-        predictions[name] = preds
+        predictions[name], per_example[name] = preds, scores
         if not quiet:
-            console.print(f"eval {name}: {contenders[name]} ({seconds:.0f}s)")
+            shown = ", ".join(f"{m_} {contenders[name][m_]:.3f}" for m_ in (task_metric, "test_loss"))
+            console.print(f"eval {name}: {shown} ({seconds:.0f}s)")
 
-    task_metric = "accuracy" if is_cls else "exact_match"
-    rows = [
-        {
+    pairs = [("base", "finetuned"), ("base_few_shot", "finetuned"), ("base", "base_few_shot")]
+    comparisons = {
+        f"{b}_vs_{a}": {"metric": task_metric}
+        | paired_difference(per_example[a][task_metric], per_example[b][task_metric])
+        for a, b in pairs
+        if a in per_example and b in per_example and task_metric in per_example[a]
+    }
+    rows = []
+    for i, ex in enumerate(examples):
+        row = {
             "source": ex.where,
             "prompt": ex.prompt[-1].content if ex.prompt else "",
             "reference": ex.target,
-            "base": predictions["base"][i],
-            "finetuned": predictions["finetuned"][i],
-            "base_correct": normalize(predictions["base"][i]) == normalize(ex.target),
-            "finetuned_correct": normalize(predictions["finetuned"][i]) == normalize(ex.target),
         }
-        for i, ex in enumerate(examples)
-    ]
+        row |= {"label": ex.label} if ex.label is not None else {}
+        for name in order:
+            row[name] = predictions[name][i]
+            row[f"{name}_correct"] = normalize(predictions[name][i]) == normalize(ex.target)
+            if task_metric in per_example[name]:
+                row[f"{name}_score"] = per_example[name][task_metric][i]
+        rows.append(row)
     report = {
         "task_metric": task_metric,
+        "metrics": [resolve_metric(s).name for s in metric_specs],
         "n_test": len(examples),
         "test_data": str(data) if data is not None else str(run_dir / "data" / "test.jsonl"),
+        "few_shot": {"k": len(shots), "sources": [s.where for s in shots]},
         "contenders": contenders,
+        "comparisons": comparisons,
+        "training": training_curves(run_dir),
         "examples": rows[: cfg.eval.show_examples],
-        "failures": [r for r in rows if not r["finetuned_correct"]],
+        "failures": sorted(
+            (r for r in rows if not r["finetuned_correct"]), key=lambda r: r.get("finetuned_score", 0.0)
+        )[:200],
+        "failure_analysis": analyze_failures(rows, labels, train_group_counts(train_examples)),
     }
+    if labels is not None:
+        report["confusion_matrix"] = {
+            n: confusion_matrix(predictions[n], references, sorted(labels)) for n in ("base", "finetuned")
+        }
+    if probe_scores:
+        report["forgetting"] = forgetting_report(probe_data, probe_scores["base"], probe_scores["finetuned"])
     atomic_write_json(run_dir / "report.json", report)
     write_report(run_dir, report)
+    write_report_html(run_dir, report)
     atomic_write_json(run_dir / "predictions.json", rows)
     return report
+
+
+def few_shot_examples(train: list, k: int, seed: int) -> list:
+    """k training examples, drawn once with the run's seed: every test prompt sees the same shots."""
+    import random
+
+    if k <= 0 or not train:
+        return []
+    return random.Random(seed).sample(train, min(k, len(train)))
+
+
+def with_shots(example, shots: list):
+    """`example` with the shots' turns (user, assistant, ...) before its own; its system prompt stays first."""
+    from dataclasses import replace
+
+    system = [m for m in example.messages if m.role == "system"]
+    turns = [m for s in shots for m in s.messages if m.role != "system"]
+    rest = [m for m in example.messages if m.role != "system"]
+    return replace(example, messages=tuple(system + turns + rest))

@@ -1,9 +1,22 @@
-"""Task metrics. Each is a plain function of (predictions, references) -> float."""
+"""Task metrics: plain functions of (predictions, references), registered by name in METRICS.
+
+A metric either scores each example (a list of floats, e.g. exact match: 1 or 0), so its value is
+the mean and its confidence interval comes from resampling examples, or scores the whole corpus (a
+float, e.g. macro-F1, BLEU), so the interval comes from recomputing it on resampled corpora.
+`eval.metrics` in the config names metrics from METRICS or any `module:function` callable of the
+same shape, e.g. `eval.metrics: [exact_match, mypkg.metrics:keyword_recall]`.
+"""
 
 from __future__ import annotations
 
+import json
 import re
 from collections import Counter
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from importlib import import_module
+
+from tunekit.errors import ConfigError
 
 
 def normalize(text: str) -> str:
@@ -11,15 +24,85 @@ def normalize(text: str) -> str:
     return re.sub(r"\s+", " ", text).strip()
 
 
-def exact_match(predictions: list[str], references: list[str]) -> float:
-    if not references:
-        return 0.0
-    return sum(normalize(p) == normalize(r) for p, r in zip(predictions, references, strict=True)) / len(
-        references
-    )
+# ---------------------------------------------------------------------------------------------
+# Per-example metrics: (predictions, references) -> one score per example
 
 
-def macro_f1(predictions: list[str], references: list[str]) -> float:
+def exact_match_scores(predictions: Sequence[str], references: Sequence[str]) -> list[float]:
+    return [float(normalize(p) == normalize(r)) for p, r in zip(predictions, references, strict=True)]
+
+
+def exact_match(predictions: Sequence[str], references: Sequence[str]) -> float:
+    scores = exact_match_scores(predictions, references)
+    return sum(scores) / len(scores) if scores else 0.0
+
+
+_NUMBER = re.compile(r"-?\d[\d,]*\.?\d*")
+
+
+def final_number(text: str) -> float | None:
+    """The answer number of a text: after GSM8K's `#### ` marker if present, else the last number."""
+    tail = text.rsplit("####", 1)[1] if "####" in text else text
+    found = _NUMBER.findall(tail)
+    if not found:
+        return None
+    try:
+        return float(found[-1 if "####" not in text else 0].replace(",", "").rstrip("."))
+    except ValueError:
+        return None
+
+
+def numeric_match(predictions: Sequence[str], references: Sequence[str]) -> list[float]:
+    """1 where the prediction's answer number equals the reference's (GSM8K `#### 42`)."""
+    out = []
+    for p, r in zip(predictions, references, strict=True):
+        a, b = final_number(p), final_number(r)
+        out.append(float(a is not None and b is not None and abs(a - b) < 1e-6))
+    return out
+
+
+def parse_json(text: str):
+    """The JSON value in a reply (a ```json fence around it is allowed), or None."""
+    t = text.strip()
+    fence = re.match(r"^```(?:json)?\s*(.*?)\s*```$", t, re.S)
+    if fence:
+        t = fence.group(1)
+    try:
+        return json.loads(t)
+    except (json.JSONDecodeError, ValueError):
+        return None
+
+
+def json_valid(predictions: Sequence[str], references: Sequence[str]) -> list[float]:
+    return [float(parse_json(p) is not None) for p in predictions]
+
+
+def field_accuracy(predictions: Sequence[str], references: Sequence[str]) -> list[float]:
+    """Share of the reference JSON object's fields the prediction got right (0 for invalid JSON)."""
+    out = []
+    for p, r in zip(predictions, references, strict=True):
+        ref, pred = parse_json(r), parse_json(p)
+        if not isinstance(ref, dict) or not ref:
+            out.append(float(normalize(p) == normalize(r)))
+            continue
+        pred = pred if isinstance(pred, dict) else {}
+        out.append(sum(pred.get(k) == v for k, v in ref.items()) / len(ref))
+    return out
+
+
+def rouge_l(predictions: Sequence[str], references: Sequence[str]) -> list[float]:
+    """ROUGE-L F-measure per example (Google's rouge-score, with stemming)."""
+    from rouge_score import rouge_scorer
+
+    scorer = rouge_scorer.RougeScorer(["rougeL"], use_stemmer=True)
+    return [scorer.score(r, p)["rougeL"].fmeasure for p, r in zip(predictions, references, strict=True)]
+
+
+# ---------------------------------------------------------------------------------------------
+# Corpus metrics: (predictions, references) -> one float
+
+
+def macro_f1(predictions: Sequence[str], references: Sequence[str]) -> float:
     """Mean F1 over the reference labels (a prediction outside the label set counts as wrong)."""
     preds = [normalize(p) for p in predictions]
     refs = [normalize(r) for r in references]
@@ -36,11 +119,122 @@ def macro_f1(predictions: list[str], references: list[str]) -> float:
     return sum(f1s) / len(f1s)
 
 
-def task_metrics(predictions: list[str], references: list[str], is_classification: bool) -> dict[str, float]:
-    """Exact match for generation; accuracy and macro-F1 when every example has a label."""
+def bleu(predictions: Sequence[str], references: Sequence[str]) -> float:
+    """Corpus BLEU (sacrebleu's standard 13a tokenisation), 0-100."""
+    import sacrebleu
+
+    return float(sacrebleu.corpus_bleu(list(predictions), [list(references)]).score)
+
+
+@dataclass(frozen=True)
+class Metric:
+    name: str
+    fn: Callable[[Sequence[str], Sequence[str]], list[float] | float]
+    per_example: bool
+
+
+METRICS: dict[str, Metric] = {
+    m.name: m
+    for m in (
+        Metric("exact_match", exact_match_scores, True),
+        Metric("accuracy", exact_match_scores, True),
+        Metric("numeric_match", numeric_match, True),
+        Metric("json_valid", json_valid, True),
+        Metric("field_accuracy", field_accuracy, True),
+        Metric("rouge_l", rouge_l, True),
+        Metric("macro_f1", macro_f1, False),
+        Metric("bleu", bleu, False),
+    )
+}
+
+
+def resolve_metric(spec: str) -> Metric:
+    """A metric by name, or a user's `module:function`; a bad name is a config error naming the key."""
+    if spec in METRICS:
+        return METRICS[spec]
+    if ":" not in spec:
+        raise ConfigError(
+            [f"eval.metrics: unknown metric {spec!r}; use one of {', '.join(METRICS)} or 'module:function'"]
+        )
+    module, _, func = spec.partition(":")
+    try:
+        fn = getattr(import_module(module), func)
+    except (ImportError, AttributeError) as e:
+        raise ConfigError(
+            [f"eval.metrics: cannot import {spec!r} ({e}); the module must be importable (on PYTHONPATH)"]
+        ) from None
+    if not callable(fn):
+        raise ConfigError([f"eval.metrics: {spec!r} is not callable"])
+    # Whether it scores examples or the corpus is seen from its first result (see score_metric).
+    return Metric(func, fn, per_example=False)
+
+
+def default_metrics(references: Sequence[str], is_classification: bool) -> list[str]:
+    """Metrics that fit the references; the first is the report's task metric."""
     if is_classification:
-        return {
-            "accuracy": exact_match(predictions, references),
-            "macro_f1": macro_f1(predictions, references),
-        }
-    return {"exact_match": exact_match(predictions, references)}
+        return ["accuracy", "macro_f1"]
+    if references and all(isinstance(parse_json(r), dict) for r in references):
+        return ["exact_match", "field_accuracy", "json_valid"]
+    if references and all("####" in r or re.fullmatch(r"\s*-?[\d,]*\.?\d+\s*", r) for r in references):
+        return ["numeric_match", "exact_match"]
+    if references and sum(len(r.split()) for r in references) / len(references) > 8:
+        return ["rouge_l", "bleu", "exact_match"]
+    return ["exact_match"]
+
+
+def task_metrics(predictions: list[str], references: list[str], is_classification: bool) -> dict[str, float]:
+    """Point values of the default metrics (no intervals): exact match, or accuracy and macro-F1."""
+    out = {}
+    for name in default_metrics(references, is_classification) if is_classification else ["exact_match"]:
+        m = METRICS[name]
+        v = m.fn(predictions, references)
+        out[name] = sum(v) / len(v) if isinstance(v, list) and v else v if not isinstance(v, list) else 0.0
+    return out
+
+
+def confusion_matrix(
+    predictions: Sequence[str], references: Sequence[str], labels: Sequence[str] | None = None
+) -> dict:
+    """Counts of (reference row, predicted column); predictions outside the labels go to '(other)'."""
+    refs = [normalize(r) for r in references]
+    preds = [normalize(p) for p in predictions]
+    labels = sorted(set(labels or refs))
+    cols = [*labels, "(other)"]
+    index = {lab: i for i, lab in enumerate(labels)}
+    matrix = [[0] * len(cols) for _ in labels]
+    for p, r in zip(preds, refs, strict=True):
+        if r in index:
+            matrix[index[r]][index.get(p, len(labels))] += 1
+    return {"labels": labels, "columns": cols, "matrix": matrix}
+
+
+def score_metrics(
+    specs: Sequence[str], predictions: Sequence[str], references: Sequence[str]
+) -> tuple[dict[str, float], dict[str, list[float]]]:
+    """Each metric's value with its 95% bootstrap CI (`{name}`, `{name}_ci_low`, `{name}_ci_high`),
+    and the per-example scores of the metrics that have them (for paired tests)."""
+    from tunekit.eval.stats import bootstrap_ci, mean_ci
+
+    preds, refs = list(predictions), list(references)
+    values: dict[str, float] = {}
+    per_example: dict[str, list[float]] = {}
+    for spec in specs:
+        m = resolve_metric(spec)
+        result = m.fn(preds, refs)
+        if isinstance(result, list | tuple) or hasattr(result, "tolist"):
+            scores = [float(x) for x in result]
+            if len(scores) != len(refs):
+                raise ConfigError(
+                    [f"eval.metrics: {spec} returned {len(scores)} scores for {len(refs)} examples"]
+                )
+            value, lo, hi = mean_ci(scores)
+            per_example[m.name] = scores
+        else:
+            value = float(result)
+            lo, hi = bootstrap_ci(
+                lambda idx, m=m: float(m.fn([preds[i] for i in idx], [refs[i] for i in idx])),
+                len(refs),
+                n_boot=200 if m.name == "bleu" else 1000,
+            )
+        values |= {m.name: value, f"{m.name}_ci_low": lo, f"{m.name}_ci_high": hi}
+    return values, per_example
