@@ -85,6 +85,9 @@ def eval_(
     compare: Annotated[
         tuple[Path, Path] | None, typer.Option(help="Show what changed between two evaluated runs: A B.")
     ] = None,
+    reward_model: Annotated[
+        Path | None, typer.Option(help="dpo runs: a `task: reward` run dir, for the reward model's win rate.")
+    ] = None,
 ) -> None:
     """Compare the base (zero- and few-shot) and the fine-tuned model on held-out examples, with the
     forgetting probe; writes report.json, report.md and report.html."""
@@ -106,6 +109,13 @@ def eval_(
         if load_run_config(run_dir).task != "sft":
             raise TunekitError("--few-shot and --probe apply to generation (task: sft) runs only")
         report = evaluate_generation(run_dir, data, few_shot=few_shot, probe=probe)
+    elif reward_model is not None:
+        from tunekit.eval.preference import evaluate_preference
+        from tunekit.run_dir import load_run_config
+
+        if load_run_config(run_dir).task not in ("dpo", "rl"):
+            raise TunekitError("--reward-model applies to dpo and rl runs only")
+        report = evaluate_preference(run_dir, data, reward_model=reward_model)
     else:
         report = evaluate(run_dir, data)
     print_comparison(report)
