@@ -25,3 +25,18 @@ def test_example_config_is_valid_and_its_data_loads(path, monkeypatch):
         pytest.skip(f"../shared/data not present ({train}): data check skipped")
     examples = load_examples(train, format=cfg.data.format, columns=cfg.data.columns or None)
     assert len(examples) > 100
+
+
+def test_the_70b_scale_out_example_validates_and_its_estimate_fits_80gb(monkeypatch):
+    """examples/scale/ holds configs for machines this one is not (8 GPUs, a 70B model): they must
+    validate, and the memory prediction their header quotes must hold."""
+    from tunekit.train.estimate import estimate_report
+
+    monkeypatch.chdir(ROOT)
+    path = ROOT / "examples" / "scale" / "qlora_70b_8gpu.yaml"
+    cfg = load_config(path)
+    assert cfg.method == "qlora" and cfg.train.gradient_checkpointing
+    report = estimate_report(cfg, model_size="70b", measure=False, checkpointing=True)
+    h100 = next(g for g in report["gpus"] if "H100" in g["gpu"])
+    assert h100["fits"]
+    assert f"{h100['peak_gb']:.1f} GB" in path.read_text()

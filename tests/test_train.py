@@ -134,3 +134,27 @@ def test_lr_schedule():
     assert lr_at(99, 100, 10, 1.0, "cosine") < 0.01
     assert lr_at(55, 100, 10, 1.0, "constant") == 1.0
     assert lr_at(55, 100, 10, 1.0, "linear") == pytest.approx(0.5)
+
+
+def test_gradient_checkpointing_gives_the_same_loss_and_gradients(tiny_model_dir, chat_file, tokenizer):
+    from tunekit.config import config_from_dict
+    from tunekit.data import load_examples
+    from tunekit.data.tokenize import tokenize_example
+    from tunekit.train.setup import build_model
+
+    batch = collate(
+        [tokenize_example(tokenizer, ex, 64) for ex in load_examples(chat_file)[:4]], tokenizer.pad_token_id
+    )
+    grads = []
+    for ckpt in (False, True):
+        cfg = config_from_dict(
+            {"model": str(tiny_model_dir), "data": {"train": str(chat_file)}, "lora": {"dropout": 0.0},
+             "train": {"gradient_checkpointing": ckpt}}
+        )  # fmt: skip
+        model, params = build_model(cfg, tiny_model_dir)
+        assert model.is_gradient_checkpointing == ckpt
+        loss = accumulate_gradients(model, [batch])
+        grads.append((loss, [p.grad.clone() for p in params]))
+    assert abs(grads[0][0] - grads[1][0]) < 1e-6
+    for a, b in zip(grads[0][1], grads[1][1], strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6)

@@ -129,6 +129,9 @@ class TrainConfig(_Strict):
         None, gt=0, description="Checkpoint every N steps (and always at the end); null: at each epoch end."
     )
     save_total_limit: int | None = Field(2, gt=0, description="Keep the newest N checkpoints; null: all.")
+    gradient_checkpointing: bool = Field(
+        False, description="Recompute activations in backward: far less memory, about a third slower."
+    )
     early_stopping_patience: int | None = Field(
         None,
         gt=0,

@@ -136,6 +136,7 @@ def estimate_report(
     from tunekit.train import memory as mem
 
     tc = cfg.train
+    checkpointing = checkpointing or tc.gradient_checkpointing
     try:
         profile = data_profile(cfg)
     except (OSError, TunekitError):

@@ -126,6 +126,9 @@ def build_model(
             # a third of the step.
             model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=False)
         model = add_lora(model, cfg.lora, cfg.train.seed, task_type)
+    if cfg.train.gradient_checkpointing:
+        # Non-reentrant checkpointing works with frozen inputs (LoRA) without the input-grad hack.
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     model.train()
     params = [p for p in model.parameters() if p.requires_grad]
     return model, params
