@@ -100,3 +100,15 @@ def chat_file(tmp_path) -> Path:
     path = tmp_path / "chat.jsonl"
     path.write_text("".join(json.dumps(r) + "\n" for r in rows))
     return path
+
+
+@pytest.fixture
+def pairs_file(tmp_path) -> Path:
+    """16 preference pairs a tiny model can separate: the chosen answer is CODE-k, the rejected NOPE-k."""
+    rows = [
+        {"prompt": f"What is the code for item {i}?", "chosen": f"CODE-{i % 4}", "rejected": f"NOPE-{i % 4}"}
+        for i in range(16)
+    ]
+    path = tmp_path / "pairs.jsonl"
+    path.write_text(jsonl(*rows))
+    return path

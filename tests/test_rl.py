@@ -13,17 +13,6 @@ from tunekit.train.rl import train_rl
 from tunekit.train.setup import load_trained
 
 
-@pytest.fixture
-def pairs_file(tmp_path):
-    rows = [
-        {"prompt": f"What is the code for item {i}?", "chosen": f"CODE-{i % 4}", "rejected": f"NOPE-{i % 4}"}
-        for i in range(16)
-    ]
-    path = tmp_path / "pairs.jsonl"
-    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
-    return path
-
-
 def _cfg(tiny_model_dir, pairs_file, out, **rl):
     return config_from_dict(
         {

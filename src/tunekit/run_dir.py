@@ -127,6 +127,22 @@ def read_split(run_dir: str | Path, name: str) -> list[Example]:
     return load_examples(path, format="chat")
 
 
+def load_test_examples(run_dir: str | Path, cfg: Config, data: str | Path | None = None) -> list[Example]:
+    """What `tunekit eval` scores: the run's held-out split, or the examples in `data`, cut to
+    `eval.max_examples`. An empty set is an error saying how to get one."""
+    from tunekit.data import load_examples
+
+    if data is not None:
+        examples = load_examples(data, format=cfg.data.format, columns=cfg.data.columns or None)
+    else:
+        examples = read_split(run_dir, "test")
+    if cfg.eval.max_examples:
+        examples = examples[: cfg.eval.max_examples]
+    if not examples:
+        raise TunekitError(f"{run_dir}: the test split is empty; pass --data FILE or set data.split")
+    return examples
+
+
 def read_metrics(run_dir: str | Path) -> list[dict]:
     path = Path(run_dir) / "metrics.jsonl"
     if not path.is_file():

@@ -20,7 +20,7 @@ from tunekit.errors import TunekitError
 from tunekit.eval.metrics import macro_f1
 from tunekit.eval.report import comparison_table
 from tunekit.io import atomic_write_json, atomic_write_text
-from tunekit.run_dir import load_run_config, read_split
+from tunekit.run_dir import load_run_config, load_test_examples
 from tunekit.train.classify import class_logits, collate_labelled, encode, input_text, require_labels
 from tunekit.train.setup import load_trained, read_labels
 
@@ -32,18 +32,9 @@ NO_BASE = (
 
 def evaluate_classifier(run_dir: str | Path, data: str | Path | None = None, quiet: bool = False) -> dict:
     """Classify the run's test split (or `data`) with the trained head; returns report.json's dict."""
-    from tunekit.data import load_examples
-
     run_dir = Path(run_dir)
     cfg = load_run_config(run_dir)
-    if data is not None:
-        examples = load_examples(data, format=cfg.data.format, columns=cfg.data.columns or None)
-    else:
-        examples = read_split(run_dir, "test")
-    if cfg.eval.max_examples:
-        examples = examples[: cfg.eval.max_examples]
-    if not examples:
-        raise TunekitError(f"{run_dir}: the test split is empty; pass --data FILE or set data.split")
+    examples = load_test_examples(run_dir, cfg, data)
     require_labels(examples, "test")
     labels = read_labels(run_dir)
     if not labels:

@@ -14,13 +14,12 @@ from pathlib import Path
 
 from tunekit.console import err as console
 from tunekit.data.tokenize import render_prompt, tokenize_example
-from tunekit.errors import TunekitError
 from tunekit.eval.generate import generate
 from tunekit.eval.metrics import normalize
 from tunekit.eval.report import write_report
 from tunekit.io import atomic_write_json
 from tunekit.models import load_model, resolve_model
-from tunekit.run_dir import load_run_config, read_split
+from tunekit.run_dir import load_run_config, load_test_examples, read_split
 from tunekit.train.setup import load_trained
 
 
@@ -76,7 +75,6 @@ def evaluate_generation(
     test; then the forgetting probe, the failure triage, and report.json/.md/.html.
     `few_shot` and `probe` override the run config's `eval.few_shot` and `eval.probe`.
     """
-    from tunekit.data import load_examples
     from tunekit.eval.failures import analyze_failures, train_group_counts
     from tunekit.eval.metrics import confusion_matrix, default_metrics, resolve_metric, score_metrics
     from tunekit.eval.probe import forgetting_report, load_probe, run_probe, target_logprobs
@@ -87,14 +85,7 @@ def evaluate_generation(
     cfg = load_run_config(run_dir)
     k = cfg.eval.few_shot if few_shot is None else few_shot
     probe_spec = cfg.eval.probe if probe is None else probe
-    if data is not None:
-        examples = load_examples(data, format=cfg.data.format, columns=cfg.data.columns or None)
-    else:
-        examples = read_split(run_dir, "test")
-    if cfg.eval.max_examples:
-        examples = examples[: cfg.eval.max_examples]
-    if not examples:
-        raise TunekitError(f"{run_dir}: the test split is empty; pass --data FILE or set data.split")
+    examples = load_test_examples(run_dir, cfg, data)
     train_examples = read_split(run_dir, "train")
 
     model, tokenizer, is_adapter = load_trained(run_dir)
