@@ -285,3 +285,56 @@ def test_a_full_disk_while_checkpointing_fails_cleanly(tiny_model_dir, chat_file
     assert "cannot write the checkpoint" in out
     assert list_checkpoints(tmp_path / "run") == []
     assert not list((tmp_path / "run" / "checkpoints").glob(".tmp-*"))
+
+
+@pytest.mark.parametrize("task", ["classify", "reward", "dpo"])
+def test_every_gradient_task_resumes_exactly(task, tiny_model_dir, pairs_file, tmp_path, monkeypatch):
+    """The loop is shared, so is resume: a run of each task stopped by SIGTERM after step 2 and
+    resumed logs the losses of a run that went straight through."""
+    import tunekit.train.loop as loop
+    from conftest import jsonl, write
+
+    if task == "classify":
+        rows = [
+            {"text": f"order {i} is about {w}", "label": w}
+            for i, w in enumerate(["billing", "shipping"] * 12)
+        ]
+        data = write(tmp_path, "labels.jsonl", jsonl(*rows))
+    else:
+        data = pairs_file
+
+    def cfg(out):
+        return config_from_dict(
+            {
+                "model": str(tiny_model_dir),
+                "task": task,
+                "data": {"train": str(data), "split": [0.8, 0.2, 0.0]},
+                "lora": {"r": 4, "dropout": 0.1},
+                "train": {
+                    "max_steps": 4,
+                    "batch_size": 4,
+                    "learning_rate": 5e-3,
+                    "save_steps": 2,
+                    "max_length": 64,
+                },
+                "output_dir": str(out),
+            }
+        )
+
+    straight = _losses(train(cfg(tmp_path / "straight"), quiet=True))
+    real, calls = loop._grad_norm, {"n": 0}
+
+    def grad_norm(params, max_norm):
+        calls["n"] += 1
+        if calls["n"] == 3:
+            signal.raise_signal(signal.SIGTERM)
+        return real(params, max_norm)
+
+    monkeypatch.setattr(loop, "_grad_norm", grad_norm)
+    with pytest.raises(Interrupted):
+        train(cfg(tmp_path / "stopped"), quiet=True)
+    monkeypatch.undo()
+    resumed = _losses(train(cfg(tmp_path / "stopped"), quiet=True, resume=True))
+    assert sorted(resumed) == sorted(straight) == [1, 2, 3, 4]
+    for step in (4,):
+        assert abs(straight[step] - resumed[step]) <= 1e-5 * abs(straight[step]), (step, straight, resumed)

@@ -32,10 +32,12 @@ LABEL_FORMATS = (
 )
 
 
-def train_classify(cfg: Config, quiet: bool = False, allow_data_errors: bool = False) -> Path:
+def train_classify(
+    cfg: Config, quiet: bool = False, allow_data_errors: bool = False, resume: bool = False
+) -> Path:
     """Train a classifier (full, LoRA, DoRA or QLoRA) on labelled text; returns the run directory."""
     t_start = time.perf_counter()
-    run_dir, splits = start_run(cfg, quiet, allow_data_errors)
+    run_dir, splits = start_run(cfg, quiet, allow_data_errors, resume)
     for name, examples in splits.items():
         require_labels(examples, name)
     labels = cfg.data.labels or sorted({ex.label for ex in splits["train"]})
@@ -63,7 +65,7 @@ def train_classify(cfg: Config, quiet: bool = False, allow_data_errors: bool = F
     announce(cfg, model, params, len(train), len(val), len(splits["test"]), quiet)
     if not quiet:
         console.print(f"classify: {len(labels)} labels (written to {run_dir / 'labels.json'})")
-    result = run_loop(model, params, recipe, tc, run_dir, quiet)
+    result = run_loop(model, params, recipe, tc, run_dir, quiet, resume=resume)
     saved = save_trained(model, tokenizer, run_dir, cfg.method)
     finish_run(
         cfg, run_dir, result, model_path, params, splits, t_setup, t_start, saved, quiet, labels=len(labels)

@@ -257,11 +257,13 @@ def compute_reference_logps(ref, pairs: list[Pair], pad_id: int, batch_size: int
 # The recipe
 
 
-def train_dpo(cfg: Config, quiet: bool = False, allow_data_errors: bool = False) -> Path:
+def train_dpo(
+    cfg: Config, quiet: bool = False, allow_data_errors: bool = False, resume: bool = False
+) -> Path:
     """DPO-train `cfg.model` (full, LoRA, DoRA or QLoRA) on the preference pairs of `cfg.data`;
     returns the run directory. Validation logs loss, preference accuracy and reward margin."""
     t_start = time.perf_counter()
-    run_dir, splits = start_run(cfg, quiet, allow_data_errors)
+    run_dir, splits = start_run(cfg, quiet, allow_data_errors, resume)
     model_path = resolve_model(cfg.model)
     tokenizer = load_tokenizer(model_path)
     model, params = build_model(cfg, model_path)
@@ -292,7 +294,7 @@ def train_dpo(cfg: Config, quiet: bool = False, allow_data_errors: bool = False)
         validate=lambda m, data: evaluate_pairs(m, data, pad_id, beta, smoothing, cfg.eval.batch_size),
     )
     announce(cfg, model, params, len(train_pairs), len(val_pairs), len(splits["test"]), quiet)
-    result = run_loop(model, params, recipe, tc, run_dir, quiet)
+    result = run_loop(model, params, recipe, tc, run_dir, quiet, resume=resume)
     saved = save_trained(model, tokenizer, run_dir, cfg.method)
     finish_run(
         cfg, run_dir, result, model_path, params, splits, t_setup, t_start, saved, quiet,

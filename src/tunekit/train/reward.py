@@ -32,10 +32,12 @@ from tunekit.train.sft import announce, finish_run, start_run
 PAIR_FORMATS = "preference ({prompt, chosen, rejected}), sharegpt_preference or anthropic_hh"
 
 
-def train_reward(cfg: Config, quiet: bool = False, allow_data_errors: bool = False) -> Path:
+def train_reward(
+    cfg: Config, quiet: bool = False, allow_data_errors: bool = False, resume: bool = False
+) -> Path:
     """Train a reward model (full, LoRA, DoRA or QLoRA) on preference pairs; returns the run directory."""
     t_start = time.perf_counter()
-    run_dir, splits = start_run(cfg, quiet, allow_data_errors)
+    run_dir, splits = start_run(cfg, quiet, allow_data_errors, resume)
     for name, examples in splits.items():
         require_pairs(examples, name)
 
@@ -57,7 +59,7 @@ def train_reward(cfg: Config, quiet: bool = False, allow_data_errors: bool = Fal
         validate=lambda m, pairs: validate_pairs(m, pairs, pad_id, cfg.eval.batch_size),
     )
     announce(cfg, model, params, len(train_pairs), len(val_pairs), len(splits["test"]), quiet)
-    result = run_loop(model, params, recipe, tc, run_dir, quiet)
+    result = run_loop(model, params, recipe, tc, run_dir, quiet, resume=resume)
     saved = save_trained(model, tokenizer, run_dir, cfg.method)
     finish_run(cfg, run_dir, result, model_path, params, splits, t_setup, t_start, saved, quiet)
     return run_dir

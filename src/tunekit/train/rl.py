@@ -58,10 +58,15 @@ def stage_dirs(cfg: Config, run_dir: Path) -> tuple[Path, Path]:
     )
 
 
-def train_rl(cfg: Config, quiet: bool = False, allow_data_errors: bool = False) -> Path:
+def train_rl(cfg: Config, quiet: bool = False, allow_data_errors: bool = False, resume: bool = False) -> Path:
     """Run the RLHF pipeline as `cfg.rl` says (SFT and reward stages where not given, then RL);
     returns the run directory, which holds the final policy and train_summary.json."""
     t_start = time.perf_counter()
+    if resume:
+        raise TunekitError(
+            "task: rl cannot resume yet (its RL stage runs in TRL's own loop); start it again, reusing "
+            "finished stages with rl.policy: RUN/stages/sft and rl.reward_model: RUN/stages/reward"
+        )
     run_dir, splits = start_run(cfg, quiet, allow_data_errors)
     policy_dir, reward_dir = stage_dirs(cfg, run_dir)
     stages: dict[str, dict] = {}
