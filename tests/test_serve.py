@@ -6,14 +6,13 @@ import os
 import socket
 import subprocess
 import sys
-import threading
 import time
 import urllib.error
 import urllib.request
-from contextlib import contextmanager
 
 import pytest
 
+from conftest import free_port, running
 from tunekit.config import config_from_dict
 from tunekit.ship.serve import create_app, load_models
 from tunekit.train.sft import train_sft
@@ -94,32 +93,10 @@ def http(url: str, body: bytes | None = None, timeout: float = 30) -> tuple[int,
         return e.code, json.loads(e.read())
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-@contextmanager
-def running(app):
-    """A real uvicorn server on a free port, in a thread."""
-    port = free_port()
-    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
-    thread = threading.Thread(target=server.run, daemon=True)
-    thread.start()
-    deadline = time.time() + 30
-    while not server.started and time.time() < deadline:
-        time.sleep(0.05)
-    try:
-        yield f"http://127.0.0.1:{port}/v1"
-    finally:
-        server.should_exit = True
-        thread.join(10)
-
-
 @pytest.fixture(scope="module")
 def base_url(served):
-    with running(create_app(served)) as url:
+    with running(create_app(served)) as base:
+        url = base + "/v1"
         yield url
 
 
@@ -180,7 +157,8 @@ def test_bad_requests_get_openai_error_bodies(client, base_url):
 
 
 def test_api_key_is_required_when_set(served):
-    with running(create_app(served, api_key="s3cret")) as url:
+    with running(create_app(served, api_key="s3cret")) as base:
+        url = base + "/v1"
         with pytest.raises(openai.AuthenticationError) as e:
             openai.OpenAI(base_url=url, api_key="wrong", max_retries=0).models.list()
         assert e.value.body["code"] == "invalid_api_key"

@@ -5,14 +5,12 @@ and live progress of a running job."""
 import io
 import json
 import shutil
-import socket
-import threading
 import time
 import urllib.request
-from contextlib import contextmanager
 
 import pytest
 
+from conftest import running
 from tunekit import registry
 from tunekit.config import config_from_dict
 from tunekit.ui.app import create_ui_app
@@ -20,25 +18,6 @@ from tunekit.ui.app import create_ui_app
 sync_api = pytest.importorskip("playwright.sync_api")
 uvicorn = pytest.importorskip("uvicorn")
 TRAIN_COLOR = (0x1F, 0x77, 0xB4)
-
-
-@contextmanager
-def running(app):
-    """The app on a real uvicorn server on a free port, in a thread."""
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
-    thread = threading.Thread(target=server.run, daemon=True)
-    thread.start()
-    deadline = time.time() + 30
-    while not server.started and time.time() < deadline:
-        time.sleep(0.05)
-    try:
-        yield f"http://127.0.0.1:{port}"
-    finally:
-        server.should_exit = True
-        thread.join(10)
 
 
 def _chromium() -> str:
