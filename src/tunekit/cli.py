@@ -17,7 +17,7 @@ from tunekit.errors import TunekitError
 app = typer.Typer(
     add_completion=False, no_args_is_help=True, help="Fine-tune language models on your own data."
 )
-data_app = typer.Typer(no_args_is_help=True, help="Data sets: check and split.")
+data_app = typer.Typer(no_args_is_help=True, help="Data sets: check, split and augment.")
 app.add_typer(data_app, name="data")
 
 
@@ -204,6 +204,65 @@ def data_check(
         for src, dst in write_clean_files(report, write_clean).items():
             err.print(f"{src}: kept rows -> {dst}")
     raise typer.Exit(report.exit_code)
+
+
+@data_app.command("augment")
+def data_augment(
+    source: Annotated[
+        Path, typer.Argument(help="A data file, or a run directory (its train split and report.json).")
+    ],
+    labels: Annotated[
+        str | None,
+        typer.Option(help="Target these labels or groups (A,B or priority=P1); default: the weak ones."),
+    ] = None,
+    per_group: Annotated[int, typer.Option(help="Drafts per target.")] = 5,
+    seeds: Annotated[int, typer.Option(help="Seed examples of the target shown in each prompt.")] = 3,
+    model: Annotated[
+        str | None, typer.Option(help="Local model that drafts (default: the run's base, or the default).")
+    ] = None,
+    out: Annotated[
+        Path | None,
+        typer.Option(help="Candidates file (.jsonl); default RUN/augment/ or FILE's stem.candidates.jsonl."),
+    ] = None,
+    seed: Annotated[int, typer.Option(help="Seed for choosing seeds and for sampling.")] = 42,
+    temperature: Annotated[float, typer.Option(help="Sampling temperature (0: greedy).")] = 0.8,
+    max_new_tokens: Annotated[
+        int | None, typer.Option(help="Longest draft in tokens (default: from the seeds' length).")
+    ] = None,
+    batch_size: Annotated[int, typer.Option(help="Prompts generated together.")] = 16,
+    max_length: Annotated[
+        int | None, typer.Option(help="Reject drafts longer than this (tokens; default: the run's, or 512).")
+    ] = None,
+    format: Annotated[str, typer.Option(help="auto or a format name (data files).")] = "auto",
+    column: Annotated[
+        list[str] | None, typer.Option(help="Rename a source column: --column label=category.")
+    ] = None,
+    overwrite: Annotated[bool, typer.Option(help="Replace an existing candidates file.")] = False,
+) -> None:
+    """Draft new examples for the weak labels or failure groups with a local model, check them, and
+    write them for review: never into the training data."""
+    from tunekit.data.augment import augment, print_summary
+
+    targets = [x.strip() for x in labels.split(",") if x.strip()] if labels is not None else None
+    if labels is not None and not targets:
+        raise TunekitError(f"--labels {labels!r}: expected names like card_arrival,card_linking")
+    result = augment(
+        source,
+        labels=targets,
+        per_group=per_group,
+        seeds=seeds,
+        model=model,
+        out=out,
+        seed=seed,
+        temperature=temperature,
+        max_new_tokens=max_new_tokens,
+        batch_size=batch_size,
+        format=format,
+        columns=_columns(column),
+        max_length=max_length,
+        overwrite=overwrite,
+    )
+    print_summary(result)
 
 
 def _columns(column: list[str] | None) -> dict[str, str] | None:
