@@ -7,7 +7,7 @@ import torch
 from safetensors.torch import load_file
 
 from tunekit.config import config_from_dict
-from tunekit.errors import ConfigError
+from tunekit.errors import ConfigError, TunekitError
 from tunekit.models import load_model
 from tunekit.train.rl import train_rl
 from tunekit.train.setup import load_trained
@@ -74,3 +74,29 @@ def test_given_stages_must_be_runs_of_the_right_task(tiny_model_dir, pairs_file,
     cfg = _cfg(tiny_model_dir, pairs_file, tmp_path / "run", policy=str(tmp_path), reward_model=str(tmp_path))
     with pytest.raises(ConfigError, match="rl.policy: .* not a tunekit run directory"):
         train_rl(cfg, quiet=True)
+
+
+def test_prompts_too_long_for_max_length_are_left_out_and_counted(tiny_model_dir, pairs_file, tmp_path):
+    """TRL does not truncate RL prompts, so long ones would run the machine out of memory."""
+    from tunekit.data.example import Example, Message
+    from tunekit.models import load_tokenizer
+    from tunekit.train.rl import rl_prompts
+
+    tok = load_tokenizer(tiny_model_dir)
+
+    def pair(text):
+        return Example(
+            messages=(Message("user", text), Message("assistant", "a")), rejected=(Message("assistant", "b"),)
+        )
+
+    examples = [pair("short one"), pair("word " * 400), pair("short two"), pair("short one")]
+    prompts, too_long = rl_prompts(examples, None, tok, max_prompt_tokens=40)
+    assert [p[0]["content"] for p in prompts] == ["short one", "short two"] and too_long == 1
+    assert rl_prompts(examples, 1, tok, 40) == ([[{"role": "user", "content": "short one"}]], 0)
+    with pytest.raises(TunekitError, match="all 1 are longer than 5 tokens.*raise train.max_length"):
+        rl_prompts(examples[1:2], None, tok, max_prompt_tokens=5)
+
+
+def test_completion_budget_must_leave_room_for_the_prompt(tiny_model_dir, pairs_file, tmp_path):
+    with pytest.raises(ConfigError, match="rl.max_new_tokens: 64 leaves no room .* train.max_length: 64"):
+        _cfg(tiny_model_dir, pairs_file, tmp_path / "run", max_new_tokens=64)

@@ -28,6 +28,7 @@ import torch
 
 from tunekit.config import Config
 from tunekit.console import err as console
+from tunekit.data.tokenize import render
 from tunekit.errors import ConfigError, TunekitError
 from tunekit.models import resolve_model
 from tunekit.run_dir import load_run_config
@@ -77,8 +78,14 @@ def train_rl(cfg: Config, quiet: bool = False, allow_data_errors: bool = False, 
     _check_stage(policy_dir, "rl.policy", ("sft",))
     _check_stage(reward_dir, "rl.reward_model", ("reward",))
 
-    prompts = rl_prompts(splits["train"], cfg.rl.max_prompts)
     model, tokenizer, params = load_policy(policy_dir, cfg)
+    max_prompt_tokens = cfg.train.max_length - cfg.rl.max_new_tokens
+    prompts, too_long = rl_prompts(splits["train"], cfg.rl.max_prompts, tokenizer, max_prompt_tokens)
+    if too_long and not quiet:
+        console.print(
+            f"[yellow]RL: {too_long} prompt(s) longer than {max_prompt_tokens} tokens left out "
+            "(train.max_length - rl.max_new_tokens); raise train.max_length to keep them[/]"
+        )
     from tunekit.train.reward import load_reward_model
 
     reward_model, reward_tokenizer = load_reward_model(reward_dir)
@@ -108,7 +115,13 @@ def train_rl(cfg: Config, quiet: bool = False, allow_data_errors: bool = False, 
         tokens=int(trainer.state.num_input_tokens_seen or 0),
         train_seconds=train_seconds,
     )
-    stages["rl"] = {"algorithm": cfg.rl.algorithm, "prompts": len(prompts), "seconds": train_seconds}
+    stages["rl"] = {
+        "algorithm": cfg.rl.algorithm,
+        "prompts": len(prompts),
+        "prompts_too_long": too_long,
+        "max_prompt_tokens": max_prompt_tokens,
+        "seconds": train_seconds,
+    }
     finish_run(
         cfg, run_dir, result, resolve_model(cfg.model), params, splits, t_setup, t_start, saved, quiet,
         policy_start=str(policy_dir), reward_model=str(reward_dir), stages=stages,
@@ -148,18 +161,37 @@ def _check_stage(run_dir: Path, key: str, tasks: tuple[str, ...]) -> None:
 # Stage 3: RL
 
 
-def rl_prompts(examples, max_prompts: int | None) -> list[list[dict[str, str]]]:
-    """The distinct prompts of the train pairs, in order, as chat messages (TRL's conversational form)."""
-    seen, out = set(), []
+def rl_prompts(examples, max_prompts: int | None, tokenizer=None, max_prompt_tokens: int | None = None):
+    """The distinct prompts of the train pairs, in order, as chat messages (TRL's conversational form).
+
+    TRL's GRPO and RLOO do not truncate prompts, and a prompt of thousands of tokens times
+    rl.num_generations samples is what runs a CPU out of memory (LLaMA-Factory's demo pairs go to
+    3,000+ tokens). Cutting a prompt would change the question, so prompts longer than
+    `max_prompt_tokens` (train.max_length - rl.max_new_tokens) are left out of RL, and counted.
+    Returns (prompts, the number left out as too long)."""
+    seen, out, too_long = set(), [], 0
     for ex in examples:
-        prompt = [{"role": m.role, "content": m.content} for m in split_pair(ex)[0]]
+        messages = split_pair(ex)[0]
+        prompt = [{"role": m.role, "content": m.content} for m in messages]
         key = json.dumps(prompt)
-        if key not in seen:
-            seen.add(key)
-            out.append(prompt)
+        if key in seen:
+            continue
+        seen.add(key)
+        if tokenizer is not None and max_prompt_tokens is not None:
+            text = render(tokenizer, messages, add_generation_prompt=True)
+            if len(tokenizer(text, add_special_tokens=False)["input_ids"]) > max_prompt_tokens:
+                too_long += 1
+                continue
+        out.append(prompt)
+        if max_prompts and len(out) == max_prompts:
+            break
     if not out:
-        raise TunekitError("data.train: no prompts for RL")
-    return out[:max_prompts] if max_prompts else out
+        raise TunekitError(
+            "data.train: no prompts for RL"
+            + (f": all {too_long} are longer than {max_prompt_tokens} tokens (train.max_length - "
+               "rl.max_new_tokens); raise train.max_length" if too_long else "")
+        )  # fmt: skip
+    return out, too_long
 
 
 def load_policy(policy_dir: Path, cfg: Config):
@@ -241,7 +273,7 @@ def _trainer(cfg: Config, run_dir: Path, model, tokenizer, prompts, reward, quie
         bf16=False,
         fp16=False,
         use_cpu=not torch.cuda.is_available(),
-        gradient_checkpointing=False,
+        activation_checkpointing=False,  # transformers 5's name; TRL's default (True) goes by the old one
         save_strategy="no",
         report_to=[],
         disable_tqdm=True,
