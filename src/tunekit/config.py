@@ -62,6 +62,12 @@ class DataConfig(_Strict):
         None,
         description="Mix general data into training against forgetting, e.g. {path: alpaca.json, ratio: 0.1}.",
     )
+    streaming: bool = Field(
+        False,
+        description="Large data sets (task: sft, a JSONL train file): read the train file one row at a time, "
+        "split it by a hash of each row's content, tokenize it into an on-disk store under the run's cache/ "
+        "and memory-map that for training, so memory does not grow with the number of rows.",
+    )
 
     @field_validator("split")
     @classmethod
@@ -69,6 +75,15 @@ class DataConfig(_Strict):
         if any(r < 0 for r in v) or abs(sum(v) - 1.0) > 1e-6:
             raise ValueError(f"ratios must be non-negative and sum to 1, got {list(v)}")
         return v
+
+    @model_validator(mode="after")
+    def _streaming_reads_jsonl(self) -> DataConfig:
+        if self.streaming and self.train.suffix.lower() not in (".jsonl", ".ndjson"):
+            raise ValueError(
+                f"data.streaming reads the train file one JSON Lines row at a time, and {self.train} is not "
+                "a .jsonl file; convert it to JSON Lines (one JSON object per line), or turn data.streaming off"
+            )
+        return self
 
 
 class LoraConfig(_Strict):

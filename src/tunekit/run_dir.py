@@ -7,6 +7,8 @@ runs/NAME/
     validation.jsonl     with content hashes
     test.jsonl
     manifest.json
+  cache/               tokenized splits keyed by content; with data.streaming, the train split's
+                       memory-mapped token store (train-KEY.tokens/)
   metrics.jsonl        one JSON object per logged step
   train_summary.json   wall time, tokens/s, final losses, dropped/truncated counts
   adapter/             the LoRA adapter (PEFT format) and the tokenizer with its chat template
@@ -57,11 +59,14 @@ def prepare_splits(cfg: Config, run_dir: Path, allow_errors: bool = False) -> di
     """Load train/validation/test as the config says, splitting the train file where one is omitted.
 
     The examples of each split are written to `run_dir/data/` with a manifest, so evaluation later
-    reads exactly the held-out examples that training never saw.
+    reads exactly the held-out examples that training never saw. With `data.streaming` the train
+    split is an `ExampleStream` instead of a list (see `_prepare_streaming`).
     """
     from tunekit.data import load_examples, read_examples, split_examples
 
     d = cfg.data
+    if d.streaming:
+        return _prepare_streaming(cfg, run_dir, allow_errors)
 
     def load(path: Path) -> list[Example]:
         if not allow_errors:
@@ -77,15 +82,7 @@ def prepare_splits(cfg: Config, run_dir: Path, allow_errors: bool = False) -> di
         splits["test"] = load(d.test)
     missing = [s for s in ("validation", "test") if getattr(d, s) is None]
     if missing:
-        # Split what is missing off the train file with the configured ratios; a given file's
-        # share goes back to train.
-        r_train, r_val, r_test = d.split
-        ratios = (
-            r_train + (0 if "validation" in missing else r_val) + (0 if "test" in missing else r_test),
-            r_val if "validation" in missing else 0.0,
-            r_test if "test" in missing else 0.0,
-        )
-        parts = split_examples(train, ratios=ratios, seed=d.split_seed)
+        parts = split_examples(train, ratios=_split_ratios(cfg), seed=d.split_seed)
         train = parts["train"]
         for s in missing:
             splits[s] = parts[s]
@@ -94,9 +91,58 @@ def prepare_splits(cfg: Config, run_dir: Path, allow_errors: bool = False) -> di
     return {s: splits[s] for s in SPLITS}
 
 
-def _write_splits(run_dir: Path, splits: dict[str, list[Example]], cfg: Config) -> None:
+def _split_ratios(cfg: Config) -> tuple[float, float, float]:
+    """The ratios to split the train file with: data.split for the splits that have no file of
+    their own; a given file's share goes back to train."""
+    d = cfg.data
+    r_train, r_val, r_test = d.split
+    split_val, split_test = d.validation is None, d.test is None
+    return (
+        r_train + (0 if split_val else r_val) + (0 if split_test else r_test),
+        r_val if split_val else 0.0,
+        r_test if split_test else 0.0,
+    )
+
+
+def _prepare_streaming(cfg: Config, run_dir: Path, allow_errors: bool) -> dict:
+    """`prepare_splits` for data.streaming: one pass over the train file (JSONL), each row going to
+    the split a hash of its content and data.split_seed picks (`stream.hash_split`). Train rows are
+    appended to data/train.jsonl as they come; the held-out rows (a small share) are kept and written
+    as usual. The manifest lists the held-out rows and counts the train rows."""
+    from tunekit.data import load_examples, read_examples
+    from tunekit.data.stream import write_stream_splits
+
+    d = cfg.data
+
+    def load(path: Path) -> list[Example]:
+        if not allow_errors:
+            return load_examples(path, format=d.format, columns=d.columns or None)
+        return read_examples(path, format=d.format, columns=d.columns or None)[0]
+
+    result = write_stream_splits(
+        d.train,
+        run_dir / "data" / "train.jsonl",
+        _split_ratios(cfg),
+        d.split_seed,
+        format=d.format,
+        columns=d.columns or None,
+        allow_errors=allow_errors,
+    )
+    splits = {"train": result.train} | result.held
+    for s in ("validation", "test"):
+        if getattr(d, s) is not None:
+            splits[s] = load(getattr(d, s))
+    _write_splits(run_dir, splits, cfg, result.format)
+    return splits
+
+
+def _write_splits(run_dir: Path, splits: dict, cfg: Config, fmt: str | None = None) -> None:
+    from tunekit.data.stream import ExampleStream
+
     rows = []
     for name in SPLITS:
+        if isinstance(splits[name], ExampleStream):
+            continue  # data.streaming: written row by row as it was read
         atomic_write_jsonl(run_dir / "data" / f"{name}.jsonl", [e.to_dict() for e in splits[name]])
         rows += [
             {"split": name, "source": e.source, "line": e.line, "hash": e.content_hash()}
@@ -106,13 +152,33 @@ def _write_splits(run_dir: Path, splits: dict[str, list[Example]], cfg: Config) 
     # read train, validation and test from different files).
     manifest = {
         "source": {s: str(getattr(cfg.data, s)) for s in SPLITS if getattr(cfg.data, s) is not None},
-        "format": next((e.format for s in SPLITS for e in splits[s]), cfg.data.format),
+        "format": fmt or next((e.format for s in SPLITS for e in splits[s]), cfg.data.format),
         "seed": cfg.data.split_seed,
         "ratios": list(cfg.data.split),
         "counts": {s: len(splits[s]) for s in SPLITS},
         "rows": rows,
     }
+    if cfg.data.streaming:
+        manifest["streaming"] = {
+            "split_by": "xxh3_64(f'{seed}:{content_hash}') / 2**64 against the cumulative ratios of the "
+            "splits drawn from the train file",
+            "train_rows": "not listed (data.streaming): data/train.jsonl holds them, in source order",
+        }
     atomic_write_json(run_dir / "data" / "manifest.json", manifest)
+
+
+def read_run_splits(run_dir: str | Path) -> dict:
+    """The three splits as training saw them, to resume or to join a run as another rank. The train
+    split of a data.streaming run is an `ExampleStream` over data/train.jsonl, not a list."""
+    from tunekit.data.stream import ExampleStream
+
+    run_dir = Path(run_dir)
+    manifest_path = run_dir / "data" / "manifest.json"
+    manifest = json.loads(manifest_path.read_text()) if manifest_path.is_file() else {}
+    splits = {s: read_split(run_dir, s) for s in SPLITS if not (s == "train" and "streaming" in manifest)}
+    if "streaming" in manifest:
+        splits["train"] = ExampleStream(run_dir / "data" / "train.jsonl", manifest["counts"]["train"])
+    return {s: splits[s] for s in SPLITS}
 
 
 def read_split(run_dir: str | Path, name: str) -> list[Example]:

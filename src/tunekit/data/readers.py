@@ -20,7 +20,7 @@ import csv
 import itertools
 import json
 import re
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -57,6 +57,54 @@ def read_records(path: str | Path) -> tuple[list[Record], list[Problem]]:
     return records, [
         Problem(where, line, "", kind, msg) for line, kind, msg in sorted(problems, key=lambda p: p[0])
     ]
+
+
+def iter_jsonl_records(path: str | Path) -> Iterator[Record | Problem]:
+    """`read_records` for a JSON Lines file, one line at a time: memory holds one line, not the file.
+
+    Yields, in line order, a (line, dict) record or a `Problem` for each non-blank line, with the
+    same kinds and messages as `read_records`. Raises `TunekitError` as it does, and for a file that
+    is not .jsonl/.ndjson (a JSON array or a CSV row may span lines, so only JSON Lines streams).
+    """
+    path = Path(path)
+    _reader_for(path)  # missing, a directory, an unknown extension: the same errors as read_records
+    where = str(path)
+    if path.suffix.lower() not in (".jsonl", ".ndjson"):
+        raise TunekitError(
+            f"{where}: only JSON Lines (.jsonl, .ndjson) is read one row at a time; convert it"
+        )
+    try:
+        f = path.open("rb")
+    except OSError as e:
+        raise TunekitError(f"{where}: cannot read the file ({e.strerror})") from e
+    with f:
+        # Binary lines end at b"\n" only, as `_read_jsonl` splits (a raw U+2028 stays inside its line).
+        for n, raw in enumerate(f, start=1):
+            raw = raw.removesuffix(b"\n")
+            if n == 1:
+                text, first = _decode(raw, where)  # drops a BOM; refuses UTF-16
+                bad = first.get(1, "")
+            else:
+                text, bad = _decode_line(raw)
+            if bad:
+                yield Problem(where, n, "", "invalid_utf8", bad)
+                continue
+            records, problems = _read_jsonl(text, set())  # one line: its line number is 1
+            for _, record in records:
+                yield n, record
+            for _, kind, msg in problems:
+                yield Problem(where, n, "", kind, msg)
+
+
+def _decode_line(raw: bytes) -> tuple[str, str]:
+    """A line's text, or ("", the problem) when it is not valid UTF-8 (as `_decode` words it)."""
+    try:
+        return raw.decode("utf-8"), ""
+    except UnicodeDecodeError as e:
+        return (
+            "",
+            f"not valid UTF-8 (byte 0x{raw[e.start]:02x} at byte {e.start + 1}); save the file as UTF-8",
+        )
 
 
 def _reader_for(path: Path) -> Callable[[str, set[int]], tuple[list[Record], list[Issue]]]:

@@ -5,10 +5,15 @@ Run as: `tunekit train CONFIG.yaml` or `tunekit.train_sft(load_config("CONFIG.ya
 setup (run dir, data splits, model as `method` says) -> tokenize (loss on assistant tokens only)
 -> the shared loop (train/loop.py) -> save the adapter or model -> summary. The helpers at the
 bottom (start_run, announce, finish_run) are what every task's recipe file shares.
+
+With `data.streaming` (large data sets) the train split is an `ExampleStream` rather than a list,
+checked and split one row at a time (data/stream.py), and tokenized into a memory-mapped token
+store (`tokenize_stored`) that the loop indexes like the list it otherwise gets.
 """
 
 from __future__ import annotations
 
+import itertools
 import json
 import random
 import time
@@ -19,17 +24,20 @@ import torch
 
 from tunekit.config import Config
 from tunekit.console import err as console
-from tunekit.data.replay import mix_replay
+from tunekit.data.replay import mix_replay, replay_examples
+from tunekit.data.stream import ExampleStream, TokenStore, build_token_store, hash_file
 from tunekit.data.tokenize import IGNORE_INDEX, TokenizedExample, tokenize_example
-from tunekit.errors import DataError, TunekitError
+from tunekit.errors import ConfigError, DataError, TunekitError
 from tunekit.io import atomic_write_json, atomic_write_jsonl
 from tunekit.models import load_tokenizer, resolve_model
-from tunekit.run_dir import SPLITS, create_run_dir, prepare_splits, read_split
+from tunekit.run_dir import create_run_dir, prepare_splits, read_run_splits
 from tunekit.train import distributed, trackers
 from tunekit.train.batching import collate, sequential_batches
 from tunekit.train.loop import Recipe, lr_at, plan_steps, run_loop  # noqa: F401  (lr_at: re-exported)
 from tunekit.train.loss import loss_sum
 from tunekit.train.setup import add_lora, build_model, save_trained  # noqa: F401  (add_lora: re-exported)
+
+STREAMING_HELD_OUT_WARN = 50_000  # held-out examples a streaming run keeps in memory before it warns
 
 
 def tokenize_all(tokenizer, examples, max_length: int, name: str) -> list[TokenizedExample]:
@@ -42,14 +50,19 @@ def tokenize_all(tokenizer, examples, max_length: int, name: str) -> list[Tokeni
             empty.append(ex.where)
         else:
             out.append(t)
+    report_tokenized(name, max_length, cut, len(empty), empty[:5])
+    return out
+
+
+def report_tokenized(name: str, max_length: int, cut: int, n_empty: int, first_empty: list[str]) -> None:
+    """Say how many examples max_length cut, and which were left with nothing to learn."""
     if cut:
         console.print(f"[yellow]{name}: {cut} example(s) longer than train.max_length={max_length} were cut")
-    if empty:
+    if n_empty:
         console.print(
-            f"[yellow]{name}: {len(empty)} example(s) have no target tokens within train.max_length "
-            f"and are not trained on: {', '.join(empty[:5])}{' ...' if len(empty) > 5 else ''}"
+            f"[yellow]{name}: {n_empty} example(s) have no target tokens within train.max_length "
+            f"and are not trained on: {', '.join(first_empty[:5])}{' ...' if n_empty > 5 else ''}"
         )
-    return out
 
 
 def accumulate_gradients(model, batches: list[dict[str, torch.Tensor]]) -> float:
@@ -92,6 +105,38 @@ def tokenize_cached(tokenizer, examples, max_length: int, name: str, run_dir: Pa
         return [TokenizedExample(**json.loads(line)) for line in f if line.strip()]
 
 
+def tokenize_stored(
+    tokenizer, split: ExampleStream, extra: list, max_length: int, name: str, run_dir: Path, quiet: bool
+) -> TokenStore:
+    """`tokenize_cached` for a split too big to hold (data.streaming): rank 0 tokenizes it one
+    example at a time into run_dir/cache/NAME-KEY.tokens/, a token store on disk; every rank, and a
+    resumed run, memory-maps that store. The key hashes what tokenize_cached's does, with the bytes
+    of the split's file standing for its examples' content, and the content of `extra` (replay
+    examples, trained after the split's own)."""
+    import xxhash
+    from rich.progress import track
+
+    h = xxhash.xxh64()
+    for part in (str(len(tokenizer)), tokenizer.chat_template or "", str(max_length)):
+        h.update(part.encode())
+    hash_file(split.path, h)
+    for ex in extra:
+        h.update(ex.content_hash().encode())
+    path = run_dir / "cache" / f"{name}-{h.hexdigest()}.tokens"
+    if distributed.is_main() and not (path / "meta.json").is_file():
+        examples = track(
+            itertools.chain(split, extra),
+            description=f"tokenize {name}",
+            total=len(split) + len(extra),
+            console=console,
+            disable=quiet,
+        )
+        stats = build_token_store(examples, lambda ex: tokenize_example(tokenizer, ex, max_length), path)
+        report_tokenized(name, max_length, stats.truncated, stats.empty, stats.empty_where)
+    distributed.barrier()
+    return TokenStore(path)
+
+
 @torch.no_grad()
 def evaluate_loss(model, data: list[TokenizedExample], pad_id: int, batch_size: int = 16) -> float:
     """Mean per-token loss over `data` (dropout off)."""
@@ -110,6 +155,8 @@ def check_before_training(cfg: Config, allow_data_errors: bool, quiet: bool) -> 
     """Run `tunekit data check` on the config's data: refuse to train on errors unless allowed."""
     from tunekit.data.check import check_config
 
+    if cfg.data.streaming:
+        return check_streaming(cfg, allow_data_errors, quiet)
     report = check_config(cfg)
     unreadable = [f.unreadable for f in report.files if f.unreadable]
     if unreadable:
@@ -135,6 +182,33 @@ def check_before_training(cfg: Config, allow_data_errors: bool, quiet: bool) -> 
         console.print(f"[yellow]--allow-data-errors: training without {report.rejected} rejected rows")
 
 
+def check_streaming(cfg: Config, allow_data_errors: bool, quiet: bool) -> None:
+    """`check_before_training` for data.streaming: the checks that fit a stream (data/stream.py's
+    `check_stream`), and a line saying which ran and which did not."""
+    from tunekit.data.stream import CHECKED, check_stream
+
+    report = check_stream(cfg)
+    if not quiet:
+        found = [f"{n} {k}" for k, n in report.warnings.most_common()]
+        found += [f"{report.duplicate_groups} exact duplicate groups ({report.duplicate_rows} rows)"] * bool(
+            report.duplicate_groups
+        )
+        found += [f"{report.leaked} train rows also in the validation or test file"] * bool(report.leaked)
+        console.print(
+            f"data check (streaming): {report.rows} rows, {report.rejected} with errors"
+            + (f"; [yellow]{', '.join(found)}[/]" if found else "")
+        )
+        console.print(f"  [dim]{CHECKED}[/]")
+    if report.rejected and not allow_data_errors:
+        raise DataError(
+            report.listed_errors(),
+            header=f"data check: {report.rejected} of {report.rows} rows have errors; fix them, "
+            "or train on the rest with --allow-data-errors",
+        )
+    if report.rejected and not quiet:
+        console.print(f"[yellow]--allow-data-errors: training without {report.rejected} rejected rows")
+
+
 def train_sft(
     cfg: Config, quiet: bool = False, allow_data_errors: bool = False, resume: bool = False
 ) -> Path:
@@ -155,18 +229,28 @@ def train_sft(
 
     tc = cfg.train
     # data.replay: general examples join the training examples only (the split files stay the task's).
-    train_examples, n_replay = mix_replay(splits["train"], cfg.data.replay)
+    if isinstance(splits["train"], ExampleStream):
+        # data.streaming: the train split goes from data/train.jsonl into a memory-mapped token store.
+        extra = replay_examples(cfg.data.replay, len(splits["train"])) if cfg.data.replay else []
+        n_replay = len(extra)
+        train_data = tokenize_stored(
+            tokenizer, splits["train"], extra, tc.max_length, "train", run_dir, quiet
+        )
+        lengths = train_data.lengths  # (examples,) int32
+    else:
+        train_examples, n_replay = mix_replay(splits["train"], cfg.data.replay)
+        train_data = tokenize_cached(tokenizer, train_examples, tc.max_length, "train", run_dir)
+        lengths = [len(t.input_ids) for t in train_data]
     if n_replay and not quiet:
         console.print(f"replay: {n_replay} examples from {cfg.data.replay.path} mixed into training")
-    train_data = tokenize_cached(tokenizer, train_examples, tc.max_length, "train", run_dir)
     val_data = tokenize_cached(tokenizer, splits["validation"], tc.max_length, "validation", run_dir)
-    if not train_data:
+    if not len(train_data):
         raise TunekitError("data.train: no example has target tokens within train.max_length")
     pad_id = tokenizer.pad_token_id
     recipe = Recipe(
         train=train_data,
         validation=val_data,
-        lengths=[len(t.input_ids) for t in train_data],
+        lengths=lengths,
         collate=lambda items: collate(items, pad_id),
         step=lambda m, batches: (accumulate_gradients(m, batches), {}),
         validate=lambda m, data: {"val_loss": evaluate_loss(m, data, pad_id, cfg.eval.batch_size)},
@@ -221,15 +305,22 @@ def start_run(cfg: Config, quiet: bool, allow_data_errors: bool, resume: bool = 
     examples even if the source files moved or changed since."""
     random.seed(cfg.train.seed)
     torch.manual_seed(cfg.train.seed)
+    if cfg.data.streaming and cfg.task != "sft":
+        raise ConfigError(
+            [
+                f"data.streaming: only task: sft streams its data; task: {cfg.task} reads it into memory, "
+                "so turn data.streaming off"
+            ]
+        )
     if resume and (Path(cfg.output_dir) / "data" / "manifest.json").is_file():
         run_dir = Path(cfg.output_dir)
         trackers.start_run(run_dir, cfg, resume=True)
-        return run_dir, {s: read_split(run_dir, s) for s in SPLITS}
+        return run_dir, read_run_splits(run_dir)
     if not distributed.is_main():
         # Rank 0 checks the data and writes the splits; the others read back exactly those.
         distributed.barrier()
         run_dir = Path(cfg.output_dir)
-        return run_dir, {s: read_split(run_dir, s) for s in SPLITS}
+        return run_dir, read_run_splits(run_dir)
     try:
         check_before_training(cfg, allow_data_errors, quiet)
         run_dir = create_run_dir(cfg)
@@ -239,6 +330,13 @@ def start_run(cfg: Config, quiet: bool, allow_data_errors: bool, resume: bool = 
         distributed.barrier()  # release the other ranks even if the check failed (they then fail to read)
     if not splits["train"]:
         raise TunekitError(f"data.train: {cfg.data.train} leaves no training examples after the split")
+    held = len(splits["validation"]) + len(splits["test"])
+    if cfg.data.streaming and held > STREAMING_HELD_OUT_WARN and not quiet:
+        console.print(
+            f"[yellow]data.streaming: validation and test hold {held} examples in memory, and validation "
+            "runs over all of them; give them smaller shares (e.g. data.split: [0.998, 0.001, 0.001]) or "
+            "files of their own (data.validation, data.test)"
+        )
     return run_dir, splits
 
 
