@@ -1,7 +1,8 @@
 """Data parallel on 2 CPU processes (gloo), launched by `tunekit train --nproc 2` through torchrun.
 
-Two processes with batch 4 must train exactly what one process with batch 8 trains; a checkpoint
-written by either resumes in the other; only rank 0 writes the run directory.
+Two processes with batch 4 must train exactly what one process with batch 8 trains, with DDP and
+with FSDP (FSDP2, each layer sharded over the two); a checkpoint written by either resumes in the
+other; only rank 0 writes the run directory, and an FSDP run saves the files one process saves.
 """
 
 from __future__ import annotations
@@ -83,11 +84,11 @@ def one_process(tiny_model_dir, tmp_path_factory):
     data = write(tmp, "chat.jsonl", jsonl(*rows))
     cfg = _config(tmp / "c.yaml", tiny_model_dir, data, tmp / "run", max_steps=6)
     _tunekit("train", cfg)
-    return data, _losses(tmp / "run")
+    return data, _losses(tmp / "run"), tmp / "run"
 
 
 def test_two_processes_train_what_one_process_trains(one_process, tiny_model_dir, tmp_path):
-    data, reference = one_process
+    data, reference, _ = one_process
     cfg = _config(tmp_path / "c.yaml", tiny_model_dir, data, tmp_path / "run", max_steps=6, batch_size=4)
     out = _tunekit("train", cfg, "--nproc", "2")
     _close(reference, _losses(tmp_path / "run"))
@@ -100,44 +101,111 @@ def test_two_processes_train_what_one_process_trains(one_process, tiny_model_dir
     assert len(list((tmp_path / "run" / "cache").glob("train-*.jsonl"))) == 1
 
 
-def test_checkpoints_move_between_one_and_two_processes(one_process, tiny_model_dir, tmp_path):
-    data, reference = one_process
+@pytest.mark.parametrize("strategy", ["ddp", "fsdp"])
+def test_checkpoints_move_between_one_and_two_processes(strategy, one_process, tiny_model_dir, tmp_path):
+    data, reference, _ = one_process
+    two = ["--nproc", "2", "--set", f"distributed.strategy={strategy}"]
     # two processes for 4 steps, then one process resumes to 6
     cfg = _config(tmp_path / "a.yaml", tiny_model_dir, data, tmp_path / "a", max_steps=4, batch_size=4)
-    _tunekit("train", cfg, "--nproc", "2")
+    _tunekit("train", cfg, *two)
     out = _tunekit("train", cfg, "--resume", "--set", "train.max_steps=6", "--set", "train.batch_size=8")
     assert "step 4 of 6" in out
     _close(reference, _losses(tmp_path / "a"))
     # one process for 4 steps, then two processes resume to 6
     cfg = _config(tmp_path / "b.yaml", tiny_model_dir, data, tmp_path / "b", max_steps=4)
     _tunekit("train", cfg)
-    _tunekit(
-        "train", cfg, "--resume", "--nproc", "2", "--set", "train.max_steps=6", "--set", "train.batch_size=4"
-    )
+    _tunekit("train", cfg, "--resume", *two, "--set", "train.max_steps=6", "--set", "train.batch_size=4")
     _close(reference, _losses(tmp_path / "b"))
 
 
-def test_unimplemented_strategies_are_refused(tiny_model_dir, tmp_path):
+def _logits(run_dir, text="Code for item 7?"):
+    import torch
+
+    from tunekit.train.setup import load_trained
+
+    model, tokenizer, _ = load_trained(run_dir)
+    with torch.no_grad():
+        return model(**tokenizer(text, return_tensors="pt")).logits
+
+
+def test_fsdp_trains_what_one_process_trains_and_saves_what_it_saves(one_process, tiny_model_dir, tmp_path):
+    """FSDP shards the frozen base and the adapter of each layer over the two processes; the losses,
+    the adapter file and the adapter's outputs in one process equal the one-process run's."""
+    import torch
+    from safetensors.torch import load_file
+
+    data, reference, reference_dir = one_process
+    cfg = _config(tmp_path / "c.yaml", tiny_model_dir, data, tmp_path / "run", max_steps=6, batch_size=4)
+    out = _tunekit("train", cfg, "--nproc", "2", "--set", "distributed.strategy=fsdp")
+    assert "fsdp: 2 layers and the root sharded over 2 processes" in out  # sharded, not replicated
+    _close(reference, _losses(tmp_path / "run"))
+    assert out.count("trained 6 steps") == 1
+    # the adapter was gathered from the shards: the same file, loading in one process
+    ours = load_file(tmp_path / "run" / "adapter" / "adapter_model.safetensors")
+    theirs = load_file(reference_dir / "adapter" / "adapter_model.safetensors")
+    assert sorted(ours) == sorted(theirs)
+    assert all(ours[k].shape == theirs[k].shape for k in ours)
+    torch.testing.assert_close(_logits(tmp_path / "run"), _logits(reference_dir), rtol=1e-4, atol=1e-4)
+
+
+def test_fsdp_full_fine_tune_saves_the_model_one_process_saves(one_process, tiny_model_dir, tmp_path):
+    """method: full under FSDP: every weight sharded (the tied embedding and head included) and
+    trained; the saved model has the one-process run's files and weights."""
+    from safetensors.torch import load_file
+
+    data, _, _ = one_process
+    full = ["--set", "method=full", "--set", "train.learning_rate=1e-3"]
+    one = _config(tmp_path / "one.yaml", tiny_model_dir, data, tmp_path / "one", max_steps=3)
+    _tunekit("train", one, *full)
+    two = _config(tmp_path / "two.yaml", tiny_model_dir, data, tmp_path / "two", max_steps=3, batch_size=4)
+    _tunekit("train", two, *full, "--nproc", "2", "--set", "distributed.strategy=fsdp")
+    _close(_losses(tmp_path / "one"), _losses(tmp_path / "two"))
+    ours, theirs = (load_file(tmp_path / d / "model" / "model.safetensors") for d in ("two", "one"))
+    assert sorted(ours) == sorted(theirs)  # the tied head is saved once, as one process saves it
+    for k in ours:
+        assert (ours[k] - theirs[k]).abs().max() <= 1e-5, k
+
+
+@pytest.mark.parametrize("n", [1, 2, 3, 4])
+def test_fsdp_gives_every_rank_as_many_micro_batches(n, monkeypatch):
+    """Each FSDP forward is a collective: every rank must run the same number of non-empty
+    micro-batches, or the processes wait on each other forever."""
+    from tunekit.train import distributed
+
+    monkeypatch.setattr(distributed, "world", lambda: n)
+    for total in range(1, 30):
+        for batch_size in (1, 2, 3, 4):
+            shares = []
+            for r in range(n):
+                monkeypatch.setattr(distributed, "rank", lambda r=r: r)
+                shares.append(distributed.micro_batches(list(range(total)), batch_size, even=True))
+            assert len({len(s) for s in shares}) == 1, (total, batch_size, shares)
+            assert all(mb for s in shares for mb in s)
+            assert max(len(mb) for s in shares for mb in s) <= max(batch_size, 2)
+            seen = sorted(i for s in shares for mb in s for i in mb)
+            assert seen == list(range(total)) if total >= n else set(seen) == set(range(total))
+
+
+@pytest.mark.parametrize(
+    "strategy, method, says",
+    [("deepspeed", "lora", "deepspeed is"), ("fsdp", "qlora", "fsdp with method: qlora is not supported")],
+)
+def test_unsupported_strategies_are_refused_before_any_worker_starts(
+    strategy, method, says, tiny_model_dir, tmp_path
+):
     from conftest import jsonl, write
 
     data = write(tmp_path, "d.jsonl", jsonl({"prompt": "a", "completion": "b"}))
     cfg = _config(tmp_path / "c.yaml", tiny_model_dir, data, tmp_path / "run")
+    overrides = ["--set", f"distributed.strategy={strategy}", "--set", f"method={method}"]
     proc = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "tunekit",
-            "train",
-            str(cfg),
-            "--nproc",
-            "2",
-            "--set",
-            "distributed.strategy=fsdp",
-        ],
+        [sys.executable, "-m", "tunekit", "train", str(cfg), "--nproc", "2", *overrides],
         capture_output=True,
         text=True,
         timeout=300,
     )
-    assert proc.returncode == 2
-    assert "distributed.strategy" in proc.stdout + proc.stderr
-    assert "Traceback" not in proc.stdout + proc.stderr
+    out = proc.stdout + proc.stderr
+    assert proc.returncode == 2, out
+    assert "distributed.strategy" in out and says in out
+    assert "Traceback" not in out and "torch.distributed.run" not in out
+    assert not (tmp_path / "run").exists()

@@ -188,7 +188,10 @@ class DistributedConfig(_Strict):
     """Several processes or machines (`tunekit train CONFIG --nproc N`); one process ignores it."""
 
     strategy: Literal["ddp", "fsdp", "deepspeed"] = Field(
-        "ddp", description="ddp: replicate the model, average gradients. fsdp/deepspeed: not implemented yet."
+        "ddp",
+        description="ddp: every process holds the whole model; gradients are averaged. fsdp: FSDP2 shards "
+        "each decoder layer and the rest (weights, gradients, AdamW state) over the processes; not with "
+        "method: qlora. deepspeed: not implemented (refused).",
     )
 
 

@@ -2,7 +2,7 @@
 
 run_dir/checkpoints/step-000120/
     trainable.safetensors   the parameters that train (the adapter, or every weight for full)
-    optimizer.pt            AdamW state (moments and step counts)
+    optimizer.pt            AdamW state (moments and step counts), keyed by parameter name
     rng.pt                  Python, NumPy and torch RNG states (dropout masks replay exactly)
     state.json              step, epoch, the data order still to come, loop counters
 
@@ -10,6 +10,11 @@ A checkpoint is written into a temporary folder, every file fsynced, then rename
 the parent fsynced: a rename is atomic, so a process killed at any moment leaves either a complete
 checkpoint or a hidden temporary folder that resume ignores (and the next save clears). Only the
 newest `save_total_limit` checkpoints are kept.
+
+Several processes: every rank calls `save_checkpoint` and `load_checkpoint`. With FSDP the weights
+and AdamW moments are sharded; saving gathers them into full tensors (rank 0 writes), loading
+hands each rank its shard of the full tensors. The files are the same however many processes and
+whichever strategy wrote them, so any checkpoint resumes with any number of processes.
 """
 
 from __future__ import annotations
@@ -26,6 +31,7 @@ import numpy as np
 import torch
 
 from tunekit.errors import TunekitError
+from tunekit.train import distributed
 
 CHECKPOINTS = "checkpoints"
 _NAME = re.compile(r"^step-(\d+)$")
@@ -45,12 +51,44 @@ def _fsync_dir(path: Path) -> None:
 
 
 def trainable_state(model) -> dict[str, torch.Tensor]:
-    """The parameters that train, by name, as contiguous CPU tensors."""
-    return {
-        name: p.detach().to("cpu").contiguous().clone()
-        for name, p in model.named_parameters()
-        if p.requires_grad
-    }
+    """The parameters that train, by name, as full contiguous CPU tensors on rank 0 ({} on the other
+    ranks). Every rank must call: FSDP gathers each sharded parameter, one at a time."""
+    main = distributed.is_main()
+    state = {}
+    for name, p in model.named_parameters():
+        if p.requires_grad:
+            full = distributed.full_tensor(p.detach())
+            if main:
+                state[name] = full.to("cpu").contiguous().clone()
+    return state
+
+
+def optimizer_state(model, optimizer) -> dict:
+    """The optimizer's full state keyed by parameter name on rank 0 ({} on the other ranks, which
+    must call too): the same dict whether the model is sharded (FSDP) or not."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_optimizer_state_dict
+
+    options = StateDictOptions(full_state_dict=True, cpu_offload=True)
+    return get_optimizer_state_dict(model, optimizer, options=options)
+
+
+def load_optimizer_state(model, optimizer, opt_state: dict) -> None:
+    """Restore `optimizer_state`'s dict (every rank passes the whole of it; FSDP keeps its shard).
+    A checkpoint from before names were used is keyed by position in the optimizer's parameters."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
+
+    if any(isinstance(k, int) for k in opt_state.get("state", {})) or any(
+        isinstance(i, int) for g in opt_state.get("param_groups", []) for i in g["params"]
+    ):
+        names = {id(p): n for n, p in model.named_parameters()}
+        order = [names[id(p)] for g in optimizer.param_groups for p in g["params"]]
+        opt_state = {
+            "state": {order[i]: v for i, v in opt_state["state"].items()},
+            "param_groups": [
+                g | {"params": [order[i] for i in g["params"]]} for g in opt_state["param_groups"]
+            ],
+        }
+    set_optimizer_state_dict(model, optimizer, opt_state, options=StateDictOptions(full_state_dict=True))
 
 
 def rng_state() -> tuple[dict, dict[str, torch.Tensor]]:
@@ -79,18 +117,23 @@ def set_rng_state(plain: dict, tensors: dict[str, torch.Tensor]) -> None:
 
 
 def save_checkpoint(run_dir: Path, model, optimizer, state: dict, total_limit: int | None = 2) -> Path:
-    """Write a complete checkpoint for `state["step"]` atomically; prune older ones. Returns its path."""
+    """Write a complete checkpoint for `state["step"]` atomically; prune older ones. Returns its path.
+
+    Every rank calls (the weights and optimizer state are gathered first); rank 0 alone writes."""
     from safetensors.torch import save_file
 
+    weights, opt_state = trainable_state(model), optimizer_state(model, optimizer)
     root = Path(run_dir) / CHECKPOINTS
+    if not distributed.is_main():
+        return root / f"step-{state['step']:06d}"
     root.mkdir(parents=True, exist_ok=True)
     for stale in root.glob(".tmp-*"):  # left by a process killed while saving
         shutil.rmtree(stale, ignore_errors=True)
     target = root / f"step-{state['step']:06d}"
     tmp = Path(tempfile.mkdtemp(dir=root, prefix=".tmp-"))
     try:
-        save_file(trainable_state(model), tmp / "trainable.safetensors")
-        torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
+        save_file(weights, tmp / "trainable.safetensors")
+        torch.save(opt_state, tmp / "optimizer.pt")
         plain_rng, tensor_rng = rng_state()
         torch.save(tensor_rng, tmp / "rng.pt")
         (tmp / "state.json").write_text(json.dumps(state | {"rng": plain_rng}))
@@ -148,7 +191,8 @@ def latest_checkpoint(run_dir: Path) -> Path | None:
 
 
 def load_checkpoint(path: Path, model, optimizer) -> dict:
-    """Restore the trainable parameters, the optimizer and the RNGs from `path`; returns its state."""
+    """Restore the trainable parameters, the optimizer and the RNGs from `path`; returns its state.
+    Every rank reads the whole checkpoint; a sharded (FSDP) model keeps its shard of it."""
     from safetensors import SafetensorError
     from safetensors.torch import load_file
 
@@ -173,7 +217,8 @@ def load_checkpoint(path: Path, model, optimizer) -> dict:
         )
     with torch.no_grad():
         for name, value in weights.items():
-            params[name].copy_(value.to(params[name].device, params[name].dtype))
-    optimizer.load_state_dict(opt_state)
+            p = params[name]
+            p.copy_(distributed.shard_like(value.to(p.device, p.dtype), p))  # FSDP: this rank's shard
+    load_optimizer_state(model, optimizer, opt_state)
     set_rng_state(state.pop("rng"), tensor_rng)
     return state

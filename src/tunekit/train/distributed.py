@@ -1,4 +1,4 @@
-"""Data-parallel training over several processes and machines, on torch.distributed.
+"""Training over several processes and machines, on torch.distributed: DDP or FSDP.
 
 `tunekit train CONFIG --nproc N [--nnodes M --node-rank R --master-addr A --master-port P]` starts
 N workers per machine through torchrun (torch's own elastic launcher), each running the same
@@ -6,15 +6,30 @@ config. Inside a worker:
 
 - every rank builds the same model from the same seed, so the weights start identical;
 - each optimizer step's group of examples (batch_size x grad_accum x world examples, grouped by
-  length) is cut into one slice per rank, so N processes with batch b train on exactly the batches
+  length) is cut into one share per rank, so N processes with batch b train on exactly the batches
   one process with batch N x b would;
-- after backward, gradients are averaged across ranks in one flattened all-reduce; the SFT loss is
-  normalised by the global count of target tokens, so the average is the exact global gradient;
+- the SFT loss is normalised by the global count of target tokens divided by the world size, so
+  the mean of the ranks' gradients is exactly the one-process gradient;
 - rank 0 alone writes the run directory (splits, metrics, checkpoints, model, reports); the others
   wait for it at barriers.
 
-The backend is NCCL on GPUs and gloo on CPUs. FSDP and DeepSpeed are not implemented yet
-(`distributed.strategy` accepts only ddp): say so rather than silently running something else.
+`distributed.strategy` says how the model and its gradients are spread:
+
+- ddp: every rank holds the whole model; after backward the gradients are averaged in one
+  flattened all-reduce (`average_gradients`).
+- fsdp: torch's FSDP2 (`fully_shard`) shards each decoder layer (the model's `_no_split_modules`),
+  then the root, over all ranks: a rank keeps 1/N of every weight, gradient and AdamW moment
+  (frozen LoRA base weights included) and all-gathers a layer only for its forward and backward.
+  FSDP reduce-scatters the gradients itself, as a mean over ranks, so `average_gradients` is
+  skipped and the same loss normalisation stays exact. Every forward is a collective, so every
+  rank must run as many micro-batches as the others (`micro_batches(even=True)`). Checkpoints and
+  the saved adapter or model are gathered to full tensors first, so they are the files a
+  one-process run writes: an FSDP checkpoint resumes in one process and the other way round.
+  method: qlora is refused: bitsandbytes' 4-bit weights are not plain tensors FSDP can shard.
+- deepspeed: not implemented here (and deepspeed is not a dependency): refused.
+
+The backend is NCCL on GPUs and gloo on CPUs (FSDP2 shards on CPU too). Tested on CPU with 2 gloo
+processes against one process (tests/test_distributed.py).
 """
 
 from __future__ import annotations
@@ -113,22 +128,150 @@ def average_gradients(params: list[torch.Tensor]) -> None:
 
 
 def rank_slice(indices: list[int]) -> list[int]:
-    """This rank's contiguous share of a step's examples."""
-    n, r = world(), rank()
-    per = -(-len(indices) // n)
-    return indices[r * per : (r + 1) * per]
+    """This rank's contiguous share of a step's examples; the shares differ by at most one example."""
+    base, extra = divmod(len(indices), world())
+    r = rank()
+    start = r * base + min(r, extra)
+    return indices[start : start + base + (r < extra)]
+
+
+def micro_batches(indices: list[int], batch_size: int, even: bool = False) -> list[list[int]]:
+    """This rank's share of one optimizer step's examples, cut into micro-batches of `batch_size`.
+
+    even (FSDP): each forward and backward all-gathers and reduce-scatters with the other ranks, so
+    every rank must run the same number of micro-batches, none of them empty. The share is then cut
+    into as many micro-batches as the largest share needs (only at batch_size 1 can a smaller share
+    force a micro-batch of 2). A step with fewer examples than ranks (the last of an epoch can be)
+    repeats some of them, as accelerate's even_batches does; the loop warns when that will happen.
+    """
+    n = world()
+    if even and len(indices) < n:
+        indices = (indices * n)[:n]
+    mine = rank_slice(indices)
+    if not even:
+        return [mine[i : i + batch_size] for i in range(0, len(mine), batch_size)]
+    largest = -(-len(indices) // n)
+    k = min(-(-largest // batch_size), len(indices) // n)  # the same on every rank
+    per, more = divmod(len(mine), k)
+    cuts = [0]
+    for i in range(k):
+        cuts.append(cuts[-1] + per + (i < more))
+    return [mine[a:b] for a, b in zip(cuts, cuts[1:], strict=False)]
+
+
+# ---------------------------------------------------------------------------------------------
+# FSDP
+
+
+def sharded(model) -> bool:
+    """True when `shard` spread `model` over the ranks (FSDP2)."""
+    from torch.distributed.fsdp import FSDPModule
+
+    return isinstance(model, FSDPModule)
+
+
+def shard(model) -> int:
+    """Shard `model` in place with FSDP2 over all ranks: each decoder layer, then the root (the
+    embeddings, final norm and head). Returns the number of layers sharded one by one.
+
+    Mixed trainable and frozen weights in one layer (LoRA) are fine: FSDP2 shards both and
+    reduce-scatters only the gradients that exist. Parameters become DTensors, so collect the
+    trainable ones after this call.
+    """
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import fully_shard
+
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model  # PEFT wraps the model
+    names = set(getattr(base, "_no_split_modules", None) or [])
+    layers = [m for m in model.modules() if type(m).__name__ in names]
+    mesh = init_device_mesh(next(model.parameters()).device.type, (world(),))
+    for layer in layers:
+        fully_shard(layer, mesh=mesh)
+    fully_shard(model, mesh=mesh)
+    # `model.load_state_dict(full tensors)` (e.g. `tunekit train --from RUN`) keeps working.
+    model.register_load_state_dict_pre_hook(_full_to_shards)
+    return len(layers)
+
+
+def reshard(model) -> None:
+    """Put every FSDP unit of `model` back into its sharded state. The root stays gathered after a
+    forward, waiting for the backward; after a no-grad forward (validation) none comes, and until
+    this call its parameters would read as full tensors, not the DTensors the optimizer holds."""
+    from torch.distributed.fsdp import FSDPModule
+
+    for m in model.modules():
+        if isinstance(m, FSDPModule):
+            m.reshard()
+
+
+def _full_to_shards(module, state_dict, prefix, *args) -> None:
+    params = dict(module.named_parameters(prefix=prefix, remove_duplicate=False))  # tied weights too
+    for name, value in list(state_dict.items()):
+        if name in params and not _is_dtensor(value):
+            state_dict[name] = shard_like(value, params[name])
+
+
+def _is_dtensor(t) -> bool:
+    from torch.distributed.tensor import DTensor
+
+    return isinstance(t, DTensor)
+
+
+def shard_like(full: torch.Tensor, param: torch.Tensor) -> torch.Tensor:
+    """`full` (the same on every rank) as `param` holds it: this rank's shard when `param` is a
+    DTensor (no communication), else `full` itself."""
+    if not _is_dtensor(param):
+        return full
+    from torch.distributed.tensor import distribute_tensor
+
+    full = full.to(param.device, param.dtype)
+    return distribute_tensor(full, param.device_mesh, param.placements, src_data_rank=None)
+
+
+def full_tensor(t: torch.Tensor) -> torch.Tensor:
+    """The whole tensor: all-gathered from the ranks' shards for a DTensor (every rank must call)."""
+    return t.full_tensor() if _is_dtensor(t) else t
+
+
+def full_state_dict(model, trainable_only: bool) -> dict[str, torch.Tensor]:
+    """The unsharded state dict of an FSDP model on rank 0's CPU ({} on the other ranks, which must
+    call too): what `save_pretrained` of a one-process model would see. `trainable_only` skips the
+    frozen base of a LoRA model (the adapter is all that is saved)."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+    options = StateDictOptions(full_state_dict=True, cpu_offload=True, ignore_frozen_params=trainable_only)
+    state = get_model_state_dict(model, options=options)
+    seen = set()
+    for name, p in model.named_parameters(remove_duplicate=False):
+        if id(p) in seen:  # a tied weight (lm_head = embed_tokens): saved once, as one process saves it
+            state.pop(name, None)
+        seen.add(id(p))
+    return state
 
 
 def check_supported(cfg) -> None:
-    """Refuse, before any worker starts, what several processes cannot run yet."""
+    """Refuse, before any worker starts, what several processes cannot run; every reason at once."""
+    from importlib.util import find_spec
+
     from tunekit.errors import ConfigError
 
-    if cfg.distributed.strategy != "ddp":
-        raise ConfigError(
-            [f"distributed.strategy: {cfg.distributed.strategy} is not implemented yet; use ddp"], "config"
+    problems = []
+    if cfg.distributed.strategy == "deepspeed":
+        installed = "installed, but" if find_spec("deepspeed") else "not installed, and"
+        problems.append(
+            f"distributed.strategy: deepspeed is {installed} tunekit does not drive it; use ddp, or fsdp "
+            "to shard the model over the processes"
+        )
+    if cfg.distributed.strategy == "fsdp" and cfg.method == "qlora":
+        problems.append(
+            "distributed.strategy: fsdp with method: qlora is not supported: bitsandbytes' 4-bit weights "
+            "are not plain tensors FSDP can shard; use distributed.strategy: ddp (each process holds the "
+            "4-bit base), or method: lora with fsdp"
         )
     if cfg.task == "rl":
-        raise ConfigError(["task: rl runs in one process (TRL's trainer); drop --nproc"], "config")
+        problems.append("task: rl runs in one process (TRL's trainer); drop --nproc")
+    if problems:
+        raise ConfigError(problems, "config")
 
 
 def _free_port() -> int:

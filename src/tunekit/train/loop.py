@@ -91,10 +91,15 @@ def plan_steps(n_items: int, tc: TrainConfig) -> tuple[int, int]:
 
 
 def _grad_norm(params: list[torch.Tensor], max_norm: float | None) -> float:
+    """The global L2 norm of the gradients, after clipping them to `max_norm` when it is set."""
+    grads = [p.grad for p in params if p.grad is not None]
+    if not grads:
+        return 0.0
+    # FSDP: each rank holds a shard of every gradient (a DTensor); the norm is over all the shards.
+    norm = distributed.full_tensor(torch.nn.utils.get_total_norm(grads))
     if max_norm:
-        return float(torch.nn.utils.clip_grad_norm_(params, max_norm))
-    norms = [p.grad.norm() for p in params if p.grad is not None]
-    return float(torch.linalg.vector_norm(torch.stack(norms))) if norms else 0.0
+        torch.nn.utils.clip_grads_with_norm_(params, max_norm, norm)
+    return float(norm)
 
 
 class _StopOnSignal:
@@ -155,6 +160,17 @@ def run_loop(
 
     main = distributed.is_main()  # rank 0 alone writes files and prints
     quiet = quiet or not main
+    fsdp = distributed.sharded(model)  # FSDP reduces the gradients itself, in backward
+    if fsdp:
+        distributed.reshard(model)  # e.g. after DPO's no-grad reference pass
+    global_batch = tc.batch_size * tc.grad_accum * distributed.world()
+    short = len(recipe.train) % global_batch  # examples in the last step of an epoch, if it is short
+    if fsdp and 0 < short < distributed.world() and main:
+        console.print(
+            f"[yellow]fsdp: the last step of each epoch has {short} example(s) for {distributed.world()} "
+            "processes; every process needs one, so that step repeats some. Change train.batch_size or "
+            "the number of processes to avoid it."
+        )
     metrics_path = run_dir / "metrics.jsonl"
     step_groups: list[list[int]] = []
     epoch = step = tokens_total = 0
@@ -198,7 +214,7 @@ def run_loop(
             "val": last_val,
             "window": window,
         }
-        path = save_checkpoint(run_dir, model, opt, state, tc.save_total_limit) if main else None
+        path = save_checkpoint(run_dir, model, opt, state, tc.save_total_limit)  # every rank: FSDP gathers
         distributed.barrier()  # no rank runs ahead of a checkpoint that may be resumed
         return path
 
@@ -218,17 +234,15 @@ def run_loop(
                 # A new epoch: reshuffle with a seed derived from the epoch, so any run is replayable.
                 # Groups are formed per optimizer step and then cut into micro-batches, so batch 8 x
                 # accumulation 1 and batch 1 x accumulation 8 see the same examples at each step.
-                step_groups = length_grouped_batches(
-                    recipe.lengths, tc.batch_size * tc.grad_accum * distributed.world(), tc.seed + epoch
-                )
+                step_groups = length_grouped_batches(recipe.lengths, global_batch, tc.seed + epoch)
                 epoch += 1
-            idx = distributed.rank_slice(step_groups.pop(0))
-            group = [idx[i : i + tc.batch_size] for i in range(0, len(idx), tc.batch_size)]
+            group = distributed.micro_batches(step_groups.pop(0), tc.batch_size, even=fsdp)
             t0 = time.perf_counter()
             batches = [recipe.collate([recipe.train[i] for i in idx]) for idx in group]
             loss, extra = recipe.step(model, batches)
             if distributed.active():
-                distributed.average_gradients(params)
+                if not fsdp:  # ddp; FSDP has reduce-scattered the gradients (a mean too) in backward
+                    distributed.average_gradients(params)
                 loss = distributed.mean(loss)
             lr = lr_at(step, total_steps, warmup, tc.learning_rate, tc.lr_scheduler)
             for g in opt.param_groups:
@@ -268,6 +282,8 @@ def run_loop(
                 with torch.no_grad():
                     last_val = recipe.validate(model, recipe.validation)
                 model.train(was_training)
+                if fsdp:
+                    distributed.reshard(model)  # a no-grad forward leaves the root gathered
                 record = (record or {"step": step, "epoch": round(step / steps_per_epoch, 4)}) | last_val
                 if not quiet:
                     shown = ", ".join(

@@ -15,6 +15,11 @@ from tunekit.data.tokenize import IGNORE_INDEX
 
 
 def _decoder_and_head(model):
+    from tunekit.train import distributed
+
+    if distributed.sharded(model):
+        # FSDP gathers the embeddings, final norm and head in the whole model's forward only.
+        return None, None
     base = model.get_base_model() if hasattr(model, "get_base_model") else model
     cfg = base.config
     # Models that transform logits after the projection (soft-capping, scaling) take the standard path.

@@ -8,6 +8,9 @@ rl) gets the same methods:
 - qlora: the base is loaded in 4-bit NF4 (bitsandbytes, double quantization), LoRA on top. On a
          CPU bitsandbytes computes in fp32; on CUDA in bf16. If the 4-bit base cannot be loaded,
          training stops with a clear error: it never silently trains something else.
+
+With `distributed.strategy: fsdp` in several processes, `build_model` shards the model it built
+(train/distributed.py) and `save_trained` gathers it back into the files one process writes.
 """
 
 from __future__ import annotations
@@ -17,7 +20,9 @@ from pathlib import Path
 import torch
 
 from tunekit.config import Config, LoraConfig
+from tunekit.console import err as console
 from tunekit.errors import ModelError, TunekitError
+from tunekit.train import distributed
 
 ADAPTER_DIR = "adapter"  # lora, dora and qlora runs save here (PEFT format + tokenizer)
 MODEL_DIR = "model"  # full fine-tuning saves the whole model here (safetensors + tokenizer)
@@ -130,6 +135,12 @@ def build_model(
         # Non-reentrant checkpointing works with frozen inputs (LoRA) without the input-grad hack.
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     model.train()
+    if cfg.distributed.strategy == "fsdp" and distributed.active():
+        n_layers = distributed.shard(model)  # parameters become DTensors: collect them after this
+        if distributed.is_main():
+            console.print(
+                f"fsdp: {n_layers} layers and the root sharded over {distributed.world()} processes"
+            )
     params = [p for p in model.parameters() if p.requires_grad]
     return model, params
 
@@ -140,15 +151,18 @@ def save_trained(model, tokenizer, run_dir: Path, method: str) -> Path:
     import shutil
     import tempfile
 
-    from tunekit.train import distributed
-
     target = run_dir / (MODEL_DIR if method == "full" else ADAPTER_DIR)
-    if not distributed.is_main():  # every rank holds the same weights; rank 0 writes them
+    # FSDP: gather the shards into full tensors first (every rank takes part), so the files are
+    # those a one-process run writes. DDP: every rank holds the same weights.
+    gathered = {}
+    if distributed.sharded(model):
+        gathered["state_dict"] = distributed.full_state_dict(model, trainable_only=method != "full")
+    if not distributed.is_main():  # rank 0 writes
         distributed.barrier()
         return target
     tmp = Path(tempfile.mkdtemp(dir=run_dir, prefix=f".{target.name}."))
     try:
-        model.save_pretrained(tmp, safe_serialization=True)
+        model.save_pretrained(tmp, safe_serialization=True, **gathered)
         tokenizer.save_pretrained(tmp)
         if target.exists():
             shutil.rmtree(target)
