@@ -218,6 +218,11 @@ class Config(_Strict):
     def _model_nonempty(self) -> Config:
         if not self.model.strip():
             raise ValueError("model: must name an alias, a local folder or a hub id")
+        if self.task == "rl" and self.rl.max_new_tokens >= self.train.max_length:
+            raise ValueError(
+                f"rl.max_new_tokens: {self.rl.max_new_tokens} leaves no room for the prompt in "
+                f"train.max_length: {self.train.max_length}; raise train.max_length or lower rl.max_new_tokens"
+            )
         return self
 
 
