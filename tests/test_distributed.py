@@ -2,7 +2,8 @@
 
 Two processes with batch 4 must train exactly what one process with batch 8 trains, with DDP and
 with FSDP (FSDP2, each layer sharded over the two); a checkpoint written by either resumes in the
-other; only rank 0 writes the run directory, and an FSDP run saves the files one process saves.
+other; only rank 0 writes the run directory, and an FSDP run saves the files one process saves. QLoRA
+shards under FSDP too (its 4-bit base stored as float tensors).
 """
 
 from __future__ import annotations
@@ -186,13 +187,35 @@ def test_fsdp_gives_every_rank_as_many_micro_batches(n, monkeypatch):
             assert seen == list(range(total)) if total >= n else set(seen) == set(range(total))
 
 
-@pytest.mark.parametrize(
-    "strategy, method, says",
-    [("deepspeed", "lora", "deepspeed is"), ("fsdp", "qlora", "fsdp with method: qlora is not supported")],
-)
-def test_unsupported_strategies_are_refused_before_any_worker_starts(
-    strategy, method, says, tiny_model_dir, tmp_path
-):
+def test_fsdp_qlora_trains_what_one_process_trains(one_process, tiny_model_dir, tmp_path):
+    """FSDP-QLoRA: the 4-bit base, stored as float tensors (bnb_4bit_quant_storage), is sharded with
+    the adapters over the two processes; bitsandbytes dequantizes each gathered weight in its forward.
+    Losses equal one process's; the gathered adapter loads on the 4-bit base in one process and gives
+    its outputs; the FSDP checkpoint resumes in one process."""
+    import torch
+    from safetensors.torch import load_file
+
+    pytest.importorskip("bitsandbytes")
+    data, _, _ = one_process
+    qlora = ["--set", "method=qlora"]
+    one = _config(tmp_path / "one.yaml", tiny_model_dir, data, tmp_path / "one", max_steps=4)
+    _tunekit("train", one, *qlora)
+    two = _config(tmp_path / "two.yaml", tiny_model_dir, data, tmp_path / "two", max_steps=2, batch_size=4)
+    out = _tunekit("train", two, *qlora, "--nproc", "2", "--set", "distributed.strategy=fsdp")
+    assert "fsdp: 2 layers and the root sharded over 2 processes" in out
+    reference = _losses(tmp_path / "one")
+    _close({k: v for k, v in reference.items() if k <= 2}, _losses(tmp_path / "two"))
+    ours = load_file(tmp_path / "two" / "adapter" / "adapter_model.safetensors")
+    theirs = load_file(tmp_path / "one" / "adapter" / "adapter_model.safetensors")
+    assert sorted(ours) == sorted(theirs) and all(ours[k].shape == theirs[k].shape for k in ours)
+    # the step-2 checkpoint written by two FSDP processes resumes in one process to step 4
+    _tunekit("train", two, *qlora, "--resume", "--set", "train.max_steps=4", "--set", "train.batch_size=8")
+    _close(reference, _losses(tmp_path / "two"))
+    torch.testing.assert_close(_logits(tmp_path / "two"), _logits(tmp_path / "one"), rtol=1e-4, atol=1e-4)
+
+
+def test_deepspeed_is_refused_before_any_worker_starts(tiny_model_dir, tmp_path):
+    strategy, method, says = "deepspeed", "lora", "deepspeed is"
     from conftest import jsonl, write
 
     data = write(tmp_path, "d.jsonl", jsonl({"prompt": "a", "completion": "b"}))

@@ -98,6 +98,55 @@ def test_qlora_70b_fits_48gb_and_lora_70b_does_not():
     assert not mem.estimate_memory(shape, "qlora", 1, 512, dtype="bf16", device="gpu").fits(48)
 
 
+def test_fsdp_on_8_gpus_shards_the_states_and_keeps_the_activations():
+    """FSDP over 8 processes: each holds 1/8 of the weights, gradients and AdamW states plus the
+    units gathered at a time (the root and two decoder layers); ddp over 8 holds everything."""
+    shape = mem.reference_shape("70b")
+    for method in ("qlora", "lora", "full"):
+        kw = {"dtype": "bf16", "checkpointing": True, "device": "gpu"}
+        one = mem.estimate_memory(shape, method, 1, 2048, **kw)
+        fsdp = mem.estimate_memory(shape, method, 1, 2048, shards=8, **kw)
+        states = ("weights", "adapter_weights", "gradients", "optimizer_states")
+        held = sum(one.parts.get(k, 0) for k in states)
+        assert sum(fsdp.parts.get(k, 0) for k in states) == pytest.approx(held / 8)
+        for k in ("activations", "logits", "allocator", "runtime"):
+            assert fsdp.parts[k] == one.parts[k]
+        gathered = fsdp.parts["gathered_weights"]
+        assert 0 < gathered < held / 4
+        assert one.total - fsdp.total == pytest.approx(held * 7 / 8 - gathered)
+    # the 70B QLoRA example: about 22 GB a GPU sharded, against 52 GB with ddp
+    q8 = mem.estimate_memory(
+        shape, "qlora", 1, 2048, dtype="bf16", checkpointing=True, device="gpu", shards=8
+    )
+    assert q8.total / mem.GB == pytest.approx(21.9, abs=0.1)
+    with pytest.raises(ConfigError, match="processes"):
+        mem.estimate_memory(shape, "qlora", 1, 8, shards=0)
+
+
+def test_estimate_report_shards_only_with_fsdp(monkeypatch):
+    from pathlib import Path
+
+    from tunekit.config import load_config
+    from tunekit.train.estimate import estimate_report
+
+    root = Path(__file__).resolve().parents[1]
+    monkeypatch.chdir(root)
+    example = root / "examples" / "scale" / "qlora_70b_8gpu.yaml"
+
+    def h100(strategy, nproc):
+        cfg = load_config(example, [f"distributed.strategy={strategy}"])
+        r = estimate_report(cfg, model_size="70b", measure=False, checkpointing=True, nproc=nproc)
+        return next(g for g in r["gpus"] if "H100" in g["gpu"])["peak_gb"], r
+
+    ddp1, _ = h100("ddp", 1)
+    ddp8, r = h100("ddp", 8)
+    fsdp8, f = h100("fsdp", 8)
+    assert ddp8 == ddp1  # data parallel: every GPU holds the whole model
+    assert f["processes"] == 8 and f["strategy"] == "fsdp" and r["strategy"] == "ddp"
+    sharded = sum(f["here"]["parts_mb"].get(k, 0) for k in ("weights", "gradients", "optimizer_states"))
+    assert sharded > 0 and ddp8 - fsdp8 > 25  # about 7/8 of the 4-bit base's 41 GB, less what is gathered
+
+
 def test_nf4_bytes_per_parameter():
     assert abs(mem.NF4_BYTES_PER_PARAM - 0.516) < 0.001
 

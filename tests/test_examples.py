@@ -36,7 +36,17 @@ def test_the_70b_scale_out_example_validates_and_its_estimate_fits_80gb(monkeypa
     path = ROOT / "examples" / "scale" / "qlora_70b_8gpu.yaml"
     cfg = load_config(path)
     assert cfg.method == "qlora" and cfg.train.gradient_checkpointing
-    report = estimate_report(cfg, model_size="70b", measure=False, checkpointing=True)
+    assert cfg.distributed.strategy == "fsdp"  # FSDP-QLoRA: the 4-bit base sharded over the 8 GPUs
+    text = path.read_text()
+    assert "--nproc 8" in text.splitlines()[0] and "--nproc 8" in text.splitlines()[1]
+    report = estimate_report(cfg, model_size="70b", measure=False, checkpointing=True, nproc=8)
     h100 = next(g for g in report["gpus"] if "H100" in g["gpu"])
     assert h100["fits"]
-    assert f"{h100['peak_gb']:.1f} GB" in path.read_text()
+    assert f"predicts {h100['peak_gb']:.1f} GB a GPU" in text
+    ddp = load_config(path, ["distributed.strategy=ddp"])
+    ddp_gb = next(
+        g
+        for g in estimate_report(ddp, model_size="70b", measure=False, nproc=8)["gpus"]
+        if "H100" in g["gpu"]
+    )
+    assert f"ddp needs {ddp_gb['peak_gb']:.1f} GB a GPU" in text

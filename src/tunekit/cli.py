@@ -308,6 +308,13 @@ def estimate(
         bool, typer.Option(help="Predict activations with gradient checkpointing (tunekit trains without).")
     ] = False,
     json_out: Annotated[Path | None, typer.Option("--json", help="Also write the estimate here.")] = None,
+    nproc: Annotated[
+        int,
+        typer.Option(
+            help="GPUs (processes) the run will use, as for `tunekit train --nproc`: memory per GPU; "
+            "with distributed.strategy: fsdp the weights, gradients and optimizer states are split over them."
+        ),
+    ] = 1,
 ) -> None:
     """Predict peak memory (weights, gradients, optimizer, activations, logits) and training time
     before training, here and on 24/48/80 GB GPUs."""
@@ -322,6 +329,7 @@ def estimate(
         measure=measure,
         dtype=dtype,
         checkpointing=gradient_checkpointing,
+        nproc=nproc,
     )
     print_estimate(report)
     if json_out:

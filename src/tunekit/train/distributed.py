@@ -25,7 +25,10 @@ config. Inside a worker:
   rank must run as many micro-batches as the others (`micro_batches(even=True)`). Checkpoints and
   the saved adapter or model are gathered to full tensors first, so they are the files a
   one-process run writes: an FSDP checkpoint resumes in one process and the other way round.
-  method: qlora is refused: bitsandbytes' 4-bit weights are not plain tensors FSDP can shard.
+  method: qlora too (FSDP-QLoRA, the Answer.AI / Hugging Face recipe): the 4-bit base is stored in
+  a float dtype (`bnb_4bit_quant_storage`, setup.quantization_config), so each packed weight is a
+  float tensor FSDP shards like any frozen weight; the layer keeps its quantization state and
+  bitsandbytes dequantizes the all-gathered weight in its forward.
 - deepspeed: not implemented here (and deepspeed is not a dependency): refused.
 
 The backend is NCCL on GPUs and gloo on CPUs (FSDP2 shards on CPU too). Tested on CPU with 2 gloo
@@ -261,12 +264,6 @@ def check_supported(cfg) -> None:
         problems.append(
             f"distributed.strategy: deepspeed is {installed} tunekit does not drive it; use ddp, or fsdp "
             "to shard the model over the processes"
-        )
-    if cfg.distributed.strategy == "fsdp" and cfg.method == "qlora":
-        problems.append(
-            "distributed.strategy: fsdp with method: qlora is not supported: bitsandbytes' 4-bit weights "
-            "are not plain tensors FSDP can shard; use distributed.strategy: ddp (each process holds the "
-            "4-bit base), or method: lora with fsdp"
         )
     if cfg.task == "rl":
         problems.append("task: rl runs in one process (TRL's trainer); drop --nproc")

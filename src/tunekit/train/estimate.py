@@ -127,15 +127,23 @@ def estimate_report(
     dtype: str | None = None,
     checkpointing: bool = False,
     seq_len: int | None = None,
+    nproc: int = 1,
 ) -> dict:
     """Everything `tunekit estimate` shows: the memory breakdown of the config's run (or of a
     reference size), GPU fits and FLOPs-based times, and, for the config's own model, real steps here.
 
     The peak is set by the longest batch: batch_size x the longest example (at most max_length).
+    nproc: the processes (GPUs) the run is launched on (`tunekit train --nproc N`). With
+    `distributed.strategy: fsdp` each one holds 1/N of the weights, gradients and optimizer states
+    (plus the units gathered at a time); with ddp each holds everything. The memory figures are per
+    process; the GPU times assume the tokens are split evenly over the N GPUs.
     """
     from tunekit.train import memory as mem
 
     tc = cfg.train
+    if nproc < 1:
+        raise TunekitError(f"--nproc {nproc}: need at least 1 process")
+    shards = nproc if cfg.distributed.strategy == "fsdp" else 1
     checkpointing = checkpointing or tc.gradient_checkpointing
     try:
         profile = data_profile(cfg)
@@ -162,6 +170,7 @@ def estimate_report(
             target_fraction=frac,
             checkpointing=checkpointing,
             device=device,
+            shards=shards,
             **lora,
         )
 
@@ -175,6 +184,8 @@ def estimate_report(
         "seq_len": longest,
         "target_fraction": frac,
         "training_tokens": tokens,
+        "processes": nproc,
+        "strategy": cfg.distributed.strategy if nproc > 1 else "one process",
         "here": here.as_dict(),
         "gpus": [
             {
@@ -183,7 +194,7 @@ def estimate_report(
                 "peak_gb": on_gpu.total / mem.GB,
                 "fits": on_gpu.fits(g["memory_gb"]),
                 "seconds_assumed": (
-                    mem.gpu_seconds(shape, cfg.method, tokens, g["bf16_tflops"]) if tokens else None
+                    mem.gpu_seconds(shape, cfg.method, tokens, g["bf16_tflops"]) / nproc if tokens else None
                 ),
             }
             for name, g in mem.GPUS.items()
@@ -192,6 +203,12 @@ def estimate_report(
             f"GPU times: {'6N' if cfg.method == 'full' else '4N'} FLOPs a token at the GPU's stated dense "
             f"bf16 peak and an assumed {mem.ASSUMED_MFU:.0%} MFU, not measured; GPU memory in {gpu_dtype} "
             f"with {mem.RUNTIME_MB['gpu']} MB for the CUDA context."
+            + (
+                f" Per GPU of {nproc} ({report_strategy(cfg, nproc)}); time split evenly over them, "
+                "communication not counted."
+                if nproc > 1
+                else ""
+            )
         ),
     }
     if measure and not model_size:
@@ -222,6 +239,12 @@ def estimate_report(
     return report
 
 
+def report_strategy(cfg: Config, nproc: int) -> str:
+    if cfg.distributed.strategy == "fsdp":
+        return f"fsdp: weights, gradients and optimizer states sharded 1/{nproc}"
+    return f"{cfg.distributed.strategy}: every GPU holds the whole model"
+
+
 def print_estimate(report: dict) -> None:
     """The estimate as tables: the breakdown here, GPU fits, and the size comparison if asked."""
     from rich.table import Table
@@ -231,6 +254,10 @@ def print_estimate(report: dict) -> None:
 
     h = report["here"]
     share = h["trainable_params"] / h["total_params"]
+    if report.get("processes", 1) > 1:
+        out.print(
+            f"{report['processes']} processes, distributed.strategy {report['strategy']}: memory is per process"
+        )
     out.print(
         f"[bold]{report['model']}[/] ({h['total_params'] / 1e6:,.1f}M parameters), method {report['method']}, "
         f"{h['trainable_params'] / 1e6:,.2f}M trainable ({share:.2%}); longest batch {report['batch_size']} x "

@@ -25,6 +25,14 @@ measured peaks on this project's CPU:
 - runtime:     what the process holds before training (Python, torch, transformers; on a GPU the CUDA
                context), an assumption per device.
 
+Several processes (`shards`, one per GPU): with ddp every process holds all of the above. With
+fsdp over N processes (ZeRO-3 style, tunekit's FSDP2 sharding in train/distributed.py) each process
+keeps 1/N of the weights, gradients and optimizer states, plus what is gathered in full at a time
+(`gathered_weights`): the root unit (embeddings, final norm, head), which FSDP2 keeps gathered from
+its forward to its backward, and two decoder layers (the one computing and the next, prefetched),
+with one layer's unsharded gradients before their reduce-scatter. Activations and logits are per
+process and do not shrink. Collective buffers and the overlap of communication are not counted.
+
 The parameter count comes from the config alone: the model is built on torch's "meta" device, which
 allocates nothing, so a 70B model costs no memory to count.
 """
@@ -249,17 +257,22 @@ def estimate_memory(
     target_fraction: float = 1.0,
     checkpointing: bool = False,
     device: str = "cpu",
+    shards: int = 1,
 ) -> MemoryEstimate:
     """Peak memory of training `shape` with `method` on batch_size x seq_len tokens.
 
     target_fraction: the share of positions that carry loss (tunekit projects only those onto the
     vocabulary). dtype: "fp32" (tunekit on a CPU) or "bf16" (weights and activations in bf16; full
-    fine-tuning then keeps fp32 master weights, as mixed-precision training does).
+    fine-tuning then keeps fp32 master weights, as mixed-precision training does). shards: the number
+    of processes FSDP shards the model over (1: not sharded, as with ddp or one process); the peak
+    is then one process's.
     """
     if method not in ("full", "lora", "qlora"):
         raise ConfigError([f"method: {method!r} is not one of full, lora, qlora"])
     if dtype not in DTYPE_BYTES:
         raise ConfigError([f"dtype: {dtype!r} is not one of {', '.join(DTYPE_BYTES)}"])
+    if shards < 1:
+        raise ConfigError([f"processes: {shards} must be at least 1"])
     w = DTYPE_BYTES[dtype]
     h, i, kv, L = shape.hidden, shape.intermediate, shape.kv_width, shape.layers
     tokens = batch_size * seq_len
@@ -287,6 +300,8 @@ def estimate_memory(
         per_token_layer = 6 * h + 4 * i + 2 * kv + n_adapted * lora_r
         if lora_dropout > 0:
             per_token_layer += adapted_in * (1 + 1 / w)  # the dropped copy and its mask (1 byte)
+    if shards > 1:
+        _shard(parts, shape, method, w, trainable, shards)
     act_bytes = w
     outside = 2 * h  # the embedding output and the final norm, once per token
     if checkpointing:
@@ -313,6 +328,28 @@ def estimate_memory(
         total_params=shape.params,
         parts=parts,
     )
+
+
+def _shard(parts: dict[str, float], shape: ModelShape, method: str, w: int, trainable: int, n: int) -> None:
+    """FSDP over `n` processes: the persistent states divided by n, plus what is gathered in full."""
+    for k in ("weights", "adapter_weights", "gradients", "optimizer_states"):
+        if k in parts:
+            parts[k] /= n
+    layer_linear = sum(i * o for _, i, o in shape.linear_shapes)
+    layer_params = layer_linear + 2 * shape.hidden  # the linear weights and the two RMSNorms
+    root_params = shape.params - shape.layers * layer_params  # embeddings, final norm, head
+    if method == "qlora":
+        layer_bytes = layer_linear * NF4_BYTES_PER_PARAM + 2 * shape.hidden * max(w, 4)
+        root_bytes = root_params * max(w, 4)
+    else:
+        layer_bytes = layer_params * w
+        root_bytes = root_params * w
+    if method == "full":
+        layer_grads = layer_params * w
+    else:
+        layer_bytes += trainable / shape.layers * 4  # the layer's adapters, fp32
+        layer_grads = trainable / shape.layers * 4
+    parts["gathered_weights"] = root_bytes + 2 * layer_bytes + layer_grads
 
 
 def flops_per_token(shape: ModelShape, method: str) -> float:

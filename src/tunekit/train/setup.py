@@ -51,7 +51,14 @@ def add_lora(model, lora: LoraConfig, seed: int, task_type: str = "CAUSAL_LM"):
 
 def quantization_config():
     """NF4 with double quantization, the QLoRA paper's recipe. Compute in bf16 on CUDA, fp32 on CPU
-    (this CPU runs bf16 matmuls about 17x slower than fp32)."""
+    (this CPU runs bf16 matmuls about 17x slower than fp32).
+
+    In a worker of a multi-process launch the packed 4-bit weights are stored in that same float
+    dtype (`bnb_4bit_quant_storage`, the FSDP-QLoRA recipe of Answer.AI and Hugging Face) rather than
+    uint8: the bytes are the same, but a float tensor is one FSDP can shard and all-gather
+    (distributed.strategy: fsdp); each layer keeps its quantization state and bitsandbytes
+    dequantizes the gathered weight in its forward. One process keeps uint8: packed bytes read as
+    floats include NaN patterns, which would confuse anything that inspects the weights."""
     try:
         import bitsandbytes  # noqa: F401
         from transformers import BitsAndBytesConfig
@@ -66,6 +73,7 @@ def quantization_config():
         bnb_4bit_quant_type="nf4",
         bnb_4bit_use_double_quant=True,
         bnb_4bit_compute_dtype=compute,
+        bnb_4bit_quant_storage=compute if distributed.launched() else torch.uint8,
     )
 
 
