@@ -12,6 +12,22 @@ import torch
 SHARED_DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
 
 
+def signal_on_call(monkeypatch, owner, name: str, k: int, signum: int | None = None) -> None:
+    """Patch `owner.name` so that its k-th call (1-based) first delivers a real signal (SIGTERM by
+    default) to this process, as a user's kill or Ctrl-C would, then runs as usual."""
+    import signal
+
+    real, calls = getattr(owner, name), {"n": 0}
+
+    def wrapper(*args, **kwargs):
+        calls["n"] += 1
+        if calls["n"] == k:
+            signal.raise_signal(signum or signal.SIGTERM)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(owner, name, wrapper)
+
+
 def shared_data(rel: str) -> Path:
     """A file from ../shared/data, or skip the test with the reason."""
     path = SHARED_DATA / rel

@@ -19,6 +19,7 @@ import pytest
 import torch
 
 import tunekit.train.sft as sft
+from conftest import signal_on_call
 from tunekit.config import config_from_dict
 from tunekit.errors import Interrupted, TunekitError
 from tunekit.run_dir import read_metrics
@@ -52,16 +53,7 @@ def _losses(run_dir) -> dict[int, float]:
 
 def _interrupt_at(monkeypatch, k: int, signum=signal.SIGTERM):
     """Deliver a real signal to this process during optimizer step k (1-based)."""
-    real = sft.accumulate_gradients
-    calls = {"n": 0}
-
-    def step(model, batches):
-        calls["n"] += 1
-        if calls["n"] == k:
-            signal.raise_signal(signum)
-        return real(model, batches)
-
-    monkeypatch.setattr(sft, "accumulate_gradients", step)
+    signal_on_call(monkeypatch, sft, "accumulate_gradients", k, signum)
 
 
 def test_resume_after_sigterm_gives_the_same_losses(tiny_model_dir, chat_file, tmp_path, monkeypatch):
@@ -322,15 +314,7 @@ def test_every_gradient_task_resumes_exactly(task, tiny_model_dir, pairs_file, t
         )
 
     straight = _losses(train(cfg(tmp_path / "straight"), quiet=True))
-    real, calls = loop._grad_norm, {"n": 0}
-
-    def grad_norm(params, max_norm):
-        calls["n"] += 1
-        if calls["n"] == 3:
-            signal.raise_signal(signal.SIGTERM)
-        return real(params, max_norm)
-
-    monkeypatch.setattr(loop, "_grad_norm", grad_norm)
+    signal_on_call(monkeypatch, loop, "_grad_norm", 3)
     with pytest.raises(Interrupted):
         train(cfg(tmp_path / "stopped"), quiet=True)
     monkeypatch.undo()

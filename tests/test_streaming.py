@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import codecs
 import json
-import signal
 import subprocess
 import sys
 import textwrap
@@ -18,7 +17,7 @@ from pathlib import Path
 import pytest
 
 import tunekit.train.sft as sft
-from conftest import jsonl, write
+from conftest import jsonl, signal_on_call, write
 from tunekit.config import config_from_dict
 from tunekit.data.example import Example, Message
 from tunekit.data.problems import Problem
@@ -260,15 +259,7 @@ def test_a_streaming_run_resumes_with_the_same_losses(tiny_model_dir, chat_file,
     )
 
     cfg = _cfg(tiny_model_dir, chat_file, tmp_path / "stopped", data=data, max_steps=8)
-    real, calls = sft.accumulate_gradients, {"n": 0}
-
-    def step(model, batches):
-        calls["n"] += 1
-        if calls["n"] == 5:
-            signal.raise_signal(signal.SIGTERM)
-        return real(model, batches)
-
-    monkeypatch.setattr(sft, "accumulate_gradients", step)
+    signal_on_call(monkeypatch, sft, "accumulate_gradients", 5)
     with pytest.raises(Interrupted):
         train(cfg, quiet=True)
     monkeypatch.undo()

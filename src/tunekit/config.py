@@ -190,8 +190,8 @@ class DistributedConfig(_Strict):
     strategy: Literal["ddp", "fsdp", "deepspeed"] = Field(
         "ddp",
         description="ddp: every process holds the whole model; gradients are averaged. fsdp: FSDP2 shards "
-        "each decoder layer and the rest (weights, gradients, AdamW state) over the processes; not with "
-        "method: qlora. deepspeed: not implemented (refused).",
+        "each decoder layer and the rest (weights, gradients, AdamW state) over the processes "
+        "(method: qlora too, its 4-bit weights stored as floats). deepspeed: not implemented (refused).",
     )
 
 
