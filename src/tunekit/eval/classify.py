@@ -96,7 +96,8 @@ def predict(model, tokenizer, examples, labels: list[str], cfg) -> tuple[list[st
     for i in range(0, len(examples), bs):
         chunk = examples[i : i + bs]
         items = [(encode(tokenizer, ex, cfg.train.max_length), index.get(ex.label, -1)) for ex in chunk]
-        probs = class_logits(model, collate_labelled(items, tokenizer.pad_token_id)).softmax(-1)  # (B, L)
+        logits = class_logits(model, collate_labelled(items, tokenizer.pad_token_id))
+        probs = logits.softmax(-1).cpu()  # (B, L)
         p, k = probs.max(-1)
         preds += [labels[j] for j in k.tolist()]
         conf += p.tolist()

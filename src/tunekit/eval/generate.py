@@ -5,6 +5,7 @@ from __future__ import annotations
 import torch
 
 from tunekit.data.tokenize import render_prompt
+from tunekit.models.device import autocast, model_device
 
 
 @torch.no_grad()
@@ -12,9 +13,11 @@ def generate(model, tokenizer, examples, max_new_tokens: int, batch_size: int = 
     """Greedy completions for each example's prompt, in input order.
 
     Prompts are sorted by length so a batch pads little, and padded on the left so every row's
-    generation starts right after its own prompt.
+    generation starts right after its own prompt. The token ids go to the model's device, and
+    generation runs under `autocast` (bf16 on CUDA, fp32 on CPU).
     """
     model.eval()
+    device = model_device(model)
     prompts = [render_prompt(tokenizer, ex) for ex in examples]
     order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))
     out: list[str] = [""] * len(prompts)
@@ -27,15 +30,16 @@ def generate(model, tokenizer, examples, max_new_tokens: int, batch_size: int = 
             padding=True,
             padding_side="left",
             return_tensors="pt",
-        )
-        gen = model.generate(
-            **enc,
-            max_new_tokens=max_new_tokens,
-            do_sample=False,
-            pad_token_id=tokenizer.pad_token_id,
-            eos_token_id=eos,
-        )
-        new = gen[:, enc["input_ids"].shape[1] :]
+        ).to(device)
+        with autocast(device):
+            gen = model.generate(
+                **enc,
+                max_new_tokens=max_new_tokens,
+                do_sample=False,
+                pad_token_id=tokenizer.pad_token_id,
+                eos_token_id=eos,
+            )
+        new = gen[:, enc["input_ids"].shape[1] :].cpu()
         for i, row in zip(idx, new, strict=True):
             out[i] = tokenizer.decode(row, skip_special_tokens=True).strip()
     return out

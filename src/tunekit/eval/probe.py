@@ -32,6 +32,7 @@ import torch.nn.functional as F
 from tunekit.data.example import Example, Message
 from tunekit.data.tokenize import IGNORE_INDEX, TokenizedExample, tokenize_example
 from tunekit.errors import DataError
+from tunekit.models.device import autocast, model_device, to_device
 from tunekit.train.batching import collate, sequential_batches
 from tunekit.train.loss import _decoder_and_head
 
@@ -119,26 +120,30 @@ def target_logprobs(model, items: list[TokenizedExample], pad_id: int, batch_siz
     """(sum of log-probabilities of the target tokens, their count) for each item, in order.
 
     Only positions that predict a target token are projected onto the vocabulary (as in the
-    training loss), so scoring long prompts costs no (B, T, V) logits.
+    training loss), so scoring long prompts costs no (B, T, V) logits. Batches go to the model's
+    device; the forward runs under `autocast` (bf16 on CUDA, fp32 on CPU).
     """
     was_training = model.training
     model.eval()
     out: list[tuple[float, int]] = []
     decoder, head = _decoder_and_head(model)
+    device = model_device(model)
     for idx in sequential_batches(len(items), batch_size):
-        b = collate([items[i] for i in idx], pad_id)
+        b = to_device(collate([items[i] for i in idx], pad_id), device)
         targets = b["labels"][:, 1:]  # (B, T-1)
         keep = targets != IGNORE_INDEX
-        if decoder is None:
-            logits = model(input_ids=b["input_ids"], attention_mask=b["attention_mask"]).logits[:, :-1][keep]
-        else:
-            hidden = decoder(input_ids=b["input_ids"], attention_mask=b["attention_mask"]).last_hidden_state
-            logits = head(hidden[:, :-1][keep])  # (N, V)
+        ids, mask = b["input_ids"], b["attention_mask"]  # (B, T)
+        with autocast(device):
+            if decoder is None:
+                logits = model(input_ids=ids, attention_mask=mask).logits[:, :-1][keep]
+            else:
+                hidden = decoder(input_ids=ids, attention_mask=mask).last_hidden_state  # (B, T, H)
+                logits = head(hidden[:, :-1][keep])  # (N, V)
         logp = F.log_softmax(logits.float(), dim=-1).gather(1, targets[keep][:, None])[:, 0]  # (N,)
         rows = keep.nonzero()[:, 0]
-        sums = torch.zeros(len(idx)).index_add_(0, rows, logp)
+        sums = torch.zeros(len(idx), device=device).index_add_(0, rows, logp)
         counts = keep.sum(dim=1)
-        out += [(float(s), int(c)) for s, c in zip(sums, counts, strict=True)]
+        out += [(float(s), int(c)) for s, c in zip(sums.cpu(), counts.cpu(), strict=True)]
     model.train(was_training)
     return out
 

@@ -147,12 +147,16 @@ def load_tokenizer(path: str | Path):
 
 
 def load_model(path: str | Path, dtype: torch.dtype = torch.float32):
-    """A causal LM from safetensors weights, in `dtype` (fp32 by default: bf16 is slow on most CPUs)."""
+    """A causal LM from safetensors weights, in `dtype` (fp32 by default: bf16 is slow on most CPUs),
+    on `default_device()` (models/device.py)."""
     from transformers import AutoModelForCausalLM
 
+    from tunekit.models.device import place
+
     try:
-        return AutoModelForCausalLM.from_pretrained(
+        model = AutoModelForCausalLM.from_pretrained(
             path, dtype=dtype, use_safetensors=True, trust_remote_code=False
         )
     except OSError as e:
         raise ModelError(f"model at {path}: cannot load safetensors weights ({e})") from None
+    return place(model)

@@ -15,6 +15,7 @@ from dataclasses import dataclass
 import torch
 
 from tunekit.errors import TunekitError
+from tunekit.models.device import autocast, model_device
 
 
 def end_of_turn_token(tokenizer) -> str | None:
@@ -72,7 +73,7 @@ class _StopWhen:
         if self.stops and not stop:
             text = self.tokenizer.decode(input_ids[0, self.start :], skip_special_tokens=True)
             stop = any(s in text for s in self.stops)
-        return torch.full((input_ids.shape[0],), stop, dtype=torch.bool)
+        return torch.full((input_ids.shape[0],), stop, dtype=torch.bool, device=input_ids.device)
 
 
 def stream_reply(
@@ -92,7 +93,8 @@ def stream_reply(
     """
     from transformers import StoppingCriteriaList, TextIteratorStreamer
 
-    ids = prompt_ids(tokenizer, messages).to(model.device)
+    device = model_device(model)
+    ids = prompt_ids(tokenizer, messages).to(device)
     stops = [s for s in (stop or []) if s]
     criteria = _StopWhen(tokenizer, stops, ids.shape[1])
     streamer = TextIteratorStreamer(tokenizer, skip_prompt=True, skip_special_tokens=True)
@@ -116,8 +118,8 @@ def stream_reply(
         if seed is not None:
             torch.manual_seed(seed)
         try:
-            with torch.no_grad():
-                result["out"] = model.generate(**kwargs)
+            with torch.no_grad(), autocast(device):  # autocast is per thread: enter it here
+                result["out"] = model.generate(**kwargs).cpu()
         except BaseException as e:  # surface it in the caller's thread, after the streamer ends
             result["error"] = e
             streamer.end()

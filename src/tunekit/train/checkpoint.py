@@ -192,15 +192,17 @@ def latest_checkpoint(run_dir: Path) -> Path | None:
 
 def load_checkpoint(path: Path, model, optimizer) -> dict:
     """Restore the trainable parameters, the optimizer and the RNGs from `path`; returns its state.
-    Every rank reads the whole checkpoint; a sharded (FSDP) model keeps its shard of it."""
+    Every rank reads the whole checkpoint; a sharded (FSDP) model keeps its shard of it. Files are
+    written from CPU tensors and read onto the CPU; the weights then go to each parameter's device,
+    and the optimizer's moments follow their parameters (`Optimizer.load_state_dict`)."""
     from safetensors import SafetensorError
     from safetensors.torch import load_file
 
     path = Path(path)
     try:
         weights = load_file(path / "trainable.safetensors")
-        opt_state = torch.load(path / "optimizer.pt", weights_only=True)
-        tensor_rng = torch.load(path / "rng.pt", weights_only=True)
+        opt_state = torch.load(path / "optimizer.pt", map_location="cpu", weights_only=True)
+        tensor_rng = torch.load(path / "rng.pt", map_location="cpu", weights_only=True)
         state = json.loads((path / "state.json").read_text())
     except (OSError, ValueError, RuntimeError, KeyError, SafetensorError) as e:
         raise TunekitError(

@@ -23,6 +23,7 @@ from tunekit.console import err as console
 from tunekit.data.example import Example
 from tunekit.errors import DataError
 from tunekit.models import load_tokenizer, resolve_model
+from tunekit.models.device import autocast, model_device
 from tunekit.train.loop import Recipe, run_loop
 from tunekit.train.setup import build_model, save_trained, write_labels
 from tunekit.train.sft import announce, finish_run, start_run
@@ -140,8 +141,12 @@ def collate_labelled(items: list[tuple[list[int], int]], pad_id: int) -> dict[st
 
 
 def class_logits(model, batch: dict[str, torch.Tensor]) -> torch.Tensor:
-    """(B, num_labels) logits in fp32."""
-    return model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits.float()
+    """(B, num_labels) logits in fp32, on the model's device (the inputs move there; the forward
+    runs under `autocast`: bf16 on CUDA, fp32 on CPU)."""
+    device = model_device(model)
+    ids, mask = batch["input_ids"].to(device), batch["attention_mask"].to(device)  # (B, T)
+    with autocast(device):
+        return model(input_ids=ids, attention_mask=mask).logits.float()
 
 
 def cross_entropy_step(model, batches: list[dict[str, torch.Tensor]]) -> tuple[float, dict[str, float]]:
@@ -151,10 +156,11 @@ def cross_entropy_step(model, batches: list[dict[str, torch.Tensor]]) -> tuple[f
     total, correct = 0.0, 0
     for b in batches:
         logits = class_logits(model, b)
-        loss = F.cross_entropy(logits, b["labels"], reduction="sum")
+        labels = b["labels"].to(logits.device)
+        loss = F.cross_entropy(logits, labels, reduction="sum")
         (loss / n).backward()
         total += float(loss.detach())
-        correct += int((logits.argmax(-1) == b["labels"]).sum())
+        correct += int((logits.argmax(-1) == labels).sum())
     return total / n, {"accuracy": correct / n}
 
 
@@ -164,7 +170,8 @@ def validate_labelled(model, data, pad_id: int, batch_size: int) -> dict[str, fl
     for i in range(0, len(data), batch_size):
         b = collate_labelled(data[i : i + batch_size], pad_id)
         logits = class_logits(model, b)
-        total += float(F.cross_entropy(logits, b["labels"], reduction="sum"))
-        correct += int((logits.argmax(-1) == b["labels"]).sum())
+        labels = b["labels"].to(logits.device)
+        total += float(F.cross_entropy(logits, labels, reduction="sum"))
+        correct += int((logits.argmax(-1) == labels).sum())
     n = max(len(data), 1)
     return {"val_loss": total / n, "val_accuracy": correct / n}

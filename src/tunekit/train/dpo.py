@@ -37,6 +37,7 @@ from tunekit.data.example import Example, Message
 from tunekit.data.tokenize import IGNORE_INDEX, TokenizedExample, render
 from tunekit.errors import DataError, TunekitError
 from tunekit.models import load_tokenizer, resolve_model
+from tunekit.models.device import autocast, model_device, to_device
 from tunekit.train.batching import collate, sequential_batches
 from tunekit.train.loop import Recipe, run_loop
 from tunekit.train.loss import _decoder_and_head
@@ -149,19 +150,25 @@ def collate_pairs(pairs: list[Pair], pad_id: int) -> dict[str, torch.Tensor]:
 
 
 def sequence_logps(model, input_ids, attention_mask, labels) -> torch.Tensor:
-    """Summed log-prob of each row's target tokens, (B,). Only positions that predict a target are
-    projected onto the vocabulary (as train/loss.py does): the (B, T, V) logits are never built."""
+    """Summed log-prob of each row's target tokens, (B,), on the model's device (the inputs move
+    there; the forward runs under `autocast`). Only positions that predict a target are projected
+    onto the vocabulary (as train/loss.py does): the (B, T, V) logits are never built."""
+    device = model_device(model)
+    input_ids, attention_mask, labels = input_ids.to(device), attention_mask.to(device), labels.to(device)
     targets = labels[:, 1:]  # (B, T-1): the token each position predicts
     keep = targets != IGNORE_INDEX
     decoder, head = _decoder_and_head(model)
-    if decoder is None:
-        logits = model(input_ids=input_ids, attention_mask=attention_mask).logits[:, :-1][keep].float()
-    else:
-        hidden = decoder(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state  # (B, T, H)
-        logits = head(hidden[:, :-1][keep]).float()  # (N, V)
-    token_logps = -F.cross_entropy(logits, targets[keep], reduction="none")  # (N,)
+    with autocast(device):
+        if decoder is None:
+            logits = model(input_ids=input_ids, attention_mask=attention_mask).logits[:, :-1][keep].float()
+        else:
+            # (B, T, H) hidden states; only the positions that predict a target reach the head
+            hidden = decoder(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
+            logits = head(hidden[:, :-1][keep]).float()  # (N, V)
+        token_logps = -F.cross_entropy(logits, targets[keep], reduction="none")  # (N,)
     rows = keep.nonzero()[:, 0]  # the row of each target, in the same (row-major) order
-    return torch.zeros(len(input_ids), dtype=token_logps.dtype).index_add(0, rows, token_logps)
+    zeros = torch.zeros(len(input_ids), dtype=token_logps.dtype, device=device)
+    return zeros.index_add(0, rows, token_logps)
 
 
 def dpo_loss(
@@ -195,7 +202,9 @@ def dpo_step(model, batches: list[dict[str, torch.Tensor]], beta: float, label_s
     step's preference accuracy, reward margin and mean rewards."""
     n_pairs = sum(len(b["ref_logps"]) // 2 for b in batches)
     sums: dict[str, float] = {}
+    device = model_device(model)
     for b in batches:
+        b = to_device(b, device)
         logps = sequence_logps(model, b["input_ids"], b["attention_mask"], b["labels"])
         losses, reward_c, reward_r = dpo_loss(logps, b["ref_logps"], beta, label_smoothing)
         (losses.sum() / n_pairs).backward()
@@ -215,7 +224,7 @@ def evaluate_pairs(
     model.eval()
     sums: dict[str, float] = {}
     for idx in sequential_batches(len(pairs), batch_size):
-        b = collate_pairs([pairs[i] for i in idx], pad_id)
+        b = to_device(collate_pairs([pairs[i] for i in idx], pad_id), model_device(model))
         logps = sequence_logps(model, b["input_ids"], b["attention_mask"], b["labels"])
         for k, v in _pair_metrics(*dpo_loss(logps, b["ref_logps"], beta, label_smoothing)).items():
             sums[k] = sums.get(k, 0.0) + v
@@ -247,7 +256,7 @@ def compute_reference_logps(ref, pairs: list[Pair], pad_id: int, batch_size: int
     for start in range(0, len(order), batch_size):
         idx = order[start : start + batch_size]
         b = collate_pairs([pairs[i] for i in idx], pad_id)
-        logps = sequence_logps(ref, b["input_ids"], b["attention_mask"], b["labels"]).tolist()
+        logps = sequence_logps(ref, b["input_ids"], b["attention_mask"], b["labels"]).cpu().tolist()
         for j, i in enumerate(idx):
             pairs[i].ref_chosen, pairs[i].ref_rejected = logps[j], logps[len(idx) + j]
     ref.train(was_training)

@@ -12,6 +12,7 @@ import torch
 import torch.nn.functional as F
 
 from tunekit.data.tokenize import IGNORE_INDEX
+from tunekit.models.device import autocast, model_device
 
 
 def _decoder_and_head(model):
@@ -32,15 +33,19 @@ def _decoder_and_head(model):
 
 
 def loss_sum(model, input_ids, attention_mask, labels) -> tuple[torch.Tensor, int]:
-    """Summed cross-entropy over target tokens, and their count. Inputs are (B, T)."""
+    """Summed cross-entropy over target tokens, and their count. Inputs are (B, T), on any device:
+    they move to the model's, and the forward runs under `autocast` (bf16 on CUDA, fp32 on CPU)."""
+    device = model_device(model)
+    input_ids, attention_mask, labels = input_ids.to(device), attention_mask.to(device), labels.to(device)
     targets = labels[:, 1:]  # (B, T-1): the token each position predicts
     keep = targets != IGNORE_INDEX
     n = int(keep.sum())
     decoder, head = _decoder_and_head(model)
-    if decoder is None:
-        logits = model(input_ids=input_ids, attention_mask=attention_mask).logits[:, :-1]
-        return F.cross_entropy(logits[keep].float(), targets[keep], reduction="sum"), n
-    hidden = decoder(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state  # (B, T, H)
-    h = hidden[:, :-1][keep]  # (N, H)
-    logits = head(h).float()  # (N, V)
-    return F.cross_entropy(logits, targets[keep], reduction="sum"), n
+    with autocast(device):
+        if decoder is None:
+            logits = model(input_ids=input_ids, attention_mask=attention_mask).logits[:, :-1]
+            return F.cross_entropy(logits[keep].float(), targets[keep], reduction="sum"), n
+        hidden = decoder(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state  # (B, T, H)
+        h = hidden[:, :-1][keep]  # (N, H)
+        logits = head(h).float()  # (N, V)
+        return F.cross_entropy(logits, targets[keep], reduction="sum"), n

@@ -25,6 +25,7 @@ from tunekit.data.example import Example, Message
 from tunekit.data.tokenize import render
 from tunekit.errors import DataError, TunekitError
 from tunekit.models import load_tokenizer, resolve_model
+from tunekit.models.device import autocast, model_device, to_device
 from tunekit.train.loop import Recipe, run_loop
 from tunekit.train.setup import build_model, load_trained, save_trained
 from tunekit.train.sft import announce, finish_run, start_run
@@ -116,10 +117,19 @@ def collate_pairs(pairs: list[tuple[list[int], list[int]]], pad_id: int) -> dict
 
 
 def pair_rewards(model, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
-    """(r_chosen, r_rejected), each (B,), from one forward pass over the (2B, T) batch."""
-    scores = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits[:, 0]
+    """(r_chosen, r_rejected), each (B,), from one forward pass over the (2B, T) batch, on the
+    model's device (the batch moves there; the forward runs under `autocast`)."""
+    scores = _scores(model, batch)
     half = scores.shape[0] // 2
     return scores[:half].float(), scores[half:].float()
+
+
+def _scores(model, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+    """(B,) score-head outputs for a (B, T) batch, on the model's device."""
+    device = model_device(model)
+    batch = to_device(batch, device)
+    with autocast(device):
+        return model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits[:, 0]
 
 
 def bradley_terry_step(model, batches: list[dict[str, torch.Tensor]]) -> tuple[float, dict[str, float]]:
@@ -183,9 +193,8 @@ def score_texts(
     rows = [encode(tokenizer, _messages(c), max_length) for c in conversations]
     scores: list[float] = []
     for i in range(0, len(rows), batch_size):
-        batch = pad_right(rows[i : i + batch_size], tokenizer.pad_token_id)
-        out = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits[:, 0]
-        scores += [float(s) for s in out.float()]
+        out = _scores(model, pad_right(rows[i : i + batch_size], tokenizer.pad_token_id))
+        scores += [float(s) for s in out.float().cpu()]
     model.train(was_training)
     return scores
 

@@ -31,6 +31,7 @@ from tunekit.console import err as console
 from tunekit.data.tokenize import render
 from tunekit.errors import ConfigError, TunekitError
 from tunekit.models import resolve_model
+from tunekit.models.device import default_device
 from tunekit.run_dir import load_run_config
 from tunekit.train.dpo import split_pair
 from tunekit.train.loop import LoopResult
@@ -251,6 +252,7 @@ def _trainer(cfg: Config, run_dir: Path, model, tokenizer, prompts, reward, quie
         from trl import RLOOTrainer as TrlTrainer
 
     tc, rc = cfg.train, cfg.rl
+    on_cuda = default_device().type == "cuda"  # $TUNEKIT_DEVICE=cpu keeps a GPU machine's RL on the CPU
     args = TrlConfig(
         output_dir=str(run_dir / "stages" / "rl"),
         per_device_train_batch_size=tc.batch_size * rc.num_generations,
@@ -269,10 +271,11 @@ def _trainer(cfg: Config, run_dir: Path, model, tokenizer, prompts, reward, quie
         max_completion_length=rc.max_new_tokens,
         temperature=rc.temperature,
         # TRL defaults that are wrong on a CPU: bf16 runs 17x slower here, and checkpointing costs a
-        # third of the step while activations are not the limit (PLATFORM.md).
-        bf16=False,
+        # third of the step while activations are not the limit (PLATFORM.md). On a CUDA device with
+        # bf16 support, bf16 autocast as in tunekit's own loop (models/device.py).
+        bf16=on_cuda and torch.cuda.is_bf16_supported(),
         fp16=False,
-        use_cpu=not torch.cuda.is_available(),
+        use_cpu=not on_cuda,
         activation_checkpointing=False,  # transformers 5's name; TRL's default (True) goes by the old one
         save_strategy="no",
         report_to=[],

@@ -22,6 +22,7 @@ import torch
 from tunekit.config import Config, LoraConfig
 from tunekit.console import err as console
 from tunekit.errors import ModelError, TunekitError
+from tunekit.models.device import default_device, place
 from tunekit.train import distributed
 
 ADAPTER_DIR = "adapter"  # lora, dora and qlora runs save here (PEFT format + tokenizer)
@@ -67,7 +68,7 @@ def quantization_config():
             f"method: qlora needs bitsandbytes ({e}); install it with `pip install bitsandbytes`, "
             "or use method: lora"
         ) from None
-    compute = torch.bfloat16 if torch.cuda.is_available() else torch.float32
+    compute = torch.bfloat16 if default_device().type == "cuda" else torch.float32
     return BitsAndBytesConfig(
         load_in_4bit=True,
         bnb_4bit_quant_type="nf4",
@@ -80,7 +81,8 @@ def quantization_config():
 def load_base(
     path: str | Path, method: str, head: str = "causal", num_labels: int | None = None, labels=None
 ):
-    """The pre-trained model with the head the task needs, quantized for qlora.
+    """The pre-trained model with the head the task needs, quantized for qlora, on
+    `default_device()` (models/device.py).
 
     head: "causal" (a language-model head) or "score" (a sequence-classification head with
     `num_labels` outputs: the classifier's labels, or 1 for a reward model).
@@ -91,7 +93,7 @@ def load_base(
     kwargs = {"dtype": torch.float32, "use_safetensors": True, "trust_remote_code": False}
     if method == "qlora":
         kwargs["quantization_config"] = quantization_config()
-        kwargs["device_map"] = "cuda:0" if torch.cuda.is_available() else "cpu"
+        kwargs["device_map"] = str(default_device())  # bitsandbytes places the 4-bit base itself
     if head == "score":
         cls = AutoModelForSequenceClassification
         kwargs["num_labels"] = num_labels
@@ -118,7 +120,7 @@ def load_base(
     if head == "score" and model.config.pad_token_id is None:
         # The score is read at the last non-pad token; the model must know which id pads.
         model.config.pad_token_id = model.config.eos_token_id
-    return model
+    return place(model)
 
 
 def build_model(

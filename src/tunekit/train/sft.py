@@ -30,6 +30,7 @@ from tunekit.data.tokenize import IGNORE_INDEX, TokenizedExample, tokenize_examp
 from tunekit.errors import ConfigError, DataError, TunekitError
 from tunekit.io import atomic_write_json, atomic_write_jsonl
 from tunekit.models import load_tokenizer, resolve_model
+from tunekit.models.device import cuda_peak_memory
 from tunekit.run_dir import create_run_dir, prepare_splits, read_run_splits
 from tunekit.train import distributed, trackers
 from tunekit.train.batching import collate, sequential_batches
@@ -353,7 +354,8 @@ def announce(cfg: Config, model, params, n_train: int, n_val: int, n_test: int, 
 
 
 def finish_run(cfg, run_dir, result, model_path, params, splits, t_setup, t_start, saved, quiet, **extra):
-    """Write train_summary.json and say where the model went (rank 0 only)."""
+    """Write train_summary.json and say where the model went (rank 0 only). On CUDA the summary
+    also holds `cuda_peak_memory_gib`, the peak memory torch allocated on this rank's GPU."""
     if not distributed.is_main():
         return {}
     summary = {
@@ -380,6 +382,7 @@ def finish_run(cfg, run_dir, result, model_path, params, splits, t_setup, t_star
         "best_step": getattr(result, "best_step", None),
         "best_val_loss": getattr(result, "best_val_loss", None),
     } | extra
+    summary |= cuda_peak_memory()  # on CUDA only
     atomic_write_json(run_dir / "train_summary.json", summary)
     trackers.finish_run(run_dir, summary, saved)
     if not quiet:

@@ -1,0 +1,108 @@
+"""The device decision (models/device.py), and a train + eval run with the $TUNEKIT_DEVICE override.
+
+No GPU here: the CUDA branch of `default_device` is checked with torch.cuda.is_available patched
+for that pure function only; no tensor ever goes to CUDA in these tests.
+"""
+
+import json
+
+import pytest
+import torch
+
+from tunekit.config import config_from_dict
+from tunekit.errors import TunekitError
+from tunekit.models.device import autocast, default_device, model_device, place, to_device
+
+
+@pytest.fixture
+def fake_gpus(monkeypatch):
+    """Pretend this machine has 4 GPUs, for `default_device` only."""
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 4)
+
+
+@pytest.fixture
+def clean_env(monkeypatch):
+    monkeypatch.delenv("TUNEKIT_DEVICE", raising=False)
+    monkeypatch.delenv("LOCAL_RANK", raising=False)
+    return monkeypatch
+
+
+def test_cpu_without_cuda(clean_env):
+    clean_env.setattr(torch.cuda, "is_available", lambda: False)
+    assert default_device() == torch.device("cpu")
+    clean_env.setenv("LOCAL_RANK", "3")  # a CPU (gloo) worker stays on the CPU
+    assert default_device() == torch.device("cpu")
+
+
+def test_cuda_follows_local_rank(clean_env, fake_gpus):
+    assert default_device() == torch.device("cuda:0")
+    clean_env.setenv("LOCAL_RANK", "2")  # each torchrun worker on its own GPU
+    assert default_device() == torch.device("cuda:2")
+
+
+@pytest.mark.parametrize(
+    ("value", "local_rank", "expected"),
+    [("cpu", "0", "cpu"), ("CPU", "1", "cpu"), ("cuda", "0", "cuda:0"), ("cuda", "3", "cuda:3"),
+     ("cuda:1", "3", "cuda:1")],
+)  # fmt: skip
+def test_env_override(clean_env, fake_gpus, value, local_rank, expected):
+    clean_env.setenv("TUNEKIT_DEVICE", value)
+    clean_env.setenv("LOCAL_RANK", local_rank)
+    assert default_device() == torch.device(expected)
+
+
+@pytest.mark.parametrize(
+    ("value", "message"),
+    [("gpu", "expected cpu, cuda or cuda:N"), ("cpu:0", "expected cpu, cuda or cuda:N"),
+     ("cuda:7", "there is no cuda:7")],
+)  # fmt: skip
+def test_env_override_errors_name_the_variable(clean_env, fake_gpus, value, message):
+    clean_env.setenv("TUNEKIT_DEVICE", value)
+    with pytest.raises(TunekitError, match=message) as e:
+        default_device()
+    assert "TUNEKIT_DEVICE" in str(e.value)
+
+
+def test_cuda_asked_for_but_absent(clean_env):
+    clean_env.setattr(torch.cuda, "is_available", lambda: False)
+    clean_env.setenv("TUNEKIT_DEVICE", "cuda")
+    with pytest.raises(TunekitError, match="CUDA is not available"):
+        default_device()
+
+
+def test_cpu_helpers_change_nothing(clean_env):
+    """On the CPU: no autocast (fp32 stays fp32), placement and moves are no-ops."""
+    clean_env.setenv("TUNEKIT_DEVICE", "cpu")
+    layer = torch.nn.Linear(4, 4)
+    assert place(layer) is layer and model_device(layer) == torch.device("cpu")
+    with autocast(torch.device("cpu")):
+        assert layer(torch.ones(1, 4)).dtype == torch.float32
+    t = torch.ones(2)
+    moved = to_device({"a": t, "n": 3}, torch.device("cpu"))
+    assert moved["a"] is t and moved["n"] == 3
+
+
+def test_train_and_eval_with_the_cpu_override(clean_env, tiny_model_dir, chat_file, tmp_path):
+    """TUNEKIT_DEVICE=cpu (what a user sets to keep a GPU machine's run on the CPU): a LoRA run
+    trains and evaluates."""
+    from tunekit.eval.evaluate import evaluate
+    from tunekit.train.sft import train_sft
+
+    clean_env.setenv("TUNEKIT_DEVICE", "cpu")
+    cfg = config_from_dict(
+        {
+            "model": str(tiny_model_dir),
+            "data": {"train": str(chat_file)},
+            "lora": {"r": 8, "alpha": 16, "dropout": 0.0},
+            "train": {"epochs": 4, "learning_rate": 1e-2, "batch_size": 4, "max_length": 64, "seed": 0},
+            "eval": {"max_new_tokens": 4, "probe": None, "few_shot": 0},
+            "output_dir": str(tmp_path / "run"),
+        }
+    )
+    run_dir = train_sft(cfg, quiet=True)
+    summary = json.loads((run_dir / "train_summary.json").read_text())
+    assert summary["steps"] > 0 and "cuda_peak_memory_gib" not in summary
+    report = evaluate(run_dir, quiet=True)
+    assert set(report["contenders"]) == {"base", "finetuned"}
+    assert report["contenders"]["finetuned"]["test_loss"] < report["contenders"]["base"]["test_loss"]
