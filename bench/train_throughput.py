@@ -79,6 +79,10 @@ RUNS = {
     "tunekit_fused": {"loop": "tunekit", "lora_dropout": 0.0, "adamw": "fused"},
     "tunekit_foreach_off": {"loop": "tunekit", "lora_dropout": 0.0, "adamw": "for-loop"},
     "tunekit_mmap": {"loop": "tunekit", "lora_dropout": 0.0, "mmap_threshold": 1 << 20},
+    # train.gradient_checkpointing: every decoder layer, or (selective) every 2nd / 3rd one only.
+    "tunekit_ckpt": {"loop": "tunekit", "lora_dropout": 0.0, "checkpoint_every": 1},
+    "tunekit_ckpt2": {"loop": "tunekit", "lora_dropout": 0.0, "checkpoint_every": 2},
+    "tunekit_ckpt3": {"loop": "tunekit", "lora_dropout": 0.0, "checkpoint_every": 3},
 }
 DEFAULT_RUNS = ("tunekit", "trl_default", "trl_best")
 
@@ -228,6 +232,10 @@ def train_tunekit(model, spec, seqs, steps, batch_size, full):
     from tunekit.train.sft import accumulate_gradients, add_lora, lr_at
 
     pad_id = load_tokenizer(resolve_model(MODEL)).pad_token_id
+    if spec.get("checkpoint_every"):
+        model.gradient_checkpointing_enable(
+            gradient_checkpointing_kwargs={"use_reentrant": False}, every_n_layers=spec["checkpoint_every"]
+        )
     if not full:
         model = add_lora(model, lora_settings(spec["lora_dropout"]), SEED)
     model.train()
