@@ -375,9 +375,7 @@ def model_drafter(
 
     from tunekit.models import load_model
 
-    model = load_model(path).eval()
-    if torch.cuda.is_available():
-        model = model.to("cuda")
+    model = load_model(path).eval()  # on the GPU when there is one (models/device.py)
 
     def draft(prompts: list[str]) -> list[tuple[str, bool]]:
         torch.manual_seed(seed)
@@ -391,36 +389,15 @@ def sample(model, tokenizer, prompts: list[str], temperature: float, max_new_tok
 
     Prompts are sorted by length so a batch pads little. temperature 0 is greedy.
     """
-    import torch
-
+    from tunekit.eval.generate import generate_ids
     from tunekit.ship.generation import stop_token_ids
 
     stops = stop_token_ids(tokenizer, model)
-    order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))
-    out: list[tuple[str, bool]] = [("", False)] * len(prompts)
     sampling = {"do_sample": True, "temperature": temperature, "top_p": TOP_P, "top_k": 0}
-    for start in range(0, len(order), batch_size):
-        idx = order[start : start + batch_size]
-        enc = tokenizer(
-            [prompts[i] for i in idx],
-            add_special_tokens=False,
-            padding=True,
-            padding_side="left",
-            return_tensors="pt",
-        ).to(model.device)
-        with torch.no_grad():
-            gen = model.generate(
-                **enc,
-                max_new_tokens=max_new_tokens,
-                pad_token_id=tokenizer.pad_token_id,
-                eos_token_id=stops,
-                **(sampling if temperature > 0 else {"do_sample": False}),
-            )
-        new = gen[:, enc["input_ids"].shape[1] :]  # (B, new tokens)
-        for i, row in zip(idx, new, strict=True):
-            ids = row.tolist()
-            out[i] = (tokenizer.decode(ids, skip_special_tokens=True), any(t in stops for t in ids))
-    return out
+    rows = generate_ids(
+        model, tokenizer, prompts, max_new_tokens, batch_size, stops, **(sampling if temperature > 0 else {})
+    )
+    return [(tokenizer.decode(ids, skip_special_tokens=True), any(t in stops for t in ids)) for ids in rows]
 
 
 def default_max_new_tokens(tokenizer, drafts: Sequence[Draft]) -> int:

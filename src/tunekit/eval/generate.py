@@ -8,20 +8,34 @@ from tunekit.data.tokenize import render_prompt
 from tunekit.models.device import autocast, model_device
 
 
-@torch.no_grad()
 def generate(model, tokenizer, examples, max_new_tokens: int, batch_size: int = 16) -> list[str]:
-    """Greedy completions for each example's prompt, in input order.
+    """Greedy completions for each example's prompt, in input order."""
+    model.eval()
+    prompts = [render_prompt(tokenizer, ex) for ex in examples]
+    rows = generate_ids(model, tokenizer, prompts, max_new_tokens, batch_size, _stop_ids(model, tokenizer))
+    return [tokenizer.decode(row, skip_special_tokens=True).strip() for row in rows]
+
+
+@torch.no_grad()
+def generate_ids(
+    model,
+    tokenizer,
+    prompts: list[str],
+    max_new_tokens: int,
+    batch_size: int,
+    stop_ids: list[int],
+    **sampling,
+) -> list[list[int]]:
+    """The new token ids for each rendered prompt, in input order: greedy, or sampled with the
+    `model.generate` options in `sampling` (do_sample, temperature, top_p, ...).
 
     Prompts are sorted by length so a batch pads little, and padded on the left so every row's
     generation starts right after its own prompt. The token ids go to the model's device, and
     generation runs under `autocast` (bf16 on CUDA, fp32 on CPU).
     """
-    model.eval()
     device = model_device(model)
-    prompts = [render_prompt(tokenizer, ex) for ex in examples]
     order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))
-    out: list[str] = [""] * len(prompts)
-    eos = _stop_ids(model, tokenizer)
+    out: list[list[int]] = [[] for _ in prompts]
     for start in range(0, len(order), batch_size):
         idx = order[start : start + batch_size]
         enc = tokenizer(
@@ -35,13 +49,13 @@ def generate(model, tokenizer, examples, max_new_tokens: int, batch_size: int = 
             gen = model.generate(
                 **enc,
                 max_new_tokens=max_new_tokens,
-                do_sample=False,
                 pad_token_id=tokenizer.pad_token_id,
-                eos_token_id=eos,
+                eos_token_id=stop_ids,
+                **(sampling or {"do_sample": False}),
             )
         new = gen[:, enc["input_ids"].shape[1] :].cpu()
         for i, row in zip(idx, new, strict=True):
-            out[i] = tokenizer.decode(row, skip_special_tokens=True).strip()
+            out[i] = row.tolist()
     return out
 
 

@@ -57,10 +57,19 @@ def init() -> None:
     """Join the process group once, if this process is a worker of a multi-process launch."""
     if not launched() or (dist.is_available() and dist.is_initialized()):
         return
-    backend = "nccl" if torch.cuda.is_available() else "gloo"
-    if backend == "nccl":
-        torch.cuda.set_device(int(os.environ["LOCAL_RANK"]))
-    dist.init_process_group(backend)
+    from tunekit.models.device import default_device
+
+    device = default_device()  # TUNEKIT_DEVICE=cpu on a GPU machine means gloo, not NCCL
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
+    dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+
+
+def _comm_device() -> torch.device:
+    """Where small collective tensors live: NCCL takes only CUDA tensors, gloo CPU ones."""
+    if dist.get_backend() == "nccl":
+        return torch.device("cuda", torch.cuda.current_device())
+    return torch.device("cpu")
 
 
 def active() -> bool:
@@ -89,7 +98,7 @@ def sum_int(value: int) -> int:
     """The sum of an integer over all ranks (e.g. target tokens of a step)."""
     if not active():
         return value
-    t = torch.tensor([value], dtype=torch.int64)
+    t = torch.tensor([value], dtype=torch.int64, device=_comm_device())
     dist.all_reduce(t)
     return int(t.item())
 
@@ -98,7 +107,7 @@ def max_int(value: int) -> int:
     """The largest value over all ranks (e.g. a stop signal any rank received)."""
     if not active():
         return value
-    t = torch.tensor([value], dtype=torch.int64)
+    t = torch.tensor([value], dtype=torch.int64, device=_comm_device())
     dist.all_reduce(t, op=dist.ReduceOp.MAX)
     return int(t.item())
 
@@ -107,7 +116,7 @@ def mean(value: float) -> float:
     """The mean of a float over all ranks (e.g. the step's loss, for the log)."""
     if not active():
         return value
-    t = torch.tensor([value], dtype=torch.float64)
+    t = torch.tensor([value], dtype=torch.float64, device=_comm_device())
     dist.all_reduce(t)
     return float(t.item()) / dist.get_world_size()
 
