@@ -39,10 +39,9 @@ import shutil
 import tempfile
 from collections import Counter
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
-from contextlib import contextmanager
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import IO, Any
+from typing import Any
 
 import numpy as np
 import xxhash
@@ -60,7 +59,7 @@ from tunekit.data.problems import Problem
 from tunekit.data.readers import iter_jsonl_records
 from tunekit.data.tokenize import IGNORE_INDEX, TokenizedExample
 from tunekit.errors import DataError, TunekitError
-from tunekit.io import _umask, atomic_write_json
+from tunekit.io import _umask, atomic_file, atomic_write_json
 
 SPLITS = ("train", "validation", "test")
 MAX_LISTED = 200  # problems kept to show; the rest are counted
@@ -284,7 +283,7 @@ def write_stream_splits(
     """
     held: dict[str, list[Example]] = {"validation": [], "test": []}
     n_train, fmt, errors = 0, format, StreamCheck()
-    with _atomic_file(train_out) as f:
+    with atomic_file(train_out) as f:
         for item in iter_examples(path, format, columns):
             if isinstance(item, Problem):
                 errors.add_error(item)
@@ -299,24 +298,6 @@ def write_stream_splits(
         if errors.rejected and not allow_errors:
             raise DataError(errors.listed_errors(), header=f"{path}: {errors.rejected} rows with errors")
     return StreamSplit(ExampleStream(Path(train_out), n_train), held, fmt)
-
-
-@contextmanager
-def _atomic_file(path: Path) -> Iterator[IO[str]]:
-    """A text file written through a temporary name in the same folder, fsynced and renamed into
-    place on success, removed on any error: a crash never leaves a half-written `path`."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            yield f
-            f.flush()
-            os.fsync(f.fileno())
-        os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes 0600; give the file the usual permissions
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
 
 
 def hash_file(path: Path, h) -> None:

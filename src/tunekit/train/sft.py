@@ -84,15 +84,22 @@ def accumulate_gradients(model, batches: list[dict[str, torch.Tensor]]) -> float
     return total / n_targets
 
 
-def tokenize_cached(tokenizer, examples, max_length: int, name: str, run_dir: Path):
-    """`tokenize_all`, computed once per content and shared: rank 0 tokenizes and writes
-    run_dir/cache/NAME-KEY.jsonl, the other ranks (and a resumed run) read it back. The key hashes
-    the tokenizer's vocabulary and chat template, max_length and every example's content."""
+def _cache_hash(tokenizer, max_length: int):
+    """A hash seeded with what tokenization depends on besides the examples: the tokenizer's
+    vocabulary size and chat template, and max_length."""
     import xxhash
 
     h = xxhash.xxh64()
     for part in (str(len(tokenizer)), tokenizer.chat_template or "", str(max_length)):
         h.update(part.encode())
+    return h
+
+
+def tokenize_cached(tokenizer, examples, max_length: int, name: str, run_dir: Path):
+    """`tokenize_all`, computed once per content and shared: rank 0 tokenizes and writes
+    run_dir/cache/NAME-KEY.jsonl, the other ranks (and a resumed run) read it back. The key hashes
+    the tokenizer's vocabulary and chat template, max_length and every example's content."""
+    h = _cache_hash(tokenizer, max_length)
     for ex in examples:
         h.update(ex.content_hash().encode())
     path = run_dir / "cache" / f"{name}-{h.hexdigest()}.jsonl"
@@ -114,12 +121,9 @@ def tokenize_stored(
     resumed run, memory-maps that store. The key hashes what tokenize_cached's does, with the bytes
     of the split's file standing for its examples' content, and the content of `extra` (replay
     examples, trained after the split's own)."""
-    import xxhash
     from rich.progress import track
 
-    h = xxhash.xxh64()
-    for part in (str(len(tokenizer)), tokenizer.chat_template or "", str(max_length)):
-        h.update(part.encode())
+    h = _cache_hash(tokenizer, max_length)
     hash_file(split.path, h)
     for ex in extra:
         h.update(ex.content_hash().encode())
