@@ -2,7 +2,7 @@
 
 Run as: python bench/train_throughput.py [--data banking77|alpaca] [--steps 20] [--batch-size 8] [--full]
                                          [--examples N] [--runs tunekit,trl_default,trl_best] [--threads N]
-                                         [--repeats N] [--json OUT]
+                                         [--repeats N] [--model M] [--data-dir DIR] [--json OUT]
 
 Fine-tunes the default model (SmolLM2-135M-Instruct, fp32) with LoRA r16 alpha 32 on all linear layers
 (or every weight with --full) on real examples from ../shared/data, for the same optimizer steps, three
@@ -27,6 +27,10 @@ Measures per run: non-padding tokens/s and examples/s over the training steps af
 wall time, data collation and logging included), peak RSS, the loss at each step and the final loss
 (mean of the last 3), model-FLOPs utilisation against the machine's fp32 matmul peak, and the ratio of
 each figure to tunekit's.
+
+On a CUDA machine every run trains there in mixed precision (fp32 weights, bf16 autocast: tunekit's
+default on CUDA, and TRL with bf16=True); peak memory is then torch's peak GPU allocation, the matmul
+peak a bf16 one, and step times are taken after a device synchronize.
 """
 
 from __future__ import annotations
@@ -79,7 +83,7 @@ RUNS = {
     "tunekit_fused": {"loop": "tunekit", "lora_dropout": 0.0, "adamw": "fused"},
     "tunekit_foreach_off": {"loop": "tunekit", "lora_dropout": 0.0, "adamw": "for-loop"},
     "tunekit_mmap": {"loop": "tunekit", "lora_dropout": 0.0, "mmap_threshold": 1 << 20},
-    # train.gradient_checkpointing: every decoder layer, or (selective) every 2nd / 3rd one only.
+    # train.gradient_checkpointing: true (every decoder layer), or N (selective: every Nth one only).
     "tunekit_ckpt": {"loop": "tunekit", "lora_dropout": 0.0, "checkpoint_every": 1},
     "tunekit_ckpt2": {"loop": "tunekit", "lora_dropout": 0.0, "checkpoint_every": 2},
     "tunekit_ckpt3": {"loop": "tunekit", "lora_dropout": 0.0, "checkpoint_every": 3},
@@ -90,7 +94,9 @@ DEFAULT_RUNS = ("tunekit", "trl_default", "trl_best")
 # ---- data --------------------------------------------------------------------------------------------
 
 
-def training_sequences(data: str, n_examples: int, steps: int, batch_size: int) -> list[dict]:
+def training_sequences(
+    data: str, n_examples: int, steps: int, batch_size: int, model: str, data_dir: Path
+) -> list[dict]:
     """The token sequences every run trains on, in training order: steps * batch_size of them.
 
     A seeded sample of the file (banking77 is sorted by intent, so the head of the file would be a
@@ -103,12 +109,12 @@ def training_sequences(data: str, n_examples: int, steps: int, batch_size: int) 
     from tunekit.train.sft import tokenize_all
 
     rel, fmt, columns = DATASETS[data]
-    path = SHARED_DATA / rel
+    path = data_dir / rel
     if not path.is_file():
-        sys.exit(f"train_throughput: {path} not found; this benchmark needs ../shared/data beside the repo.")
+        sys.exit(f"train_throughput: {path} not found; this benchmark needs ../shared/data (or --data-dir).")
     examples = load_examples(path, format=fmt, columns=columns)
     random.Random(SEED).shuffle(examples)
-    tokenizer = load_tokenizer(resolve_model(MODEL))
+    tokenizer = load_tokenizer(resolve_model(model))
     tokenized = tokenize_all(tokenizer, examples[:n_examples], MAX_LENGTH, data)
     batches = length_grouped_batches([len(t.input_ids) for t in tokenized], batch_size, SEED)
     batches = [b for b in batches if len(b) == batch_size][:steps]
@@ -123,16 +129,36 @@ def training_sequences(data: str, n_examples: int, steps: int, batch_size: int) 
 # ---- machine -----------------------------------------------------------------------------------------
 
 
-def matmul_peak_gflops(n: int = 2048, repeats: int = 5) -> float:
-    """Best fp32 GFLOP/s of an n x n matmul, with torch's own thread settings (as training uses)."""
+def on_cuda() -> bool:
+    from tunekit.models.device import default_device
+
+    return default_device().type == "cuda"
+
+
+def sync() -> None:
+    """Wait for queued GPU work, so a host clock read after it times the work (no-op on the CPU)."""
     import torch
 
-    a, b = torch.randn(n, n), torch.randn(n, n)
-    a @ b  # warm up the BLAS threads
+    if on_cuda():
+        torch.cuda.synchronize()
+
+
+def matmul_peak_gflops(n: int = 2048, repeats: int = 5) -> float:
+    """Best GFLOP/s of an n x n matmul: fp32 with torch's own thread settings (as training uses) on
+    the CPU; bf16 at n = 8192 on CUDA (what autocast runs the matmuls in)."""
+    import torch
+
+    kw = {}
+    if on_cuda():
+        n, kw = 8192, {"device": "cuda", "dtype": torch.bfloat16}
+    a, b = torch.randn(n, n, **kw), torch.randn(n, n, **kw)
+    a @ b  # warm up the BLAS threads / cuBLAS handle
     best = float("inf")
     for _ in range(repeats):
+        sync()
         t0 = time.perf_counter()
         a @ b
+        sync()
         best = min(best, time.perf_counter() - t0)
     return 2 * n**3 / best / 1e9
 
@@ -156,10 +182,12 @@ def machine_info() -> dict:
     import trl
 
     return {
+        "gpu": torch.cuda.get_device_name() if on_cuda() else None,
         "cpu": platform.processor() or platform.machine(),
         "cpu_count": os.cpu_count(),
         "torch_threads": torch.get_num_threads(),
-        "matmul_fp32_peak_gflops": round(matmul_peak_gflops(), 1),
+        "matmul_peak_gflops": round(matmul_peak_gflops(), 1),
+        "matmul_dtype": "bf16" if on_cuda() else "fp32",
         "python": platform.python_version(),
         "torch": torch.__version__,
         "transformers": transformers.__version__,
@@ -184,10 +212,12 @@ def run_one(
         set_mmap_threshold(spec["mmap_threshold"])
     torch.manual_seed(SEED)
     random.seed(SEED)
-    model = load_model(resolve_model(MODEL))
+    model = load_model(resolve_model(spec["model"]))  # on the GPU where there is one
     n_params = sum(p.numel() for p in model.parameters())  # tied embeddings counted once
     train = train_tunekit if spec["loop"] == "tunekit" else train_trl
     losses, step_ends, extra = train(model, spec, seqs, steps, batch_size, full)
+    if on_cuda():
+        extra["peak_gpu_mb"] = torch.cuda.max_memory_allocated() / 2**20
     return {
         "losses": losses,
         "step_ends": step_ends,
@@ -229,13 +259,12 @@ def train_tunekit(model, spec, seqs, steps, batch_size, full):
     from tunekit.data.tokenize import TokenizedExample
     from tunekit.models import load_tokenizer, resolve_model
     from tunekit.train.batching import collate
+    from tunekit.train.setup import enable_checkpointing
     from tunekit.train.sft import accumulate_gradients, add_lora, lr_at
 
-    pad_id = load_tokenizer(resolve_model(MODEL)).pad_token_id
+    pad_id = load_tokenizer(resolve_model(spec["model"])).pad_token_id
     if spec.get("checkpoint_every"):
-        model.gradient_checkpointing_enable(
-            gradient_checkpointing_kwargs={"use_reentrant": False}, every_n_layers=spec["checkpoint_every"]
-        )
+        enable_checkpointing(model, spec["checkpoint_every"])  # as train.gradient_checkpointing: N does
     if not full:
         model = add_lora(model, lora_settings(spec["lora_dropout"]), SEED)
     model.train()
@@ -252,6 +281,7 @@ def train_tunekit(model, spec, seqs, steps, batch_size, full):
         torch.nn.utils.clip_grad_norm_(params, MAX_GRAD_NORM)
         opt.step()
         opt.zero_grad(set_to_none=True)
+        sync()
         step_ends.append(time.perf_counter())
     return losses, step_ends, {"optimizer": f"torch.optim.AdamW ({kind})"}
 
@@ -273,6 +303,7 @@ def train_trl(model, spec, seqs, steps, batch_size, full):
             self.step_ends, self.losses = [], []
 
         def on_step_end(self, args, state, control, **kw):
+            sync()
             self.step_ends.append(time.perf_counter())
 
         def on_log(self, args, state, control, logs=None, **kw):
@@ -288,9 +319,10 @@ def train_trl(model, spec, seqs, steps, batch_size, full):
 
     args = SFTConfig(
         output_dir=tempfile.mkdtemp(prefix="tp_trl_"),
-        # Needed on this CPU: TRL defaults to bf16=True, which fails or runs bf16 matmuls 17x slower.
-        bf16=False,
-        use_cpu=True,
+        # On CUDA: mixed precision as tunekit trains there. On the CPU bf16=False is needed: TRL
+        # defaults to bf16=True, which fails or runs bf16 matmuls 17x slower there.
+        bf16=on_cuda(),
+        use_cpu=not on_cuda(),
         # transformers 5 renamed gradient_checkpointing (TRL's default: True) to activation_checkpointing.
         activation_checkpointing=spec["gradient_checkpointing"],
         padding_free=spec.get("padding_free", False),
@@ -330,7 +362,7 @@ def train_trl(model, spec, seqs, steps, batch_size, full):
         model=model,
         args=args,
         train_dataset=Dataset.from_list(seqs),
-        processing_class=load_tokenizer(resolve_model(MODEL)),
+        processing_class=load_tokenizer(resolve_model(spec["model"])),
         peft_config=peft_config,
         callbacks=[clock],
     )
@@ -369,6 +401,7 @@ def summarize(raw: dict, seqs: list[dict], steps: int, batch_size: int, full: bo
         "examples_per_s": (steps - 1) * batch_size / seconds,
         "seconds_per_step": seconds / (steps - 1),
         "peak_rss_mb": raw["peak_rss_mb"],
+        **({"peak_gpu_mb": raw["peak_gpu_mb"]} if "peak_gpu_mb" in raw else {}),
         "final_loss": sum(losses[-3:]) / len(losses[-3:]),
         "losses": losses,
         "mfu": tokens_per_s * flops_per_token / (peak * 1e9),
@@ -383,8 +416,9 @@ def median_run(rounds: list[dict]) -> dict:
     import statistics
 
     out = dict(rounds[0])
-    for k in ("tokens_per_s", "examples_per_s", "seconds_per_step", "peak_rss_mb", "mfu"):
-        out[k] = statistics.median(r[k] for r in rounds)
+    for k in ("tokens_per_s", "examples_per_s", "seconds_per_step", "peak_rss_mb", "peak_gpu_mb", "mfu"):
+        if k in out:
+            out[k] = statistics.median(r[k] for r in rounds)
     out["rounds"] = [{k: r[k] for k in ("tokens_per_s", "peak_rss_mb")} for r in rounds]
     return out
 
@@ -392,6 +426,8 @@ def median_run(rounds: list[dict]) -> dict:
 def print_table(runs: dict) -> None:
     base = runs.get("tunekit")
     cols = ("tokens_per_s", "examples_per_s", "peak_rss_mb", "final_loss", "mfu")
+    if base and "peak_gpu_mb" in base:
+        cols = ("tokens_per_s", "examples_per_s", "peak_gpu_mb", "final_loss", "mfu")
     print(f"\n{'run':<18}" + "".join(f"{c:>16}" for c in cols))
     for name, r in runs.items():
         print(f"{name:<18}" + "".join(f"{r[c]:>16.4g}" for c in cols))
@@ -414,6 +450,12 @@ def main() -> None:
     ap.add_argument(
         "--repeats", type=int, default=1, help="rounds of all runs, interleaved; medians reported"
     )
+    ap.add_argument(
+        "--model", default=MODEL, help="the model (alias, local folder): default the default model"
+    )
+    ap.add_argument(
+        "--data-dir", type=Path, default=SHARED_DATA, help="where banking77/ and llamafactory-demo/ are"
+    )
     ap.add_argument("--json", type=Path, help="write machine, settings and runs here")
     a = ap.parse_args()
     names = a.runs.split(",")
@@ -422,12 +464,12 @@ def main() -> None:
         sys.exit(f"train_throughput: unknown runs {unknown}" if unknown else "--steps must be at least 2")
     n_examples = a.examples or a.steps * a.batch_size
 
-    seqs = training_sequences(a.data, n_examples, a.steps, a.batch_size)
+    seqs = training_sequences(a.data, n_examples, a.steps, a.batch_size, a.model, a.data_dir)
     set_threads(a.threads)
     machine = machine_info()
     settings = {
         "data": a.data,
-        "model": MODEL,
+        "model": a.model,
         "method": "full" if a.full else f"lora r{LORA_R} alpha{LORA_ALPHA} all-linear",
         "steps": a.steps,
         "batch_size": a.batch_size,
@@ -440,13 +482,14 @@ def main() -> None:
         "max_grad_norm": MAX_GRAD_NORM,
         "seed": SEED,
         "repeats": a.repeats,
-        "fp32": True,
+        "precision": "fp32 weights, bf16 autocast (CUDA)" if on_cuda() else "fp32",
         "runs": {n: RUNS[n] for n in names},
     }
     print(
         f"{a.data}: {len(seqs)} examples, {settings['tokens_per_example_mean']:.0f} tokens an example "
         f"({settings['target_tokens_per_example_mean']:.1f} with loss), {a.steps} steps of {a.batch_size}; "
-        f"fp32 matmul peak {machine['matmul_fp32_peak_gflops']} GFLOP/s on {machine['torch_threads']} threads",
+        f"{machine['matmul_dtype']} matmul peak {machine['matmul_peak_gflops']} GFLOP/s "
+        f"({machine['gpu'] or str(machine['torch_threads']) + ' threads'})",
         flush=True,
     )
     # Contenders interleaved round by round (A B C, A B C, ...): on a shared machine a burst of outside
@@ -455,13 +498,15 @@ def main() -> None:
     for rnd in range(a.repeats):
         for name in names:
             t0 = time.perf_counter()
-            raw = run_in_fresh_process(name, RUNS[name], seqs, a.steps, a.batch_size, a.full, a.threads)
-            r = summarize(raw, seqs, a.steps, a.batch_size, a.full, machine["matmul_fp32_peak_gflops"])
+            spec = {**RUNS[name], "model": a.model}
+            raw = run_in_fresh_process(name, spec, seqs, a.steps, a.batch_size, a.full, a.threads)
+            r = summarize(raw, seqs, a.steps, a.batch_size, a.full, machine["matmul_peak_gflops"])
             rounds[name].append(r)
             print(
                 f"[round {rnd + 1}/{a.repeats}] {name}: {r['tokens_per_s']:.1f} tokens/s, "
                 f"{r['examples_per_s']:.2f} examples/s, peak RSS {r['peak_rss_mb']:.0f} MB, "
-                f"final loss {r['final_loss']:.4f}, MFU {r['mfu']:.1%} ({time.perf_counter() - t0:.0f}s in all)",
+                + (f"peak GPU {r['peak_gpu_mb']:.0f} MB, " if "peak_gpu_mb" in r else "")
+                + f"final loss {r['final_loss']:.4f}, MFU {r['mfu']:.1%} ({time.perf_counter() - t0:.0f}s in all)",
                 flush=True,
             )
     runs = {name: median_run(rs) for name, rs in rounds.items()}
@@ -469,7 +514,8 @@ def main() -> None:
         for r in runs.values():
             r["ratio_to_tunekit"] = {
                 k: r[k] / runs["tunekit"][k]
-                for k in ("tokens_per_s", "examples_per_s", "peak_rss_mb", "final_loss", "mfu")
+                for k in ("tokens_per_s", "examples_per_s", "peak_rss_mb", "peak_gpu_mb", "final_loss", "mfu")
+                if k in r
             }
     print_table(runs)
     if a.json:

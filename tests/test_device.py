@@ -83,6 +83,15 @@ def test_cpu_helpers_change_nothing(clean_env):
     assert moved["a"] is t and moved["n"] == 3
 
 
+def test_precision_override_is_checked(clean_env):
+    """TUNEKIT_PRECISION=fp32 turns autocast off (on CUDA too); a typo names the variable."""
+    clean_env.setenv("TUNEKIT_PRECISION", "fp32")
+    assert type(autocast(torch.device("cuda"))).__name__ == "nullcontext"
+    clean_env.setenv("TUNEKIT_PRECISION", "fp16")
+    with pytest.raises(TunekitError, match="TUNEKIT_PRECISION='fp16'"):
+        autocast(torch.device("cpu"))
+
+
 def test_train_and_eval_with_the_cpu_override(clean_env, tiny_model_dir, chat_file, tmp_path):
     """TUNEKIT_DEVICE=cpu (what a user sets to keep a GPU machine's run on the CPU): a LoRA run
     trains and evaluates."""

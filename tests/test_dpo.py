@@ -11,6 +11,7 @@ from tunekit.config import config_from_dict
 from tunekit.data import load_examples
 from tunekit.data.example import Example, Message
 from tunekit.errors import DataError
+from tunekit.models.device import default_device
 from tunekit.run_dir import create_run_dir
 from tunekit.train.dpo import (
     collate_pairs,
@@ -153,7 +154,7 @@ def test_steps_train_the_adapter_only_and_the_reference_stays(
     b = collate_pairs(pairs, pad)
     with torch.no_grad():
         logps = sequence_logps(model, b["input_ids"], b["attention_mask"], b["labels"])
-    torch.testing.assert_close(logps, b["ref_logps"], rtol=1e-5, atol=1e-4)
+    torch.testing.assert_close(logps.cpu(), b["ref_logps"], rtol=1e-5, atol=1e-4)
 
     before = {k: v.detach().clone() for k, v in model.named_parameters()}
     opt = torch.optim.AdamW(params, lr=1e-2)
@@ -169,7 +170,7 @@ def test_steps_train_the_adapter_only_and_the_reference_stays(
     assert [x for p in pairs for x in (p.ref_chosen, p.ref_rejected)] == pytest.approx(ref_before, abs=1e-4)
     with torch.no_grad():
         after = sequence_logps(model, b["input_ids"], b["attention_mask"], b["labels"])
-    assert not torch.allclose(after, b["ref_logps"], atol=1e-3)
+    assert not torch.allclose(after.cpu(), b["ref_logps"], atol=1e-3)
 
     # Round trip: the saved adapter, reloaded on its base, scores the pairs exactly as trained.
     run = create_run_dir(cfg)
@@ -186,8 +187,14 @@ def test_train_dpo_raises_preference_accuracy_and_reloads(tiny_model_dir, tokeni
     run = train_dpo(cfg, quiet=True)
     metrics = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
     assert {"loss", "accuracy", "margin", "reward_chosen", "reward_rejected"} <= set(metrics[0])
-    # The first step is taken at policy == reference: every reward ties, accuracy 0.
-    assert metrics[0]["accuracy"] == 0.0 and metrics[0]["loss"] == pytest.approx(math.log(2), abs=1e-4)
+    # The first step is taken at policy == reference: every reward ties, loss log 2. The ties are
+    # exact on the CPU (accuracy 0); on CUDA the policy and reference passes run at different batch
+    # shapes, whose kernels round differently, so margins are ~1e-6 either side of 0 (measured on
+    # an H100: accuracy 0.5 in fp32).
+    assert metrics[0]["loss"] == pytest.approx(math.log(2), abs=1e-4)
+    assert abs(metrics[0]["margin"]) < 1e-3
+    if default_device().type == "cpu":
+        assert metrics[0]["accuracy"] == 0.0
     val = [m for m in metrics if "val_accuracy" in m]
     assert {"val_loss", "val_margin"} <= set(val[0])
     assert val[-1]["val_accuracy"] >= 0.75 and val[-1]["val_margin"] > 0

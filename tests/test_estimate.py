@@ -160,6 +160,11 @@ def test_activations_and_logits_scale_with_the_batch():
     assert b.parts["weights"] == a.parts["weights"]
     ckpt = mem.estimate_memory(shape, "lora", 4, 256, target_fraction=0.5, checkpointing=True)
     assert ckpt.parts["activations"] < b.parts["activations"] / 4
+    # Every 2nd of the 16 layers recomputed: 8 layers keep everything, plus one during a recompute.
+    half = mem.estimate_memory(shape, "lora", 4, 256, target_fraction=0.5, checkpointing=2)
+    assert ckpt.parts["activations"] < half.parts["activations"] < b.parts["activations"]
+    assert half.parts["activations"] == pytest.approx(b.parts["activations"] * 9 / 16, rel=0.05)
+    assert half.as_dict()["gradient_checkpointing"] == 2
 
 
 def test_bad_inputs_name_the_key():

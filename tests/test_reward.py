@@ -9,6 +9,7 @@ from tunekit.config import config_from_dict
 from tunekit.data import load_examples
 from tunekit.errors import DataError, TunekitError
 from tunekit.models import load_tokenizer
+from tunekit.models.device import model_device, to_device
 from tunekit.run_dir import read_metrics
 from tunekit.train.reward import (
     bradley_terry_step,
@@ -59,7 +60,7 @@ def test_bradley_terry_loss_is_the_mean_negative_logsigmoid_margin(tiny_model_di
     batch = collate_pairs(pairs, tokenizer.pad_token_id)
     loss, extra = bradley_terry_step(model, [batch])
     with torch.no_grad():
-        r = model(**batch).logits[:, 0]
+        r = model(**to_device(batch, model_device(model))).logits[:, 0].cpu()
     expected = float(-torch.nn.functional.logsigmoid(r[:4] - r[4:]).mean())
     assert loss == pytest.approx(expected, rel=1e-5)
     assert extra["accuracy"] == pytest.approx(float((r[:4] > r[4:]).float().mean()))

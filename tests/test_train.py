@@ -9,6 +9,7 @@ from peft import PeftModel
 from tunekit.config import config_from_dict
 from tunekit.data.tokenize import tokenize_example
 from tunekit.models import load_model, load_tokenizer
+from tunekit.models.device import default_device, model_device, to_device
 from tunekit.train.batching import collate, length_grouped_batches
 from tunekit.train.loss import loss_sum
 from tunekit.train.sft import accumulate_gradients, add_lora, lr_at, train_sft
@@ -37,7 +38,7 @@ def test_loss_matches_transformers(tiny_model_dir, tokenizer):
     ]
     b = collate([tokenize_example(tokenizer, e, 64) for e in exs], tokenizer.pad_token_id)
     s, n = loss_sum(model, b["input_ids"], b["attention_mask"], b["labels"])
-    ref = model(**b).loss
+    ref = model(**to_device(b, model_device(model))).loss
     torch.testing.assert_close(s / n, ref, rtol=1e-5, atol=1e-6)
 
 
@@ -83,7 +84,7 @@ def test_saved_adapter_reloads_with_identical_logits(tiny_model_dir, chat_file, 
     cfg = _cfg(tiny_model_dir, chat_file, tmp_path, max_steps=3)
     run = train_sft(cfg, quiet=True)
     tok = load_tokenizer(run / "adapter")
-    ids = tok("What is the code for item 3?", return_tensors="pt")["input_ids"]
+    ids = tok("What is the code for item 3?", return_tensors="pt")["input_ids"].to(default_device())
     # plain PEFT loads it: the adapter is in standard format
     a = PeftModel.from_pretrained(load_model(tiny_model_dir), run / "adapter").eval()
     b = PeftModel.from_pretrained(load_model(tiny_model_dir), run / "adapter").eval()
@@ -146,15 +147,31 @@ def test_gradient_checkpointing_gives_the_same_loss_and_gradients(tiny_model_dir
         [tokenize_example(tokenizer, ex, 64) for ex in load_examples(chat_file)[:4]], tokenizer.pad_token_id
     )
     grads = []
-    for ckpt in (False, True):
+    # off, every layer, and selective (every 2nd layer: layer 0 of the tiny model's two)
+    for ckpt, recomputed in ((False, []), (True, [0, 1]), (2, [0])):
         cfg = config_from_dict(
             {"model": str(tiny_model_dir), "data": {"train": str(chat_file)}, "lora": {"dropout": 0.0},
              "train": {"gradient_checkpointing": ckpt}}
         )  # fmt: skip
         model, params = build_model(cfg, tiny_model_dir)
-        assert model.is_gradient_checkpointing == ckpt
+        layers = model.get_base_model().model.layers
+        assert len(layers) == 2
+        assert [i for i, layer in enumerate(layers) if layer.gradient_checkpointing] == recomputed
         loss = accumulate_gradients(model, [batch])
         grads.append((loss, [p.grad.clone() for p in params]))
-    assert abs(grads[0][0] - grads[1][0]) < 1e-6
-    for a, b in zip(grads[0][1], grads[1][1], strict=True):
-        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6)
+    for other in grads[1:]:
+        assert abs(grads[0][0] - other[0]) < 1e-6
+        for a, b in zip(grads[0][1], other[1], strict=True):
+            torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6)
+
+
+@pytest.mark.parametrize("bad", [0, -2])
+def test_gradient_checkpointing_rejects_a_layer_count_below_one(tiny_model_dir, chat_file, bad):
+    from tunekit.config import config_from_dict
+    from tunekit.errors import ConfigError
+
+    with pytest.raises(ConfigError, match=r"train\.gradient_checkpointing.*N >= 1"):
+        config_from_dict(
+            {"model": str(tiny_model_dir), "data": {"train": str(chat_file)},
+             "train": {"gradient_checkpointing": bad}}
+        )  # fmt: skip

@@ -144,8 +144,12 @@ class TrainConfig(_Strict):
         None, gt=0, description="Checkpoint every N steps (and always at the end); null: at each epoch end."
     )
     save_total_limit: int | None = Field(2, gt=0, description="Keep the newest N checkpoints; null: all.")
-    gradient_checkpointing: bool = Field(
-        False, description="Recompute activations in backward: far less memory, about a third slower."
+    # bool before int: YAML `true` stays True (every layer), not the int 1 (the same thing anyway).
+    gradient_checkpointing: bool | int = Field(
+        False,
+        description="Recompute activations in backward: true checkpoints every decoder layer (far less "
+        "memory, about a third slower); an integer N checkpoints every Nth layer only (selective: "
+        "2 saves about a tenth of the memory for a fifth of the speed on the default model).",
     )
     early_stopping_patience: int | None = Field(
         None,
@@ -155,6 +159,19 @@ class TrainConfig(_Strict):
     init_from: Path | None = Field(
         None, description="Start from the weights of an earlier run directory (`tunekit train --from`)."
     )
+
+    @field_validator("gradient_checkpointing")
+    @classmethod
+    def _every_n_layers(cls, v: bool | int) -> bool | int:
+        if not isinstance(v, bool) and v < 1:
+            raise ValueError(f"{v} layers: give true (every layer), false (off), or N >= 1 (every Nth layer)")
+        return v
+
+    @property
+    def checkpoint_every(self) -> int:
+        """Every how many decoder layers activations are recomputed; 0: never."""
+        g = self.gradient_checkpointing
+        return int(g) if not isinstance(g, bool) else (1 if g else 0)
 
 
 class EvalConfig(_Strict):

@@ -8,6 +8,7 @@
 - Precision: weights stay fp32 (the optimizer updates fp32 master weights). On a CUDA device with
   bf16 support, forward passes run under `torch.autocast(bfloat16)` (`autocast`); on the CPU
   everything stays fp32, as bf16 matmuls are about 17x slower on CPUs without bf16 instructions.
+  `$TUNEKIT_PRECISION=fp32` keeps CUDA in fp32 too (exact comparisons, debugging a loss).
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ import torch
 from tunekit.errors import TunekitError
 
 ENV = "TUNEKIT_DEVICE"
+PRECISION_ENV = "TUNEKIT_PRECISION"
 _SPEC = re.compile(r"^(cpu|cuda)(?::(\d+))?$")
 
 
@@ -67,6 +69,11 @@ def to_device(batch: dict, device: torch.device) -> dict:
 def autocast(device: torch.device) -> AbstractContextManager:
     """bf16 autocast for forward passes on a CUDA device that supports it; fp32 (no-op) elsewhere.
     Wrap forward passes and the loss only: backward runs outside, in the dtypes the forward used."""
+    precision = os.environ.get(PRECISION_ENV, "auto").strip().lower() or "auto"
+    if precision not in ("auto", "bf16", "fp32"):
+        raise TunekitError(f"{PRECISION_ENV}={precision!r}: expected auto, bf16 or fp32")
+    if precision == "fp32":
+        return nullcontext()
     if device.type == "cuda" and torch.cuda.is_bf16_supported():
         return torch.autocast("cuda", dtype=torch.bfloat16)
     return nullcontext()

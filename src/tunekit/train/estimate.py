@@ -144,7 +144,8 @@ def estimate_report(
     if nproc < 1:
         raise TunekitError(f"--nproc {nproc}: need at least 1 process")
     shards = nproc if cfg.distributed.strategy == "fsdp" else 1
-    checkpointing = checkpointing or tc.gradient_checkpointing
+    # The --gradient-checkpointing flag means every layer; otherwise what the config says.
+    checkpointing = 1 if checkpointing else tc.checkpoint_every
     try:
         profile = data_profile(cfg)
     except (OSError, TunekitError):
@@ -262,7 +263,7 @@ def print_estimate(report: dict) -> None:
         f"[bold]{report['model']}[/] ({h['total_params'] / 1e6:,.1f}M parameters), method {report['method']}, "
         f"{h['trainable_params'] / 1e6:,.2f}M trainable ({share:.2%}); longest batch {report['batch_size']} x "
         f"{report['seq_len']} tokens, {report['target_fraction']:.0%} of positions carry loss; "
-        f"{'with' if h['gradient_checkpointing'] else 'no'} gradient checkpointing"
+        f"{_checkpointing_words(h['gradient_checkpointing'])}"
     )
     t = Table(title=f"Predicted peak memory on this machine ({h['dtype']}, CPU)")
     t.add_column("component")
@@ -340,3 +341,9 @@ def print_estimate(report: dict) -> None:
                 ),
             )
         out.print(c)
+
+
+def _checkpointing_words(every: int) -> str:
+    if not every:
+        return "no gradient checkpointing"
+    return "gradient checkpointing" + ("" if every == 1 else f" of 1 decoder layer in {every}")

@@ -9,7 +9,8 @@ measured peaks on this project's CPU:
 - optimizer:   AdamW's two fp32 moments per trainable parameter, plus for mixed precision (bf16)
                an fp32 master copy: full fine-tuning costs 16 bytes a parameter either way.
 - activations: what autograd keeps for the backward pass, per token per layer, for batch_size x
-               max_length tokens, without gradient checkpointing unless asked. The element counts
+               max_length tokens, without gradient checkpointing unless asked (then of every Nth
+               layer only the input is kept, plus one layer's activations during its recompute). The element counts
                were read off the default model with `torch.autograd.graph.saved_tensors_hooks`
                (sdpa attention: no term quadratic in the sequence length).
 - logits:      the vocabulary projection: tunekit projects only the positions that carry loss, so
@@ -214,7 +215,7 @@ class MemoryEstimate:
     dtype: str
     batch_size: int
     seq_len: int
-    checkpointing: bool
+    checkpointing: int  # every how many decoder layers activations are recomputed; 0: never
     device: str
     trainable_params: int
     total_params: int
@@ -255,7 +256,7 @@ def estimate_memory(
     lora_dropout: float = 0.0,
     dora: bool = False,
     target_fraction: float = 1.0,
-    checkpointing: bool = False,
+    checkpointing: bool | int = False,
     device: str = "cpu",
     shards: int = 1,
 ) -> MemoryEstimate:
@@ -304,11 +305,12 @@ def estimate_memory(
         _shard(parts, shape, method, w, trainable, shards)
     act_bytes = w
     outside = 2 * h  # the embedding output and the final norm, once per token
-    if checkpointing:
-        # Each layer keeps only its input; one layer's full activations live again during its backward.
-        parts["activations"] = tokens * (L * h + per_token_layer + outside) * act_bytes
-    else:
-        parts["activations"] = tokens * (L * per_token_layer + outside) * act_bytes
+    every = int(checkpointing)  # True: every layer; N: layers 0, N, 2N, ... (transformers' every_n_layers)
+    recomputed = -(-L // every) if every else 0
+    # A checkpointed layer keeps only its input, and one layer's full activations live again during
+    # its backward; the other layers keep everything.
+    kept = recomputed * h + (L - recomputed) * per_token_layer + (per_token_layer if recomputed else 0)
+    parts["activations"] = tokens * (kept + outside) * act_bytes
     targets = max(1, round(tokens * target_fraction))
     parts["logits"] = 3 * targets * shape.vocab * 4  # fp32 log-softmax, its gradient, the logits' gradient
     kind = "gpu" if device != "cpu" else "cpu"
@@ -322,7 +324,7 @@ def estimate_memory(
         dtype=dtype,
         batch_size=batch_size,
         seq_len=seq_len,
-        checkpointing=checkpointing,
+        checkpointing=every,
         device=device,
         trainable_params=trainable,
         total_params=shape.params,

@@ -1,0 +1,63 @@
+#!/usr/bin/env bash
+# The CUDA checks in one go, for a lent GPU machine that cannot download anything.
+#
+# Run as: bench/on_gpu.sh MODEL_DIR DATA_DIR OUT_DIR [tests|bench|all]
+#   MODEL_DIR  config.json + tokenizer files of the default model (SmolLM2-135M-Instruct); the weights
+#              are drawn at random from that config (seeded), since the GGUF is too large to carry to
+#              such a machine. Speed and memory depend on the shapes only; losses are not comparable
+#              with the pre-trained model's.
+#   DATA_DIR   a folder with banking77/train.csv and llamafactory-demo/alpaca_en_demo.json
+#   OUT_DIR    where the logs and JSON figures go
+#   tests|bench  only the tests, or only the benchmarks (each fits one 10-minute call); default all
+#
+# What it runs: the training tests on CUDA (tiny models; bf16 autocast, QLoRA with bitsandbytes' CUDA
+# kernels), then bench/train_throughput.py (tunekit against TRL, LoRA and full) and
+# bench/methods_memory.py (full, LoRA, DoRA, QLoRA) on the GPU.
+set -uo pipefail
+MODEL_DIR=$1 DATA_DIR=$2 OUT=$3 PART=${4:-all}
+cd "$(dirname "$0")/.."
+export PYTHONPATH="$PWD/src${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1 TUNEKIT_HOME=/tmp/tunekit-home
+mkdir -p "$OUT"
+
+nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader | tee "$OUT/gpu.txt"
+python3 -c "import torch, transformers, peft, trl, bitsandbytes as b; print('torch', torch.__version__,
+'transformers', transformers.__version__, 'peft', peft.__version__, 'trl', trl.__version__, 'bnb', b.__version__)" \
+  | tee -a "$OUT/gpu.txt"
+
+# The model: the default model's architecture with seeded random weights, saved where tunekit caches
+# the converted default model, so the alias and the tests' fixtures find it.
+RANDOM_MODEL=$TUNEKIT_HOME/models/smollm2-135m-instruct
+python3 - "$MODEL_DIR" "$RANDOM_MODEL" <<'EOF'
+import shutil, sys, torch
+from pathlib import Path
+from transformers import AutoConfig, AutoModelForCausalLM
+src, dst = Path(sys.argv[1]), Path(sys.argv[2])
+torch.manual_seed(0)
+model = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(src), dtype=torch.float32)
+model.save_pretrained(dst)
+for f in src.iterdir():
+    if f.name != "config.json":
+        shutil.copy(f, dst / f.name)
+print("random-weight model:", dst, sum(p.numel() for p in model.parameters()), "parameters")
+EOF
+
+if [ "$PART" != bench ]; then
+# 1. Training tests on CUDA (tiny random models built in-process; the default model is not here).
+timeout 420 python3 -m pytest -q -p no:cacheprovider -m "not slow" \
+  tests/test_train.py tests/test_methods.py tests/test_device.py tests/test_dpo.py tests/test_reward.py \
+  tests/test_classify.py tests/test_resume.py tests/test_generate.py 2>&1 | tee "$OUT/pytest.txt" | tail -25
+fi
+[ "$PART" = tests ] && exit 0
+
+# 2. Throughput against TRL on the GPU (bf16 autocast), LoRA and full fine-tuning.
+TP="python3 bench/train_throughput.py --model $RANDOM_MODEL --data-dir $DATA_DIR --steps 30"
+timeout 150 $TP --data banking77 --runs tunekit,tunekit_ckpt2,trl_default,trl_best --json "$OUT/tp_banking77.json" \
+  2>&1 | tee "$OUT/tp_banking77.txt" | grep -v Warning | tail -14
+timeout 120 $TP --data alpaca --batch-size 4 --examples 200 --runs tunekit,trl_default,trl_best \
+  --json "$OUT/tp_alpaca.json" 2>&1 | tee "$OUT/tp_alpaca.txt" | grep -v Warning | tail -12
+timeout 100 $TP --data banking77 --full --runs tunekit,trl_default,trl_best --json "$OUT/tp_full.json" \
+  2>&1 | tee "$OUT/tp_full.txt" | grep -v Warning | tail -12
+
+# 3. Methods: memory and speed of full, LoRA, DoRA and QLoRA (bitsandbytes NF4 on CUDA).
+timeout 100 python3 bench/methods_memory.py --model $RANDOM_MODEL --steps 10 --json "$OUT/methods.json" \
+  2>&1 | tee "$OUT/methods.txt" | tail -8
