@@ -83,6 +83,11 @@ RUNS = {
     "tunekit_fused": {"loop": "tunekit", "lora_dropout": 0.0, "adamw": "fused"},
     "tunekit_foreach_off": {"loop": "tunekit", "lora_dropout": 0.0, "adamw": "for-loop"},
     "tunekit_mmap": {"loop": "tunekit", "lora_dropout": 0.0, "mmap_threshold": 1 << 20},
+    # glibc heap levers that keep tensors where they are: one malloc arena for all threads (OpenMP
+    # workers otherwise allocate from arenas of their own), or malloc_trim(0) after every step (the
+    # freed activations' pages go back to the OS; the next forward faults them in again).
+    "tunekit_arena1": {"loop": "tunekit", "lora_dropout": 0.0, "arena_max": 1},
+    "tunekit_trim": {"loop": "tunekit", "lora_dropout": 0.0, "trim_each_step": True},
     # train.gradient_checkpointing: true (every decoder layer), or N (selective: every Nth one only).
     "tunekit_ckpt": {"loop": "tunekit", "lora_dropout": 0.0, "checkpoint_every": 1},
     "tunekit_ckpt2": {"loop": "tunekit", "lora_dropout": 0.0, "checkpoint_every": 2},
@@ -210,6 +215,8 @@ def run_one(
     set_threads(threads)
     if spec.get("mmap_threshold"):
         set_mmap_threshold(spec["mmap_threshold"])
+    if spec.get("arena_max"):
+        mallopt(-8, spec["arena_max"], "M_ARENA_MAX")
     torch.manual_seed(SEED)
     random.seed(SEED)
     model = load_model(resolve_model(spec["model"]))  # on the GPU where there is one
@@ -231,11 +238,14 @@ def run_one(
 def set_mmap_threshold(nbytes: int) -> None:
     """glibc mallopt(M_MMAP_THRESHOLD): a fixed threshold also turns off glibc's dynamic raising of it,
     which otherwise moves large tensors into the heap after the first few are freed."""
+    mallopt(-3, nbytes, "M_MMAP_THRESHOLD")
+
+
+def mallopt(param: int, value: int, name: str) -> None:
     import ctypes
 
-    m_mmap_threshold = -3
-    if not ctypes.CDLL("libc.so.6").mallopt(m_mmap_threshold, nbytes):
-        sys.exit("train_throughput: mallopt(M_MMAP_THRESHOLD) failed")
+    if not ctypes.CDLL("libc.so.6").mallopt(param, value):
+        sys.exit(f"train_throughput: mallopt({name}) failed")
 
 
 def make_adamw(params, kind: str):
@@ -272,6 +282,7 @@ def train_tunekit(model, spec, seqs, steps, batch_size, full):
     kind = spec.get("adamw", "default")
     opt = make_adamw(params, kind)
     examples = [TokenizedExample(s["input_ids"], s["labels"]) for s in seqs]
+    trim = __import__("ctypes").CDLL("libc.so.6").malloc_trim if spec.get("trim_each_step") else None
     losses, step_ends = [], []
     for step in range(steps):
         batch = collate(examples[step * batch_size : (step + 1) * batch_size], pad_id)
@@ -281,6 +292,8 @@ def train_tunekit(model, spec, seqs, steps, batch_size, full):
         torch.nn.utils.clip_grad_norm_(params, MAX_GRAD_NORM)
         opt.step()
         opt.zero_grad(set_to_none=True)
+        if trim:
+            trim(0)
         sync()
         step_ends.append(time.perf_counter())
     return losses, step_ends, {"optimizer": f"torch.optim.AdamW ({kind})"}
