@@ -149,7 +149,7 @@ class TrainConfig(_Strict):
         False,
         description="Recompute activations in backward: true checkpoints every decoder layer (far less "
         "memory, about a third slower); an integer N checkpoints every Nth layer only (selective: "
-        "2 saves about a tenth of the memory for a fifth of the speed on the default model).",
+        "2 saves about a sixth of the peak for a fifth of the speed on the default model).",
     )
     early_stopping_patience: int | None = Field(
         None,
