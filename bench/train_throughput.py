@@ -36,6 +36,8 @@ peak a bf16 one, and step times are taken after a device synchronize.
 from __future__ import annotations
 
 import argparse
+import ctypes
+import functools
 import json
 import platform
 import random
@@ -134,6 +136,7 @@ def training_sequences(
 # ---- machine -----------------------------------------------------------------------------------------
 
 
+@functools.cache  # asked at every step by sync(); the device does not change within a process
 def on_cuda() -> bool:
     from tunekit.models.device import default_device
 
@@ -242,8 +245,6 @@ def set_mmap_threshold(nbytes: int) -> None:
 
 
 def mallopt(param: int, value: int, name: str) -> None:
-    import ctypes
-
     if not ctypes.CDLL("libc.so.6").mallopt(param, value):
         sys.exit(f"train_throughput: mallopt({name}) failed")
 
@@ -282,7 +283,7 @@ def train_tunekit(model, spec, seqs, steps, batch_size, full):
     kind = spec.get("adamw", "default")
     opt = make_adamw(params, kind)
     examples = [TokenizedExample(s["input_ids"], s["labels"]) for s in seqs]
-    trim = __import__("ctypes").CDLL("libc.so.6").malloc_trim if spec.get("trim_each_step") else None
+    trim = ctypes.CDLL("libc.so.6").malloc_trim if spec.get("trim_each_step") else None
     losses, step_ends = [], []
     for step in range(steps):
         batch = collate(examples[step * batch_size : (step + 1) * batch_size], pad_id)
