@@ -94,6 +94,9 @@ RUNS = {
     "tunekit_ckpt": {"loop": "tunekit", "lora_dropout": 0.0, "checkpoint_every": 1},
     "tunekit_ckpt2": {"loop": "tunekit", "lora_dropout": 0.0, "checkpoint_every": 2},
     "tunekit_ckpt3": {"loop": "tunekit", "lora_dropout": 0.0, "checkpoint_every": 3},
+    # train.lean_activations: false (norm outputs and MLP products kept, not recomputed): the
+    # default before 2026-11-23, for the memory this lever saves.
+    "tunekit_keep": {"loop": "tunekit", "lora_dropout": 0.0, "lean": False},
 }
 DEFAULT_RUNS = ("tunekit", "trl_default", "trl_best")
 
@@ -270,6 +273,7 @@ def train_tunekit(model, spec, seqs, steps, batch_size, full):
     from tunekit.data.tokenize import TokenizedExample
     from tunekit.models import load_tokenizer, resolve_model
     from tunekit.train.batching import collate
+    from tunekit.train.lean import enable_lean_activations
     from tunekit.train.setup import enable_checkpointing
     from tunekit.train.sft import accumulate_gradients, add_lora, lr_at
 
@@ -278,6 +282,8 @@ def train_tunekit(model, spec, seqs, steps, batch_size, full):
         enable_checkpointing(model, spec["checkpoint_every"])  # as train.gradient_checkpointing: N does
     if not full:
         model = add_lora(model, lora_settings(spec["lora_dropout"]), SEED)
+    if spec.get("lean", True):
+        enable_lean_activations(model)  # as train.lean_activations (default true) does
     model.train()
     params = [p for p in model.parameters() if p.requires_grad]
     kind = spec.get("adamw", "default")

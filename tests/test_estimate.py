@@ -70,9 +70,47 @@ def test_activation_formula_matches_what_autograd_saves(tiny_model_dir, method, 
     if method == "lora":
         model = add_lora(model, LoraConfig(r=8, alpha=16, dropout=dropout, target_modules="all-linear"), 0)
     model.train()
-    predicted = mem.estimate_memory(shape, method, 4, 64, lora_r=8, lora_dropout=dropout).parts["activations"]
+    predicted = mem.estimate_memory(shape, method, 4, 64, lora_r=8, lora_dropout=dropout, lean=False)
     measured = _saved_bytes(model, 4, 64)
-    assert measured == pytest.approx(predicted, rel=0.15)
+    assert measured == pytest.approx(predicted.parts["activations"], rel=0.15)
+
+
+@pytest.mark.parametrize("method,dropout", [("full", 0.0), ("lora", 0.0), ("lora", 0.1)])
+def test_lean_activation_formula_matches_what_the_layers_keep(tiny_model_dir, monkeypatch, method, dropout):
+    """With train.lean_activations the layers' saved tensors go through its pack hook: count what it
+    keeps (not the recipes) against the formula's decoder-layer part."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    from tunekit.config import LoraConfig
+    from tunekit.train import lean
+    from tunekit.train.setup import add_lora
+
+    shape = mem.shape_from_config(AutoConfig.from_pretrained(tiny_model_dir))
+    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir)
+    if method == "lora":
+        model = add_lora(model, LoraConfig(r=8, alpha=16, dropout=dropout, target_modules="all-linear"), 0)
+    else:
+        model.requires_grad_(True)
+    lean.enable_lean_activations(model)
+    model.train()
+    kept, pack = {}, lean.LayerSaves.pack
+
+    def counting(self, t):
+        out = pack(self, t)
+        if isinstance(out, torch.Tensor):
+            kept[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
+        return out
+
+    monkeypatch.setattr(lean.LayerSaves, "pack", counting)
+    ids = torch.randint(3, 500, (4, 64))
+    model(input_ids=ids, attention_mask=torch.ones_like(ids))
+    params = {p.untyped_storage().data_ptr() for p in model.parameters()}
+    measured = sum(v for k, v in kept.items() if k not in params)
+    est = mem.estimate_memory(shape, method, 4, 64, lora_r=8, lora_dropout=dropout, lean=True)
+    in_layers = est.parts["activations"] - 4 * 64 * 2 * shape.hidden * 4  # minus embedding and final norm
+    assert measured == pytest.approx(in_layers, rel=0.15)
+    plain = mem.estimate_memory(shape, method, 4, 64, lora_r=8, lora_dropout=dropout, lean=False)
+    assert est.parts["activations"] < plain.parts["activations"]
 
 
 def test_full_fine_tuning_costs_16_bytes_a_parameter():
@@ -163,7 +201,9 @@ def test_activations_and_logits_scale_with_the_batch():
     # Every 2nd of the 16 layers recomputed: 8 layers keep everything, plus one during a recompute.
     half = mem.estimate_memory(shape, "lora", 4, 256, target_fraction=0.5, checkpointing=2)
     assert ckpt.parts["activations"] < half.parts["activations"] < b.parts["activations"]
-    assert half.parts["activations"] == pytest.approx(b.parts["activations"] * 9 / 16, rel=0.05)
+    kw = {"target_fraction": 0.5, "lean": False}
+    plain, plain_half = (mem.estimate_memory(shape, "lora", 4, 256, checkpointing=c, **kw) for c in (0, 2))
+    assert plain_half.parts["activations"] == pytest.approx(plain.parts["activations"] * 9 / 16, rel=0.05)
     assert half.as_dict()["gradient_checkpointing"] == 2
 
 

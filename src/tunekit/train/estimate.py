@@ -159,6 +159,7 @@ def estimate_report(
         "target_modules": cfg.lora.target_modules,
         "lora_dropout": cfg.lora.dropout,
         "dora": cfg.lora.use_dora,
+        "lean": cfg.train.lean_activations,
     }
 
     def predict(s, method, dt, device):

@@ -108,7 +108,8 @@ NF4_BYTES_PER_PARAM = 0.5 + 1 / 64 + 4 / (64 * 256)
 #   full fine-tuning: 8h + 4i + 2kv (inputs of every matmul, the norms' inputs and outputs, q/k after
 #   RoPE, the attention output and log-sum-exp, the four MLP intermediates);
 #   frozen base + adapters: 2h fewer (a frozen norm's weight needs no saved normalized input), plus
-#   the adapters' rank-r intermediates, plus, with dropout, a dropped copy of each adapted input.
+#   the adapters' rank-r intermediates, plus, with dropout, a dropped copy of each adapted input;
+#   lean activations (train/lean.py): 2h + 2i fewer (the norm outputs, act(gate) and the product).
 # Held before training: cpu measured (python + torch + transformers + peft), gpu the CUDA context (assumed).
 RUNTIME_MB = {"cpu": 420, "gpu": 1024}
 ALLOCATOR_OVERHEAD = {"cpu": 0.4, "gpu": 0.1}  # x (activations + logits): cpu calibrated here, gpu assumed
@@ -259,6 +260,7 @@ def estimate_memory(
     checkpointing: bool | int = False,
     device: str = "cpu",
     shards: int = 1,
+    lean: bool = True,
 ) -> MemoryEstimate:
     """Peak memory of training `shape` with `method` on batch_size x seq_len tokens.
 
@@ -266,7 +268,8 @@ def estimate_memory(
     vocabulary). dtype: "fp32" (tunekit on a CPU) or "bf16" (weights and activations in bf16; full
     fine-tuning then keeps fp32 master weights, as mixed-precision training does). shards: the number
     of processes FSDP shards the model over (1: not sharded, as with ddp or one process); the peak
-    is then one process's.
+    is then one process's. lean: `train.lean_activations` (tunekit's default), under which the
+    norms' outputs and the MLP's act(gate) and product are recomputed in the backward, not kept.
     """
     if method not in ("full", "lora", "qlora"):
         raise ConfigError([f"method: {method!r} is not one of full, lora, qlora"])
@@ -301,6 +304,11 @@ def estimate_memory(
         per_token_layer = 6 * h + 4 * i + 2 * kv + n_adapted * lora_r
         if lora_dropout > 0:
             per_token_layer += adapted_in * (1 + 1 / w)  # the dropped copy and its mask (1 byte)
+    kept_per_layer = per_token_layer
+    if lean:
+        # act(gate) and act(gate) * up; the two norm outputs too, unless LoRA dropout makes the
+        # adapters keep dropped copies instead (then nothing keeps the norm outputs to begin with).
+        kept_per_layer -= 2 * i + (2 * h if method == "full" or lora_dropout == 0 else 0)
     if shards > 1:
         _shard(parts, shape, method, w, trainable, shards)
     act_bytes = w
@@ -308,8 +316,8 @@ def estimate_memory(
     every = int(checkpointing)  # True: every layer; N: layers 0, N, 2N, ... (transformers' every_n_layers)
     recomputed = -(-L // every) if every else 0
     # A checkpointed layer keeps only its input, and one layer's full activations live again during
-    # its backward; the other layers keep everything.
-    kept = recomputed * h + (L - recomputed) * per_token_layer + (per_token_layer if recomputed else 0)
+    # its backward (lean recipes stay out of checkpointed layers); the other layers keep everything.
+    kept = recomputed * h + (L - recomputed) * kept_per_layer + (per_token_layer if recomputed else 0)
     parts["activations"] = tokens * (kept + outside) * act_bytes
     targets = max(1, round(tokens * target_fraction))
     parts["logits"] = 3 * targets * shape.vocab * 4  # fp32 log-softmax, its gradient, the logits' gradient

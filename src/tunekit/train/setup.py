@@ -24,6 +24,7 @@ from tunekit.console import err as console
 from tunekit.errors import ConfigError, ModelError, TunekitError
 from tunekit.models.device import default_device, place
 from tunekit.train import distributed
+from tunekit.train.lean import enable_lean_activations
 
 ADAPTER_DIR = "adapter"  # lora, dora and qlora runs save here (PEFT format + tokenizer)
 MODEL_DIR = "model"  # full fine-tuning saves the whole model here (safetensors + tokenizer)
@@ -143,6 +144,8 @@ def build_model(
         model = add_lora(model, cfg.lora, cfg.train.seed, task_type)
     if cfg.train.checkpoint_every:
         enable_checkpointing(model, cfg.train.checkpoint_every)
+    if cfg.train.lean_activations:
+        enable_lean_activations(model)
     model.train()
     if cfg.distributed.strategy == "fsdp" and distributed.active():
         n_layers = distributed.shard(model)  # parameters become DTensors: collect them after this

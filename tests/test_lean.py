@@ -1,0 +1,118 @@
+"""Lean activations (train/lean.py): recipes instead of kept tensors, with identical gradients."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+
+from tunekit.train import lean
+from tunekit.train.batching import collate
+from tunekit.train.sft import accumulate_gradients
+
+
+@pytest.fixture
+def batch(tokenizer, chat_file):
+    from tunekit.data import load_examples
+    from tunekit.data.tokenize import tokenize_example
+
+    rows = [tokenize_example(tokenizer, ex, 64) for ex in load_examples(chat_file)[:4]]
+    return collate(rows, tokenizer.pad_token_id)
+
+
+@pytest.fixture
+def recipes(monkeypatch):
+    """Counts the saved tensors that were swapped for a recipe."""
+    made = []
+    pack = lean.LayerSaves.pack
+
+    def counting(self, t):
+        out = pack(self, t)
+        if isinstance(out, lean._Recipe):
+            made.append(tuple(out.shape))
+        return out
+
+    monkeypatch.setattr(lean.LayerSaves, "pack", counting)
+    return made
+
+
+def build(model_dir, chat_file, method="lora", **train):
+    from tunekit.config import config_from_dict
+    from tunekit.train.setup import build_model
+
+    cfg = config_from_dict(
+        {"model": str(model_dir), "method": method, "data": {"train": str(chat_file)},
+         "lora": {"dropout": 0.0}, "train": train}
+    )  # fmt: skip
+    return build_model(cfg, model_dir)
+
+
+@pytest.mark.parametrize("method", ["lora", "full"])
+def test_gradients_are_bit_for_bit_those_of_the_plain_model(
+    tiny_model_dir, chat_file, batch, recipes, method
+):
+    runs = []
+    for on in (False, True):
+        model, params = build(tiny_model_dir, chat_file, method, lean_activations=on)
+        loss = accumulate_gradients(model, [batch])
+        runs.append((loss, [p.grad.clone() for p in params]))
+    assert runs[0][0] == runs[1][0]
+    for a, b in zip(runs[0][1], runs[1][1], strict=True):
+        assert torch.equal(a, b)
+    # Per layer of the tiny llama (hidden 64, intermediate 128): the input norm's output kept by the
+    # q, k and v adapters (or weights), the MLP norm's by gate and up, act(gate) by the product, the
+    # product by down. Two layers; the rows are the batch's B x T.
+    rows = batch["input_ids"].numel()
+    assert sorted(recipes) == sorted(
+        2 * ([(rows, 64)] * 5 + [(4, batch["input_ids"].shape[1], 128), (rows, 128)])
+    )
+
+
+def test_layers_under_checkpointing_and_no_grad_are_left_alone(tiny_model_dir, chat_file, batch, recipes):
+    model, params = build(tiny_model_dir, chat_file, gradient_checkpointing=2)  # layer 0 checkpointed
+    plain, plain_params = build(tiny_model_dir, chat_file, lean_activations=False)
+    assert accumulate_gradients(model, [batch]) == accumulate_gradients(plain, [batch])
+    for a, b in zip(params, plain_params, strict=True):
+        torch.testing.assert_close(a.grad, b.grad, rtol=1e-5, atol=1e-7)
+    assert len(recipes) == 7  # layer 1 only
+    recipes.clear()
+    with torch.no_grad():
+        model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"])
+    assert recipes == []
+    assert all(layer.mlp._lean_hooks.saves is None for layer in model.get_base_model().model.layers)
+
+
+class NotGated(nn.Module):
+    """Has a gated MLP's attributes but computes something else: must not be rewritten."""
+
+    def __init__(self):
+        super().__init__()
+        self.gate_proj, self.up_proj, self.down_proj = nn.Linear(8, 16), nn.Linear(8, 16), nn.Linear(16, 8)
+        self.act_fn = nn.SiLU()
+
+    def forward(self, x):
+        return self.down_proj(self.act_fn(self.gate_proj(x)) + self.up_proj(x))
+
+
+def test_only_mlps_that_compute_the_gated_product_are_rewritten(tiny_model_dir, tokenizer):
+    from transformers import AutoModelForCausalLM
+
+    assert not lean._is_gated_mlp(NotGated())
+    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir)
+    assert lean._is_gated_mlp(model.model.layers[0].mlp)
+    assert lean.enable_lean_activations(model) == 2
+    assert lean.enable_lean_activations(nn.Linear(2, 2)) == 0  # no decoder layers: nothing to hook
+
+
+def test_recipes_follow_a_deepcopy_of_the_model(tiny_model_dir):
+    import copy
+
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir)
+    lean.enable_lean_activations(model)
+    twin = copy.deepcopy(model)
+    mlp = twin.model.layers[0].mlp
+    assert mlp.forward.__self__ is mlp
+    x = torch.randn(1, 3, 64)
+    torch.testing.assert_close(mlp(x), model.model.layers[0].mlp(x))
