@@ -116,3 +116,29 @@ def test_recipes_follow_a_deepcopy_of_the_model(tiny_model_dir):
     assert mlp.forward.__self__ is mlp
     x = torch.randn(1, 3, 64)
     torch.testing.assert_close(mlp(x), model.model.layers[0].mlp(x))
+
+
+def test_the_tensors_turned_into_recipes_are_freed_after_the_forward(
+    tiny_model_dir, chat_file, batch, monkeypatch
+):
+    """The point of the recipes: between forward and backward, nothing keeps the targets alive (the
+    saved tensors' references to the pack hook once kept every one of them)."""
+    import gc
+    import weakref
+
+    from tunekit.train.loss import loss_sum
+
+    refs = []
+    add = lean.LayerSaves.add
+
+    def recording(self, target, fn):
+        refs.append(weakref.ref(target))
+        add(self, target, fn)
+
+    monkeypatch.setattr(lean.LayerSaves, "add", recording)
+    model, _ = build(tiny_model_dir, chat_file)
+    loss, _ = loss_sum(model, batch["input_ids"], batch["attention_mask"], batch["labels"])
+    gc.collect()
+    assert len(refs) == 2 * 4  # per layer: two norm outputs, act(gate), the product
+    assert [r for r in refs if r() is not None] == []
+    loss.backward()  # the graph still runs off the recipes

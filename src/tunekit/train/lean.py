@@ -97,6 +97,9 @@ class _LayerHooks:
     def exit(self, module, args, output):
         if self.ctx is not None:
             self.ctx.__exit__(None, None, None)
+            # Every tensor saved in this forward holds a reference to the pack hook, hence to
+            # `saves`, until its backward: the targets must go now, or they would all stay alive.
+            self.saves.targets.clear()
             self.ctx, self.saves = None, None
 
     def norm_output(self, norm, args, output):
