@@ -142,3 +142,19 @@ def test_the_tensors_turned_into_recipes_are_freed_after_the_forward(
     assert len(refs) == 2 * 4  # per layer: two norm outputs, act(gate), the product
     assert [r for r in refs if r() is not None] == []
     loss.backward()  # the graph still runs off the recipes
+
+
+def test_a_target_saved_three_times_is_recomputed_once():
+    calls = []
+    saves = lean.LayerSaves()
+    target = torch.arange(6.0)
+    saves.add(target, lambda: calls.append(1) or torch.arange(6.0))
+    recipes = [saves.pack(target.view(2, 3)) for _ in range(3)]
+    assert all(isinstance(r, lean._Recipe) for r in recipes)
+    assert saves.pack(torch.zeros(6)) is not None and not isinstance(saves.pack(torch.zeros(6)), lean._Recipe)
+    for r in recipes:
+        assert torch.equal(lean.LayerSaves.unpack(r), target.view(2, 3))
+    assert len(calls) == 1
+    assert recipes[0].cell.value is None  # released after the last unpack
+    lean.LayerSaves.unpack(recipes[0])  # a graph run twice: recomputed, still right
+    assert len(calls) == 2

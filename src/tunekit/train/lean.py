@@ -33,28 +33,44 @@ from torch import nn
 NORMS = ("input_layernorm", "post_attention_layernorm", "pre_feedforward_layernorm")
 
 
+class _Cell:
+    """One target's recipe, shared by every saved copy of it (q, k and v each keep the input norm's
+    output): recomputed once in the backward and held until the last copy has been unpacked."""
+
+    __slots__ = ("fn", "pending", "value")
+
+    def __init__(self, fn):
+        self.fn, self.pending, self.value = fn, 0, None
+
+    def get(self) -> torch.Tensor:
+        value = self.value if self.value is not None else self.fn()
+        self.pending -= 1  # below zero (a graph run twice): recomputed at each unpack, still exact
+        self.value = value if self.pending > 0 else None
+        return value
+
+
 class _Recipe:
-    """A saved tensor replaced by the function that recomputes it (and the view autograd saved)."""
+    """A saved tensor replaced by its target's cell (and the view of the target autograd saved)."""
 
-    __slots__ = ("fn", "shape")
+    __slots__ = ("cell", "shape")
 
-    def __init__(self, fn, shape: torch.Size):
-        self.fn, self.shape = fn, shape
+    def __init__(self, cell: _Cell, shape: torch.Size):
+        self.cell, self.shape = cell, shape
 
 
 class LayerSaves:
     """The registered targets of one decoder layer's forward, and the pack/unpack hooks for them."""
 
     def __init__(self):
-        self.targets: list[tuple[torch.Tensor, object]] = []
+        self.targets: list[tuple[torch.Tensor, _Cell]] = []
 
     def add(self, target: torch.Tensor, fn) -> None:
         # The target stays referenced until the layer's forward returns: its address cannot be reused
         # by another tensor meanwhile, so matching by address is exact.
-        self.targets.append((target, fn))
+        self.targets.append((target, _Cell(fn)))
 
     def pack(self, t: torch.Tensor):
-        for target, fn in self.targets:
+        for target, cell in self.targets:
             if (
                 t.data_ptr() == target.data_ptr()
                 and t.numel() == target.numel()
@@ -63,14 +79,15 @@ class LayerSaves:
                 and t.is_contiguous()
                 and target.is_contiguous()
             ):
-                return _Recipe(fn, t.shape)
+                cell.pending += 1
+                return _Recipe(cell, t.shape)
         return t
 
     @staticmethod
     def unpack(saved):
         if isinstance(saved, _Recipe):
             with torch.no_grad():
-                return saved.fn().view(saved.shape)
+                return saved.cell.get().view(saved.shape)
         return saved
 
 
