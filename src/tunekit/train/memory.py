@@ -307,8 +307,10 @@ def estimate_memory(
     kept_per_layer = per_token_layer
     if lean:
         # act(gate) and act(gate) * up; the two norm outputs too, unless LoRA dropout makes the
-        # adapters keep dropped copies instead (then nothing keeps the norm outputs to begin with).
-        kept_per_layer -= 2 * i + (2 * h if method == "full" or lora_dropout == 0 else 0)
+        # adapters keep dropped copies instead (then nothing keeps the norm outputs to begin with),
+        # or bf16 autocast makes the projections keep bf16 copies of them (a GPU run's fp32 norms).
+        norms = dtype == "fp32" and (method == "full" or lora_dropout == 0)
+        kept_per_layer -= 2 * i + (2 * h if norms else 0)
     if shards > 1:
         _shard(parts, shape, method, w, trainable, shards)
     act_bytes = w
