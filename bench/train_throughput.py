@@ -97,6 +97,8 @@ RUNS = {
     # train.lean_activations: false (norm outputs and MLP products kept, not recomputed): the
     # default before 2026-11-23, for the memory this lever saves.
     "tunekit_keep": {"loop": "tunekit", "lora_dropout": 0.0, "lean": False},
+    # train.loss_chunk_tokens: 256: the loss projected and differentiated 256 target tokens at a time.
+    "tunekit_chunk": {"loop": "tunekit", "lora_dropout": 0.0, "loss_chunk": 256},
 }
 DEFAULT_RUNS = ("tunekit", "trl_default", "trl_best")
 
@@ -293,7 +295,7 @@ def train_tunekit(model, spec, seqs, steps, batch_size, full):
     losses, step_ends = [], []
     for step in range(steps):
         batch = collate(examples[step * batch_size : (step + 1) * batch_size], pad_id)
-        losses.append(accumulate_gradients(model, [batch]))
+        losses.append(accumulate_gradients(model, [batch], spec.get("loss_chunk")))
         for g in opt.param_groups:
             g["lr"] = lr_at(step, steps, 0, LEARNING_RATE, "cosine")
         torch.nn.utils.clip_grad_norm_(params, MAX_GRAD_NORM)

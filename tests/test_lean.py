@@ -158,3 +158,46 @@ def test_a_target_saved_three_times_is_recomputed_once():
     assert recipes[0].cell.value is None  # released after the last unpack
     lean.LayerSaves.unpack(recipes[0])  # a graph run twice: recomputed, still right
     assert len(calls) == 2
+
+
+@pytest.mark.parametrize("method", ["lora", "full"])
+def test_chunked_loss_gives_the_loss_and_gradients_of_the_whole_projection(
+    tiny_model_dir, chat_file, batch, method
+):
+    """train.loss_chunk_tokens: the same loss and gradients (to float rounding) for any chunk size,
+    including the tied head/embedding weight's gradient under full fine-tuning."""
+    from tunekit.config import config_from_dict
+
+    runs = []
+    for chunk in (None, 1, 7, 10_000):
+        model, params = build(tiny_model_dir, chat_file, method)
+        loss = accumulate_gradients(model, [batch], chunk)
+        runs.append((loss, [p.grad.clone() for p in params]))
+    for loss, grads in runs[1:]:
+        assert loss == pytest.approx(runs[0][0], rel=1e-6)
+        for a, b in zip(runs[0][1], grads, strict=True):  # sums in another order: rounding only
+            torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
+    with pytest.raises(Exception, match="loss_chunk_tokens"):
+        config_from_dict({"model": "m", "data": {"train": "x.jsonl"}, "train": {"loss_chunk_tokens": 0}})
+
+
+def test_the_chunked_loss_never_holds_the_whole_logits(monkeypatch):
+    """The point of chunking: every product with the head is at most `chunk` rows."""
+    from tunekit.train.loss import ChunkedLinearCrossEntropy
+
+    h = torch.randn(50, 8, requires_grad=True)
+    w = torch.randn(300, 8, requires_grad=True)
+    targets = torch.randint(0, 300, (50,))
+    loss = ChunkedLinearCrossEntropy.apply(h, w, targets, 16)
+    loss.backward()
+    ref_h, ref_w = h.detach().clone().requires_grad_(), w.detach().clone().requires_grad_()
+    ref = torch.nn.functional.cross_entropy(ref_h @ ref_w.t(), targets, reduction="sum")
+    ref.backward()
+    torch.testing.assert_close(loss, ref)
+    torch.testing.assert_close(h.grad, ref_h.grad)
+    torch.testing.assert_close(w.grad, ref_w.grad)
+    rows = []
+    real_mm = torch.Tensor.__matmul__
+    monkeypatch.setattr(torch.Tensor, "__matmul__", lambda a, b: rows.append(a.shape[0]) or real_mm(a, b))
+    ChunkedLinearCrossEntropy.apply(h.detach(), w.detach(), targets, 16)
+    assert rows and max(rows) == 16

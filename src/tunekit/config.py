@@ -158,6 +158,13 @@ class TrainConfig(_Strict):
         "gradients bit for bit, a few percent of the step's time. Layers under gradient checkpointing "
         "are left to it.",
     )
+    loss_chunk_tokens: int | None = Field(
+        None,
+        gt=0,
+        description="SFT: project onto the vocabulary and take the loss gradient this many target tokens "
+        "at a time, so the (tokens x vocabulary) logits never exist at once (about 0.3 GB a 1,500-token "
+        "batch on the default model, three times over); null: all at once. 256 is a good start.",
+    )
     early_stopping_patience: int | None = Field(
         None,
         gt=0,

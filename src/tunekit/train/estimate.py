@@ -49,7 +49,7 @@ def measure_throughput(cfg: Config, lengths: list[int], steps: int = 3) -> dict:
     times = []
     for i in range(steps + 1):
         t0 = time.perf_counter()
-        accumulate_gradients(model, [batch])
+        accumulate_gradients(model, [batch], cfg.train.loss_chunk_tokens)
         opt.step()
         opt.zero_grad(set_to_none=True)
         if i:  # the first step pays one-off allocation costs

@@ -32,9 +32,57 @@ def _decoder_and_head(model):
         return None, None
 
 
-def loss_sum(model, input_ids, attention_mask, labels) -> tuple[torch.Tensor, int]:
+class ChunkedLinearCrossEntropy(torch.autograd.Function):
+    """sum(cross_entropy(h @ W.T, targets)) without the (N, V) logits ever existing at once.
+
+    The forward walks `chunk` rows at a time: logits, their log-sum-exp and loss, then at once the
+    gradient (softmax minus one-hot) and from it dL/dh and dL/dW; only those two are kept for the
+    backward, which scales them by the incoming gradient. Peak: chunk x V instead of about three
+    N x V tensors (the log-softmax, its gradient and the logits' gradient), the same matmuls.
+    """
+
+    @staticmethod
+    def forward(ctx, h, weight, targets, chunk: int):
+        want_h, want_w = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
+        total = torch.zeros((), dtype=torch.float32, device=h.device)
+        grad_h = torch.empty_like(h) if want_h else None
+        grad_w = torch.zeros_like(weight) if want_w else None
+        for s in range(0, h.shape[0], chunk):
+            hc, tc = h[s : s + chunk], targets[s : s + chunk]
+            logits = (hc @ weight.t()).float()  # (c, V)
+            lse = torch.logsumexp(logits, dim=-1)
+            total += (lse - logits.gather(1, tc[:, None]).squeeze(1)).sum()
+            probs = logits.sub_(lse[:, None]).exp_()  # softmax, in place
+            probs[torch.arange(len(tc), device=tc.device), tc] -= 1  # d loss / d logits
+            probs = probs.to(h.dtype)
+            if want_h:
+                grad_h[s : s + chunk] = probs @ weight
+            if want_w:
+                grad_w.addmm_(probs.t(), hc)
+        ctx.save_for_backward(grad_h, grad_w)
+        return total
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        grad_h, grad_w = ctx.saved_tensors
+        return (
+            grad_h * grad_out if grad_h is not None else None,
+            grad_w * grad_out if grad_w is not None else None,
+            None,
+            None,
+        )
+
+
+def _chunkable(head, device: torch.device) -> bool:
+    """A plain bias-free linear head outside autocast: what the chunked loss computes exactly."""
+    return type(head) is torch.nn.Linear and head.bias is None and not torch.is_autocast_enabled(device.type)
+
+
+def loss_sum(model, input_ids, attention_mask, labels, chunk: int | None = None) -> tuple[torch.Tensor, int]:
     """Summed cross-entropy over target tokens, and their count. Inputs are (B, T), on any device:
-    they move to the model's, and the forward runs under `autocast` (bf16 on CUDA, fp32 on CPU)."""
+    they move to the model's, and the forward runs under `autocast` (bf16 on CUDA, fp32 on CPU).
+    chunk (`train.loss_chunk_tokens`): project and take the loss gradient that many target tokens at
+    a time (ChunkedLinearCrossEntropy), where the head allows it."""
     device = model_device(model)
     input_ids, attention_mask, labels = input_ids.to(device), attention_mask.to(device), labels.to(device)
     targets = labels[:, 1:]  # (B, T-1): the token each position predicts
@@ -47,5 +95,7 @@ def loss_sum(model, input_ids, attention_mask, labels) -> tuple[torch.Tensor, in
             return F.cross_entropy(logits[keep].float(), targets[keep], reduction="sum"), n
         hidden = decoder(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state  # (B, T, H)
         h = hidden[:, :-1][keep]  # (N, H)
+        if chunk and torch.is_grad_enabled() and _chunkable(head, device):
+            return ChunkedLinearCrossEntropy.apply(h, head.weight, targets[keep], chunk), n
         logits = head(h).float()  # (N, V)
         return F.cross_entropy(logits, targets[keep], reduction="sum"), n

@@ -66,8 +66,11 @@ def report_tokenized(name: str, max_length: int, cut: int, n_empty: int, first_e
         )
 
 
-def accumulate_gradients(model, batches: list[dict[str, torch.Tensor]]) -> float:
+def accumulate_gradients(
+    model, batches: list[dict[str, torch.Tensor]], loss_chunk: int | None = None
+) -> float:
     """Forward and backward over the micro-batches of one optimizer step; returns the mean loss.
+    loss_chunk: `train.loss_chunk_tokens` (see loss.ChunkedLinearCrossEntropy).
 
     Each micro-batch's summed loss is divided by the target tokens of the whole step, so k
     micro-batches of n examples give the same gradient as one batch of k*n (tested).
@@ -78,7 +81,7 @@ def accumulate_gradients(model, batches: list[dict[str, torch.Tensor]]) -> float
     n_targets = distributed.sum_int(n_targets) / distributed.world()
     total = 0.0
     for b in batches:
-        s, _ = loss_sum(model, b["input_ids"], b["attention_mask"], b["labels"])
+        s, _ = loss_sum(model, b["input_ids"], b["attention_mask"], b["labels"], chunk=loss_chunk)
         (s / n_targets).backward()
         total += float(s.detach())
     return total / n_targets
@@ -257,7 +260,7 @@ def train_sft(
         validation=val_data,
         lengths=lengths,
         collate=lambda items: collate(items, pad_id),
-        step=lambda m, batches: (accumulate_gradients(m, batches), {}),
+        step=lambda m, batches: (accumulate_gradients(m, batches, tc.loss_chunk_tokens), {}),
         validate=lambda m, data: {"val_loss": evaluate_loss(m, data, pad_id, cfg.eval.batch_size)},
     )
     announce(cfg, model, params, len(train_data), len(val_data), len(splits["test"]), quiet)
