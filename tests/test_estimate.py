@@ -286,3 +286,13 @@ def test_predicted_peak_is_within_20_percent_of_a_measured_one(default_model_dir
     assert predicted == pytest.approx(measured, rel=0.20), (
         f"{method}: predicted {predicted:.0f}, measured {measured:.0f}"
     )
+
+
+def test_a_chunked_loss_holds_the_logits_of_one_chunk():
+    shape = mem.reference_shape("1b")
+    whole = mem.estimate_memory(shape, "lora", 4, 512, target_fraction=0.5)
+    chunked = mem.estimate_memory(shape, "lora", 4, 512, target_fraction=0.5, loss_chunk=256)
+    assert chunked.parts["logits"] == pytest.approx(whole.parts["logits"] * 256 / 1024)
+    assert chunked.parts["activations"] == whole.parts["activations"]
+    big = mem.estimate_memory(shape, "lora", 4, 512, target_fraction=0.5, loss_chunk=10_000)
+    assert big.parts["logits"] == whole.parts["logits"]  # a chunk larger than the batch: no change

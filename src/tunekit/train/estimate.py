@@ -160,6 +160,7 @@ def estimate_report(
         "lora_dropout": cfg.lora.dropout,
         "dora": cfg.lora.use_dora,
         "lean": cfg.train.lean_activations,
+        "loss_chunk": cfg.train.loss_chunk_tokens if cfg.task == "sft" else None,
     }
 
     def predict(s, method, dt, device):
