@@ -2,7 +2,14 @@
 models run on (device.py)."""
 
 from tunekit.models.device import autocast, default_device, model_device, place, to_device
-from tunekit.models.load import DEFAULT_MODEL, load_model, load_tokenizer, resolve_model, tunekit_home
+from tunekit.models.load import (
+    DEFAULT_MODEL,
+    load_model,
+    load_tokenizer,
+    resolve_model,
+    tunekit_home,
+    unwrap_peft,
+)
 
 __all__ = [
     "DEFAULT_MODEL",
@@ -15,4 +22,5 @@ __all__ = [
     "resolve_model",
     "to_device",
     "tunekit_home",
+    "unwrap_peft",
 ]

@@ -131,6 +131,11 @@ def _from_hub(repo_id: str) -> Path:
         ) from None
 
 
+def unwrap_peft(model):
+    """The transformers model under a PEFT wrapper (or the model itself, unwrapped)."""
+    return model.get_base_model() if hasattr(model, "get_base_model") else model
+
+
 def load_tokenizer(path: str | Path):
     """The model's tokenizer, with its chat template. Padding goes on the right for training."""
     from transformers import AutoTokenizer

@@ -46,6 +46,7 @@ import torch
 import torch.distributed as dist
 
 from tunekit.errors import TunekitError
+from tunekit.models.load import unwrap_peft
 
 
 def launched() -> bool:
@@ -193,7 +194,7 @@ def shard(model) -> int:
     from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.fsdp import fully_shard
 
-    base = model.get_base_model() if hasattr(model, "get_base_model") else model  # PEFT wraps the model
+    base = unwrap_peft(model)
     names = set(getattr(base, "_no_split_modules", None) or [])
     layers = [m for m in model.modules() if type(m).__name__ in names]
     mesh = init_device_mesh(next(model.parameters()).device.type, (world(),))

@@ -27,6 +27,8 @@ import types
 import torch
 from torch import nn
 
+from tunekit.models.load import unwrap_peft
+
 # A decoder layer's norms, by the names transformers uses for llama, mistral, qwen2/3, gemma 1-3, phi3
 # and most others. Registering a norm whose output nothing saves (Gemma 2's post-attention norm feeds
 # the residual sum) costs nothing: no saved tensor matches it.
@@ -146,7 +148,7 @@ def _is_gated_mlp(mlp: nn.Module) -> bool:
     if not all(hasattr(mlp, a) for a in ("gate_proj", "up_proj", "down_proj", "act_fn")):
         return False
     try:
-        w = next(p for p in mlp.parameters())
+        w = next(mlp.parameters())
         width = getattr(mlp.gate_proj, "in_features", None)
         if width is None or w.device.type == "meta":
             return False
@@ -168,7 +170,7 @@ def enable_lean_activations(model: nn.Module) -> int:
     Returns the number of layers hooked; 0 where the decoder layers cannot be found. The model's
     outputs and gradients do not change; only what is kept between forward and backward does.
     """
-    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    base = unwrap_peft(model)
     try:
         layers = base.get_decoder().layers
     except (AttributeError, NotImplementedError):

@@ -13,6 +13,7 @@ import torch.nn.functional as F
 
 from tunekit.data.tokenize import IGNORE_INDEX
 from tunekit.models.device import autocast, model_device
+from tunekit.models.load import unwrap_peft
 
 
 def _decoder_and_head(model):
@@ -21,7 +22,7 @@ def _decoder_and_head(model):
     if distributed.sharded(model):
         # FSDP gathers the embeddings, final norm and head in the whole model's forward only.
         return None, None
-    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    base = unwrap_peft(model)
     cfg = base.config
     # Models that transform logits after the projection (soft-capping, scaling) take the standard path.
     if getattr(cfg, "final_logit_softcapping", None) or getattr(cfg, "logit_scale", None):
