@@ -21,8 +21,8 @@ measured peaks on this project's CPU:
                batch 4 x 128); calibrated here as 0.4 x (activations + logits). On a GPU: an assumed
                0.1 x for the caching allocator's fragmentation.
 - checkpoint pages (qlora, CPU only): the fp32 checkpoint is read through mmap to be quantized and its
-               pages stay mapped, so they count in the process's resident memory (measured: 506 MB for
-               the default model) although the kernel can drop them under pressure.
+               pages stay mapped, so they count in the process's resident memory (measured: 508 MB of
+               file pages for the default model's 513 MB file) although the kernel can drop them under pressure.
 - runtime:     what the process holds before training (Python, torch, transformers; on a GPU the CUDA
                context), an assumption per device.
 
@@ -109,7 +109,8 @@ NF4_BYTES_PER_PARAM = 0.5 + 1 / 64 + 4 / (64 * 256)
 #   RoPE, the attention output and log-sum-exp, the four MLP intermediates);
 #   frozen base + adapters: 2h fewer (a frozen norm's weight needs no saved normalized input), plus
 #   the adapters' rank-r intermediates, plus, with dropout, a dropped copy of each adapted input;
-#   lean activations (train/lean.py): 2h + 2i fewer (the norm outputs, act(gate) and the product).
+#   lean activations (train/lean.py): 2h + 2i fewer (the norm outputs, act(gate) and the product);
+#   i fewer with LoRA dropout, where the adapters keep dropped copies of the norm outputs and product.
 # Held before training: cpu measured (python + torch + transformers + peft), gpu the CUDA context (assumed).
 RUNTIME_MB = {"cpu": 420, "gpu": 1024}
 ALLOCATOR_OVERHEAD = {"cpu": 0.4, "gpu": 0.1}  # x (activations + logits): cpu calibrated here, gpu assumed
@@ -308,11 +309,12 @@ def estimate_memory(
             per_token_layer += adapted_in * (1 + 1 / w)  # the dropped copy and its mask (1 byte)
     kept_per_layer = per_token_layer
     if lean:
-        # act(gate) and act(gate) * up; the two norm outputs too, unless LoRA dropout makes the
-        # adapters keep dropped copies instead (then nothing keeps the norm outputs to begin with),
-        # or bf16 autocast makes the projections keep bf16 copies of them (a GPU run's fp32 norms).
-        norms = dtype == "fp32" and (method == "full" or lora_dropout == 0)
-        kept_per_layer -= 2 * i + (2 * h if norms else 0)
+        # act(gate) always. The product act(gate) * up and the two norm outputs only where something
+        # kept them: LoRA dropout makes the adapters keep dropped copies of their inputs instead (a
+        # frozen base keeps nothing), and bf16 autocast makes the projections keep bf16 copies of the
+        # norm outputs (a GPU run's fp32 norms). Checked with saved_tensors_hooks on the default model.
+        kept_directly = method == "full" or lora_dropout == 0
+        kept_per_layer -= i + (i if kept_directly else 0) + (2 * h if kept_directly and dtype == "fp32" else 0)
     if shards > 1:
         _shard(parts, shape, method, w, trainable, shards)
     act_bytes = w
@@ -329,7 +331,7 @@ def estimate_memory(
     kind = "gpu" if device != "cpu" else "cpu"
     parts["allocator"] = ALLOCATOR_OVERHEAD[kind] * (parts["activations"] + parts["logits"])
     if method == "qlora" and kind == "cpu":
-        parts["checkpoint_pages"] = shape.linear_params * 4  # the fp32 file read for quantization
+        parts["checkpoint_pages"] = shape.params * 4  # the whole fp32 file, read for quantization
     parts["runtime"] = RUNTIME_MB[kind] * MB
     return MemoryEstimate(
         model=shape.name,
