@@ -29,7 +29,7 @@ demo: $(STAMP)
 	$(VENV)/bin/tunekit quickstart
 
 test: $(STAMP)
-	$(PY) -m pytest -q
+	$(PY) -m pytest -q --durations=25
 
 test-fast: $(STAMP)
 	$(PY) -m pytest -q -m "not slow"
