@@ -22,7 +22,8 @@ measured peaks on this project's CPU:
                0.1 x for the caching allocator's fragmentation.
 - checkpoint pages (qlora, CPU only): the fp32 checkpoint is read through mmap to be quantized and its
                pages stay mapped, so they count in the process's resident memory (measured: 508 MB of
-               file pages for the default model's 513 MB file) although the kernel can drop them under pressure.
+               file pages for the default model's 513 MB file) although the kernel can drop them
+               under pressure.
 - runtime:     what the process holds before training (Python, torch, transformers; on a GPU the CUDA
                context), an assumption per device.
 
@@ -313,8 +314,9 @@ def estimate_memory(
         # kept them: LoRA dropout makes the adapters keep dropped copies of their inputs instead (a
         # frozen base keeps nothing), and bf16 autocast makes the projections keep bf16 copies of the
         # norm outputs (a GPU run's fp32 norms). Checked with saved_tensors_hooks on the default model.
-        kept_directly = method == "full" or lora_dropout == 0
-        kept_per_layer -= i + (i if kept_directly else 0) + (2 * h if kept_directly and dtype == "fp32" else 0)
+        kept_per_layer -= i  # act(gate)
+        if method == "full" or lora_dropout == 0:
+            kept_per_layer -= i + (2 * h if dtype == "fp32" else 0)  # the product; the norm outputs
     if shards > 1:
         _shard(parts, shape, method, w, trainable, shards)
     act_bytes = w
