@@ -8,8 +8,9 @@ Fine-tunes the default model (SmolLM2-135M-Instruct, fp32) with LoRA r16 alpha 3
 (or every weight with --full) on real examples from ../shared/data, for the same optimizer steps, three
 ways, each in a fresh model instance in its own spawned process (so peak RSS is per run):
 
-  tunekit      tunekit's own loop pieces: `collate`, `accumulate_gradients` (loss projected onto the
-               vocabulary only at target positions), AdamW, `lr_at`; LoRA dropout 0.0 as in the quickstart.
+  tunekit      tunekit's own loop pieces with its defaults: `collate`, `accumulate_gradients` (loss projected
+               onto the vocabulary only at target positions, 256 of them at a time), lean activations,
+               AdamW, `lr_at`; LoRA dropout 0.0 as in the quickstart.
   trl_default  TRL `SFTTrainer` + PEFT `LoraConfig` with TRL's defaults, except bf16=False and
                use_cpu=True (needed on this CPU) and LoRA dropout 0.05 (what PEFT users usually set).
   trl_best     TRL with the settings that are fastest here: no gradient checkpointing, LoRA dropout 0.
@@ -64,7 +65,9 @@ SEED = 42
 
 # Each run's settings; "loop" picks the trainer. Anything not named here is the library's default.
 RUNS = {
-    "tunekit": {"loop": "tunekit", "lora_dropout": 0.0},
+    # tunekit's defaults (train.lean_activations, train.loss_chunk_tokens: 256); until 2026-11-23
+    # (session 7) the loss was computed whole by default, and this run was then named "tunekit".
+    "tunekit": {"loop": "tunekit", "lora_dropout": 0.0, "loss_chunk": 256},
     "trl_default": {"loop": "trl", "lora_dropout": 0.05, "gradient_checkpointing": True},
     "trl_best": {"loop": "trl", "lora_dropout": 0.0, "gradient_checkpointing": False},
     "trl_padding_free": {
@@ -97,8 +100,8 @@ RUNS = {
     # train.lean_activations: false (norm outputs and MLP products kept, not recomputed): the
     # default before 2026-11-23, for the memory this lever saves.
     "tunekit_keep": {"loop": "tunekit", "lora_dropout": 0.0, "lean": False},
-    # train.loss_chunk_tokens: 256: the loss projected and differentiated 256 target tokens at a time.
-    "tunekit_chunk": {"loop": "tunekit", "lora_dropout": 0.0, "loss_chunk": 256},
+    # train.loss_chunk_tokens: null: the loss over all a batch's targets at once (the (N, V) logits).
+    "tunekit_whole": {"loop": "tunekit", "lora_dropout": 0.0, "loss_chunk": None},
 }
 DEFAULT_RUNS = ("tunekit", "trl_default", "trl_best")
 
@@ -295,7 +298,7 @@ def train_tunekit(model, spec, seqs, steps, batch_size, full):
     losses, step_ends = [], []
     for step in range(steps):
         batch = collate(examples[step * batch_size : (step + 1) * batch_size], pad_id)
-        losses.append(accumulate_gradients(model, [batch], spec.get("loss_chunk")))
+        losses.append(accumulate_gradients(model, [batch], spec.get("loss_chunk", 256)))
         for g in opt.param_groups:
             g["lr"] = lr_at(step, steps, 0, LEARNING_RATE, "cosine")
         torch.nn.utils.clip_grad_norm_(params, MAX_GRAD_NORM)

@@ -273,7 +273,8 @@ def estimate_memory(
     of processes FSDP shards the model over (1: not sharded, as with ddp or one process); the peak
     is then one process's. lean: `train.lean_activations` (tunekit's default), under which the
     norms' outputs and the MLP's act(gate) and product are recomputed in the backward, not kept.
-    loss_chunk: `train.loss_chunk_tokens`: the logits exist for that many target tokens at a time.
+    loss_chunk: `train.loss_chunk_tokens`: the logits exist for that many target tokens at a time
+    (in fp32; a bf16 run computes the loss whole).
     """
     if method not in ("full", "lora", "qlora"):
         raise ConfigError([f"method: {method!r} is not one of full, lora, qlora"])
@@ -328,8 +329,10 @@ def estimate_memory(
     kept = recomputed * h + (L - recomputed) * kept_per_layer + (per_token_layer if recomputed else 0)
     parts["activations"] = tokens * (kept + outside) * act_bytes
     targets = max(1, round(tokens * target_fraction))
-    # fp32 log-softmax, its gradient, the logits' gradient; chunked: of one chunk at a time.
-    parts["logits"] = 3 * min(targets, loss_chunk or targets) * shape.vocab * 4
+    # fp32 log-softmax, its gradient, the logits' gradient; chunked: of one chunk at a time. The chunked
+    # loss runs only outside autocast (loss._chunkable), so a bf16 run holds the whole logits.
+    chunk = loss_chunk if dtype == "fp32" and loss_chunk else targets
+    parts["logits"] = 3 * min(targets, chunk) * shape.vocab * 4
     kind = "gpu" if device != "cpu" else "cpu"
     parts["allocator"] = ALLOCATOR_OVERHEAD[kind] * (parts["activations"] + parts["logits"])
     if method == "qlora" and kind == "cpu":
