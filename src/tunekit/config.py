@@ -164,7 +164,7 @@ class TrainConfig(_Strict):
         description="SFT: project onto the vocabulary and take the loss gradient this many target tokens "
         "at a time, so the (tokens x vocabulary) logits never exist at once (about 0.3 GB a 1,500-token "
         "batch on the default model, three times over); null: all at once. Measured at the same speed "
-        "and loss as null, with 10% less peak memory on long rows (BENCHMARKS.md).",
+        "and loss as null, with 6% less peak memory on alpaca's longer rows (BENCHMARKS.md).",
     )
     early_stopping_patience: int | None = Field(
         None,
