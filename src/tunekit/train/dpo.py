@@ -160,10 +160,16 @@ def sequence_logps(model, input_ids, attention_mask, labels) -> torch.Tensor:
     decoder, head = _decoder_and_head(model)
     with autocast(device):
         if decoder is None:
-            logits = model(input_ids=input_ids, attention_mask=attention_mask).logits[:, :-1][keep].float()
+            logits = (
+                model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False)
+                .logits[:, :-1][keep]
+                .float()
+            )
         else:
             # (B, T, H) hidden states; only the positions that predict a target reach the head
-            hidden = decoder(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
+            hidden = decoder(
+                input_ids=input_ids, attention_mask=attention_mask, use_cache=False
+            ).last_hidden_state
             logits = head(hidden[:, :-1][keep]).float()  # (N, V)
         token_logps = -F.cross_entropy(logits, targets[keep], reduction="none")  # (N,)
     rows = keep.nonzero()[:, 0]  # the row of each target, in the same (row-major) order

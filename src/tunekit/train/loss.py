@@ -90,11 +90,15 @@ def loss_sum(model, input_ids, attention_mask, labels, chunk: int | None = None)
     keep = targets != IGNORE_INDEX
     n = int(keep.sum())
     decoder, head = _decoder_and_head(model)
+    # use_cache=False: transformers otherwise builds a KV cache in training too, which holds every
+    # layer's keys and values until the forward returns; nothing reads it.
     with autocast(device):
         if decoder is None:
-            logits = model(input_ids=input_ids, attention_mask=attention_mask).logits[:, :-1]
+            logits = model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).logits[:, :-1]
             return F.cross_entropy(logits[keep].float(), targets[keep], reduction="sum"), n
-        hidden = decoder(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state  # (B, T, H)
+        hidden = decoder(
+            input_ids=input_ids, attention_mask=attention_mask, use_cache=False
+        ).last_hidden_state  # (B, T, H)
         h = hidden[:, :-1][keep]  # (N, H)
         if chunk and torch.is_grad_enabled() and _chunkable(head, device):
             return ChunkedLinearCrossEntropy.apply(h, head.weight, targets[keep], chunk), n
