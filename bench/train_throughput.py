@@ -67,7 +67,7 @@ SEED = 42
 RUNS = {
     # tunekit's defaults (train.lean_activations, train.loss_chunk_tokens: 256); until 2026-11-23
     # (session 7) the loss was computed whole by default, and this run was then named "tunekit".
-    "tunekit": {"loop": "tunekit", "lora_dropout": 0.0, "loss_chunk": 256},
+    "tunekit": {"loop": "tunekit", "lora_dropout": 0.0},
     "trl_default": {"loop": "trl", "lora_dropout": 0.05, "gradient_checkpointing": True},
     "trl_best": {"loop": "trl", "lora_dropout": 0.0, "gradient_checkpointing": False},
     "trl_padding_free": {
@@ -275,6 +275,7 @@ def train_tunekit(model, spec, seqs, steps, batch_size, full):
     """tunekit's loop, as `train_sft` runs it, minus validation, logging and saving."""
     import torch
 
+    from tunekit.config import TrainConfig
     from tunekit.data.tokenize import TokenizedExample
     from tunekit.models import load_tokenizer, resolve_model
     from tunekit.train.batching import collate
@@ -295,10 +296,11 @@ def train_tunekit(model, spec, seqs, steps, batch_size, full):
     opt = make_adamw(params, kind)
     examples = [TokenizedExample(s["input_ids"], s["labels"]) for s in seqs]
     trim = ctypes.CDLL("libc.so.6").malloc_trim if spec.get("trim_each_step") else None
+    default_chunk = TrainConfig.model_fields["loss_chunk_tokens"].default  # as train.loss_chunk_tokens
     losses, step_ends = [], []
     for step in range(steps):
         batch = collate(examples[step * batch_size : (step + 1) * batch_size], pad_id)
-        losses.append(accumulate_gradients(model, [batch], spec.get("loss_chunk", 256)))
+        losses.append(accumulate_gradients(model, [batch], spec.get("loss_chunk", default_chunk)))
         for g in opt.param_groups:
             g["lr"] = lr_at(step, steps, 0, LEARNING_RATE, "cosine")
         torch.nn.utils.clip_grad_norm_(params, MAX_GRAD_NORM)

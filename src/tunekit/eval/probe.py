@@ -34,7 +34,7 @@ from tunekit.data.tokenize import IGNORE_INDEX, TokenizedExample, tokenize_examp
 from tunekit.errors import DataError
 from tunekit.models.device import autocast, model_device, to_device
 from tunekit.train.batching import collate, sequential_batches
-from tunekit.train.loss import _decoder_and_head
+from tunekit.train.loss import target_states
 
 LETTERS = "ABCD"
 OPEN_INSTRUCTION = "Answer with only the answer: a word, a name or a number, not a sentence."
@@ -126,7 +126,6 @@ def target_logprobs(model, items: list[TokenizedExample], pad_id: int, batch_siz
     was_training = model.training
     model.eval()
     out: list[tuple[float, int]] = []
-    decoder, head = _decoder_and_head(model)
     device = model_device(model)
     for idx in sequential_batches(len(items), batch_size):
         b = to_device(collate([items[i] for i in idx], pad_id), device)
@@ -134,11 +133,8 @@ def target_logprobs(model, items: list[TokenizedExample], pad_id: int, batch_siz
         keep = targets != IGNORE_INDEX
         ids, mask = b["input_ids"], b["attention_mask"]  # (B, T)
         with autocast(device):
-            if decoder is None:
-                logits = model(input_ids=ids, attention_mask=mask).logits[:, :-1][keep]
-            else:
-                hidden = decoder(input_ids=ids, attention_mask=mask).last_hidden_state  # (B, T, H)
-                logits = head(hidden[:, :-1][keep])  # (N, V)
+            h, head = target_states(model, ids, mask, keep)
+            logits = h if head is None else head(h)  # (N, V)
         logp = F.log_softmax(logits.float(), dim=-1).gather(1, targets[keep][:, None])[:, 0]  # (N,)
         rows = keep.nonzero()[:, 0]
         sums = torch.zeros(len(idx), device=device).index_add_(0, rows, logp)

@@ -40,7 +40,7 @@ from tunekit.models import load_tokenizer, resolve_model
 from tunekit.models.device import autocast, model_device, to_device
 from tunekit.train.batching import collate, sequential_batches
 from tunekit.train.loop import Recipe, run_loop
-from tunekit.train.loss import _decoder_and_head
+from tunekit.train.loss import target_states
 from tunekit.train.setup import build_model, save_trained
 from tunekit.train.sft import announce, finish_run, start_run
 
@@ -157,20 +157,9 @@ def sequence_logps(model, input_ids, attention_mask, labels) -> torch.Tensor:
     input_ids, attention_mask, labels = input_ids.to(device), attention_mask.to(device), labels.to(device)
     targets = labels[:, 1:]  # (B, T-1): the token each position predicts
     keep = targets != IGNORE_INDEX
-    decoder, head = _decoder_and_head(model)
     with autocast(device):
-        if decoder is None:
-            logits = (
-                model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False)
-                .logits[:, :-1][keep]
-                .float()
-            )
-        else:
-            # (B, T, H) hidden states; only the positions that predict a target reach the head
-            hidden = decoder(
-                input_ids=input_ids, attention_mask=attention_mask, use_cache=False
-            ).last_hidden_state
-            logits = head(hidden[:, :-1][keep]).float()  # (N, V)
+        h, head = target_states(model, input_ids, attention_mask, keep)
+        logits = (h if head is None else head(h)).float()  # (N, V)
         token_logps = -F.cross_entropy(logits, targets[keep], reduction="none")  # (N,)
     rows = keep.nonzero()[:, 0]  # the row of each target, in the same (row-major) order
     zeros = torch.zeros(len(input_ids), dtype=token_logps.dtype, device=device)

@@ -79,6 +79,20 @@ def _chunkable(head, device: torch.device) -> bool:
     return type(head) is torch.nn.Linear and head.bias is None and not torch.is_autocast_enabled(device.type)
 
 
+def target_states(model, input_ids, attention_mask, keep) -> tuple[torch.Tensor, torch.nn.Module | None]:
+    """The positions whose next token is a target (`keep`, (B, T-1)), run forward: their (N, H)
+    hidden states and the output head, where the model splits into decoder and head; otherwise their
+    (N, V) logits from the whole model, and None. Call under `autocast`, with inputs on the model's
+    device. use_cache=False: transformers otherwise builds a KV cache in training too, which holds
+    every layer's keys and values until the forward returns; nothing reads it."""
+    decoder, head = _decoder_and_head(model)
+    if decoder is None:
+        logits = model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).logits
+        return logits[:, :-1][keep], None
+    hidden = decoder(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).last_hidden_state
+    return hidden[:, :-1][keep], head
+
+
 def loss_sum(model, input_ids, attention_mask, labels, chunk: int | None = None) -> tuple[torch.Tensor, int]:
     """Summed cross-entropy over target tokens, and their count. Inputs are (B, T), on any device:
     they move to the model's, and the forward runs under `autocast` (bf16 on CUDA, fp32 on CPU).
@@ -89,17 +103,10 @@ def loss_sum(model, input_ids, attention_mask, labels, chunk: int | None = None)
     targets = labels[:, 1:]  # (B, T-1): the token each position predicts
     keep = targets != IGNORE_INDEX
     n = int(keep.sum())
-    decoder, head = _decoder_and_head(model)
-    # use_cache=False: transformers otherwise builds a KV cache in training too, which holds every
-    # layer's keys and values until the forward returns; nothing reads it.
     with autocast(device):
-        if decoder is None:
-            logits = model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).logits[:, :-1]
-            return F.cross_entropy(logits[keep].float(), targets[keep], reduction="sum"), n
-        hidden = decoder(
-            input_ids=input_ids, attention_mask=attention_mask, use_cache=False
-        ).last_hidden_state  # (B, T, H)
-        h = hidden[:, :-1][keep]  # (N, H)
+        h, head = target_states(model, input_ids, attention_mask, keep)
+        if head is None:  # h are already the logits
+            return F.cross_entropy(h.float(), targets[keep], reduction="sum"), n
         if chunk and torch.is_grad_enabled() and _chunkable(head, device):
             return ChunkedLinearCrossEntropy.apply(h, head.weight, targets[keep], chunk), n
         logits = head(h).float()  # (N, V)
