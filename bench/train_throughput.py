@@ -102,6 +102,12 @@ RUNS = {
     "tunekit_keep": {"loop": "tunekit", "lora_dropout": 0.0, "lean": False},
     # train.loss_chunk_tokens: null: the loss over all a batch's targets at once (the (N, V) logits).
     "tunekit_whole": {"loop": "tunekit", "lora_dropout": 0.0, "loss_chunk": None},
+    # train.compile: true: torch.compile (inductor, dynamic shapes) of each decoder layer, forward and
+    # backward; lean activations off under it, as in tunekit. The compile time falls in the first step,
+    # which no run's tokens/s counts: "first_step_s" in the JSON shows it.
+    "tunekit_compile": {"loop": "tunekit", "lora_dropout": 0.0, "lean": False, "compile": True},
+    # trl_best + TrainingArguments(torch_compile=True): the Trainer compiles the whole model.
+    "trl_compile": {"loop": "trl", "lora_dropout": 0.0, "gradient_checkpointing": False, "compile": True},
 }
 DEFAULT_RUNS = ("tunekit", "trl_default", "trl_best")
 
@@ -280,7 +286,7 @@ def train_tunekit(model, spec, seqs, steps, batch_size, full):
     from tunekit.models import load_tokenizer, resolve_model
     from tunekit.train.batching import collate
     from tunekit.train.lean import enable_lean_activations
-    from tunekit.train.setup import enable_checkpointing
+    from tunekit.train.setup import compile_layers, enable_checkpointing
     from tunekit.train.sft import accumulate_gradients, add_lora, lr_at
 
     pad_id = load_tokenizer(resolve_model(spec["model"])).pad_token_id
@@ -290,6 +296,8 @@ def train_tunekit(model, spec, seqs, steps, batch_size, full):
         model = add_lora(model, lora_settings(spec["lora_dropout"]), SEED)
     if spec.get("lean", True):
         enable_lean_activations(model)  # as train.lean_activations (default true) does
+    if spec.get("compile"):
+        compile_layers(model)  # as train.compile does
     model.train()
     params = [p for p in model.parameters() if p.requires_grad]
     kind = spec.get("adamw", "default")
@@ -298,6 +306,7 @@ def train_tunekit(model, spec, seqs, steps, batch_size, full):
     trim = ctypes.CDLL("libc.so.6").malloc_trim if spec.get("trim_each_step") else None
     default_chunk = TrainConfig.model_fields["loss_chunk_tokens"].default  # as train.loss_chunk_tokens
     losses, step_ends = [], []
+    start = time.perf_counter()
     for step in range(steps):
         batch = collate(examples[step * batch_size : (step + 1) * batch_size], pad_id)
         losses.append(accumulate_gradients(model, [batch], spec.get("loss_chunk", default_chunk)))
@@ -310,7 +319,12 @@ def train_tunekit(model, spec, seqs, steps, batch_size, full):
             trim(0)
         sync()
         step_ends.append(time.perf_counter())
-    return losses, step_ends, {"optimizer": f"torch.optim.AdamW ({kind})"}
+    # The first step's seconds: warm-up, and under train.compile the compiling.
+    return (
+        losses,
+        step_ends,
+        {"optimizer": f"torch.optim.AdamW ({kind})", "first_step_s": step_ends[0] - start},
+    )
 
 
 def train_trl(model, spec, seqs, steps, batch_size, full):
@@ -353,6 +367,7 @@ def train_trl(model, spec, seqs, steps, batch_size, full):
         # transformers 5 renamed gradient_checkpointing (TRL's default: True) to activation_checkpointing.
         activation_checkpointing=spec["gradient_checkpointing"],
         padding_free=spec.get("padding_free", False),
+        torch_compile=spec.get("compile", False),
         # The same optimisation as tunekit's run.
         max_steps=steps,
         per_device_train_batch_size=batch_size,
@@ -434,7 +449,7 @@ def summarize(raw: dict, seqs: list[dict], steps: int, batch_size: int, full: bo
         "mfu": tokens_per_s * flops_per_token / (peak * 1e9),
         "tokens_trained": sum(tokens),
         "parameters": raw["parameters"],
-        **{k: raw[k] for k in ("optimizer", "trl_token_count") if k in raw},
+        **{k: raw[k] for k in ("optimizer", "trl_token_count", "first_step_s") if k in raw},
     }
 
 

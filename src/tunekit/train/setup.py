@@ -23,6 +23,7 @@ from tunekit.config import Config, LoraConfig
 from tunekit.console import err as console
 from tunekit.errors import ConfigError, ModelError, TunekitError
 from tunekit.models.device import default_device, place
+from tunekit.models.load import unwrap_peft
 from tunekit.train import distributed
 from tunekit.train.lean import enable_lean_activations
 
@@ -144,7 +145,7 @@ def build_model(
         model = add_lora(model, cfg.lora, cfg.train.seed, task_type)
     if cfg.train.checkpoint_every:
         enable_checkpointing(model, cfg.train.checkpoint_every)
-    if cfg.train.lean_activations:
+    if cfg.train.lean_activations and not cfg.train.compile:
         enable_lean_activations(model)
     model.train()
     if cfg.distributed.strategy == "fsdp" and distributed.active():
@@ -153,8 +154,29 @@ def build_model(
             console.print(
                 f"fsdp: {n_layers} layers and the root sharded over {distributed.world()} processes"
             )
+    if cfg.train.compile:
+        compile_layers(model)  # after sharding, as FSDP2 expects
     params = [p for p in model.parameters() if p.requires_grad]
     return model, params
+
+
+def compile_layers(model) -> int:
+    """torch.compile (inductor, dynamic shapes) each decoder layer, forward and backward, in place.
+
+    Layer by layer rather than the whole model: the layers share one graph (their weights are its
+    inputs), so it compiles once; the loss, which projects only target positions (train/loss.py),
+    stays eager; `nn.Module.compile` leaves the parameter names, and so the saved files, unchanged.
+    dynamic=True because batches differ in length: a static graph would recompile for each one.
+    Inductor's partitioner picks what to recompute in the backward itself, so lean activations are
+    not installed under it. Returns the number of layers compiled; 0 where none can be found.
+    """
+    try:
+        layers = unwrap_peft(model).get_decoder().layers
+    except (AttributeError, NotImplementedError):
+        return 0
+    for layer in layers:
+        layer.compile(dynamic=True)
+    return len(layers)
 
 
 def enable_checkpointing(model, every_n_layers: int) -> None:
