@@ -228,6 +228,7 @@ def run_one(
     import torch
 
     from tunekit.models import load_model, resolve_model
+    from tunekit.models.device import bf16_autocast, default_device
 
     set_threads(threads)
     if spec.get("mmap_threshold"):
@@ -236,7 +237,10 @@ def run_one(
         mallopt(-8, spec["arena_max"], "M_ARENA_MAX")
     torch.manual_seed(SEED)
     random.seed(SEED)
-    model = load_model(resolve_model(spec["model"]))  # on the GPU where there is one
+    # On the GPU where there is one. tunekit's LoRA base is bf16 there (train/setup.frozen_base_dtype:
+    # LoRA under bf16 autocast); TRL gets fp32 weights and casts as its own settings say.
+    bf16_base = spec["loop"] == "tunekit" and not full and bf16_autocast(default_device())
+    model = load_model(resolve_model(spec["model"]), torch.bfloat16 if bf16_base else torch.float32)
     n_params = sum(p.numel() for p in model.parameters())  # tied embeddings counted once
     train = train_tunekit if spec["loop"] == "tunekit" else train_trl
     losses, step_ends, extra = train(model, spec, seqs, steps, batch_size, full)

@@ -115,3 +115,99 @@ def test_train_and_eval_with_the_cpu_override(clean_env, tiny_model_dir, chat_fi
     report = evaluate(run_dir, quiet=True)
     assert set(report["contenders"]) == {"base", "finetuned"}
     assert report["contenders"]["finetuned"]["test_loss"] < report["contenders"]["base"]["test_loss"]
+
+
+@pytest.fixture
+def bf16_forwards(monkeypatch):
+    """What a CUDA device with bf16 support does, simulated on the CPU: forward passes under bf16
+    autocast (CPU autocast here), and so a LoRA run's frozen base loaded in bf16."""
+    from tunekit.models import device
+    from tunekit.train import setup
+
+    monkeypatch.setattr(device, "bf16_autocast", lambda d: True)
+    monkeypatch.setattr(setup, "bf16_autocast", lambda d: True)
+
+
+def _cfg(tiny_model_dir, chat_file, **over):
+    return config_from_dict(
+        {"model": str(tiny_model_dir), "data": {"train": str(chat_file)}, "lora": {"dropout": 0.0}} | over
+    )
+
+
+def test_lora_under_bf16_trains_fp32_adapters_on_a_bf16_base(
+    bf16_forwards, tiny_model_dir, chat_file, tokenizer
+):
+    from tunekit.data import load_examples
+    from tunekit.data.tokenize import tokenize_example
+    from tunekit.train import setup
+    from tunekit.train.batching import collate
+    from tunekit.train.loss import loss_sum
+    from tunekit.train.setup import build_model
+    from tunekit.train.sft import accumulate_gradients
+
+    model, params = build_model(_cfg(tiny_model_dir, chat_file), tiny_model_dir)
+    trainable = {n for n, p in model.named_parameters() if p.requires_grad}
+    assert trainable and all("lora_" in n for n in trainable)
+    for name, p in model.named_parameters():
+        assert p.dtype == (torch.float32 if name in trainable else torch.bfloat16), name
+    frozen = {n: p.detach().clone() for n, p in model.named_parameters() if n not in trainable}
+    before = {n: p.detach().clone() for n, p in model.named_parameters() if n in trainable}
+
+    batch = collate(
+        [tokenize_example(tokenizer, ex, 64) for ex in load_examples(chat_file)[:4]], tokenizer.pad_token_id
+    )
+    opt = torch.optim.AdamW(params, lr=1e-2)
+    first = accumulate_gradients(model, [batch])
+    assert all(p.grad is not None and p.grad.dtype == torch.float32 for p in params)
+    opt.step()
+    opt.zero_grad()
+    assert accumulate_gradients(model, [batch]) < first
+    for name, p in model.named_parameters():
+        if name in trainable:
+            assert p.dtype == torch.float32
+        else:
+            assert torch.equal(p, frozen[name]), name
+    assert any(not torch.equal(p, before[n]) for n, p in model.named_parameters() if n in trainable)
+
+    # The first step's loss is the fp32 model's, to bf16's precision.
+    monkeypatch_off = pytest.MonkeyPatch()
+    monkeypatch_off.setattr(setup, "bf16_autocast", lambda d: False)
+    try:
+        fp32_model, _ = build_model(_cfg(tiny_model_dir, chat_file), tiny_model_dir)
+    finally:
+        monkeypatch_off.undo()
+    assert next(fp32_model.parameters()).dtype == torch.float32
+    with torch.no_grad():
+        s, n = loss_sum(fp32_model, batch["input_ids"], batch["attention_mask"], batch["labels"])
+    assert first == pytest.approx(float(s) / n, rel=2e-2)
+
+
+def test_a_classifier_score_head_trains_in_fp32_on_a_bf16_base(bf16_forwards, tiny_model_dir, chat_file):
+    from tunekit.train.classify import class_logits
+    from tunekit.train.setup import build_model
+
+    model, params = build_model(
+        _cfg(tiny_model_dir, chat_file, task="classify"), tiny_model_dir, head="score", num_labels=3
+    )
+    assert all(p.dtype == torch.float32 for p in params)
+    assert any("score" in n for n, p in model.named_parameters() if p.requires_grad)
+    logits = class_logits(
+        model, {"input_ids": torch.tensor([[5, 6, 7]]), "attention_mask": torch.ones(1, 3, dtype=torch.long)}
+    )
+    assert logits.shape == (1, 3) and torch.isfinite(logits).all()
+
+
+@pytest.mark.parametrize("over", [{"method": "full"}, {"distributed": {"strategy": "fsdp"}}])
+def test_only_lora_outside_fsdp_gets_a_bf16_base(bf16_forwards, monkeypatch, tiny_model_dir, chat_file, over):
+    from tunekit.train import distributed
+    from tunekit.train.setup import frozen_base_dtype
+
+    assert frozen_base_dtype(_cfg(tiny_model_dir, chat_file)) == torch.bfloat16
+    monkeypatch.setattr(distributed, "active", lambda: True)
+    assert frozen_base_dtype(_cfg(tiny_model_dir, chat_file, **over)) == torch.float32
+
+
+def test_the_cpu_keeps_lora_bases_in_fp32(clean_env, tiny_model_dir, chat_file):
+    from tunekit.train.setup import frozen_base_dtype
+
+    assert frozen_base_dtype(_cfg(tiny_model_dir, chat_file)) == torch.float32

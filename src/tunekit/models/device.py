@@ -5,8 +5,9 @@
 - Models are moved there once, right after loading (`place`); QLoRA's 4-bit base is put there
   by bitsandbytes through `device_map` instead. Data tensors move to the model's device in the
   function that runs the forward pass (`to_device`), and numbers come back with `.cpu()`/`.item()`.
-- Precision: weights stay fp32 (the optimizer updates fp32 master weights). On a CUDA device with
-  bf16 support, forward passes run under `torch.autocast(bfloat16)` (`autocast`); on the CPU
+- Precision: weights the optimizer updates stay fp32. On a CUDA device with bf16 support, forward
+  passes run under `torch.autocast(bfloat16)` (`autocast`), and a LoRA/DoRA run's frozen base is
+  loaded in bf16 (train/setup.py: it is only ever read in bf16 there); on the CPU
   everything stays fp32, as bf16 matmuls are about 17x slower on CPUs without bf16 instructions.
   `$TUNEKIT_PRECISION=fp32` keeps CUDA in fp32 too (exact comparisons, debugging a loss).
 """
@@ -66,17 +67,19 @@ def to_device(batch: dict, device: torch.device) -> dict:
     return {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
 
 
-def autocast(device: torch.device) -> AbstractContextManager:
-    """bf16 autocast for forward passes on a CUDA device that supports it; fp32 (no-op) elsewhere.
-    Wrap forward passes and the loss only: backward runs outside, in the dtypes the forward used."""
+def bf16_autocast(device: torch.device) -> bool:
+    """Whether forward passes on `device` run under bf16 autocast: on a CUDA device with bf16
+    support, unless $TUNEKIT_PRECISION=fp32."""
     precision = os.environ.get(PRECISION_ENV, "auto").strip().lower() or "auto"
     if precision not in ("auto", "bf16", "fp32"):
         raise TunekitError(f"{PRECISION_ENV}={precision!r}: expected auto, bf16 or fp32")
-    if precision == "fp32":
-        return nullcontext()
-    if device.type == "cuda" and torch.cuda.is_bf16_supported():
-        return torch.autocast("cuda", dtype=torch.bfloat16)
-    return nullcontext()
+    return precision != "fp32" and device.type == "cuda" and torch.cuda.is_bf16_supported()
+
+
+def autocast(device: torch.device) -> AbstractContextManager:
+    """bf16 autocast for forward passes on a CUDA device that supports it; fp32 (no-op) elsewhere.
+    Wrap forward passes and the loss only: backward runs outside, in the dtypes the forward used."""
+    return torch.autocast(device.type, dtype=torch.bfloat16) if bf16_autocast(device) else nullcontext()
 
 
 def cuda_peak_memory() -> dict[str, float]:

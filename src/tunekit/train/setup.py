@@ -22,7 +22,7 @@ import torch
 from tunekit.config import Config, LoraConfig
 from tunekit.console import err as console
 from tunekit.errors import ConfigError, ModelError, TunekitError
-from tunekit.models.device import default_device, place
+from tunekit.models.device import bf16_autocast, default_device, place
 from tunekit.models.load import unwrap_peft
 from tunekit.train import distributed
 from tunekit.train.lean import enable_lean_activations
@@ -47,9 +47,15 @@ def add_lora(model, lora: LoraConfig, seed: int, task_type: str = "CAUSAL_LM"):
         task_type=task_type,
     )
     try:
-        return get_peft_model(model, peft_cfg)
+        model = get_peft_model(model, peft_cfg)
     except ValueError as e:
         raise TunekitError(f"lora.target_modules: {e}") from None
+    for p in model.parameters():
+        if p.requires_grad and p.dtype != torch.float32:
+            # On a bf16 base (frozen_base_dtype): AdamW on bf16 weights loses small updates to
+            # rounding. PEFT keeps the adapters in fp32 already; this catches a classifier's score head.
+            p.data = p.data.float()
+    return model
 
 
 def quantization_config():
@@ -80,11 +86,32 @@ def quantization_config():
     )
 
 
+def frozen_base_dtype(cfg: Config) -> torch.dtype:
+    """The dtype a run of `method` loads its pre-trained weights in for training.
+
+    bf16 for lora/dora where forward passes run under bf16 autocast (CUDA): the frozen weights are
+    only ever read as bf16 there, and an fp32 copy would cost twice the bytes plus the bf16 copies
+    autocast caches of each weight during the forward (on an H100 tunekit then peaked at 2.2-3.9x
+    TRL's memory for LoRA, BENCHMARKS.md "On a GPU"). The adapters, and any weight that trains,
+    stay fp32 (`build_model`). fp32 otherwise: full fine-tuning updates every weight, qlora's base
+    is 4-bit, the CPU runs fp32 (bf16 matmuls are about 17x slower on this one), and FSDP2 expects
+    one dtype for all the parameters it gathers together.
+    """
+    fsdp = cfg.distributed.strategy == "fsdp" and distributed.active()
+    lora = cfg.method == "lora" and not fsdp
+    return torch.bfloat16 if lora and bf16_autocast(default_device()) else torch.float32
+
+
 def load_base(
-    path: str | Path, method: str, head: str = "causal", num_labels: int | None = None, labels=None
+    path: str | Path,
+    method: str,
+    head: str = "causal",
+    num_labels: int | None = None,
+    labels=None,
+    dtype: torch.dtype = torch.float32,
 ):
     """The pre-trained model with the head the task needs, quantized for qlora, on
-    `default_device()` (models/device.py).
+    `default_device()` (models/device.py), in `dtype` (qlora: its non-quantized parts).
 
     head: "causal" (a language-model head) or "score" (a sequence-classification head with
     `num_labels` outputs: the classifier's labels, or 1 for a reward model).
@@ -92,7 +119,7 @@ def load_base(
     from safetensors import SafetensorError
     from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
 
-    kwargs = {"dtype": torch.float32, "use_safetensors": True, "trust_remote_code": False}
+    kwargs = {"dtype": dtype, "use_safetensors": True, "trust_remote_code": False}
     if method == "qlora":
         kwargs["quantization_config"] = quantization_config()
         kwargs["device_map"] = str(default_device())  # bitsandbytes places the 4-bit base itself
@@ -129,7 +156,7 @@ def build_model(
     cfg: Config, path: str | Path, head: str = "causal", num_labels: int | None = None, labels=None
 ):
     """The model as `cfg.method` trains it, in train mode. Returns (model, trainable parameters)."""
-    model = load_base(path, cfg.method, head, num_labels, labels)
+    model = load_base(path, cfg.method, head, num_labels, labels, dtype=frozen_base_dtype(cfg))
     task_type = "SEQ_CLS" if head == "score" else "CAUSAL_LM"
     if cfg.method == "full":
         for p in model.parameters():
