@@ -99,6 +99,18 @@ def tiny_model_dir(tmp_path_factory, tokenizer) -> Path:
     return make_tiny_llama(tmp_path_factory.mktemp("tiny-llama"), tokenizer)
 
 
+def build_model_for(model_dir: Path, chat_file: Path, method: str = "lora", **train):
+    """`build_model` as a config with these `train` keys builds it (LoRA dropout 0: deterministic)."""
+    from tunekit.config import config_from_dict
+    from tunekit.train.setup import build_model
+
+    cfg = config_from_dict(
+        {"model": str(model_dir), "method": method, "data": {"train": str(chat_file)},
+         "lora": {"dropout": 0.0}, "train": train}
+    )  # fmt: skip
+    return build_model(cfg, model_dir)
+
+
 @pytest.fixture
 def chat_file(tmp_path) -> Path:
     """A small chat JSONL the tiny model can overfit: 24 fixed question -> answer pairs."""

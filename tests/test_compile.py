@@ -6,21 +6,11 @@ from __future__ import annotations
 import pytest
 import torch
 
+from conftest import build_model_for
 from tunekit.train.batching import collate
 from tunekit.train.sft import accumulate_gradients
 
 pytestmark = pytest.mark.slow  # inductor compiles a C++ kernel set: about half a minute on 2 cores
-
-
-def build(model_dir, chat_file, method="lora", **train):
-    from tunekit.config import config_from_dict
-    from tunekit.train.setup import build_model
-
-    cfg = config_from_dict(
-        {"model": str(model_dir), "method": method, "data": {"train": str(chat_file)},
-         "lora": {"dropout": 0.0}, "train": train}
-    )  # fmt: skip
-    return build_model(cfg, model_dir)
 
 
 def batches(tokenizer, n_words):
@@ -55,7 +45,7 @@ def test_compiled_layers_train_like_the_eager_model(tiny_model_dir, chat_file, t
     for on in (False, True):
         torch._dynamo.reset()
         graphs_before = graphs()
-        model, params = build(tiny_model_dir, chat_file, method, compile=on)
+        model, params = build_model_for(tiny_model_dir, chat_file, method, compile=on)
         layers = unwrap_peft(model).get_decoder().layers
         assert all((layer._compiled_call_impl is not None) == on for layer in layers)
         opt = torch.optim.AdamW(params, lr=1e-3)
@@ -78,10 +68,10 @@ def test_compiled_layers_train_like_the_eager_model(tiny_model_dir, chat_file, t
 def test_compile_replaces_lean_activations(tiny_model_dir, chat_file):
     from tunekit.models.load import unwrap_peft
 
-    model, _ = build(tiny_model_dir, chat_file, compile=True)
+    model, _ = build_model_for(tiny_model_dir, chat_file, compile=True)
     mlp = unwrap_peft(model).get_decoder().layers[0].mlp
     assert not hasattr(mlp, "_lean_hooks")  # inductor decides what to recompute
-    model, _ = build(tiny_model_dir, chat_file, compile=False)
+    model, _ = build_model_for(tiny_model_dir, chat_file, compile=False)
     assert hasattr(unwrap_peft(model).get_decoder().layers[0].mlp, "_lean_hooks")
 
 

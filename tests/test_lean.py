@@ -6,6 +6,7 @@ import pytest
 import torch
 from torch import nn
 
+from conftest import build_model_for
 from tunekit.train import lean
 from tunekit.train.batching import collate
 from tunekit.train.sft import accumulate_gradients
@@ -36,24 +37,13 @@ def recipes(monkeypatch):
     return made
 
 
-def build(model_dir, chat_file, method="lora", **train):
-    from tunekit.config import config_from_dict
-    from tunekit.train.setup import build_model
-
-    cfg = config_from_dict(
-        {"model": str(model_dir), "method": method, "data": {"train": str(chat_file)},
-         "lora": {"dropout": 0.0}, "train": train}
-    )  # fmt: skip
-    return build_model(cfg, model_dir)
-
-
 @pytest.mark.parametrize("method", ["lora", "full"])
 def test_gradients_are_bit_for_bit_those_of_the_plain_model(
     tiny_model_dir, chat_file, batch, recipes, method
 ):
     runs = []
     for on in (False, True):
-        model, params = build(tiny_model_dir, chat_file, method, lean_activations=on)
+        model, params = build_model_for(tiny_model_dir, chat_file, method, lean_activations=on)
         loss = accumulate_gradients(model, [batch])
         runs.append((loss, [p.grad.clone() for p in params]))
     assert runs[0][0] == runs[1][0]
@@ -69,8 +59,10 @@ def test_gradients_are_bit_for_bit_those_of_the_plain_model(
 
 
 def test_layers_under_checkpointing_and_no_grad_are_left_alone(tiny_model_dir, chat_file, batch, recipes):
-    model, params = build(tiny_model_dir, chat_file, gradient_checkpointing=2)  # layer 0 checkpointed
-    plain, plain_params = build(tiny_model_dir, chat_file, lean_activations=False)
+    model, params = build_model_for(
+        tiny_model_dir, chat_file, gradient_checkpointing=2
+    )  # layer 0 checkpointed
+    plain, plain_params = build_model_for(tiny_model_dir, chat_file, lean_activations=False)
     assert accumulate_gradients(model, [batch]) == accumulate_gradients(plain, [batch])
     for a, b in zip(params, plain_params, strict=True):
         torch.testing.assert_close(a.grad, b.grad, rtol=1e-5, atol=1e-7)
@@ -136,7 +128,7 @@ def test_the_tensors_turned_into_recipes_are_freed_after_the_forward(
         add(self, target, fn)
 
     monkeypatch.setattr(lean.LayerSaves, "add", recording)
-    model, _ = build(tiny_model_dir, chat_file)
+    model, _ = build_model_for(tiny_model_dir, chat_file)
     loss, _ = loss_sum(model, batch["input_ids"], batch["attention_mask"], batch["labels"])
     gc.collect()
     assert len(refs) == 2 * 4  # per layer: two norm outputs, act(gate), the product
@@ -170,7 +162,7 @@ def test_chunked_loss_gives_the_loss_and_gradients_of_the_whole_projection(
 
     runs = []
     for chunk in (None, 1, 7, 10_000):
-        model, params = build(tiny_model_dir, chat_file, method)
+        model, params = build_model_for(tiny_model_dir, chat_file, method)
         loss = accumulate_gradients(model, [batch], chunk)
         runs.append((loss, [p.grad.clone() for p in params]))
     for loss, grads in runs[1:]:
