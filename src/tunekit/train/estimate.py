@@ -160,7 +160,7 @@ def estimate_report(
         "lora_dropout": cfg.lora.dropout,
         "dora": cfg.lora.use_dora,
         # Under train.compile inductor's partitioner recomputes what lean activations would and more
-        # (measured 12% below lean's peak, BENCHMARKS.md): predict lean's figure, an upper bound.
+        # (measured 10-21% below lean's peak, BENCHMARKS.md): predict lean's figure, an upper bound.
         "lean": cfg.train.lean_activations or cfg.train.compile,
         "loss_chunk": cfg.train.loss_chunk_tokens if cfg.task == "sft" else None,
     }

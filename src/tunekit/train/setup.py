@@ -87,13 +87,13 @@ def quantization_config():
 
 
 def frozen_base_dtype(cfg: Config) -> torch.dtype:
-    """The dtype a run of `method` loads its pre-trained weights in for training.
+    """The dtype a run of `cfg` loads its pre-trained weights in for training.
 
     bf16 for lora/dora where forward passes run under bf16 autocast (CUDA): the frozen weights are
     only ever read as bf16 there, and an fp32 copy would cost twice the bytes plus the bf16 copies
     autocast caches of each weight during the forward (on an H100 tunekit then peaked at 2.2-3.9x
     TRL's memory for LoRA, BENCHMARKS.md "On a GPU"). The adapters, and any weight that trains,
-    stay fp32 (`build_model`). fp32 otherwise: full fine-tuning updates every weight, qlora's base
+    stay fp32 (`add_lora`). fp32 otherwise: full fine-tuning updates every weight, qlora's base
     is 4-bit, the CPU runs fp32 (bf16 matmuls are about 17x slower on this one), and FSDP2 expects
     one dtype for all the parameters it gathers together.
     """
@@ -182,7 +182,12 @@ def build_model(
                 f"fsdp: {n_layers} layers and the root sharded over {distributed.world()} processes"
             )
     if cfg.train.compile:
-        compile_layers(model)  # after sharding, as FSDP2 expects
+        n_layers = compile_layers(model)  # after sharding, as FSDP2 expects
+        if distributed.is_main():
+            console.print(
+                f"train.compile: {n_layers} decoder layers compile in the first steps "
+                "(1-2 minutes on a machine's first run; inductor caches them for the next)"
+            )
     params = [p for p in model.parameters() if p.requires_grad]
     return model, params
 
@@ -190,9 +195,11 @@ def build_model(
 def compile_layers(model) -> int:
     """torch.compile (inductor, dynamic shapes) each decoder layer, forward and backward, in place.
 
-    Layer by layer rather than the whole model: the layers share one graph (their weights are its
-    inputs), so it compiles once; the loss, which projects only target positions (train/loss.py),
-    stays eager; `nn.Module.compile` leaves the parameter names, and so the saved files, unchanged.
+    Layer by layer rather than the whole model: the layers share their graphs (the weights are
+    inputs), so there are a few to compile, not one per layer (measured: four, for layer 0, whose
+    input needs no grad, and the rest, each again for batches without padding, where transformers
+    passes no mask); the loss, which projects only target positions (train/loss.py), stays eager;
+    `nn.Module.compile` leaves the parameter names, and so the saved files, unchanged.
     dynamic=True because batches differ in length: a static graph would recompile for each one.
     Inductor's partitioner picks what to recompute in the backward itself, so lean activations are
     not installed under it. Returns the number of layers compiled; 0 where none can be found.
