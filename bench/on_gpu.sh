@@ -19,9 +19,9 @@
 #              with the pre-trained model's.
 #   DATA_DIR   a folder with banking77/train.csv and llamafactory-demo/alpaca_en_demo.json
 #   OUT_DIR    where the logs and JSON figures go
-#   tests      the training tests on CUDA (about 4 minutes on an H100 machine)
-#   lora       tunekit against TRL with LoRA on banking77 and alpaca (about 8 minutes: each run is a
-#              fresh process, about 40 s of it start-up)
+#   tests      the training tests on CUDA (about 4 minutes on an H100 machine), then train.compile's
+#   lora       tunekit (also with train.compile) against TRL with LoRA on banking77 and alpaca (about
+#              9 minutes: each run is a fresh process, about 40 s of it start-up)
 #   full       full fine-tuning against TRL, then bench/methods_memory.py (about 7 minutes)
 #   Each part fits one 10-minute call of the device tool; a session's 30 minutes hold all three.
 #
@@ -62,13 +62,15 @@ if [ "$PART" = tests ]; then
 timeout 420 python3 -m pytest -q -p no:cacheprovider -m "not slow" \
   tests/test_train.py tests/test_methods.py tests/test_device.py tests/test_dpo.py tests/test_reward.py \
   tests/test_classify.py tests/test_resume.py tests/test_generate.py 2>&1 | tee "$OUT/pytest.txt" | tail -25
+# train.compile on CUDA (inductor's triton kernels); marked slow on the CPU, so run on its own.
+timeout 240 python3 -m pytest -q -p no:cacheprovider tests/test_compile.py 2>&1 | tee "$OUT/pytest_compile.txt" | tail -8
 exit 0
 fi
 
 # 2. Throughput against TRL on the GPU (bf16 autocast), LoRA and full fine-tuning.
 TP="python3 bench/train_throughput.py --model $RANDOM_MODEL --data-dir $DATA_DIR --steps 30"
 if [ "$PART" = lora ]; then
-timeout 240 $TP --data banking77 --runs tunekit,tunekit_ckpt2,trl_default,trl_best --json "$OUT/tp_banking77.json" \
+timeout 300 $TP --data banking77 --runs tunekit,tunekit_compile,trl_default,trl_best --json "$OUT/tp_banking77.json" \
   2>&1 | tee "$OUT/tp_banking77.txt" | grep -v Warning | tail -14
 timeout 200 $TP --data alpaca --batch-size 4 --examples 200 --runs tunekit,trl_default,trl_best \
   --json "$OUT/tp_alpaca.json" 2>&1 | tee "$OUT/tp_alpaca.txt" | grep -v Warning | tail -12
