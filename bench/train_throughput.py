@@ -227,8 +227,9 @@ def run_one(
     """Train one way and return its per-step losses, step end times and the process's peak RSS."""
     import torch
 
+    from tunekit.config import config_from_dict
     from tunekit.models import load_model, resolve_model
-    from tunekit.models.device import bf16_autocast, default_device
+    from tunekit.train.setup import frozen_base_dtype
 
     set_threads(threads)
     if spec.get("mmap_threshold"):
@@ -237,10 +238,15 @@ def run_one(
         mallopt(-8, spec["arena_max"], "M_ARENA_MAX")
     torch.manual_seed(SEED)
     random.seed(SEED)
-    # On the GPU where there is one. tunekit's LoRA base is bf16 there (train/setup.frozen_base_dtype:
-    # LoRA under bf16 autocast); TRL gets fp32 weights and casts as its own settings say.
-    bf16_base = spec["loop"] == "tunekit" and not full and bf16_autocast(default_device())
-    model = load_model(resolve_model(spec["model"]), torch.bfloat16 if bf16_base else torch.float32)
+    # On the GPU where there is one. tunekit loads the base as its training does (a bf16 LoRA base
+    # under bf16 autocast); TRL gets fp32 weights and casts as its own settings say.
+    dtype = torch.float32
+    if spec["loop"] == "tunekit":
+        cfg = config_from_dict(
+            {"model": spec["model"], "method": "full" if full else "lora", "data": {"train": "-"}}
+        )
+        dtype = frozen_base_dtype(cfg)
+    model = load_model(resolve_model(spec["model"]), dtype)
     n_params = sum(p.numel() for p in model.parameters())  # tied embeddings counted once
     train = train_tunekit if spec["loop"] == "tunekit" else train_trl
     losses, step_ends, extra = train(model, spec, seqs, steps, batch_size, full)

@@ -136,6 +136,15 @@ def unwrap_peft(model):
     return model.get_base_model() if hasattr(model, "get_base_model") else model
 
 
+def decoder_layers(model) -> list:
+    """The decoder layers of a transformers model (PEFT-wrapped or not); [] where it has none that
+    `get_decoder()` can find."""
+    try:
+        return list(unwrap_peft(model).get_decoder().layers)
+    except (AttributeError, NotImplementedError):
+        return []
+
+
 def load_tokenizer(path: str | Path):
     """The model's tokenizer, with its chat template. Padding goes on the right for training."""
     from transformers import AutoTokenizer

@@ -27,7 +27,7 @@ import types
 import torch
 from torch import nn
 
-from tunekit.models.load import unwrap_peft
+from tunekit.models.load import decoder_layers
 
 # A decoder layer's norms, by the names transformers uses for llama, mistral, qwen2/3, gemma 1-3, phi3
 # and most others. Registering a norm whose output nothing saves (Gemma 2's post-attention norm feeds
@@ -170,11 +170,7 @@ def enable_lean_activations(model: nn.Module) -> int:
     Returns the number of layers hooked; 0 where the decoder layers cannot be found. The model's
     outputs and gradients do not change; only what is kept between forward and backward does.
     """
-    base = unwrap_peft(model)
-    try:
-        layers = base.get_decoder().layers
-    except (AttributeError, NotImplementedError):
-        return 0
+    layers = decoder_layers(model)
     probed: dict[type, bool] = {}  # one probe per MLP class
     for layer in layers:
         hooks = _LayerHooks()

@@ -23,7 +23,7 @@ from tunekit.config import Config, LoraConfig
 from tunekit.console import err as console
 from tunekit.errors import ConfigError, ModelError, TunekitError
 from tunekit.models.device import bf16_autocast, default_device, place
-from tunekit.models.load import unwrap_peft
+from tunekit.models.load import decoder_layers
 from tunekit.train import distributed
 from tunekit.train.lean import enable_lean_activations
 
@@ -204,10 +204,7 @@ def compile_layers(model) -> int:
     Inductor's partitioner picks what to recompute in the backward itself, so lean activations are
     not installed under it. Returns the number of layers compiled; 0 where none can be found.
     """
-    try:
-        layers = unwrap_peft(model).get_decoder().layers
-    except (AttributeError, NotImplementedError):
-        return 0
+    layers = decoder_layers(model)
     for layer in layers:
         layer.compile(dynamic=True)
     return len(layers)
