@@ -106,6 +106,9 @@ RUNS = {
     # backward; lean activations off under it, as in tunekit. The compile time falls in the first step,
     # which no run's tokens/s counts: "first_step_s" in the JSON shows it.
     "tunekit_compile": {"loop": "tunekit", "lora_dropout": 0.0, "lean": False, "compile": True},
+    # PEFT's own LoRA forward (four autograd nodes a layer) instead of tunekit's fused one
+    # (train/fused_lora.py), which tunekit's add_lora installs: the fused node's baseline.
+    "tunekit_peft": {"loop": "tunekit", "lora_dropout": 0.0, "fused": False},
     # trl_best + TrainingArguments(torch_compile=True): the Trainer compiles the whole model.
     "trl_compile": {"loop": "trl", "lora_dropout": 0.0, "gradient_checkpointing": False, "compile": True},
 }
@@ -295,6 +298,7 @@ def train_tunekit(model, spec, seqs, steps, batch_size, full):
     from tunekit.data.tokenize import TokenizedExample
     from tunekit.models import load_tokenizer, resolve_model
     from tunekit.train.batching import collate
+    from tunekit.train.fused_lora import unfuse_lora_layers
     from tunekit.train.lean import enable_lean_activations
     from tunekit.train.setup import compile_layers, enable_checkpointing
     from tunekit.train.sft import accumulate_gradients, add_lora, lr_at
@@ -304,6 +308,8 @@ def train_tunekit(model, spec, seqs, steps, batch_size, full):
         enable_checkpointing(model, spec["checkpoint_every"])  # as train.gradient_checkpointing: N does
     if not full:
         model = add_lora(model, lora_settings(spec["lora_dropout"]), SEED)
+        if not spec.get("fused", True):
+            unfuse_lora_layers(model)
     if spec.get("lean", True):
         enable_lean_activations(model)  # as train.lean_activations (default true) does
     if spec.get("compile"):

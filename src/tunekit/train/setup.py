@@ -25,6 +25,7 @@ from tunekit.errors import ConfigError, ModelError, TunekitError
 from tunekit.models.device import bf16_autocast, default_device, place
 from tunekit.models.load import decoder_layers
 from tunekit.train import distributed
+from tunekit.train.fused_lora import fuse_lora_layers, unfuse_lora_layers
 from tunekit.train.lean import enable_lean_activations
 
 ADAPTER_DIR = "adapter"  # lora, dora and qlora runs save here (PEFT format + tokenizer)
@@ -55,6 +56,8 @@ def add_lora(model, lora: LoraConfig, seed: int, task_type: str = "CAUSAL_LM"):
             # On a bf16 base (frozen_base_dtype): AdamW on bf16 weights loses small updates to
             # rounding. PEFT keeps the adapters in fp32 already; this catches a classifier's score head.
             p.data = p.data.float()
+    # PEFT's forward, fused into one autograd node per layer where that is exact (train/fused_lora.py).
+    fuse_lora_layers(model)
     return model
 
 
@@ -202,8 +205,11 @@ def compile_layers(model) -> int:
     `nn.Module.compile` leaves the parameter names, and so the saved files, unchanged.
     dynamic=True because batches differ in length: a static graph would recompile for each one.
     Inductor's partitioner picks what to recompute in the backward itself, so lean activations are
-    not installed under it. Returns the number of layers compiled; 0 where none can be found.
+    not installed under it; it fuses the LoRA adapters' multiply and add itself too, and the fused
+    LoRA node's Python checks would break its graphs (29 graphs instead of 4), so PEFT's forward is
+    put back. Returns the number of layers compiled; 0 where none can be found.
     """
+    unfuse_lora_layers(model)
     layers = decoder_layers(model)
     for layer in layers:
         layer.compile(dynamic=True)
