@@ -158,6 +158,13 @@ class TrainConfig(_Strict):
         "gradients bit for bit, a few percent of the step's time. Layers under gradient checkpointing "
         "are left to it.",
     )
+    padding_free: bool = Field(
+        True,
+        description="SFT: run each batch as one row of its examples' real tokens, attention kept within "
+        "each example (position ids restart, SDPA per example), instead of a padded (batch x longest) "
+        "block: no compute on padding and no attention mask. Same loss up to float rounding. Models "
+        "whose attention is not SDPA keep padded batches; off under train.compile.",
+    )
     loss_chunk_tokens: int | None = Field(
         256,
         gt=0,

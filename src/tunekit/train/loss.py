@@ -14,6 +14,7 @@ import torch.nn.functional as F
 from tunekit.data.tokenize import IGNORE_INDEX
 from tunekit.models.device import autocast, model_device
 from tunekit.models.load import unwrap_peft
+from tunekit.train import padding_free
 
 
 def _decoder_and_head(model):
@@ -79,17 +80,24 @@ def _chunkable(head, device: torch.device) -> bool:
     return type(head) is torch.nn.Linear and head.bias is None and not torch.is_autocast_enabled(device.type)
 
 
-def target_states(model, input_ids, attention_mask, keep) -> tuple[torch.Tensor, torch.nn.Module | None]:
+def target_states(
+    model, input_ids, attention_mask, keep, **forward_kwargs
+) -> tuple[torch.Tensor, torch.nn.Module | None]:
     """The positions whose next token is a target (`keep`, (B, T-1)), run forward: their (N, H)
     hidden states and the output head, where the model splits into decoder and head; otherwise their
     (N, V) logits from the whole model, and None. Call under `autocast`, with inputs on the model's
     device. use_cache=False: transformers otherwise builds a KV cache in training too, which holds
-    every layer's keys and values until the forward returns; nothing reads it."""
+    every layer's keys and values until the forward returns; nothing reads it. forward_kwargs go to
+    the model's forward (padding-free batches: position ids and segment bounds)."""
     decoder, head = _decoder_and_head(model)
     if decoder is None:
-        logits = model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).logits
+        logits = model(
+            input_ids=input_ids, attention_mask=attention_mask, use_cache=False, **forward_kwargs
+        ).logits
         return logits[:, :-1][keep], None
-    hidden = decoder(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).last_hidden_state
+    hidden = decoder(
+        input_ids=input_ids, attention_mask=attention_mask, use_cache=False, **forward_kwargs
+    ).last_hidden_state
     return hidden[:, :-1][keep], head
 
 
@@ -100,11 +108,15 @@ def loss_sum(model, input_ids, attention_mask, labels, chunk: int | None = None)
     a time (ChunkedLinearCrossEntropy), where the head allows it."""
     device = model_device(model)
     input_ids, attention_mask, labels = input_ids.to(device), attention_mask.to(device), labels.to(device)
+    extra = {}
+    if padding_free.enabled(model) and not attention_mask.all() and padding_free.right_padded(attention_mask):
+        input_ids, positions, labels, bounds = padding_free.pack(input_ids, attention_mask, labels)
+        attention_mask, extra = None, {"position_ids": positions, "tunekit_segments": bounds}
     targets = labels[:, 1:]  # (B, T-1): the token each position predicts
     keep = targets != IGNORE_INDEX
     n = int(keep.sum())
     with autocast(device):
-        h, head = target_states(model, input_ids, attention_mask, keep)
+        h, head = target_states(model, input_ids, attention_mask, keep, **extra)
         if head is None:  # h are already the logits
             return F.cross_entropy(h.float(), targets[keep], reduction="sum"), n
         if chunk and torch.is_grad_enabled() and _chunkable(head, device):

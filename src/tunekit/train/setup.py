@@ -27,6 +27,7 @@ from tunekit.models.load import decoder_layers
 from tunekit.train import distributed
 from tunekit.train.fused_lora import fuse_lora_layers, unfuse_lora_layers
 from tunekit.train.lean import enable_lean_activations
+from tunekit.train.padding_free import enable_padding_free
 
 ADAPTER_DIR = "adapter"  # lora, dora and qlora runs save here (PEFT format + tokenizer)
 MODEL_DIR = "model"  # full fine-tuning saves the whole model here (safetensors + tokenizer)
@@ -177,6 +178,9 @@ def build_model(
         enable_checkpointing(model, cfg.train.checkpoint_every)
     if cfg.train.lean_activations and not cfg.train.compile:
         enable_lean_activations(model)
+    if cfg.train.padding_free and not cfg.train.compile and head == "causal":
+        # The per-example attention loop would recompile for every batch's segments under compile.
+        enable_padding_free(model)
     model.train()
     if cfg.distributed.strategy == "fsdp" and distributed.active():
         n_layers = distributed.shard(model)  # parameters become DTensors: collect them after this
