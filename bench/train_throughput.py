@@ -109,9 +109,9 @@ RUNS = {
     # PEFT's own LoRA forward (four autograd nodes a layer) instead of tunekit's fused one
     # (train/fused_lora.py), which tunekit's add_lora installs: the fused node's baseline.
     "tunekit_peft": {"loop": "tunekit", "lora_dropout": 0.0, "fused": False},
-    # train.padding_free: false: padded (batch x longest) blocks with an attention mask instead of
-    # one row of the batch's real tokens with attention per example.
-    "tunekit_padded": {"loop": "tunekit", "lora_dropout": 0.0, "padding_free": False},
+    # train.padding_free: true: one row of the batch's real tokens with attention per example,
+    # instead of padded (batch x longest) blocks with an attention mask.
+    "tunekit_padding_free": {"loop": "tunekit", "lora_dropout": 0.0, "padding_free": True},
     # trl_best + TrainingArguments(torch_compile=True): the Trainer compiles the whole model.
     "trl_compile": {"loop": "trl", "lora_dropout": 0.0, "gradient_checkpointing": False, "compile": True},
 }
@@ -316,7 +316,7 @@ def train_tunekit(model, spec, seqs, steps, batch_size, full):
             unfuse_lora_layers(model)
     if spec.get("lean", True):
         enable_lean_activations(model)  # as train.lean_activations (default true) does
-    if spec.get("padding_free", True) and not spec.get("compile"):
+    if spec.get("padding_free") and not spec.get("compile"):
         enable_padding_free(model)  # as train.padding_free (default true) does
     if spec.get("compile"):
         compile_layers(model)  # as train.compile does

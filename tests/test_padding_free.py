@@ -74,7 +74,7 @@ def test_loss_and_gradients_equal_the_padded_batch(
         tiny_model_dir, chat_file, batch, method, padding_free=False, **train
     )
     assert not padding_free.enabled(padded_model) and not segments
-    model, packed, grads = _run(tiny_model_dir, chat_file, batch, method, **train)
+    model, packed, grads = _run(tiny_model_dir, chat_file, batch, method, padding_free=True, **train)
     assert padding_free.enabled(model)
     lengths = batch["attention_mask"].sum(1).tolist()
     # 2 layers, each example attended on its own (and again in the backward under checkpointing).
@@ -89,12 +89,12 @@ def test_whole_sequence_targets_do_not_cross_examples(tiny_model_dir, chat_file,
     # position may be scored on the next example's first token.
     b = dict(batch, labels=batch["input_ids"].masked_fill(batch["attention_mask"] == 0, IGNORE_INDEX))
     _, padded, _ = _run(tiny_model_dir, chat_file, b, "lora", padding_free=False)
-    _, packed, _ = _run(tiny_model_dir, chat_file, b, "lora")
+    _, packed, _ = _run(tiny_model_dir, chat_file, b, "lora", padding_free=True)
     assert packed == pytest.approx(padded, rel=1e-5)
 
 
 def test_other_forwards_are_unchanged(tiny_model_dir, chat_file, batch, segments):
-    model, _ = build_model_for(tiny_model_dir, chat_file, "lora")
+    model, _ = build_model_for(tiny_model_dir, chat_file, "lora", padding_free=True)
     assert padding_free.enabled(model)
     plain, _ = build_model_for(tiny_model_dir, chat_file, "lora", padding_free=False)
     model.eval(), plain.eval()

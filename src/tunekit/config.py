@@ -159,11 +159,13 @@ class TrainConfig(_Strict):
         "are left to it.",
     )
     padding_free: bool = Field(
-        True,
+        False,
         description="SFT: run each batch as one row of its examples' real tokens, attention kept within "
         "each example (position ids restart, SDPA per example), instead of a padded (batch x longest) "
-        "block: no compute on padding and no attention mask. Same loss up to float rounding. Models "
-        "whose attention is not SDPA keep padded batches; off under train.compile.",
+        "block: no compute on padding and no attention mask. Same loss up to float rounding. Measured "
+        "0.99x the padded speed on alpaca, whose length-grouped batches are 4% padding: it can pay only "
+        "where batches hold much more padding. Models whose attention is not SDPA keep padded batches; "
+        "off under train.compile.",
     )
     loss_chunk_tokens: int | None = Field(
         256,
