@@ -132,6 +132,23 @@ def chat_file(tmp_path) -> Path:
 
 
 @pytest.fixture
+def chat_rows(tokenizer, chat_file) -> list:
+    """The first four examples of `chat_file`, tokenized as SFT tokenizes them."""
+    from tunekit.data import load_examples
+    from tunekit.data.tokenize import tokenize_example
+
+    return [tokenize_example(tokenizer, ex, 64) for ex in load_examples(chat_file)[:4]]
+
+
+@pytest.fixture
+def chat_batch(tokenizer, chat_rows) -> dict:
+    """`chat_rows` collated into one padded training batch."""
+    from tunekit.train.batching import collate
+
+    return collate(chat_rows, tokenizer.pad_token_id)
+
+
+@pytest.fixture
 def pairs_file(tmp_path) -> Path:
     """16 preference pairs a tiny model can separate: the chosen answer is CODE-k, the rejected NOPE-k."""
     rows = [

@@ -10,7 +10,6 @@ import torch
 
 from tunekit.config import config_from_dict
 from tunekit.train import fused_lora
-from tunekit.train.batching import collate
 from tunekit.train.fused_lora import LoraLinearFunction, unfuse_lora_layers
 from tunekit.train.setup import build_model
 from tunekit.train.sft import accumulate_gradients
@@ -51,12 +50,8 @@ def _model(model_dir, chat_file, **lora):
 
 
 @pytest.fixture
-def batch(tokenizer, chat_file):
-    from tunekit.data import load_examples
-    from tunekit.data.tokenize import tokenize_example
-
-    rows = [tokenize_example(tokenizer, ex, 64) for ex in load_examples(chat_file)[:4]]
-    return collate(rows, tokenizer.pad_token_id)
+def batch(chat_batch):
+    return chat_batch
 
 
 @pytest.fixture

@@ -8,17 +8,12 @@ from torch import nn
 
 from conftest import build_model_for
 from tunekit.train import lean
-from tunekit.train.batching import collate
 from tunekit.train.sft import accumulate_gradients
 
 
 @pytest.fixture
-def batch(tokenizer, chat_file):
-    from tunekit.data import load_examples
-    from tunekit.data.tokenize import tokenize_example
-
-    rows = [tokenize_example(tokenizer, ex, 64) for ex in load_examples(chat_file)[:4]]
-    return collate(rows, tokenizer.pad_token_id)
+def batch(chat_batch):
+    return chat_batch
 
 
 @pytest.fixture

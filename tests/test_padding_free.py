@@ -13,11 +13,10 @@ from tunekit.train.sft import accumulate_gradients
 
 
 @pytest.fixture
-def batch(tokenizer, chat_file):
-    from tunekit.data import load_examples
-    from tunekit.data.tokenize import TokenizedExample, tokenize_example
+def batch(tokenizer, chat_rows):
+    from tunekit.data.tokenize import TokenizedExample
 
-    rows = [tokenize_example(tokenizer, ex, 64) for ex in load_examples(chat_file)[:4]]
+    rows = chat_rows
     # Rows of four lengths, as length-grouped batches of real data have.
     cut = [len(r.input_ids) - 5 * i for i, r in enumerate(rows)]
     rows = [TokenizedExample(r.input_ids[:n], r.labels[:n]) for r, n in zip(rows, cut, strict=True)]
