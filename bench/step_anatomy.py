@@ -1,21 +1,20 @@
 """Where a tunekit LoRA training step spends its time, and two levers tried against it.
 
 Run as: python bench/step_anatomy.py profile   # torch.profiler over steps 2-5 (alpaca, batch 4)
-        python bench/step_anatomy.py addmm     # tokens/s, PEFT's LoRA forward against one addmm
+        python bench/step_anatomy.py fused     # tokens/s, PEFT's LoRA forward against tunekit's fused node
         python bench/step_anatomy.py sdpa      # SDPA flash against math, one layer's shapes
 
 The data and model are those of bench/train_throughput.py (alpaca, batch 4, the default model, LoRA
-r16, tunekit's defaults: lean activations, the loss chunked 256 target tokens at a time). `addmm`
-replaces the forward of PEFT's `lora.Linear` (plain LoRA, no dropout, one active adapter; anything
-else falls back to PEFT) by `addmm(base(x), lora_A(x), lora_B.T, alpha=scaling)`: the same values,
-without the separate multiply and add over every output. A prototype, not part of tunekit.
+r16, tunekit's defaults: lean activations, the loss chunked 256 target tokens at a time, the fused
+LoRA node). `fused` times PEFT's own `lora.Linear` forward against tunekit's fused node
+(train/fused_lora.py). Until 2026-11-24 that mode was `addmm`, timing a prototype of the node that
+kept PEFT's backward (BENCHMARKS.md "Session 8" quotes it).
 """
 
 from __future__ import annotations
 
 import sys
 import time
-import types
 from pathlib import Path
 
 import torch
@@ -26,41 +25,19 @@ import train_throughput as tt  # noqa: E402
 BATCH = 4
 
 
-def addmm_forward(self, x, *args, **kwargs):
-    import peft.tuners.lora.layer as lora
-
-    a = self.active_adapters[0] if len(self.active_adapters) == 1 else None
-    plain = (
-        a is not None
-        and not (self.disable_adapters or self.merged or kwargs.get("adapter_names") is not None)
-        and a not in self.lora_variant
-        and isinstance(self.lora_dropout[a], torch.nn.Identity)
-        and self.base_layer.bias is None
-    )
-    if not plain:
-        return lora.Linear.forward(self, x, *args, **kwargs)
-    A, B = self.lora_A[a].weight, self.lora_B[a].weight
-    out = torch.nn.functional.linear(x, self.base_layer.weight).view(-1, B.shape[0])
-    h = torch.nn.functional.linear(x, A).view(-1, A.shape[0])
-    return torch.addmm(out, h, B.t(), alpha=self.scaling[a]).view(*x.shape[:-1], -1)
-
-
-def model_and_step(steps: int, addmm: bool):
-    import peft.tuners.lora.layer as lora
-
+def model_and_step(steps: int, fused: bool = True):
     from tunekit.data.tokenize import TokenizedExample
     from tunekit.models import load_model, load_tokenizer, resolve_model
     from tunekit.train.batching import collate
+    from tunekit.train.fused_lora import unfuse_lora_layers
     from tunekit.train.lean import enable_lean_activations
     from tunekit.train.sft import accumulate_gradients, add_lora
 
     torch.set_num_threads(2)
     seqs = tt.training_sequences("alpaca", 80, steps, BATCH, tt.MODEL, tt.SHARED_DATA)
     model = add_lora(load_model(resolve_model(tt.MODEL)), tt.lora_settings(0.0), tt.SEED)
-    if addmm:
-        for m in model.modules():
-            if isinstance(m, lora.Linear):
-                m.forward = types.MethodType(addmm_forward, m)
+    if not fused:
+        unfuse_lora_layers(model)
     enable_lean_activations(model)
     model.train()
     params = [p for p in model.parameters() if p.requires_grad]
@@ -81,7 +58,7 @@ def profile() -> None:
     from torch.profiler import ProfilerActivity
     from torch.profiler import profile as torch_profile
 
-    _, step = model_and_step(5, addmm=False)
+    _, step = model_and_step(5)
     step(0)
     with torch_profile(activities=[ProfilerActivity.CPU], record_shapes=True) as prof:
         for i in range(1, 5):
@@ -93,17 +70,17 @@ def profile() -> None:
     print(f"aten::mm {total / 1e6:.2f} s, of which with a rank-{tt.LORA_R} dimension {rank / 1e6:.2f} s")
 
 
-def addmm(steps: int = 12) -> None:
+def fused(steps: int = 12) -> None:
     for round_ in range(2):
-        for fused in (False, True):
-            seqs, step = model_and_step(steps, addmm=fused)
+        for on in (False, True):
+            seqs, step = model_and_step(steps, fused=on)
             losses, ends = [], []
             for i in range(steps):
                 losses.append(step(i))
                 ends.append(time.perf_counter())
             tokens = sum(len(s["input_ids"]) for s in seqs[BATCH:])
             print(
-                f"round {round_ + 1} {'addmm' if fused else 'peft '}: {tokens / (ends[-1] - ends[0]):.1f} tokens/s"
+                f"round {round_ + 1} {'fused' if on else 'peft '}: {tokens / (ends[-1] - ends[0]):.1f} tokens/s"
                 f" over steps 2-{steps}; losses {' '.join(f'{x:.4f}' for x in losses)}"
             )
 
@@ -127,4 +104,4 @@ def sdpa() -> None:
 
 
 if __name__ == "__main__":
-    {"profile": profile, "addmm": addmm, "sdpa": sdpa}[sys.argv[1] if len(sys.argv) > 1 else "profile"]()
+    {"profile": profile, "fused": fused, "sdpa": sdpa}[sys.argv[1] if len(sys.argv) > 1 else "profile"]()

@@ -50,11 +50,6 @@ def _model(model_dir, chat_file, **lora):
 
 
 @pytest.fixture
-def batch(chat_batch):
-    return chat_batch
-
-
-@pytest.fixture
 def fused_calls(monkeypatch):
     calls = []
     forward = LoraLinearFunction.forward
@@ -69,7 +64,7 @@ def fused_calls(monkeypatch):
 
 @pytest.mark.parametrize("dropout", [0.0, 0.1])
 @pytest.mark.parametrize("lean", [True, False])
-def test_loss_and_gradients_match_peft(tiny_model_dir, chat_file, batch, fused_calls, dropout, lean):
+def test_loss_and_gradients_match_peft(tiny_model_dir, chat_file, chat_batch, fused_calls, dropout, lean):
     runs = []
     for fused in (True, False):
         model, params = _model(tiny_model_dir, chat_file, dropout=dropout)
@@ -81,7 +76,7 @@ def test_loss_and_gradients_match_peft(tiny_model_dir, chat_file, batch, fused_c
             unfuse_lora_layers(model)
         torch.manual_seed(1)  # the same dropout masks
         fused_calls.clear()  # enable_lean_activations runs the MLPs once, on a probe input
-        loss = accumulate_gradients(model, [batch])
+        loss = accumulate_gradients(model, [chat_batch])
         runs.append((loss, [p.grad.clone() for p in params]))
         # 2 layers x 7 projections, in the fused run only.
         assert len(fused_calls) == (14 if fused else 0)
@@ -91,9 +86,11 @@ def test_loss_and_gradients_match_peft(tiny_model_dir, chat_file, batch, fused_c
         assert a.abs().sum() > 0
 
 
-def test_peft_forward_runs_where_the_fused_one_is_not_exact(tiny_model_dir, chat_file, batch, fused_calls):
+def test_peft_forward_runs_where_the_fused_one_is_not_exact(
+    tiny_model_dir, chat_file, chat_batch, fused_calls
+):
     model, _ = _model(tiny_model_dir, chat_file, dropout=0.0)
-    ids = batch["input_ids"]
+    ids = chat_batch["input_ids"]
     fused_calls.clear()
     with torch.no_grad():
         fused = model(input_ids=ids).logits
@@ -121,22 +118,22 @@ def test_peft_forward_runs_where_the_fused_one_is_not_exact(tiny_model_dir, chat
         assert len(fused_calls) == 14
 
 
-def test_dora_keeps_peft_forward(tiny_model_dir, chat_file, batch, fused_calls):
+def test_dora_keeps_peft_forward(tiny_model_dir, chat_file, chat_batch, fused_calls):
     model, params = _model(tiny_model_dir, chat_file, use_dora=True)
     fused_calls.clear()
-    accumulate_gradients(model, [batch])
+    accumulate_gradients(model, [chat_batch])
     assert not fused_calls
     assert all(p.grad is not None for p in params)
 
 
-def test_a_deep_copy_runs_its_own_weights(tiny_model_dir, chat_file, batch):
+def test_a_deep_copy_runs_its_own_weights(tiny_model_dir, chat_file, chat_batch):
     model, _ = _model(tiny_model_dir, chat_file, dropout=0.0)
     twin = copy.deepcopy(model)
     with torch.no_grad():
         for name, p in twin.named_parameters():
             if "lora_B" in name:
                 p.zero_()
-        ids = batch["input_ids"]
+        ids = chat_batch["input_ids"]
         with model.disable_adapter():
             base = model(input_ids=ids).logits
         torch.testing.assert_close(twin(input_ids=ids).logits, base)

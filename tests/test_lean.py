@@ -12,11 +12,6 @@ from tunekit.train.sft import accumulate_gradients
 
 
 @pytest.fixture
-def batch(chat_batch):
-    return chat_batch
-
-
-@pytest.fixture
 def recipes(monkeypatch):
     """Counts the saved tensors that were swapped for a recipe."""
     made = []
@@ -34,12 +29,12 @@ def recipes(monkeypatch):
 
 @pytest.mark.parametrize("method", ["lora", "full"])
 def test_gradients_are_bit_for_bit_those_of_the_plain_model(
-    tiny_model_dir, chat_file, batch, recipes, method
+    tiny_model_dir, chat_file, chat_batch, recipes, method
 ):
     runs = []
     for on in (False, True):
         model, params = build_model_for(tiny_model_dir, chat_file, method, lean_activations=on)
-        loss = accumulate_gradients(model, [batch])
+        loss = accumulate_gradients(model, [chat_batch])
         runs.append((loss, [p.grad.clone() for p in params]))
     assert runs[0][0] == runs[1][0]
     for a, b in zip(runs[0][1], runs[1][1], strict=True):
@@ -47,24 +42,26 @@ def test_gradients_are_bit_for_bit_those_of_the_plain_model(
     # Per layer of the tiny llama (hidden 64, intermediate 128): the input norm's output kept by the
     # q, k and v adapters (or weights), the MLP norm's by gate and up, act(gate) by the product, the
     # product by down. Two layers; the rows are the batch's B x T.
-    rows = batch["input_ids"].numel()
+    rows = chat_batch["input_ids"].numel()
     assert sorted(recipes) == sorted(
-        2 * ([(rows, 64)] * 5 + [(4, batch["input_ids"].shape[1], 128), (rows, 128)])
+        2 * ([(rows, 64)] * 5 + [(4, chat_batch["input_ids"].shape[1], 128), (rows, 128)])
     )
 
 
-def test_layers_under_checkpointing_and_no_grad_are_left_alone(tiny_model_dir, chat_file, batch, recipes):
+def test_layers_under_checkpointing_and_no_grad_are_left_alone(
+    tiny_model_dir, chat_file, chat_batch, recipes
+):
     model, params = build_model_for(
         tiny_model_dir, chat_file, gradient_checkpointing=2
     )  # layer 0 checkpointed
     plain, plain_params = build_model_for(tiny_model_dir, chat_file, lean_activations=False)
-    assert accumulate_gradients(model, [batch]) == accumulate_gradients(plain, [batch])
+    assert accumulate_gradients(model, [chat_batch]) == accumulate_gradients(plain, [chat_batch])
     for a, b in zip(params, plain_params, strict=True):
         torch.testing.assert_close(a.grad, b.grad, rtol=1e-5, atol=1e-7)
     assert len(recipes) == 7  # layer 1 only
     recipes.clear()
     with torch.no_grad():
-        model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"])
+        model(input_ids=chat_batch["input_ids"], attention_mask=chat_batch["attention_mask"])
     assert recipes == []
     assert all(layer.mlp._lean_hooks.saves is None for layer in model.get_base_model().model.layers)
 
@@ -106,7 +103,7 @@ def test_recipes_follow_a_deepcopy_of_the_model(tiny_model_dir):
 
 
 def test_the_tensors_turned_into_recipes_are_freed_after_the_forward(
-    tiny_model_dir, chat_file, batch, monkeypatch
+    tiny_model_dir, chat_file, chat_batch, monkeypatch
 ):
     """The point of the recipes: between forward and backward, nothing keeps the targets alive (the
     saved tensors' references to the pack hook once kept every one of them)."""
@@ -124,7 +121,7 @@ def test_the_tensors_turned_into_recipes_are_freed_after_the_forward(
 
     monkeypatch.setattr(lean.LayerSaves, "add", recording)
     model, _ = build_model_for(tiny_model_dir, chat_file)
-    loss, _ = loss_sum(model, batch["input_ids"], batch["attention_mask"], batch["labels"])
+    loss, _ = loss_sum(model, chat_batch["input_ids"], chat_batch["attention_mask"], chat_batch["labels"])
     gc.collect()
     assert len(refs) == 2 * 4  # per layer: two norm outputs, act(gate), the product
     assert [r for r in refs if r() is not None] == []
@@ -149,7 +146,7 @@ def test_a_target_saved_three_times_is_recomputed_once():
 
 @pytest.mark.parametrize("method", ["lora", "full"])
 def test_chunked_loss_gives_the_loss_and_gradients_of_the_whole_projection(
-    tiny_model_dir, chat_file, batch, method
+    tiny_model_dir, chat_file, chat_batch, method
 ):
     """train.loss_chunk_tokens: the same loss and gradients (to float rounding) for any chunk size,
     including the tied head/embedding weight's gradient under full fine-tuning."""
@@ -158,7 +155,7 @@ def test_chunked_loss_gives_the_loss_and_gradients_of_the_whole_projection(
     runs = []
     for chunk in (None, 1, 7, 10_000):
         model, params = build_model_for(tiny_model_dir, chat_file, method)
-        loss = accumulate_gradients(model, [batch], chunk)
+        loss = accumulate_gradients(model, [chat_batch], chunk)
         runs.append((loss, [p.grad.clone() for p in params]))
     for loss, grads in runs[1:]:
         assert loss == pytest.approx(runs[0][0], rel=1e-6)
