@@ -61,8 +61,8 @@ def run_method(
     from tunekit.data.tokenize import tokenize_example
     from tunekit.models import load_tokenizer, resolve_model
     from tunekit.train.batching import collate, length_grouped_batches
+    from tunekit.train.recipes.sft import accumulate_gradients
     from tunekit.train.setup import build_model
-    from tunekit.train.sft import accumulate_gradients
 
     method, dora = METHODS[name]
     cfg = config_from_dict(

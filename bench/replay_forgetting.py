@@ -15,7 +15,7 @@ from pathlib import Path
 from tunekit.config import config_from_dict
 from tunekit.eval.evaluate import evaluate_generation
 from tunekit.quickstart import demo_data_path
-from tunekit.train.sft import train_sft
+from tunekit.train.session import train
 
 REPLAY = Path(__file__).resolve().parents[2] / "shared" / "data" / "llamafactory-demo" / "alpaca_en_demo.json"
 
@@ -33,7 +33,7 @@ def run(name: str, out: Path, steps: int, replay: dict | None) -> dict:
         }
     )
     t0 = time.perf_counter()
-    run_dir = train_sft(cfg, quiet=True)
+    run_dir = train(cfg, quiet=True)
     report = evaluate_generation(run_dir, quiet=True)
     parts = report["forgetting"]["parts"]
     return {

@@ -7,7 +7,7 @@ Run as: python bench/step_anatomy.py profile   # torch.profiler over steps 2-5 (
 The data and model are those of bench/train_throughput.py (alpaca, batch 4, the default model, LoRA
 r16, tunekit's defaults: lean activations, the loss chunked 256 target tokens at a time, the fused
 LoRA node). `fused` times PEFT's own `lora.Linear` forward against tunekit's fused node
-(train/fused_lora.py). Until 2026-11-24 that mode was `addmm`, timing a prototype of the node that
+(train/speed/fused_lora.py). Until 2026-11-24 that mode was `addmm`, timing a prototype of the node that
 kept PEFT's backward (BENCHMARKS.md "Session 8" quotes it).
 """
 
@@ -29,9 +29,10 @@ def model_and_step(steps: int, fused: bool = True):
     from tunekit.data.tokenize import TokenizedExample
     from tunekit.models import load_model, load_tokenizer, resolve_model
     from tunekit.train.batching import collate
-    from tunekit.train.fused_lora import unfuse_lora_layers
-    from tunekit.train.lean import enable_lean_activations
-    from tunekit.train.sft import accumulate_gradients, add_lora
+    from tunekit.train.recipes.sft import accumulate_gradients
+    from tunekit.train.setup import add_lora
+    from tunekit.train.speed.fused_lora import unfuse_lora_layers
+    from tunekit.train.speed.lean import enable_lean_activations
 
     torch.set_num_threads(2)
     seqs = tt.training_sequences("alpaca", 80, steps, BATCH, tt.MODEL, tt.SHARED_DATA)

@@ -107,7 +107,7 @@ RUNS = {
     # which no run's tokens/s counts: "first_step_s" in the JSON shows it.
     "tunekit_compile": {"loop": "tunekit", "lora_dropout": 0.0, "lean": False, "compile": True},
     # PEFT's own LoRA forward (four autograd nodes a layer) instead of tunekit's fused one
-    # (train/fused_lora.py), which tunekit's add_lora installs: the fused node's baseline.
+    # (train/speed/fused_lora.py), which tunekit's add_lora installs: the fused node's baseline.
     "tunekit_peft": {"loop": "tunekit", "lora_dropout": 0.0, "fused": False},
     # train.padding_free: true: one row of the batch's real tokens with attention per example,
     # instead of padded (batch x longest) blocks with an attention mask.
@@ -133,7 +133,7 @@ def training_sequences(
     from tunekit.data import load_examples
     from tunekit.models import load_tokenizer, resolve_model
     from tunekit.train.batching import length_grouped_batches
-    from tunekit.train.sft import tokenize_all
+    from tunekit.train.tokens import tokenize_all
 
     rel, fmt, columns = DATASETS[data]
     path = data_dir / rel
@@ -301,11 +301,12 @@ def train_tunekit(model, spec, seqs, steps, batch_size, full):
     from tunekit.data.tokenize import TokenizedExample
     from tunekit.models import load_tokenizer, resolve_model
     from tunekit.train.batching import collate
-    from tunekit.train.fused_lora import unfuse_lora_layers
-    from tunekit.train.lean import enable_lean_activations
-    from tunekit.train.padding_free import enable_padding_free
-    from tunekit.train.setup import compile_layers, enable_checkpointing
-    from tunekit.train.sft import accumulate_gradients, add_lora, lr_at
+    from tunekit.train.loop import lr_at
+    from tunekit.train.recipes.sft import accumulate_gradients
+    from tunekit.train.setup import add_lora, compile_layers, enable_checkpointing
+    from tunekit.train.speed.fused_lora import unfuse_lora_layers
+    from tunekit.train.speed.lean import enable_lean_activations
+    from tunekit.train.speed.padding_free import enable_padding_free
 
     pad_id = load_tokenizer(resolve_model(spec["model"])).pad_token_id
     if spec.get("checkpoint_every"):

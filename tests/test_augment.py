@@ -13,7 +13,10 @@ import pytest
 
 from conftest import jsonl, shared_data, write
 from tunekit.config import config_from_dict
-from tunekit.data.augment import (
+from tunekit.data.example import Example, Message
+from tunekit.data.formats import FORMATS
+from tunekit.errors import TunekitError
+from tunekit.iterate.augment import (
     ALL,
     Target,
     augment,
@@ -24,9 +27,6 @@ from tunekit.data.augment import (
     render_draft_prompt,
     to_record,
 )
-from tunekit.data.example import Example, Message
-from tunekit.data.formats import FORMATS
-from tunekit.errors import TunekitError
 
 TEXTS = {
     "card_arrival": [
@@ -70,7 +70,7 @@ def _run_dir(tmp_path, model_dir, report: bool = True):
     """A run directory as `tunekit train` leaves it (config, splits), plus a report.json made by the
     real failure triage: card_linking always wrong, exchange_rate half wrong."""
     from tunekit.eval.failures import analyze_failures, train_group_counts
-    from tunekit.run_dir import create_run_dir, prepare_splits
+    from tunekit.runs.directory import create_run_dir, prepare_splits
 
     cfg = config_from_dict(
         {
@@ -154,7 +154,7 @@ def test_parse_well_formed_drafts(text, fixed, finished, expected):
     ],
 )
 def test_parse_errors_name_the_kind(text, fixed, finished, kind):
-    from tunekit.data.augment import ParseError
+    from tunekit.iterate.augment import ParseError
 
     with pytest.raises(ParseError) as e:
         parse_draft(text, fixed, finished)

@@ -11,14 +11,14 @@ from tunekit.data import load_examples
 from tunekit.errors import DataError
 from tunekit.eval.classify import confusion
 from tunekit.eval.evaluate import evaluate
-from tunekit.run_dir import read_metrics
-from tunekit.train.classify import (
+from tunekit.runs.directory import read_metrics
+from tunekit.train.recipes.classify import (
     collate_labelled,
     cross_entropy_step,
     encode_all,
-    train_classify,
     validate_labelled,
 )
+from tunekit.train.session import train
 from tunekit.train.setup import build_model, load_trained, read_labels
 
 WORDS = {"late": "delay", "broken": "damage", "refund": "money"}  # last word -> label
@@ -85,7 +85,7 @@ def test_classify_steps_train_the_head_and_only_what_should_train(
 
 
 def test_train_classify_end_to_end_reload_and_eval(tiny_model_dir, tmp_path):
-    run_dir = train_classify(_cfg(tiny_model_dir, tmp_path), quiet=True)
+    run_dir = train(_cfg(tiny_model_dir, tmp_path), quiet=True)
     labels = read_labels(run_dir)
     assert labels == ["damage", "delay", "money"]
     metrics = read_metrics(run_dir)
@@ -121,7 +121,7 @@ def test_classify_on_data_without_labels_fails_naming_the_file(tiny_model_dir, c
         }
     )
     with pytest.raises(DataError, match="has no labels") as e:
-        train_classify(cfg, quiet=True)
+        train(cfg, quiet=True)
     assert str(chat_file) in str(e.value) and "classification" in str(e.value)
 
 
@@ -165,7 +165,7 @@ def test_banking77_classifier_beats_chance_by_far(tmp_path):
             "output_dir": str(tmp_path / "run"),
         }
     )
-    run_dir = train_classify(cfg, quiet=True)
+    run_dir = train(cfg, quiet=True)
     report = evaluate(run_dir, quiet=True)
     assert report["n_test"] == 100
     assert report["contenders"]["finetuned"]["accuracy"] > 0.4  # chance is 0.05

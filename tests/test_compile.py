@@ -8,7 +8,7 @@ import torch
 
 from conftest import build_model_for
 from tunekit.train.batching import collate
-from tunekit.train.sft import accumulate_gradients
+from tunekit.train.recipes.sft import accumulate_gradients
 
 pytestmark = pytest.mark.slow  # inductor compiles a C++ kernel set: about half a minute on 2 cores
 
@@ -77,14 +77,14 @@ def test_compile_replaces_lean_activations(tiny_model_dir, chat_file):
 
 def test_sft_run_with_compile_saves_an_adapter_that_loads(tiny_model_dir, chat_file, tmp_path):
     from tunekit.config import config_from_dict
+    from tunekit.train.session import train
     from tunekit.train.setup import load_trained
-    from tunekit.train.sft import train_sft
 
     cfg = config_from_dict(
         {"model": str(tiny_model_dir), "data": {"train": str(chat_file)}, "output_dir": str(tmp_path / "run"),
          "train": {"compile": True, "max_steps": 3, "batch_size": 2, "max_length": 64}}
     )  # fmt: skip
-    run = train_sft(cfg, quiet=True)
+    run = train(cfg, quiet=True)
     model, _, is_adapter = load_trained(run)
     assert is_adapter
     assert any("lora_" in name for name, _ in model.named_parameters())

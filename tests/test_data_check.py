@@ -150,21 +150,23 @@ def _cfg(tiny_model_dir, train, tmp_path, **extra):
 
 
 def test_train_refuses_bad_data_unless_allowed(tiny_model_dir, chat_file, tmp_path):
-    from tunekit.train.sft import train_sft
+    from tunekit.train.session import train
 
     bad = tmp_path / "bad.jsonl"
     bad.write_text(chat_file.read_text() + "{oops\n")
     cfg = _cfg(tiny_model_dir, bad, tmp_path)
     with pytest.raises(DataError, match="allow-data-errors"):
-        train_sft(cfg, quiet=True)
-    run = train_sft(cfg, quiet=True, allow_data_errors=True)
+        train(cfg, quiet=True)
+    run = train(cfg, quiet=True, allow_data_errors=True)
     manifest = json.loads((run / "data/manifest.json").read_text())
     assert sum(manifest["counts"].values()) == 24
 
 
 def test_estimate_is_measured(tiny_model_dir, chat_file, tmp_path):
-    report = check_config(_cfg(tiny_model_dir, chat_file, tmp_path), estimate=True, price_per_hour=2.0)
-    e = report.estimate
+    from tunekit.estimate.training import estimate_checked
+
+    cfg = _cfg(tiny_model_dir, chat_file, tmp_path)
+    e = estimate_checked(cfg, check_config(cfg), price_per_hour=2.0)
     assert e["measured_tokens_per_s"] > 0 and e["peak_memory_mb"] > 0
     assert e["estimated_cost"] == pytest.approx(e["estimated_seconds"] / 3600 * 2.0)
 

@@ -96,7 +96,7 @@ def test_train_and_eval_with_the_cpu_override(clean_env, tiny_model_dir, chat_fi
     """TUNEKIT_DEVICE=cpu (what a user sets to keep a GPU machine's run on the CPU): a LoRA run
     trains and evaluates."""
     from tunekit.eval.evaluate import evaluate
-    from tunekit.train.sft import train_sft
+    from tunekit.train.session import train
 
     clean_env.setenv("TUNEKIT_DEVICE", "cpu")
     cfg = config_from_dict(
@@ -109,7 +109,7 @@ def test_train_and_eval_with_the_cpu_override(clean_env, tiny_model_dir, chat_fi
             "output_dir": str(tmp_path / "run"),
         }
     )
-    run_dir = train_sft(cfg, quiet=True)
+    run_dir = train(cfg, quiet=True)
     summary = json.loads((run_dir / "train_summary.json").read_text())
     assert summary["steps"] > 0 and "cuda_peak_memory_gib" not in summary
     report = evaluate(run_dir, quiet=True)
@@ -142,8 +142,8 @@ def test_lora_under_bf16_trains_fp32_adapters_on_a_bf16_base(
     from tunekit.train import setup
     from tunekit.train.batching import collate
     from tunekit.train.loss import loss_sum
+    from tunekit.train.recipes.sft import accumulate_gradients
     from tunekit.train.setup import build_model
-    from tunekit.train.sft import accumulate_gradients
 
     model, params = build_model(_cfg(tiny_model_dir, chat_file), tiny_model_dir)
     trainable = {n for n, p in model.named_parameters() if p.requires_grad}
@@ -183,7 +183,7 @@ def test_lora_under_bf16_trains_fp32_adapters_on_a_bf16_base(
 
 
 def test_a_classifier_score_head_trains_in_fp32_on_a_bf16_base(bf16_forwards, tiny_model_dir, chat_file):
-    from tunekit.train.classify import class_logits
+    from tunekit.train.recipes.classify import class_logits
     from tunekit.train.setup import build_model
 
     model, params = build_model(

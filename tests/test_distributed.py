@@ -15,7 +15,7 @@ import sys
 
 import pytest
 
-from tunekit.run_dir import read_metrics
+from tunekit.runs.directory import read_metrics
 
 
 def _config(path, model_dir, data, out, **train):

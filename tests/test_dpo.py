@@ -12,8 +12,8 @@ from tunekit.data import load_examples
 from tunekit.data.example import Example, Message
 from tunekit.errors import DataError
 from tunekit.models.device import default_device
-from tunekit.run_dir import create_run_dir
-from tunekit.train.dpo import (
+from tunekit.runs.directory import create_run_dir
+from tunekit.train.recipes.dpo import (
     collate_pairs,
     compute_reference_logps,
     dpo_loss,
@@ -22,8 +22,8 @@ from tunekit.train.dpo import (
     sequence_logps,
     tokenize_pair,
     tokenize_pairs,
-    train_dpo,
 )
+from tunekit.train.session import train
 from tunekit.train.setup import build_model, load_trained, save_trained
 
 
@@ -184,7 +184,7 @@ def test_steps_train_the_adapter_only_and_the_reference_stays(
 
 def test_train_dpo_raises_preference_accuracy_and_reloads(tiny_model_dir, tokenizer, pairs_file, tmp_path):
     cfg = _cfg(tiny_model_dir, pairs_file, tmp_path, epochs=2, batch_size=8, eval_every=3)
-    run = train_dpo(cfg, quiet=True)
+    run = train(cfg, quiet=True)
     metrics = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
     assert {"loss", "accuracy", "margin", "reward_chosen", "reward_rejected"} <= set(metrics[0])
     # The first step is taken at policy == reference: every reward ties, loss log 2. The ties are
@@ -205,7 +205,7 @@ def test_train_dpo_raises_preference_accuracy_and_reloads(tiny_model_dir, tokeni
 
 def test_train_dpo_full_method_leaves_the_reference_copy_out(tiny_model_dir, pairs_file, tmp_path):
     cfg = _cfg(tiny_model_dir, pairs_file, tmp_path, method="full", max_steps=2, learning_rate=1e-4)
-    run = train_dpo(cfg, quiet=True)
+    run = train(cfg, quiet=True)
     assert (run / "model" / "config.json").is_file()
     metrics = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
     # The first step starts at policy == reference: loss log 2, zero rewards.

@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from tunekit.errors import ConfigError
-from tunekit.train import memory as mem
+from tunekit.estimate import memory as mem
 
 
 def test_parameter_count_from_config_matches_the_real_model(tiny_model_dir):
@@ -82,8 +82,8 @@ def test_lean_activation_formula_matches_what_the_layers_keep(tiny_model_dir, mo
     from transformers import AutoConfig, AutoModelForCausalLM
 
     from tunekit.config import LoraConfig
-    from tunekit.train import lean
     from tunekit.train.setup import add_lora
+    from tunekit.train.speed import lean
 
     shape = mem.shape_from_config(AutoConfig.from_pretrained(tiny_model_dir))
     model = AutoModelForCausalLM.from_pretrained(tiny_model_dir)
@@ -165,7 +165,7 @@ def test_estimate_report_shards_only_with_fsdp(monkeypatch):
     from pathlib import Path
 
     from tunekit.config import load_config
-    from tunekit.train.estimate import estimate_report
+    from tunekit.estimate.training import estimate_report
 
     root = Path(__file__).resolve().parents[1]
     monkeypatch.chdir(root)
@@ -259,7 +259,7 @@ MEASURE = textwrap.dedent(
     import json, sys
     import torch
     from tunekit.config import config_from_dict
-    from tunekit.train.estimate import measure_throughput
+    from tunekit.estimate.training import measure_throughput
     torch.set_num_threads(1)
     method = sys.argv[1]
     cfg = config_from_dict({"model": "smollm2-135m-instruct", "method": method, "data": {"train": "x.jsonl"},

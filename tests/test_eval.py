@@ -8,7 +8,7 @@ from tunekit.config import config_from_dict
 from tunekit.errors import TunekitError
 from tunekit.eval.evaluate import evaluate
 from tunekit.eval.metrics import exact_match, macro_f1, task_metrics
-from tunekit.train.sft import train_sft
+from tunekit.train.session import train
 
 
 def test_exact_match_ignores_whitespace_noise():
@@ -36,7 +36,7 @@ def tiny_run(tiny_model_dir, chat_file, tmp_path):
             "output_dir": str(tmp_path / "run"),
         }
     )
-    return train_sft(cfg, quiet=True)
+    return train(cfg, quiet=True)
 
 
 def test_report_compares_base_and_finetuned(tiny_run):

@@ -20,7 +20,7 @@ from tunekit.eval.metrics import (
     score_metrics,
 )
 from tunekit.eval.stats import mcnemar_exact, mean_ci, paired_difference, ratio_ci, sign_flip_p
-from tunekit.train.sft import train_sft
+from tunekit.train.session import train
 
 # ---------------------------------------------------------------------------------------------
 # Statistics
@@ -183,7 +183,7 @@ def tiny_cfg(tiny_model_dir, chat_file, tmp_path):
 
 
 def test_three_contenders_with_intervals_and_paired_tests(tiny_cfg):
-    run = train_sft(tiny_cfg("run"), quiet=True)
+    run = train(tiny_cfg("run"), quiet=True)
     report = evaluate_generation(run, quiet=True)
     c = report["contenders"]
     assert list(c) == ["base", "base_few_shot", "finetuned"]
@@ -221,7 +221,7 @@ def test_early_stopping_keeps_the_best_weights(tiny_cfg):
         warmup_ratio=0.0,
         lr_scheduler="constant",
     )
-    run = train_sft(cfg, quiet=True)
+    run = train(cfg, quiet=True)
     summary = json.loads((run / "train_summary.json").read_text())
     assert summary["stopped_early"] is True
     records = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
@@ -229,9 +229,10 @@ def test_early_stopping_keeps_the_best_weights(tiny_cfg):
     best = min(vals, key=vals.get)
     assert summary["best_step"] == best and summary["steps"] == best + 2 < 30 * 5
     # the saved weights reproduce the best validation loss, not the last one
-    from tunekit.run_dir import read_split
+    from tunekit.runs.directory import read_split
+    from tunekit.train.recipes.sft import evaluate_loss
     from tunekit.train.setup import load_trained
-    from tunekit.train.sft import evaluate_loss, tokenize_all
+    from tunekit.train.tokens import tokenize_all
 
     model, tok, _ = load_trained(run)
     val = tokenize_all(tok, read_split(run, "validation"), 64, "validation")
@@ -249,9 +250,9 @@ def test_overfitting_warning_from_curves():
 def test_train_from_an_earlier_run_and_compare(tiny_cfg, tmp_path):
     from tunekit.eval.compare import compare_runs
 
-    first = train_sft(tiny_cfg("a", epochs=1), quiet=True)
+    first = train(tiny_cfg("a", epochs=1), quiet=True)
     evaluate_generation(first, quiet=True, few_shot=0)
-    second = train_sft(tiny_cfg("b", epochs=15, init_from=str(first)), quiet=True)
+    second = train(tiny_cfg("b", epochs=15, init_from=str(first)), quiet=True)
     evaluate_generation(second, quiet=True, few_shot=0)
     # started from the first run's adapter: the first step's loss is the first run's last level, not the base's
     first_loss = json.loads((first / "metrics.jsonl").read_text().splitlines()[0])["loss"]

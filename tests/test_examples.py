@@ -30,7 +30,7 @@ def test_example_config_is_valid_and_its_data_loads(path, monkeypatch):
 def test_the_70b_scale_out_example_validates_and_its_estimate_fits_80gb(monkeypatch):
     """examples/scale/ holds configs for machines this one is not (8 GPUs, a 70B model): they must
     validate, and the memory prediction their header quotes must hold."""
-    from tunekit.train.estimate import estimate_report
+    from tunekit.estimate.training import estimate_report
 
     monkeypatch.chdir(ROOT)
     path = ROOT / "examples" / "scale" / "qlora_70b_8gpu.yaml"

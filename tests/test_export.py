@@ -11,8 +11,8 @@ from tunekit.config import config_from_dict
 from tunekit.errors import TunekitError
 from tunekit.ship.export import export
 from tunekit.ship.generation import end_of_turn_token, stop_token_ids
+from tunekit.train.session import train
 from tunekit.train.setup import load_trained
-from tunekit.train.sft import train_sft
 
 PROMPT = [{"role": "user", "content": "What is the code for item 3? Answer with the code."}]
 
@@ -45,7 +45,7 @@ def train_tiny(tiny_model_dir, tmp_path, method="lora", steps=4, seed=0, name="r
             "output_dir": str(tmp_path / name),
         }
     )
-    return train_sft(cfg, quiet=True)
+    return train(cfg, quiet=True)
 
 
 @pytest.fixture(scope="module", autouse=True)

@@ -1,4 +1,4 @@
-"""The fused LoRA node (train/fused_lora.py): PEFT's values and gradients, and PEFT's forward wherever
+"""The fused LoRA node (train/speed/fused_lora.py): PEFT's values and gradients, and PEFT's forward wherever
 the fused one would not be exact."""
 
 from __future__ import annotations
@@ -9,10 +9,10 @@ import pytest
 import torch
 
 from tunekit.config import config_from_dict
-from tunekit.train import fused_lora
-from tunekit.train.fused_lora import LoraLinearFunction, unfuse_lora_layers
+from tunekit.train.recipes.sft import accumulate_gradients
 from tunekit.train.setup import build_model
-from tunekit.train.sft import accumulate_gradients
+from tunekit.train.speed import fused_lora
+from tunekit.train.speed.fused_lora import LoraLinearFunction, unfuse_lora_layers
 
 
 @pytest.mark.parametrize("dropout", [False, True])
@@ -69,7 +69,7 @@ def test_loss_and_gradients_match_peft(tiny_model_dir, chat_file, chat_batch, fu
     for fused in (True, False):
         model, params = _model(tiny_model_dir, chat_file, dropout=dropout)
         if lean:
-            from tunekit.train.lean import enable_lean_activations
+            from tunekit.train.speed.lean import enable_lean_activations
 
             enable_lean_activations(model)
         if not fused:

@@ -1,4 +1,4 @@
-"""Lean activations (train/lean.py): recipes instead of kept tensors, with identical gradients."""
+"""Lean activations (train/speed/lean.py): recipes instead of kept tensors, with identical gradients."""
 
 from __future__ import annotations
 
@@ -7,8 +7,8 @@ import torch
 from torch import nn
 
 from conftest import build_model_for
-from tunekit.train import lean
-from tunekit.train.sft import accumulate_gradients
+from tunekit.train.recipes.sft import accumulate_gradients
+from tunekit.train.speed import lean
 
 
 @pytest.fixture

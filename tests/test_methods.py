@@ -11,10 +11,11 @@ from tunekit.config import config_from_dict
 from tunekit.data.tokenize import tokenize_example
 from tunekit.errors import ModelError
 from tunekit.eval.evaluate import evaluate
-from tunekit.run_dir import read_metrics, read_split
+from tunekit.runs.directory import read_metrics, read_split
 from tunekit.train.batching import collate
+from tunekit.train.recipes.sft import accumulate_gradients, evaluate_loss
+from tunekit.train.session import train
 from tunekit.train.setup import build_model, load_trained
-from tunekit.train.sft import accumulate_gradients, evaluate_loss, train_sft
 
 METHODS = {  # name -> (config method, lora.use_dora)
     "full": ("full", False),
@@ -97,9 +98,7 @@ def test_method_trains_exactly_the_parameters_it_should(name, tiny_model_dir, to
 @pytest.mark.parametrize("name", list(METHODS))
 def test_method_saves_reloads_identically_and_evaluates(name, tiny_model_dir, chat_file, tmp_path):
     _skip_qlora(name)
-    run_dir = train_sft(
-        _cfg(tiny_model_dir, chat_file, tmp_path, name, max_steps=3, eval_every=3), quiet=True
-    )
+    run_dir = train(_cfg(tiny_model_dir, chat_file, tmp_path, name, max_steps=3, eval_every=3), quiet=True)
     summary = json.loads((run_dir / "train_summary.json").read_text())
     assert summary["saved"] == ("model" if name == "full" else "adapter")
     if name != "full":

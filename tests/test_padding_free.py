@@ -1,4 +1,4 @@
-"""Padding-free batches (train/padding_free.py): the padded batch's loss and gradients, one row."""
+"""Padding-free batches (train/speed/padding_free.py): the padded batch's loss and gradients, one row."""
 
 from __future__ import annotations
 
@@ -7,9 +7,9 @@ import torch
 
 from conftest import build_model_for
 from tunekit.data.tokenize import IGNORE_INDEX
-from tunekit.train import padding_free
 from tunekit.train.batching import collate
-from tunekit.train.sft import accumulate_gradients
+from tunekit.train.recipes.sft import accumulate_gradients
+from tunekit.train.speed import padding_free
 
 
 @pytest.fixture

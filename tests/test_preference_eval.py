@@ -7,8 +7,7 @@ import pytest
 
 from tunekit.config import config_from_dict
 from tunekit.eval.evaluate import evaluate
-from tunekit.eval.preference import evaluate_preference
-from tunekit.train import train
+from tunekit.train.session import train
 
 
 def _run(task, tiny_model_dir, pairs_file, out):
@@ -28,7 +27,7 @@ def _run(task, tiny_model_dir, pairs_file, out):
 
 def test_dpo_and_reward_reports(tiny_model_dir, pairs_file, tmp_path):
     dpo = _run("dpo", tiny_model_dir, pairs_file, tmp_path / "dpo")
-    report = evaluate(dpo, quiet=True)  # dispatches by task to evaluate_preference
+    report = evaluate(dpo, quiet=True)  # dispatches by the task table to evaluate_dpo
     assert report["task_metric"] == "preference_accuracy" and report["n_test"] == 4
     assert set(report["contenders"]) == {"reference", "policy"}
     policy = report["contenders"]["policy"]
@@ -41,14 +40,14 @@ def test_dpo_and_reward_reports(tiny_model_dir, pairs_file, tmp_path):
     assert "preference_accuracy" in (dpo / "report.md").read_text()
 
     reward = _run("reward", tiny_model_dir, pairs_file, tmp_path / "reward")
-    r = evaluate_preference(reward, quiet=True)
+    r = evaluate(reward, quiet=True)
     assert r["task_metric"] == "accuracy" and set(r["contenders"]) == {"reward_model"}
     assert {"accuracy", "mean_margin"} == set(r["contenders"]["reward_model"])
     preds = json.loads((reward / "predictions.json").read_text())
     assert r["contenders"]["reward_model"]["accuracy"] == sum(p["correct"] for p in preds) / len(preds)
 
     # With a reward model, the dpo policy's greedy answers are scored against the base's.
-    report = evaluate_preference(dpo, quiet=True, reward_model=reward)
+    report = evaluate(dpo, quiet=True, reward_model=reward)
     policy, ref = report["contenders"]["policy"], report["contenders"]["reference"]
     assert policy["win_rate"] + ref["win_rate"] == pytest.approx(1.0)
     rows = json.loads((dpo / "predictions.json").read_text())

@@ -53,7 +53,7 @@ def test_target_logprobs_match_the_training_loss(tiny_model_dir, tokenizer):
 
     from tunekit.data import Example, Message
     from tunekit.data.tokenize import tokenize_example
-    from tunekit.train.sft import evaluate_loss
+    from tunekit.train.recipes.sft import evaluate_loss
 
     model = AutoModelForCausalLM.from_pretrained(tiny_model_dir)
     items = [

@@ -7,11 +7,11 @@ import warnings
 import pytest
 from typer.testing import CliRunner
 
-from tunekit import registry
 from tunekit.cli import app
 from tunekit.config import config_from_dict
 from tunekit.errors import TunekitError
-from tunekit.train import train
+from tunekit.runs import registry
+from tunekit.train.session import train
 
 
 def _cfg(tiny_model_dir, tmp_path, name="run", **lora):

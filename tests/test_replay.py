@@ -28,7 +28,7 @@ def test_replay_config_errors(tmp_path):
 
 
 def test_training_with_replay_keeps_splits_clean(tiny_model_dir, chat_file, tmp_path):
-    from tunekit.train.sft import train_sft
+    from tunekit.train.session import train
 
     replay = tmp_path / "general.jsonl"
     replay.write_text(
@@ -43,7 +43,7 @@ def test_training_with_replay_keeps_splits_clean(tiny_model_dir, chat_file, tmp_
             "output_dir": str(tmp_path / "run"),
         }
     )
-    run = train_sft(cfg, quiet=True)
+    run = train(cfg, quiet=True)
     summary = json.loads((run / "train_summary.json").read_text())
     n_train = summary["train_examples"]
     assert summary["replay_examples"] == round(0.5 * n_train)

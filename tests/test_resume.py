@@ -18,13 +18,13 @@ from pathlib import Path
 import pytest
 import torch
 
-import tunekit.train.sft as sft
+import tunekit.train.recipes.sft as sft
 from conftest import signal_on_call
 from tunekit.config import config_from_dict
 from tunekit.errors import Interrupted, TunekitError
-from tunekit.run_dir import read_metrics
-from tunekit.train import resume, train
+from tunekit.runs.directory import read_metrics
 from tunekit.train.checkpoint import latest_checkpoint, list_checkpoints, load_checkpoint, save_checkpoint
+from tunekit.train.session import resume, train
 
 
 def _cfg(model_dir, data, out, **train_kw):

@@ -10,17 +10,17 @@ from tunekit.data import load_examples
 from tunekit.errors import DataError, TunekitError
 from tunekit.models import load_tokenizer
 from tunekit.models.device import model_device, to_device
-from tunekit.run_dir import read_metrics
-from tunekit.train.reward import (
+from tunekit.runs.directory import read_metrics
+from tunekit.train.recipes.reward import (
     bradley_terry_step,
     collate_pairs,
     load_reward_model,
     pairwise_accuracy,
     score_texts,
     tokenize_pair,
-    train_reward,
     validate_pairs,
 )
+from tunekit.train.session import train
 from tunekit.train.setup import build_model
 
 
@@ -94,7 +94,7 @@ def test_reward_training_learns_pairs_and_changes_the_right_weights(
 
 
 def test_train_reward_end_to_end_and_reload(tiny_model_dir, tmp_path):
-    run_dir = train_reward(_cfg(tiny_model_dir, tmp_path), quiet=True)
+    run_dir = train(_cfg(tiny_model_dir, tmp_path), quiet=True)
     metrics = read_metrics(run_dir)
     assert metrics[-1]["val_accuracy"] == 1.0
     assert metrics[-1]["val_loss"] < metrics[0]["loss"]
@@ -133,12 +133,12 @@ def test_reward_on_data_without_pairs_fails_naming_the_file(tiny_model_dir, chat
         }
     )
     with pytest.raises(DataError, match="no preference pairs") as e:
-        train_reward(cfg, quiet=True)
+        train(cfg, quiet=True)
     assert str(chat_file) in str(e.value) and "preference" in str(e.value)
 
 
 def test_load_reward_model_refuses_other_tasks(tiny_model_dir, chat_file, tmp_path):
-    from tunekit.train.sft import train_sft
+    from tunekit.train.session import train
 
     cfg = config_from_dict(
         {
@@ -149,7 +149,7 @@ def test_load_reward_model_refuses_other_tasks(tiny_model_dir, chat_file, tmp_pa
         }
     )
     with pytest.raises(TunekitError, match="not a reward model"):
-        load_reward_model(train_sft(cfg, quiet=True))
+        load_reward_model(train(cfg, quiet=True))
 
 
 def test_tokenize_pair_keeps_the_end_of_long_conversations(tiny_model_dir, tmp_path):

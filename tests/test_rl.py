@@ -9,7 +9,7 @@ from safetensors.torch import load_file
 from tunekit.config import config_from_dict
 from tunekit.errors import ConfigError, TunekitError
 from tunekit.models import load_model
-from tunekit.train.rl import train_rl
+from tunekit.train.session import train
 from tunekit.train.setup import load_trained
 
 
@@ -35,7 +35,7 @@ def _cfg(tiny_model_dir, pairs_file, out, **rl):
 
 
 def test_pipeline_runs_end_to_end_and_trains_only_the_policy_adapter(tiny_model_dir, pairs_file, tmp_path):
-    run = train_rl(_cfg(tiny_model_dir, pairs_file, tmp_path / "run"), quiet=True)
+    run = train(_cfg(tiny_model_dir, pairs_file, tmp_path / "run"), quiet=True)
     for name in ("stages/sft/adapter", "stages/reward/adapter", "adapter"):
         assert (run / name / "adapter_config.json").is_file(), name
     assert not (run / "adapter" / "ref").exists()  # TRL's reference copy is not saved with the policy
@@ -61,9 +61,9 @@ def test_pipeline_runs_end_to_end_and_trains_only_the_policy_adapter(tiny_model_
     torch.testing.assert_close(ours, base)
 
     # Evaluation: the policy against the SFT policy, with the reward stage's win rate.
-    from tunekit.eval.preference import evaluate_preference
+    from tunekit.eval.evaluate import evaluate
 
-    report = evaluate_preference(run, quiet=True)
+    report = evaluate(run, quiet=True)
     assert report["task_metric"] == "win_rate" and report["n_test"] == 2
     assert set(report["contenders"]) == {"reference", "policy"}
     assert 0.0 <= report["contenders"]["policy"]["win_rate"] <= 1.0
@@ -73,14 +73,14 @@ def test_pipeline_runs_end_to_end_and_trains_only_the_policy_adapter(tiny_model_
 def test_given_stages_must_be_runs_of_the_right_task(tiny_model_dir, pairs_file, tmp_path):
     cfg = _cfg(tiny_model_dir, pairs_file, tmp_path / "run", policy=str(tmp_path), reward_model=str(tmp_path))
     with pytest.raises(ConfigError, match="rl.policy: .* not a tunekit run directory"):
-        train_rl(cfg, quiet=True)
+        train(cfg, quiet=True)
 
 
 def test_prompts_too_long_for_max_length_are_left_out_and_counted(tiny_model_dir, pairs_file, tmp_path):
     """TRL does not truncate RL prompts, so long ones would run the machine out of memory."""
     from tunekit.data.example import Example, Message
     from tunekit.models import load_tokenizer
-    from tunekit.train.rl import rl_prompts
+    from tunekit.train.recipes.rl import rl_prompts
 
     tok = load_tokenizer(tiny_model_dir)
 

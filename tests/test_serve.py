@@ -15,7 +15,7 @@ import pytest
 from conftest import free_port, running
 from tunekit.config import config_from_dict
 from tunekit.ship.serve import create_app, load_models
-from tunekit.train.sft import train_sft
+from tunekit.train.session import train
 
 openai = pytest.importorskip("openai")
 uvicorn = pytest.importorskip("uvicorn")
@@ -44,7 +44,7 @@ def _train(tiny_model_dir, folder, answer: str):
             "output_dir": str(folder / answer.lower()),
         }
     )
-    return train_sft(cfg, quiet=True)
+    return train(cfg, quiet=True)
 
 
 def base_that_can_stop(tiny_model_dir, folder):

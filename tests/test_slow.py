@@ -7,7 +7,7 @@ import pytest
 from tunekit.config import config_from_dict
 from tunekit.eval.evaluate import evaluate
 from tunekit.quickstart import demo_data_path, quickstart, quickstart_config
-from tunekit.train.sft import train_sft
+from tunekit.train.session import train
 
 pytestmark = pytest.mark.slow
 
@@ -22,7 +22,7 @@ def test_short_real_finetune_beats_base_on_held_out_loss(tmp_path):
             "output_dir": str(tmp_path / "run"),
         }
     )
-    run = train_sft(cfg, quiet=True)
+    run = train(cfg, quiet=True)
     metrics = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
     assert metrics[-1]["loss"] < metrics[0]["loss"] / 3
     report = evaluate(run, quiet=True)

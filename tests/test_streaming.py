@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pytest
 
-import tunekit.train.sft as sft
+import tunekit.train.recipes.sft as sft
 from conftest import jsonl, signal_on_call, write
 from tunekit.config import config_from_dict
 from tunekit.data.example import Example, Message
@@ -32,8 +32,8 @@ from tunekit.data.stream import (
 )
 from tunekit.data.tokenize import tokenize_example
 from tunekit.errors import ConfigError, DataError, Interrupted
-from tunekit.run_dir import read_metrics
-from tunekit.train import train
+from tunekit.runs.directory import read_metrics
+from tunekit.train.session import train
 
 
 def _qa(i: int, answer: str | None = None) -> dict:

@@ -11,8 +11,11 @@ from tunekit.data.tokenize import tokenize_example
 from tunekit.models import load_model, load_tokenizer
 from tunekit.models.device import default_device, model_device, to_device
 from tunekit.train.batching import collate, length_grouped_batches
+from tunekit.train.loop import lr_at
 from tunekit.train.loss import loss_sum
-from tunekit.train.sft import accumulate_gradients, add_lora, lr_at, train_sft
+from tunekit.train.recipes.sft import accumulate_gradients
+from tunekit.train.session import train
+from tunekit.train.setup import add_lora
 
 
 def _cfg(tiny_model_dir, chat_file, tmp_path, **train):
@@ -62,7 +65,7 @@ def test_lora_step_changes_only_adapter_weights(tiny_model_dir, tokenizer, chat_
 
 def test_train_overfits_tiny_set_and_writes_run_dir(tiny_model_dir, chat_file, tmp_path):
     cfg = _cfg(tiny_model_dir, chat_file, tmp_path, epochs=15)
-    run = train_sft(cfg, quiet=True)
+    run = train(cfg, quiet=True)
     metrics = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
     losses = [m["loss"] for m in metrics if "loss" in m]
     assert losses[-1] < 0.5 * losses[0], losses
@@ -82,7 +85,7 @@ def test_train_overfits_tiny_set_and_writes_run_dir(tiny_model_dir, chat_file, t
 
 def test_saved_adapter_reloads_with_identical_logits(tiny_model_dir, chat_file, tmp_path):
     cfg = _cfg(tiny_model_dir, chat_file, tmp_path, max_steps=3)
-    run = train_sft(cfg, quiet=True)
+    run = train(cfg, quiet=True)
     tok = load_tokenizer(run / "adapter")
     ids = tok("What is the code for item 3?", return_tensors="pt")["input_ids"].to(default_device())
     # plain PEFT loads it: the adapter is in standard format
@@ -115,7 +118,7 @@ def test_grad_accum_equals_bigger_batch(tiny_model_dir, tokenizer, chat_file):
 def test_same_seed_same_losses(tiny_model_dir, chat_file, tmp_path):
     out = []
     for k in range(2):
-        run = train_sft(_cfg(tiny_model_dir, chat_file, tmp_path / str(k), max_steps=4), quiet=True)
+        run = train(_cfg(tiny_model_dir, chat_file, tmp_path / str(k), max_steps=4), quiet=True)
         out.append([json.loads(x)["loss"] for x in (run / "metrics.jsonl").read_text().splitlines()])
     assert out[0] == out[1]
 

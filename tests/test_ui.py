@@ -11,8 +11,8 @@ import urllib.request
 import pytest
 
 from conftest import running
-from tunekit import registry
 from tunekit.config import config_from_dict
+from tunekit.runs import registry
 from tunekit.ui.app import create_ui_app
 
 sync_api = pytest.importorskip("playwright.sync_api")
@@ -31,7 +31,7 @@ def _chromium() -> str:
 def dashboard(tiny_model_dir, tmp_path_factory):
     """A registry with one trained and evaluated run, served by the real dashboard app."""
     from tunekit.eval.evaluate import evaluate
-    from tunekit.train.sft import train_sft
+    from tunekit.train.session import train
 
     folder = tmp_path_factory.mktemp("ui")
     rows = [
@@ -54,7 +54,7 @@ def dashboard(tiny_model_dir, tmp_path_factory):
     }
     with pytest.MonkeyPatch.context() as mp:
         mp.setenv("TUNEKIT_HOME", str(folder / "home"))
-        run_dir = train_sft(config_from_dict(cfg), quiet=True)
+        run_dir = train(config_from_dict(cfg), quiet=True)
         evaluate(run_dir, quiet=True)
         with running(create_ui_app()) as url:
             yield url, config_from_dict(cfg | {"output_dir": str(folder / "live")})

@@ -5,30 +5,45 @@ The Python API is the same set of functions the CLI calls:
     from tunekit import load_config, fine_tune, evaluate
     run_dir = fine_tune(load_config("examples/lora_tickets.yaml"))  # any task: sft, classify, dpo, ...
     report = evaluate(run_dir)
+
+The names load on first use, so `import tunekit` (and `tunekit --help`) does not import torch.
 """
 
-from tunekit.config import Config, config_from_dict, load_config
-from tunekit.data import load_examples, split_examples, write_split
-from tunekit.errors import ConfigError, DataError, ModelError, TunekitError
-from tunekit.eval.evaluate import evaluate
-from tunekit.quickstart import quickstart
-from tunekit.train import train as fine_tune
-from tunekit.train.sft import train_sft
+from __future__ import annotations
 
-__all__ = [
-    "Config",
-    "ConfigError",
-    "DataError",
-    "ModelError",
-    "TunekitError",
-    "config_from_dict",
-    "evaluate",
-    "fine_tune",
-    "load_config",
-    "load_examples",
-    "quickstart",
-    "split_examples",
-    "train_sft",
-    "write_split",
-]
+from importlib import import_module
+
+# public name -> (module, attribute)
+_API = {
+    "Config": ("tunekit.config", "Config"),
+    "config_from_dict": ("tunekit.config", "config_from_dict"),
+    "load_config": ("tunekit.config", "load_config"),
+    "load_examples": ("tunekit.data", "load_examples"),
+    "split_examples": ("tunekit.data", "split_examples"),
+    "write_split": ("tunekit.data", "write_split"),
+    "ConfigError": ("tunekit.errors", "ConfigError"),
+    "DataError": ("tunekit.errors", "DataError"),
+    "ModelError": ("tunekit.errors", "ModelError"),
+    "TunekitError": ("tunekit.errors", "TunekitError"),
+    "evaluate": ("tunekit.eval.evaluate", "evaluate"),
+    "quickstart": ("tunekit.quickstart", "quickstart"),
+    "fine_tune": ("tunekit.train.session", "train"),
+    "resume": ("tunekit.train.session", "resume"),
+    "train_sft": ("tunekit.train.session", "train_sft"),
+}
+
+__all__ = sorted(_API)
 __version__ = "0.1.0"
+
+
+def __getattr__(name: str):
+    if name not in _API:
+        raise AttributeError(f"module 'tunekit' has no attribute {name!r}")
+    module, attr = _API[name]
+    value = getattr(import_module(module), attr)
+    globals()[name] = value  # later lookups skip this function
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted(list(globals()) + __all__)

@@ -45,7 +45,7 @@ def train(
     """Fine-tune a model as CONFIG says; writes the run directory. The data is checked first."""
     from tunekit.config import load_config
     from tunekit.train import distributed
-    from tunekit.train import train as train_task
+    from tunekit.train.session import train as train_task
 
     overrides = (set_ or []) + ([f"train.init_from={from_}"] if from_ is not None else [])
     cfg = load_config(config, overrides)  # a bad config fails here, once, before any worker starts
@@ -63,7 +63,7 @@ def resume_(
     run_dir: Annotated[Path, typer.Argument(help="The run directory of an interrupted `tunekit train`.")],
 ) -> None:
     """Continue an interrupted run from its newest complete checkpoint, with its own config."""
-    from tunekit.train import resume as resume_run
+    from tunekit.train.session import resume as resume_run
 
     resume_run(run_dir)
 
@@ -91,7 +91,7 @@ def eval_(
 ) -> None:
     """Compare the base (zero- and few-shot) and the fine-tuned model on held-out examples, with the
     forgetting probe; writes report.json, report.md and report.html."""
-    from tunekit.eval.evaluate import evaluate, evaluate_generation
+    from tunekit.eval.evaluate import evaluate
     from tunekit.quickstart import print_comparison
 
     if compare is not None:
@@ -103,21 +103,7 @@ def eval_(
         return
     if run_dir is None:
         raise TunekitError("give a run directory (tunekit eval runs/NAME) or --compare RUN_A RUN_B")
-    if few_shot is not None or probe is not None:
-        from tunekit.run_dir import load_run_config
-
-        if load_run_config(run_dir).task != "sft":
-            raise TunekitError("--few-shot and --probe apply to generation (task: sft) runs only")
-        report = evaluate_generation(run_dir, data, few_shot=few_shot, probe=probe)
-    elif reward_model is not None:
-        from tunekit.eval.preference import evaluate_preference
-        from tunekit.run_dir import load_run_config
-
-        if load_run_config(run_dir).task not in ("dpo", "rl"):
-            raise TunekitError("--reward-model applies to dpo and rl runs only")
-        report = evaluate_preference(run_dir, data, reward_model=reward_model)
-    else:
-        report = evaluate(run_dir, data)
+    report = evaluate(run_dir, data, few_shot=few_shot, probe=probe, reward_model=reward_model)
     print_comparison(report)
     err.print(f"report: {run_dir / 'report.md'}")
 
@@ -187,7 +173,12 @@ def data_check(
     if config is not None:
         from tunekit.config import load_config
 
-        report = check_config(load_config(config), estimate=estimate, price_per_hour=price_per_hour)
+        cfg = load_config(config)
+        report = check_config(cfg)
+        if estimate:
+            from tunekit.estimate.training import estimate_checked
+
+            report.estimate = estimate_checked(cfg, report, price_per_hour)
     elif files:
         if estimate:
             raise TunekitError("--estimate needs --config: the estimate is for a training config")
@@ -241,7 +232,7 @@ def data_augment(
 ) -> None:
     """Draft new examples for the weak labels or failure groups with a local model, check them, and
     write them for review: never into the training data."""
-    from tunekit.data.augment import augment, print_summary
+    from tunekit.iterate.augment import augment, print_summary
 
     targets = [x.strip() for x in labels.split(",") if x.strip()] if labels is not None else None
     if labels is not None and not targets:
@@ -319,8 +310,8 @@ def estimate(
     """Predict peak memory (weights, gradients, optimizer, activations, logits) and training time
     before training, here and on 24/48/80 GB GPUs."""
     from tunekit.config import load_config
+    from tunekit.estimate.training import estimate_report, print_estimate
     from tunekit.io import atomic_write_json
-    from tunekit.train.estimate import estimate_report, print_estimate
 
     report = estimate_report(
         load_config(config, set_ or []),
@@ -387,7 +378,7 @@ def runs(
     run: Annotated[str | None, typer.Argument(help="Show this run (id, name or folder).")] = None,
 ) -> None:
     """List the registered runs, or show one: config, status, metrics, artifacts."""
-    from tunekit.registry import print_run, print_runs
+    from tunekit.runs.registry import print_run, print_runs
 
     print_run(run) if run else print_runs()
 

@@ -236,12 +236,22 @@ class EvalConfig(_Strict):
 class DistributedConfig(_Strict):
     """Several processes or machines (`tunekit train CONFIG --nproc N`); one process ignores it."""
 
-    strategy: Literal["ddp", "fsdp", "deepspeed"] = Field(
+    strategy: Literal["ddp", "fsdp"] = Field(
         "ddp",
         description="ddp: every process holds the whole model; gradients are averaged. fsdp: FSDP2 shards "
         "each decoder layer and the rest (weights, gradients, AdamW state) over the processes "
-        "(method: qlora too, its 4-bit weights stored as floats). deepspeed: not implemented (refused).",
+        "(method: qlora too, its 4-bit weights stored as floats).",
     )
+
+    @field_validator("strategy", mode="before")
+    @classmethod
+    def _no_deepspeed(cls, v):
+        if v == "deepspeed":
+            raise ValueError(
+                "deepspeed is not supported (tunekit does not drive DeepSpeed); use ddp, or fsdp to shard "
+                "the weights, gradients and optimizer state over the processes"
+            )
+        return v
 
 
 class Config(_Strict):
@@ -251,8 +261,10 @@ class Config(_Strict):
     method: Literal["full", "lora", "qlora"] = Field(
         "lora", description="full: every weight; lora: adapters; qlora: adapters on a 4-bit NF4 base."
     )
-    task: Literal["sft", "classify", "reward", "dpo", "rl"] = Field(
-        "sft", description="sft, classify (label head), reward (pairs), dpo (pairs) or rl (RLHF)."
+    task: str = Field(
+        "sft",
+        description="What to train, a row of the task table (tasks.py): "
+        "sft, classify (label head), reward (pairs), dpo (pairs) or rl (RLHF).",
     )
     data: DataConfig
     lora: LoraConfig = Field(default_factory=LoraConfig)
@@ -263,15 +275,21 @@ class Config(_Strict):
     distributed: DistributedConfig = Field(default_factory=DistributedConfig)
     output_dir: Path = Field(Path("runs/run"), description="The run directory.")
 
+    @field_validator("task")
+    @classmethod
+    def _known_task(cls, v: str) -> str:
+        from tunekit.tasks import task_names
+
+        if v not in task_names():
+            near = difflib.get_close_matches(v, task_names(), n=1)
+            hint = f"did you mean {near[0]!r}? " if near else ""
+            raise ValueError(f"unknown task {v!r}; {hint}one of {', '.join(task_names())}")
+        return v
+
     @model_validator(mode="after")
     def _model_nonempty(self) -> Config:
         if not self.model.strip():
             raise ValueError("model: must name an alias, a local folder or a hub id")
-        if self.task == "rl" and self.rl.max_new_tokens >= self.train.max_length:
-            raise ValueError(
-                f"rl.max_new_tokens: {self.rl.max_new_tokens} leaves no room for the prompt in "
-                f"train.max_length: {self.train.max_length}; raise train.max_length or lower rl.max_new_tokens"
-            )
         return self
 
 

@@ -19,7 +19,7 @@ from tunekit.config import Config, config_from_dict
 from tunekit.console import out as console
 from tunekit.eval.evaluate import evaluate
 from tunekit.io import atomic_write_json
-from tunekit.train.sft import train_sft
+from tunekit.train.session import train
 
 
 def demo_data_path() -> Path:
@@ -48,7 +48,7 @@ def quickstart(output_dir: str | Path = "runs/quickstart", overrides: list[str] 
     """Train, evaluate base vs fine-tuned, print the comparison. Returns the report."""
     cfg = quickstart_config(output_dir, overrides)
     t0 = time.perf_counter()
-    run_dir = train_sft(cfg)
+    run_dir = train(cfg)
     t_train = time.perf_counter() - t0
     t1 = time.perf_counter()
     report = evaluate(run_dir)

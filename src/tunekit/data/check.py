@@ -284,7 +284,7 @@ def check_data(
     return CheckReport(checks, warnings, duplicates, leakage, stats, token_lengths=lengths)
 
 
-def check_config(cfg, *, estimate: bool = False, price_per_hour: float | None = None) -> CheckReport:
+def check_config(cfg) -> CheckReport:
     """Check the data a config trains on, with its model, max_length and label set."""
     d = cfg.data
     files = [p for p in (d.train, d.validation, d.test) if p is not None]
@@ -296,14 +296,6 @@ def check_config(cfg, *, estimate: bool = False, price_per_hour: float | None = 
         model=cfg.model,
         max_length=cfg.train.max_length,
     )
-    if estimate and report.files[0].examples:
-        from tunekit.train.estimate import estimate_training
-
-        train_split = cfg.data.split[0] if d.validation is None or d.test is None else 1.0
-        lengths = report.token_lengths[: len(report.files[0].examples)]  # the train file comes first
-        # The training split is a share of the train file when validation/test are split off it.
-        lengths = lengths[: max(1, int(len(lengths) * train_split))]
-        report.estimate = estimate_training(cfg, lengths, price_per_hour)
     return report
 
 

@@ -20,8 +20,8 @@ from tunekit.errors import TunekitError
 from tunekit.eval.metrics import macro_f1
 from tunekit.eval.report import comparison_table
 from tunekit.io import atomic_write_json, atomic_write_text
-from tunekit.run_dir import load_run_config, load_test_examples
-from tunekit.train.classify import class_logits, collate_labelled, encode, input_text, require_labels
+from tunekit.runs.directory import load_run_config, load_test_examples
+from tunekit.train.recipes.classify import class_logits, collate_labelled, encode, input_text, require_labels
 from tunekit.train.setup import load_trained, read_labels
 
 NO_BASE = (

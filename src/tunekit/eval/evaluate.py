@@ -19,7 +19,7 @@ from tunekit.eval.metrics import normalize
 from tunekit.eval.report import write_report
 from tunekit.io import atomic_write_json
 from tunekit.models import load_model, resolve_model
-from tunekit.run_dir import load_run_config, load_test_examples, read_split
+from tunekit.runs.directory import load_run_config, load_test_examples, read_split
 from tunekit.train.setup import load_trained
 
 
@@ -38,27 +38,14 @@ def _contender(model, is_adapter: bool, cfg, name: str):
         del base
 
 
-# task -> (module, function) for the tasks whose evaluation is not generation: each lives in its
-# own file, and `tunekit eval RUN_DIR` picks by the run's task.
-EVALUATORS = {
-    "classify": ("tunekit.eval.classify", "evaluate_classifier"),
-    "reward": ("tunekit.eval.preference", "evaluate_preference"),
-    "dpo": ("tunekit.eval.preference", "evaluate_preference"),
-    "rl": ("tunekit.eval.preference", "evaluate_preference"),
-}
-
-
-def evaluate(run_dir: str | Path, data: str | Path | None = None, quiet: bool = False) -> dict:
-    """Evaluate a run on its held-out test split (or `data`) as its task needs; writes report.json
-    and report.md. For sft: the base against the fine-tuned model, by generation."""
-    from importlib import import_module
+def evaluate(run_dir: str | Path, data: str | Path | None = None, quiet: bool = False, **options) -> dict:
+    """Evaluate a run on its held-out test split (or `data`) as its task's row of the task table
+    says; writes report.json and report.md. `options` are the task's own (`few_shot`, `probe` for
+    sft; `reward_model` for dpo and rl); one the task does not take is an error."""
+    from tunekit.tasks import get_task
 
     run_dir = Path(run_dir)
-    cfg = load_run_config(run_dir)
-    if cfg.task in EVALUATORS:
-        module, func = EVALUATORS[cfg.task]
-        return getattr(import_module(module), func)(run_dir, data, quiet=quiet)
-    return evaluate_generation(run_dir, data, quiet)
+    return get_task(load_run_config(run_dir).task).evaluate(run_dir, data, quiet, **options)
 
 
 def evaluate_generation(

@@ -16,8 +16,9 @@ Writes report.json (`task_metric`, `n_test`, `contenders`), report.md and predic
 from __future__ import annotations
 
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
 
 from tunekit.console import err as console
@@ -26,31 +27,76 @@ from tunekit.errors import TunekitError
 from tunekit.eval.generate import generate
 from tunekit.eval.report import comparison_table
 from tunekit.io import atomic_write_json, atomic_write_text
-from tunekit.run_dir import load_run_config, read_split
-from tunekit.train.dpo import compute_reference_logps, evaluate_pairs, reference, split_pair, tokenize_pairs
+from tunekit.runs.directory import load_run_config, read_split
+from tunekit.train.recipes.dpo import (
+    compute_reference_logps,
+    evaluate_pairs,
+    reference,
+    split_pair,
+    tokenize_pairs,
+)
 from tunekit.train.setup import ADAPTER_DIR, MODEL_DIR, load_base, load_trained
 
 
-def evaluate_preference(
-    run_dir: str | Path,
-    data: str | Path | None = None,
-    quiet: bool = False,
-    reward_model: str | Path | None = None,
+def evaluate_reward(run_dir: str | Path, data: str | Path | None = None, quiet: bool = False) -> dict:
+    """task: reward: the reward model's pairwise accuracy and margin on the test pairs (or `data`)."""
+    return _evaluate(
+        run_dir, data, quiet, lambda run_dir, cfg, examples: _reward_report(run_dir, cfg, examples)
+    )
+
+
+def evaluate_dpo(
+    run_dir: str | Path, data: str | Path | None = None, quiet: bool = False, reward_model=None
 ) -> dict:
-    """Evaluate a reward, dpo or rl run on its test pairs (or the pairs in `data`); writes
-    report.json, report.md and predictions.json into the run directory and returns the report."""
+    """task: dpo: the policy against the base model it started from (its reference in training)."""
+
+    def setup(run_dir: Path, cfg) -> _PolicyEval:
+        return _PolicyEval(
+            beta=cfg.dpo.beta,
+            reference=_base_reference(cfg),
+            reference_name="base model",
+            reward_model=Path(reward_model or cfg.rl.reward_model)
+            if (reward_model or cfg.rl.reward_model)
+            else None,
+            win_rate_is_task_metric=False,
+            max_new_tokens=cfg.eval.max_new_tokens or 64,
+        )
+
+    return _evaluate(
+        run_dir, data, quiet, lambda d, cfg, ex: _policy_report(d, cfg, ex, setup(d, cfg), quiet)
+    )
+
+
+def evaluate_rl(
+    run_dir: str | Path, data: str | Path | None = None, quiet: bool = False, reward_model=None
+) -> dict:
+    """task: rl: the policy against the SFT policy RL started from, scored by the run's reward stage."""
+    from tunekit.train.recipes.rl import stage_dirs
+
+    def setup(run_dir: Path, cfg) -> _PolicyEval:
+        start, reward_stage = stage_dirs(cfg, run_dir)
+        return _PolicyEval(
+            beta=cfg.rl.kl_coef or 1.0,
+            reference=_policy_reference(start),
+            reference_name=str(start),
+            reward_model=Path(reward_model) if reward_model else reward_stage,
+            win_rate_is_task_metric=True,
+            max_new_tokens=cfg.eval.max_new_tokens or cfg.rl.max_new_tokens,
+        )
+
+    return _evaluate(
+        run_dir, data, quiet, lambda d, cfg, ex: _policy_report(d, cfg, ex, setup(d, cfg), quiet)
+    )
+
+
+def _evaluate(run_dir, data, quiet: bool, score) -> dict:
+    """Score the test pairs with `score(run_dir, cfg, examples) -> (report, rows)`; write report.json,
+    report.md and predictions.json."""
     run_dir = Path(run_dir)
     cfg = load_run_config(run_dir)
     examples = _test_pairs(run_dir, cfg, data)
     t0 = time.perf_counter()
-    if cfg.task == "reward":
-        report, rows = _reward_report(run_dir, cfg, examples)
-    elif cfg.task in ("dpo", "rl"):
-        report, rows = _policy_report(run_dir, cfg, examples, reward_model, quiet)
-    else:
-        raise TunekitError(
-            f"{run_dir}: a task: {cfg.task} run; preference evaluation is for reward, dpo and rl"
-        )
+    report, rows = score(run_dir, cfg, examples)
     report = {
         "task": cfg.task,
         "task_metric": report.pop("task_metric"),
@@ -68,7 +114,7 @@ def evaluate_preference(
 
 def _test_pairs(run_dir: Path, cfg, data) -> list[Example]:
     from tunekit.data import load_examples
-    from tunekit.train.reward import require_pairs
+    from tunekit.train.recipes.reward import require_pairs
 
     if data is not None:
         examples = load_examples(data, format=cfg.data.format, columns=cfg.data.columns or None)
@@ -110,7 +156,7 @@ def _read_pair_split(run_dir: Path, name: str) -> list[Example]:
 
 def _reward_report(run_dir: Path, cfg, examples: list[Example]) -> tuple[dict, list[dict]]:
     """Pairwise accuracy and mean margin of the reward model, from one scoring pass."""
-    from tunekit.train.reward import load_reward_model, score_texts
+    from tunekit.train.recipes.reward import load_reward_model, score_texts
 
     model, tokenizer = load_reward_model(run_dir)
     convs = [[*p, *c] for p, c, _ in map(split_pair, examples)] + [
@@ -141,14 +187,25 @@ def _reward_report(run_dir: Path, cfg, examples: list[Example]) -> tuple[dict, l
 # task: dpo and rl
 
 
-def _policy_report(run_dir: Path, cfg, examples, reward_model, quiet: bool) -> tuple[dict, list[dict]]:
+@dataclass(frozen=True)
+class _PolicyEval:
+    """What differs between the preference-trained policies (dpo, rl) in their evaluation."""
+
+    beta: float  # of the implicit reward beta * log(policy / reference)
+    reference: Callable  # (model, is_adapter) -> a context manager yielding the reference policy
+    reference_name: str
+    reward_model: Path | None  # scores the win rate; None: not measured
+    win_rate_is_task_metric: bool
+    max_new_tokens: int
+
+
+def _policy_report(run_dir: Path, cfg, examples, ev: _PolicyEval, quiet: bool) -> tuple[dict, list[dict]]:
     model, tokenizer, is_adapter = load_trained(run_dir)
     pad = tokenizer.pad_token_id
-    beta = cfg.dpo.beta if cfg.task == "dpo" else (cfg.rl.kl_coef or 1.0)
     pairs = tokenize_pairs(tokenizer, examples, cfg.train.max_length, "test")
-    with _reference(run_dir, cfg, model, is_adapter) as ref:
+    with ev.reference(model, is_adapter) as ref:
         compute_reference_logps(ref, pairs, pad, cfg.eval.batch_size)
-    implicit = evaluate_pairs(model, pairs, pad, beta, 0.0, cfg.eval.batch_size)
+    implicit = evaluate_pairs(model, pairs, pad, ev.beta, 0.0, cfg.eval.batch_size)
     policy = {"preference_accuracy": implicit["val_accuracy"], "reward_margin": implicit["val_margin"]}
     # The reference against itself: every implicit reward is 0, a tie, which counts as wrong.
     ref_metrics = {"preference_accuracy": 0.0, "reward_margin": 0.0}
@@ -163,21 +220,20 @@ def _policy_report(run_dir: Path, cfg, examples, reward_model, quiet: bool) -> t
         for ex in examples
     ]  # fmt: skip
 
-    rm_dir = _reward_model_dir(run_dir, cfg, reward_model)
-    report: dict = {"task_metric": "preference_accuracy", "beta": beta, "reward_model": None}
-    if rm_dir is None:
+    report: dict = {"task_metric": "preference_accuracy", "beta": ev.beta, "reward_model": None}
+    if ev.reward_model is None:
         report["win_rate_note"] = (
             "no reward model: the win rate was not measured (set rl.reward_model in the config, or pass one)"
         )
     else:
-        wins = _win_rate(run_dir, cfg, model, tokenizer, is_adapter, examples, rm_dir, rows)
+        wins = _win_rate(cfg, model, tokenizer, is_adapter, examples, ev, rows)
         policy |= {"reward_score": wins["policy_score"], "win_rate": wins["win_rate"]}
         ref_metrics |= {"reward_score": wins["reference_score"], "win_rate": 1 - wins["win_rate"]}
-        report["reward_model"] = str(rm_dir)
-        if cfg.task == "rl":
+        report["reward_model"] = str(ev.reward_model)
+        if ev.win_rate_is_task_metric:
             report["task_metric"] = "win_rate"
     report["contenders"] = {"reference": ref_metrics, "policy": policy}
-    report["reference_model"] = "base model" if cfg.task == "dpo" else str(_policy_start(run_dir, cfg))
+    report["reference_model"] = ev.reference_name
     return report, rows
 
 
@@ -185,7 +241,7 @@ def _policy_logps(model, pairs, pad: int, batch_size: int) -> dict[str, float]:
     """Mean summed log-prob of the chosen and of the rejected answers under `model`."""
     import torch
 
-    from tunekit.train.dpo import collate_pairs, sequence_logps
+    from tunekit.train.recipes.dpo import collate_pairs, sequence_logps
 
     chosen = rejected = 0.0
     with torch.no_grad():
@@ -196,28 +252,32 @@ def _policy_logps(model, pairs, pad: int, batch_size: int) -> dict[str, float]:
     return {"logp_chosen": chosen / len(pairs), "logp_rejected": rejected / len(pairs)}
 
 
-def _policy_start(run_dir: Path, cfg) -> Path:
-    from tunekit.train.rl import stage_dirs
+def _base_reference(cfg) -> Callable:
+    """dpo's reference: the base (the adapter switched off, or the base model loaded beside a full
+    fine-tune)."""
 
-    return stage_dirs(cfg, run_dir)[0]
-
-
-@contextmanager
-def _reference(run_dir: Path, cfg, model, is_adapter: bool) -> Iterator:
-    """The reference policy. dpo: the base (the adapter switched off, or the base model loaded
-    beside a full fine-tune). rl: the SFT policy RL started from (its adapter loaded beside the RL
-    adapter on the same base, or its full model)."""
-    if cfg.task == "dpo" and is_adapter:
-        with reference(model) as ref:
-            yield ref
-        return
-    if cfg.task == "dpo":
+    @contextmanager
+    def ref(model, is_adapter: bool) -> Iterator:
+        if is_adapter:
+            with reference(model) as r:
+                yield r
+            return
         from tunekit.models import resolve_model
 
         yield load_base(resolve_model(cfg.model), "full").eval()
-        return
-    start = _policy_start(run_dir, cfg)
-    if is_adapter:
+
+    return ref
+
+
+def _policy_reference(start: Path) -> Callable:
+    """rl's reference: the SFT policy RL started from (its adapter loaded beside the RL adapter on
+    the same base, or its full model)."""
+
+    @contextmanager
+    def ref(model, is_adapter: bool) -> Iterator:
+        if not is_adapter:
+            yield load_base(start / MODEL_DIR, "full").eval()
+            return
         if "reference" not in model.peft_config:
             model.load_adapter(start / ADAPTER_DIR, adapter_name="reference")
         model.set_adapter("reference")
@@ -225,32 +285,22 @@ def _reference(run_dir: Path, cfg, model, is_adapter: bool) -> Iterator:
             yield model
         finally:
             model.set_adapter("default")
-        return
-    yield load_base(start / MODEL_DIR, "full").eval()
+
+    return ref
 
 
-def _reward_model_dir(run_dir: Path, cfg, given) -> Path | None:
-    if given is not None:
-        return Path(given)
-    if cfg.task == "rl":
-        from tunekit.train.rl import stage_dirs
-
-        return stage_dirs(cfg, run_dir)[1]
-    return Path(cfg.rl.reward_model) if cfg.rl.reward_model else None
-
-
-def _win_rate(run_dir, cfg, model, tokenizer, is_adapter, examples, rm_dir, rows) -> dict[str, float]:
+def _win_rate(cfg, model, tokenizer, is_adapter, examples, ev: _PolicyEval, rows) -> dict[str, float]:
     """Greedy answers of policy and reference to each test prompt, scored by the reward model."""
-    from tunekit.train.reward import load_reward_model, score_texts
+    from tunekit.train.recipes.reward import load_reward_model, score_texts
 
     prompts = [split_pair(ex)[0] for ex in examples]
     asks = [Example(messages=(*p, Message("assistant", ""))) for p in prompts]  # .prompt is p
-    max_new = cfg.eval.max_new_tokens or (cfg.rl.max_new_tokens if cfg.task == "rl" else 64)
+    max_new = ev.max_new_tokens
     answers = {}
-    with _reference(run_dir, cfg, model, is_adapter) as ref:
+    with ev.reference(model, is_adapter) as ref:
         answers["reference"] = generate(ref, tokenizer, asks, max_new, cfg.eval.batch_size)
     answers["policy"] = generate(model, tokenizer, asks, max_new, cfg.eval.batch_size)
-    rm, rm_tok = load_reward_model(rm_dir)
+    rm, rm_tok = load_reward_model(ev.reward_model)
     scores = {
         name: score_texts(
             rm, rm_tok, [_dicts([*p, Message("assistant", a)]) for p, a in zip(prompts, texts, strict=True)],

@@ -6,7 +6,7 @@ import json
 from pathlib import Path
 
 from tunekit.io import atomic_write_text
-from tunekit.run_dir import read_metrics
+from tunekit.runs.directory import read_metrics
 
 
 def _fmt(v) -> str:

@@ -25,19 +25,23 @@ import torch
 
 from tunekit.console import err as console
 from tunekit.errors import TunekitError
-from tunekit.run_dir import load_run_config
+from tunekit.runs.directory import load_run_config
 from tunekit.ship.generation import end_of_turn_token, stop_token_ids
 
 MANIFEST = "tunekit_export.json"
 
 
 def check_generative(run_dir: Path):
-    """The run's config, if its task produces a causal LM (only sft runs can be exported or served)."""
+    """The run's config, if its task yields a language model (the task table's `generative`): only
+    those can be exported, served or chatted with."""
+    from tunekit.tasks import get_task, task_names
+
     cfg = load_run_config(run_dir)
-    if cfg.task != "sft":
+    if not get_task(cfg.task).generative:
+        takers = [t for t in task_names() if get_task(t).generative]
         raise TunekitError(
-            f"{run_dir}: a '{cfg.task}' run has no language-model head to export or serve; only "
-            "task: sft runs can be exported, served or chatted with"
+            f"{run_dir}: a task: {cfg.task} run has no language-model head to export or serve; only "
+            f"task: {', '.join(takers)} runs can be exported, served or chatted with"
         )
     return cfg
 
@@ -159,6 +163,6 @@ def _write_manifest(folder: Path, run_dir: Path, cfg, tokenizer, model, merged: 
 
 
 def _register(run_dir: Path, path: Path) -> None:
-    from tunekit import registry
+    from tunekit.runs import registry
 
     registry.add_artifact(run_dir, "export", path)

@@ -264,19 +264,12 @@ def full_state_dict(model, trainable_only: bool) -> dict[str, torch.Tensor]:
 
 def check_supported(cfg) -> None:
     """Refuse, before any worker starts, what several processes cannot run; every reason at once."""
-    from importlib.util import find_spec
-
     from tunekit.errors import ConfigError
+    from tunekit.tasks import get_task
 
     problems = []
-    if cfg.distributed.strategy == "deepspeed":
-        installed = "installed, but" if find_spec("deepspeed") else "not installed, and"
-        problems.append(
-            f"distributed.strategy: deepspeed is {installed} tunekit does not drive it; use ddp, or fsdp "
-            "to shard the model over the processes"
-        )
-    if cfg.task == "rl":
-        problems.append("task: rl runs in one process (TRL's trainer); drop --nproc")
+    if not get_task(cfg.task).multi_process:
+        problems.append(f"task: {cfg.task} runs in one process; drop --nproc")
     if problems:
         raise ConfigError(problems, "config")
 

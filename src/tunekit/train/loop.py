@@ -11,7 +11,6 @@ from __future__ import annotations
 import json
 import math
 import signal
-import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -24,7 +23,8 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from tunekit.config import TrainConfig
 from tunekit.console import err as console
 from tunekit.errors import Interrupted, TunekitError
-from tunekit.train import distributed, trackers
+from tunekit.runs import trackers
+from tunekit.train import distributed, signals
 from tunekit.train.batching import length_grouped_batches
 from tunekit.train.checkpoint import (
     checkpoint_bytes,
@@ -100,31 +100,6 @@ def _grad_norm(params: list[torch.Tensor], max_norm: float | None) -> float:
     if max_norm:
         torch.nn.utils.clip_grads_with_norm_(params, max_norm, norm)
     return float(norm)
-
-
-class _StopOnSignal:
-    """SIGTERM/SIGINT ask the loop to stop at the end of the current step (after a checkpoint); a
-    second SIGINT stops at once. Only the main thread can own signal handlers; elsewhere it is a no-op."""
-
-    def __init__(self):
-        self.signum: int | None = None
-        self._previous: dict[int, object] = {}
-
-    def _handle(self, signum, frame):
-        if self.signum == signal.SIGINT and signum == signal.SIGINT:
-            raise KeyboardInterrupt
-        self.signum = signum
-        console.print(f"[yellow]{signal.Signals(signum).name}: stopping after this step, with a checkpoint")
-
-    def __enter__(self):
-        if threading.current_thread() is threading.main_thread():
-            for sig in (signal.SIGTERM, signal.SIGINT):
-                self._previous[sig] = signal.signal(sig, self._handle)
-        return self
-
-    def __exit__(self, *exc):
-        for sig, handler in self._previous.items():
-            signal.signal(sig, handler)
 
 
 def _truncate_metrics(path: Path, step: int) -> None:
@@ -227,7 +202,7 @@ def run_loop(
         console=console,
         disable=quiet,
     )
-    with _StopOnSignal() as stop, progress:
+    with signals.deferred() as stop, progress:
         bar = progress.add_task("train", total=total_steps, completed=step, info="")
         while step < total_steps:
             if not step_groups:

@@ -14,7 +14,7 @@ import torch.nn.functional as F
 from tunekit.data.tokenize import IGNORE_INDEX
 from tunekit.models.device import autocast, model_device
 from tunekit.models.load import unwrap_peft
-from tunekit.train import padding_free
+from tunekit.train.speed import padding_free
 
 
 def _decoder_and_head(model):

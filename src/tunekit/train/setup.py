@@ -25,9 +25,9 @@ from tunekit.errors import ConfigError, ModelError, TunekitError
 from tunekit.models.device import bf16_autocast, default_device, place
 from tunekit.models.load import decoder_layers
 from tunekit.train import distributed
-from tunekit.train.fused_lora import fuse_lora_layers, unfuse_lora_layers
-from tunekit.train.lean import enable_lean_activations
-from tunekit.train.padding_free import enable_padding_free
+from tunekit.train.speed.fused_lora import fuse_lora_layers, unfuse_lora_layers
+from tunekit.train.speed.lean import enable_lean_activations
+from tunekit.train.speed.padding_free import enable_padding_free
 
 ADAPTER_DIR = "adapter"  # lora, dora and qlora runs save here (PEFT format + tokenizer)
 MODEL_DIR = "model"  # full fine-tuning saves the whole model here (safetensors + tokenizer)
@@ -57,7 +57,7 @@ def add_lora(model, lora: LoraConfig, seed: int, task_type: str = "CAUSAL_LM"):
             # On a bf16 base (frozen_base_dtype): AdamW on bf16 weights loses small updates to
             # rounding. PEFT keeps the adapters in fp32 already; this catches a classifier's score head.
             p.data = p.data.float()
-    # PEFT's forward, fused into one autograd node per layer where that is exact (train/fused_lora.py).
+    # PEFT's forward, fused into one autograd node per layer where that is exact (train/speed/fused_lora.py).
     fuse_lora_layers(model)
     return model
 
@@ -241,6 +241,39 @@ def enable_checkpointing(model, every_n_layers: int) -> None:
         )
 
 
+def init_from_run(model, run_dir: Path, method: str, quiet: bool) -> None:
+    """`tunekit train --from RUN_DIR`: start from an earlier run's trained weights (its adapter, or
+    its full model), to continue on new data. The methods must match."""
+    from safetensors.torch import load_file
+
+    run_dir = Path(run_dir)
+    adapter = run_dir / "adapter" / "adapter_model.safetensors"
+    full = sorted((run_dir / "model").glob("*.safetensors"))
+    if method == "full" and full:
+        state = {}
+        for f in full:
+            state |= load_file(f)
+        missing, unexpected = model.load_state_dict(state, strict=False)
+        if unexpected or len(missing) > 1:  # a tied lm_head may be absent from the file
+            raise TunekitError(
+                f"train.init_from: {run_dir}/model does not fit this model ({unexpected[:3] or missing[:3]})"
+            )
+    elif method != "full" and adapter.is_file():
+        from peft import set_peft_model_state_dict
+
+        result = set_peft_model_state_dict(model, load_file(adapter))
+        if getattr(result, "unexpected_keys", None):
+            raise TunekitError(
+                f"train.init_from: the adapter of {run_dir} does not fit this config's LoRA settings "
+                f"(unexpected {result.unexpected_keys[:3]}); use the same lora.r and target_modules"
+            )
+    else:
+        want = "model/ (a full fine-tune)" if method == "full" else "adapter/ (a LoRA run)"
+        raise TunekitError(f"train.init_from: {run_dir} has no {want}; --from needs a run of the same method")
+    if not quiet:
+        console.print(f"starting from the weights of {run_dir}")
+
+
 def save_trained(model, tokenizer, run_dir: Path, method: str) -> Path:
     """Save the adapter (lora, dora, qlora) or the whole model (full) plus the tokenizer, atomically:
     into a temporary folder that is renamed into place, so a crash never leaves half a model."""
@@ -292,7 +325,7 @@ def load_trained(run_dir: str | Path, head: str = "causal"):
     `model.disable_adapter()`; the base of a full run must be loaded separately.
     """
     from tunekit.models import load_tokenizer, resolve_model
-    from tunekit.run_dir import load_run_config
+    from tunekit.runs.directory import load_run_config
 
     run_dir = Path(run_dir)
     cfg = load_run_config(run_dir)

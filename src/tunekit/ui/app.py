@@ -23,7 +23,7 @@ def create_ui_app():
     from fastapi import FastAPI, HTTPException
     from fastapi.responses import HTMLResponse
 
-    from tunekit import registry
+    from tunekit.runs import registry
 
     app = FastAPI(title="tunekit", docs_url=None, redoc_url=None)
     page = resources.files("tunekit.ui").joinpath("static/index.html").read_text(encoding="utf-8")
@@ -73,7 +73,7 @@ def serve_ui(host: str = "127.0.0.1", port: int = 8765) -> None:
     import uvicorn
 
     from tunekit.console import err
-    from tunekit.registry import registry_path
+    from tunekit.runs.registry import registry_path
 
     err.print(f"tunekit dashboard over {registry_path()}: http://{host}:{port}/")
     uvicorn.run(create_ui_app(), host=host, port=port, log_level="warning")

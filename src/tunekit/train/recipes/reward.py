@@ -1,6 +1,6 @@
 """Reward model (`task: reward`): learn a scalar score that prefers the chosen answer, top to bottom.
 
-Run as: `tunekit train examples/reward_pairs.yaml` or `tunekit.train.reward.train_reward(cfg)`.
+Run as: `tunekit train examples/reward_pairs.yaml` or `tunekit.train.recipes.reward.train_reward(cfg)`.
 
 A preference pair (prompt, chosen, rejected) becomes two full conversations, rendered with the
 model's chat template. One score head (num_labels=1) reads each conversation's last token, and the
@@ -9,43 +9,37 @@ one. Chosen and rejected of a pair go through the model in the same (2B, T) forw
 chosen answer scores higher) and the loss.
 
 The scoring helpers at the bottom (`load_reward_model`, `score_texts`, `pairwise_accuracy`) are
-what evaluation and RL (train/rl.py, eval/preference.py) use to read a trained reward model.
+what evaluation and RL (train/recipes/rl.py, eval/preference.py) use to read a trained reward model.
 """
 
 from __future__ import annotations
 
-import time
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 
-from tunekit.config import Config
 from tunekit.data.example import Example, Message
 from tunekit.data.tokenize import render
 from tunekit.errors import DataError, TunekitError
 from tunekit.models import load_tokenizer, resolve_model
 from tunekit.models.device import autocast, model_device, to_device
+from tunekit.tasks import Task
 from tunekit.train.loop import Recipe, run_loop
 from tunekit.train.setup import build_model, load_trained, save_trained
-from tunekit.train.sft import announce, finish_run, start_run
 
 PAIR_FORMATS = "preference ({prompt, chosen, rejected}), sharegpt_preference or anthropic_hh"
 
 
-def train_reward(
-    cfg: Config, quiet: bool = False, allow_data_errors: bool = False, resume: bool = False
-) -> Path:
+def train_reward(run) -> Path:
     """Train a reward model (full, LoRA, DoRA or QLoRA) on preference pairs; returns the run directory."""
-    t_start = time.perf_counter()
-    run_dir, splits = start_run(cfg, quiet, allow_data_errors, resume)
+    cfg, splits, run_dir, quiet = run.cfg, run.splits, run.dir, run.quiet
     for name, examples in splits.items():
         require_pairs(examples, name)
 
     model_path = resolve_model(cfg.model)
     tokenizer = load_tokenizer(model_path)
     model, params = build_model(cfg, model_path, head="score", num_labels=1)
-    t_setup = time.perf_counter() - t_start
 
     tc = cfg.train
     train_pairs = [tokenize_pair(tokenizer, ex, tc.max_length) for ex in splits["train"]]
@@ -59,10 +53,10 @@ def train_reward(
         step=bradley_terry_step,
         validate=lambda m, pairs: validate_pairs(m, pairs, pad_id, cfg.eval.batch_size),
     )
-    announce(cfg, model, params, len(train_pairs), len(val_pairs), len(splits["test"]), quiet)
-    result = run_loop(model, params, recipe, tc, run_dir, quiet, resume=resume)
+    run.announce(model, params, len(train_pairs), len(val_pairs))
+    result = run_loop(model, params, recipe, tc, run_dir, quiet, resume=run.resume)
     saved = save_trained(model, tokenizer, run_dir, cfg.method)
-    finish_run(cfg, run_dir, result, model_path, params, splits, t_setup, t_start, saved, quiet)
+    run.finish(result, model_path=model_path, params=params, saved=saved)
     return run_dir
 
 
@@ -164,7 +158,7 @@ def validate_pairs(model, pairs, pad_id: int, batch_size: int) -> dict[str, floa
 
 def load_reward_model(run_dir: str | Path):
     """The reward model of a `task: reward` run, in eval mode, and its tokenizer."""
-    from tunekit.run_dir import load_run_config
+    from tunekit.runs.directory import load_run_config
 
     cfg = load_run_config(run_dir)
     if cfg.task != "reward":
@@ -218,3 +212,13 @@ def pairwise_accuracy(
         "accuracy": sum(m > 0 for m in margins) / max(n, 1),
         "mean_margin": sum(margins) / max(n, 1),
     }
+
+
+TASK = Task(
+    name="reward",
+    summary="a reward model: a one-output score head trained on preference pairs (Bradley-Terry)",
+    data="pairs",
+    recipe=train_reward,
+    evaluation="tunekit.eval.preference:evaluate_reward",
+    generative=False,
+)

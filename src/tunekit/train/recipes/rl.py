@@ -5,7 +5,7 @@ Run as: `tunekit train examples/rlhf_pipeline.yaml`, with preference pairs as da
 One run directory holds the whole pipeline:
 
     run_dir/stages/sft/      1. SFT on the prompts and their chosen answers   (when rl.policy is null)
-    run_dir/stages/reward/   2. a reward model on the pairs (train/reward.py)  (when rl.reward_model is null)
+    run_dir/stages/reward/   2. a reward model on the pairs (train/recipes/reward.py)  (when rl.reward_model is null)
     run_dir/adapter/         3. RL: the SFT policy trained to raise the reward model's score, with a
                                 KL penalty (rl.kl_coef) to the SFT policy; model/ for method full
 
@@ -32,11 +32,11 @@ from tunekit.data.tokenize import render
 from tunekit.errors import ConfigError, TunekitError
 from tunekit.models import resolve_model
 from tunekit.models.device import default_device
-from tunekit.run_dir import load_run_config
-from tunekit.train.dpo import split_pair
+from tunekit.runs.directory import load_run_config
+from tunekit.tasks import Task
 from tunekit.train.loop import LoopResult
+from tunekit.train.recipes.dpo import split_pair
 from tunekit.train.setup import ADAPTER_DIR, MODEL_DIR, load_base, save_trained
-from tunekit.train.sft import announce, finish_run, start_run
 
 # TRL log key -> our metrics.jsonl key.
 TRL_METRICS = {
@@ -60,22 +60,16 @@ def stage_dirs(cfg: Config, run_dir: Path) -> tuple[Path, Path]:
     )
 
 
-def train_rl(cfg: Config, quiet: bool = False, allow_data_errors: bool = False, resume: bool = False) -> Path:
+def train_rl(run) -> Path:
     """Run the RLHF pipeline as `cfg.rl` says (SFT and reward stages where not given, then RL);
     returns the run directory, which holds the final policy and train_summary.json."""
-    t_start = time.perf_counter()
-    if resume:
-        raise TunekitError(
-            "task: rl cannot resume yet (its RL stage runs in TRL's own loop); start it again, reusing "
-            "finished stages with rl.policy: RUN/stages/sft and rl.reward_model: RUN/stages/reward"
-        )
-    run_dir, splits = start_run(cfg, quiet, allow_data_errors)
+    cfg, splits, run_dir, quiet = run.cfg, run.splits, run.dir, run.quiet
     policy_dir, reward_dir = stage_dirs(cfg, run_dir)
     stages: dict[str, dict] = {}
     if cfg.rl.policy is None:
-        stages["sft"] = _run_stage(cfg, "sft", policy_dir, quiet, allow_data_errors)
+        stages["sft"] = _run_stage(cfg, "sft", policy_dir, quiet, run.allow_data_errors)
     if cfg.rl.reward_model is None:
-        stages["reward"] = _run_stage(cfg, "reward", reward_dir, quiet, allow_data_errors)
+        stages["reward"] = _run_stage(cfg, "reward", reward_dir, quiet, run.allow_data_errors)
     _check_stage(policy_dir, "rl.policy", ("sft",))
     _check_stage(reward_dir, "rl.reward_model", ("reward",))
 
@@ -87,11 +81,10 @@ def train_rl(cfg: Config, quiet: bool = False, allow_data_errors: bool = False, 
             f"[yellow]RL: {too_long} prompt(s) longer than {max_prompt_tokens} tokens left out "
             "(train.max_length - rl.max_new_tokens); raise train.max_length to keep them[/]"
         )
-    from tunekit.train.reward import load_reward_model
+    from tunekit.train.recipes.reward import load_reward_model
 
     reward_model, reward_tokenizer = load_reward_model(reward_dir)
-    t_setup = time.perf_counter() - t_start
-    announce(cfg, model, params, len(prompts), 0, len(splits["test"]), quiet)
+    run.announce(model, params, len(prompts), 0)
 
     reward = reward_fn(reward_model, reward_tokenizer, cfg.eval.batch_size)
     trainer = _trainer(cfg, run_dir, model, tokenizer, prompts, reward, quiet)
@@ -123,8 +116,8 @@ def train_rl(cfg: Config, quiet: bool = False, allow_data_errors: bool = False, 
         "max_prompt_tokens": max_prompt_tokens,
         "seconds": train_seconds,
     }
-    finish_run(
-        cfg, run_dir, result, resolve_model(cfg.model), params, splits, t_setup, t_start, saved, quiet,
+    run.finish(
+        result, model_path=resolve_model(cfg.model), params=params, saved=saved,
         policy_start=str(policy_dir), reward_model=str(reward_dir), stages=stages,
         final_reward=last.get("reward"), final_kl=last.get("kl"),
         first_reward=next((r["reward"] for r in logged if "reward" in r), None),
@@ -138,7 +131,7 @@ def train_rl(cfg: Config, quiet: bool = False, allow_data_errors: bool = False, 
 
 def _run_stage(cfg: Config, task: str, out: Path, quiet: bool, allow_data_errors: bool) -> dict:
     """Train stage `task` (sft or reward) on the same data and `train` section into `out`."""
-    from tunekit.train import train
+    from tunekit.train.session import train
 
     if not quiet:
         console.print(f"[bold]stage {task}[/] -> {out}")
@@ -229,7 +222,7 @@ def load_policy(policy_dir: Path, cfg: Config):
 
 def reward_fn(reward_model, reward_tokenizer, batch_size: int = 16):
     """TRL's reward-function interface around the reward model: the score of prompt + completion."""
-    from tunekit.train.reward import score_texts
+    from tunekit.train.recipes.reward import score_texts
 
     def reward_model_score(prompts, completions, **_) -> list[float]:
         conversations = [p + c for p, c in zip(prompts, completions, strict=True)]
@@ -310,3 +303,28 @@ def _trainer(cfg: Config, run_dir: Path, model, tokenizer, prompts, reward, quie
     )
     trainer.remove_callback(PrinterCallback)  # our callback prints the mapped records instead
     return trainer
+
+
+def check_rl_config(cfg: Config) -> list[str]:
+    """The room a prompt needs: rl.max_new_tokens must leave some of train.max_length."""
+    if cfg.rl.max_new_tokens >= cfg.train.max_length:
+        return [
+            f"rl.max_new_tokens: {cfg.rl.max_new_tokens} leaves no room for the prompt in "
+            f"train.max_length: {cfg.train.max_length}; raise train.max_length or lower rl.max_new_tokens"
+        ]
+    return []
+
+
+TASK = Task(
+    name="rl",
+    summary="the classic RLHF pipeline: SFT, a reward model, then GRPO/RLOO against it",
+    data="pairs",
+    recipe=train_rl,
+    evaluation="tunekit.eval.preference:evaluate_rl",
+    generative=True,
+    eval_options=("reward_model",),
+    multi_process=False,
+    not_resumable="its RL stage runs in TRL's own loop; start it again, reusing finished stages with "
+    "rl.policy: RUN/stages/sft and rl.reward_model: RUN/stages/reward",
+    check_config=check_rl_config,
+)

@@ -110,7 +110,7 @@ NF4_BYTES_PER_PARAM = 0.5 + 1 / 64 + 4 / (64 * 256)
 #   RoPE, the attention output and log-sum-exp, the four MLP intermediates);
 #   frozen base + adapters: 2h fewer (a frozen norm's weight needs no saved normalized input), plus
 #   the adapters' rank-r intermediates, plus, with dropout, a dropped copy of each adapted input;
-#   lean activations (train/lean.py): 2h + 2i fewer (the norm outputs, act(gate) and the product);
+#   lean activations (train/speed/lean.py): 2h + 2i fewer (the norm outputs, act(gate) and the product);
 #   i fewer with LoRA dropout, where the adapters keep dropped copies of the norm outputs and product.
 # Held before training: cpu measured (python + torch + transformers + peft), gpu the CUDA context (assumed).
 RUNTIME_MB = {"cpu": 420, "gpu": 1024}

@@ -9,7 +9,7 @@ CPU those passes are memory-bound and cost as much as a good part of the rank-16
 `LoraLinearFunction` does the same arithmetic with the scaling folded into the matmuls' alpha and the
 sums accumulated in place (`addmm_`): no extra pass and no extra (tokens x features) tensor. It keeps
 for the backward what PEFT's nodes keep (the input, or the dropped input, and the rank-r
-`drop(x) @ A.T`), so lean activations (`train/lean.py`) still find the norm outputs and MLP products
+`drop(x) @ A.T`), so lean activations (`train/speed/lean.py`) still find the norm outputs and MLP products
 among the saved tensors. The values agree with PEFT's to float rounding (tested).
 
 `fuse_lora_layers` installs it as the forward of every PEFT `lora.Linear` it can compute exactly:

@@ -1,6 +1,6 @@
 """Where a run's progress goes besides its own folder: the run registry, TensorBoard, and MLflow.
 
-- registry (tunekit/registry.py): status, config, every metrics record, summary, artifacts;
+- registry (tunekit/runs/registry.py): status, config, every metrics record, summary, artifacts;
   `tunekit runs` and `tunekit ui` read it.
 - TensorBoard: event files in RUN_DIR/tensorboard/ (`tensorboard --logdir runs/`).
 - MLflow: only when it is installed; it logs to $MLFLOW_TRACKING_URI, or to
@@ -16,7 +16,7 @@ import os
 import warnings
 from pathlib import Path
 
-from tunekit import registry
+from tunekit.runs import registry
 
 _writers: dict[str, object] = {}  # run_dir -> TensorBoard SummaryWriter
 _mlflow_runs: set[str] = set()  # run_dirs with an active MLflow run

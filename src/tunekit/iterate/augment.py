@@ -134,13 +134,14 @@ def load_source(
 
 
 def _run_source(run_dir: Path, model: str | None, max_length: int | None) -> Source:
-    from tunekit.run_dir import SPLITS, load_run_config, read_split
+    from tunekit.runs.directory import SPLITS, load_run_config, read_split
+    from tunekit.tasks import get_task
 
     cfg = load_run_config(run_dir)
-    if cfg.task not in ("sft", "classify"):
+    if get_task(cfg.task).data == "pairs":
         raise TunekitError(
             f"{run_dir}: a task: {cfg.task} run; augment drafts input -> output examples "
-            "(task sft or classify), not preference pairs"
+            "(conversations or labelled text), not preference pairs"
         )
     splits = {s: read_split(run_dir, s) for s in SPLITS}
     if not splits["train"]:

@@ -1,6 +1,6 @@
 """Text classification (`task: classify`): a label head on the model, top to bottom.
 
-Run as: `tunekit train examples/banking77_classifier.yaml` or `tunekit.train.classify.train_classify(cfg)`.
+Run as: `tunekit train examples/banking77_classifier.yaml` or `tunekit.train.recipes.classify.train_classify(cfg)`.
 
 Unlike `task: sft` on the same data (which teaches the model to *write* the label), this puts a
 sequence-classification head (one output per label) on the model: one forward pass per text, no
@@ -12,33 +12,28 @@ loop. The label order is written to labels.json: output i of the head is labels[
 
 from __future__ import annotations
 
-import time
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 
-from tunekit.config import Config
 from tunekit.console import err as console
 from tunekit.data.example import Example
 from tunekit.errors import DataError
 from tunekit.models import load_tokenizer, resolve_model
 from tunekit.models.device import autocast, model_device
+from tunekit.tasks import Task
 from tunekit.train.loop import Recipe, run_loop
 from tunekit.train.setup import build_model, save_trained, write_labels
-from tunekit.train.sft import announce, finish_run, start_run
 
 LABEL_FORMATS = (
     "classification ({text, label}; map other column names with data.columns) or chat with a label"
 )
 
 
-def train_classify(
-    cfg: Config, quiet: bool = False, allow_data_errors: bool = False, resume: bool = False
-) -> Path:
+def train_classify(run) -> Path:
     """Train a classifier (full, LoRA, DoRA or QLoRA) on labelled text; returns the run directory."""
-    t_start = time.perf_counter()
-    run_dir, splits = start_run(cfg, quiet, allow_data_errors, resume)
+    cfg, splits, run_dir, quiet = run.cfg, run.splits, run.dir, run.quiet
     for name, examples in splits.items():
         require_labels(examples, name)
     labels = cfg.data.labels or sorted({ex.label for ex in splits["train"]})
@@ -48,7 +43,6 @@ def train_classify(
     model_path = resolve_model(cfg.model)
     tokenizer = load_tokenizer(model_path)
     model, params = build_model(cfg, model_path, head="score", num_labels=len(labels), labels=labels)
-    t_setup = time.perf_counter() - t_start
 
     tc = cfg.train
     index = {lab: i for i, lab in enumerate(labels)}
@@ -63,14 +57,12 @@ def train_classify(
         step=cross_entropy_step,
         validate=lambda m, data: validate_labelled(m, data, pad_id, cfg.eval.batch_size),
     )
-    announce(cfg, model, params, len(train), len(val), len(splits["test"]), quiet)
+    run.announce(model, params, len(train), len(val))
     if not quiet:
         console.print(f"classify: {len(labels)} labels (written to {run_dir / 'labels.json'})")
-    result = run_loop(model, params, recipe, tc, run_dir, quiet, resume=resume)
+    result = run_loop(model, params, recipe, tc, run_dir, quiet, resume=run.resume)
     saved = save_trained(model, tokenizer, run_dir, cfg.method)
-    finish_run(
-        cfg, run_dir, result, model_path, params, splits, t_setup, t_start, saved, quiet, labels=len(labels)
-    )
+    run.finish(result, model_path=model_path, params=params, saved=saved, labels=len(labels))
     return run_dir
 
 
@@ -175,3 +167,13 @@ def validate_labelled(model, data, pad_id: int, batch_size: int) -> dict[str, fl
         correct += int((logits.argmax(-1) == labels).sum())
     n = max(len(data), 1)
     return {"val_loss": total / n, "val_accuracy": correct / n}
+
+
+TASK = Task(
+    name="classify",
+    summary="a label head on the model: one forward pass per text, no generation",
+    data="labels",
+    recipe=train_classify,
+    evaluation="tunekit.eval.classify:evaluate_classifier",
+    generative=False,
+)

@@ -31,18 +31,17 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from tunekit.config import Config
 from tunekit.console import err as console
 from tunekit.data.example import Example, Message
 from tunekit.data.tokenize import IGNORE_INDEX, TokenizedExample, render
 from tunekit.errors import DataError, TunekitError
 from tunekit.models import load_tokenizer, resolve_model
 from tunekit.models.device import autocast, model_device, to_device
+from tunekit.tasks import Task
 from tunekit.train.batching import collate, sequential_batches
 from tunekit.train.loop import Recipe, run_loop
 from tunekit.train.loss import target_states
 from tunekit.train.setup import build_model, save_trained
-from tunekit.train.sft import announce, finish_run, start_run
 
 # ---------------------------------------------------------------------------------------------
 # Pairs to tokens
@@ -261,17 +260,13 @@ def compute_reference_logps(ref, pairs: list[Pair], pad_id: int, batch_size: int
 # The recipe
 
 
-def train_dpo(
-    cfg: Config, quiet: bool = False, allow_data_errors: bool = False, resume: bool = False
-) -> Path:
+def train_dpo(run) -> Path:
     """DPO-train `cfg.model` (full, LoRA, DoRA or QLoRA) on the preference pairs of `cfg.data`;
     returns the run directory. Validation logs loss, preference accuracy and reward margin."""
-    t_start = time.perf_counter()
-    run_dir, splits = start_run(cfg, quiet, allow_data_errors, resume)
+    cfg, splits, run_dir, quiet = run.cfg, run.splits, run.dir, run.quiet
     model_path = resolve_model(cfg.model)
     tokenizer = load_tokenizer(model_path)
     model, params = build_model(cfg, model_path)
-    t_setup = time.perf_counter() - t_start
 
     tc, beta, smoothing = cfg.train, cfg.dpo.beta, cfg.dpo.label_smoothing
     train_pairs = tokenize_pairs(tokenizer, splits["train"], tc.max_length, "train")
@@ -297,11 +292,22 @@ def train_dpo(
         step=lambda m, batches: dpo_step(m, batches, beta, smoothing),
         validate=lambda m, data: evaluate_pairs(m, data, pad_id, beta, smoothing, cfg.eval.batch_size),
     )
-    announce(cfg, model, params, len(train_pairs), len(val_pairs), len(splits["test"]), quiet)
-    result = run_loop(model, params, recipe, tc, run_dir, quiet, resume=resume)
+    run.announce(model, params, len(train_pairs), len(val_pairs))
+    result = run_loop(model, params, recipe, tc, run_dir, quiet, resume=run.resume)
     saved = save_trained(model, tokenizer, run_dir, cfg.method)
-    finish_run(
-        cfg, run_dir, result, model_path, params, splits, t_setup, t_start, saved, quiet,
+    run.finish(
+        result, model_path=model_path, params=params, saved=saved,
         reference_seconds=ref_seconds, beta=beta, label_smoothing=smoothing,
     )  # fmt: skip
     return run_dir
+
+
+TASK = Task(
+    name="dpo",
+    summary="direct preference optimisation of the policy against a frozen reference",
+    data="pairs",
+    recipe=train_dpo,
+    evaluation="tunekit.eval.preference:evaluate_dpo",
+    generative=True,
+    eval_options=("reward_model",),
+)

@@ -17,6 +17,7 @@ import torch
 
 from tunekit.config import Config
 from tunekit.errors import TunekitError
+from tunekit.tasks import get_task
 from tunekit.train.batching import collate
 
 
@@ -30,8 +31,8 @@ def measure_throughput(cfg: Config, lengths: list[int], steps: int = 3) -> dict:
     data's median length; returns tokens/s, seconds/step and peak memory."""
     from tunekit.data.tokenize import IGNORE_INDEX, TokenizedExample
     from tunekit.models import load_tokenizer, resolve_model
+    from tunekit.train.recipes.sft import accumulate_gradients
     from tunekit.train.setup import build_model
-    from tunekit.train.sft import accumulate_gradients
 
     path = resolve_model(cfg.model)
     tok = load_tokenizer(path)
@@ -90,6 +91,19 @@ def estimate_training(cfg: Config, lengths: list[int], price_per_hour: float | N
 # ---- `tunekit estimate`: predicted peak memory and time, before training -------------------------------
 
 
+def estimate_checked(cfg: Config, report, price_per_hour: float | None = None) -> dict | None:
+    """`tunekit data check --config C --estimate`: the time and memory of training on the rows the
+    check read (`report`, a data.check.CheckReport); None when the train file has no rows."""
+    if not report.files[0].examples:
+        return None
+    d = cfg.data
+    train_split = d.split[0] if d.validation is None or d.test is None else 1.0
+    lengths = report.token_lengths[: len(report.files[0].examples)]  # the train file comes first
+    # The training split is a share of the train file when validation/test are split off it.
+    lengths = lengths[: max(1, int(len(lengths) * train_split))]
+    return estimate_training(cfg, lengths, price_per_hour)
+
+
 def data_profile(cfg: Config) -> dict:
     """Token lengths and the share of positions carrying loss, from the config's train file."""
     from tunekit.data import load_examples
@@ -138,7 +152,7 @@ def estimate_report(
     (plus the units gathered at a time); with ddp each holds everything. The memory figures are per
     process; the GPU times assume the tokens are split evenly over the N GPUs.
     """
-    from tunekit.train import memory as mem
+    from tunekit.estimate import memory as mem
 
     tc = cfg.train
     if nproc < 1:
@@ -162,7 +176,7 @@ def estimate_report(
         # Under train.compile inductor's partitioner recomputes what lean activations would and more
         # (measured 10-21% below lean's peak, BENCHMARKS.md): predict lean's figure, an upper bound.
         "lean": cfg.train.lean_activations or cfg.train.compile,
-        "loss_chunk": cfg.train.loss_chunk_tokens if cfg.task == "sft" else None,
+        "loss_chunk": cfg.train.loss_chunk_tokens if get_task(cfg.task).loss_chunked else None,
     }
 
     def predict(s, method, dt, device):
@@ -255,7 +269,7 @@ def print_estimate(report: dict) -> None:
     from rich.table import Table
 
     from tunekit.console import out
-    from tunekit.train.memory import human_seconds
+    from tunekit.estimate.memory import human_seconds
 
     h = report["here"]
     share = h["trainable_params"] / h["total_params"]
