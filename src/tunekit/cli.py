@@ -92,19 +92,18 @@ def eval_(
     """Compare the base (zero- and few-shot) and the fine-tuned model on held-out examples, with the
     forgetting probe; writes report.json, report.md and report.html."""
     from tunekit.eval.evaluate import evaluate
-    from tunekit.quickstart import print_comparison
+    from tunekit.eval.report import print_contenders
 
     if compare is not None:
         from tunekit.console import out
-        from tunekit.eval.compare import compare_runs
-        from tunekit.eval.compare import print_comparison as print_changes
+        from tunekit.eval.compare import compare_runs, print_changes
 
         print_changes(compare_runs(*compare), out)
         return
     if run_dir is None:
         raise TunekitError("give a run directory (tunekit eval runs/NAME) or --compare RUN_A RUN_B")
     report = evaluate(run_dir, data, few_shot=few_shot, probe=probe, reward_model=reward_model)
-    print_comparison(report)
+    print_contenders(report)
     err.print(f"report: {run_dir / 'report.md'}")
 
 

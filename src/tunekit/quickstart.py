@@ -13,11 +13,10 @@ import time
 from importlib import resources
 from pathlib import Path
 
-from rich.table import Table
-
 from tunekit.config import Config, config_from_dict
 from tunekit.console import out as console
 from tunekit.eval.evaluate import evaluate
+from tunekit.eval.report import print_contenders
 from tunekit.io import atomic_write_json
 from tunekit.train.session import train
 
@@ -63,24 +62,8 @@ def quickstart(output_dir: str | Path = "runs/quickstart", overrides: list[str] 
     report["stage_seconds"] = stages
     report["train_tokens_per_s"] = summary["tokens_per_s"]
     atomic_write_json(run_dir / "report.json", report)  # the timings travel with the report
-    print_comparison(report)
+    print_contenders(report)
     console.print("stages: " + ", ".join(f"{k} {v:.0f}s" for k, v in stages.items()))
     console.print(f"training throughput: {summary['tokens_per_s']:.0f} tokens/s")
     console.print(f"run directory: {run_dir}  (report.md, report.json, adapter/)")
     return report
-
-
-def print_comparison(report: dict) -> None:
-    c = report["contenders"]
-    table = Table(title=f"held-out test: {report['n_test']} examples")
-    table.add_column("metric")
-    for name in c:
-        table.add_column(name, justify="right")
-    metrics = dict.fromkeys(m for n in c for m, v in c[n].items() if isinstance(v, int | float | str))
-
-    def cell(v) -> str:
-        return "-" if v is None else f"{v:.4f}" if isinstance(v, float) else str(v)
-
-    for m in metrics:
-        table.add_row(m, *(cell(c[n].get(m)) for n in c))
-    console.print(table)

@@ -70,7 +70,8 @@ def compare_runs(run_a: str | Path, run_b: str | Path) -> dict:
     }
 
 
-def print_comparison(result: dict, console, limit: int = 10) -> None:
+def print_changes(result: dict, console, limit: int = 10) -> None:
+    """What changed between two evaluated runs (`tunekit eval --compare A B`), example by example."""
     from rich.table import Table
 
     table = Table(

@@ -18,19 +18,48 @@ def metric_names(contender: dict) -> list[str]:
     return [m for m in contender if not m.endswith(("_ci_low", "_ci_high"))]
 
 
+def contender_rows(report: dict) -> tuple[list[str], list[list[str]]]:
+    """The contenders side by side: (their names, one row per metric: [metric, cell per contender]),
+    a cell `value [low, high]` where the metric has a CI, `-` where a contender lacks the metric.
+    The one source of report.md's table and of the table `tunekit eval` prints."""
+    contenders = report["contenders"]
+    names = list(contenders)
+    metrics = dict.fromkeys(m for c in contenders.values() for m in metric_names(c))
+    rows = []
+    for m in metrics:
+        cells = [m]
+        for c in contenders.values():
+            v = c.get(m)
+            if isinstance(v, dict | list):
+                break  # a structured value (a confusion matrix): report.md shows it on its own
+            ci = f" [{c[m + '_ci_low']:.3f}, {c[m + '_ci_high']:.3f}]" if m + "_ci_low" in c else ""
+            cells.append(("-" if v is None else _fmt(v)) + ci)
+        else:
+            rows.append(cells)
+    return names, rows
+
+
 def comparison_table(report: dict) -> str:
     """A markdown table: one row per metric, one column per contender; `value [low, high]` with a CI."""
-    names = list(report["contenders"])
-    first = report["contenders"][names[0]]
+    names, rows = contender_rows(report)
     lines = ["| metric | " + " | ".join(names) + " |", "|---" * (len(names) + 1) + "|"]
-    for m in metric_names(first):
-        cells = []
-        for n in names:
-            c = report["contenders"][n]
-            ci = f" [{c[m + '_ci_low']:.3f}, {c[m + '_ci_high']:.3f}]" if m + "_ci_low" in c else ""
-            cells.append(_fmt(c.get(m)) + ci)
-        lines.append(f"| {m} | " + " | ".join(cells) + " |")
-    return "\n".join(lines)
+    return "\n".join(lines + [f"| {r[0]} | " + " | ".join(r[1:]) + " |" for r in rows])
+
+
+def print_contenders(report: dict) -> None:
+    """The contenders' table on the terminal (`tunekit eval`, `tunekit quickstart`)."""
+    from rich.table import Table
+
+    from tunekit.console import out
+
+    names, rows = contender_rows(report)
+    table = Table(title=f"held-out test: {report['n_test']} examples")
+    table.add_column("metric")
+    for name in names:
+        table.add_column(name, justify="right")
+    for r in rows:
+        table.add_row(*r)
+    out.print(table)
 
 
 def training_curves(run_dir: Path) -> dict:
