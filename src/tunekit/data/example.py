@@ -59,6 +59,22 @@ class Example:
     def where(self) -> str:
         return f"{self.source}:{self.line}"
 
+    def pair(self) -> tuple[tuple[Message, ...], tuple[Message, ...], tuple[Message, ...]]:
+        """A preference pair as (prompt, chosen turns, rejected turns): the chosen answer is the
+        assistant turns after the last user or system turn, the rejected one all of `rejected`.
+        The one reading of a pair that reward, dpo, rl and their evaluation share."""
+        if not self.rejected:
+            from tunekit.errors import DataError
+
+            raise DataError(
+                [f"{self.where}: not a preference pair (no rejected answer)"],
+                header="preference tasks train on pairs: rows with `chosen` and `rejected`",
+            )
+        k = len(self.messages)
+        while k > 0 and self.messages[k - 1].role == "assistant":
+            k -= 1
+        return self.messages[:k], self.messages[k:], self.rejected
+
     def to_dict(self) -> dict[str, Any]:
         """The canonical JSON form (OpenAI chat, plus `label` when set)."""
         d: dict[str, Any] = {

@@ -23,6 +23,7 @@ from pathlib import Path
 
 from tunekit.console import err as console
 from tunekit.data.example import Example, Message
+from tunekit.data.needs import require
 from tunekit.errors import TunekitError
 from tunekit.eval.generate import generate
 from tunekit.eval.report import comparison_table
@@ -32,7 +33,6 @@ from tunekit.train.recipes.dpo import (
     compute_reference_logps,
     evaluate_pairs,
     reference,
-    split_pair,
     tokenize_pairs,
 )
 from tunekit.train.setup import ADAPTER_DIR, MODEL_DIR, load_base, load_trained
@@ -114,7 +114,6 @@ def _evaluate(run_dir, data, quiet: bool, score) -> dict:
 
 def _test_pairs(run_dir: Path, cfg, data) -> list[Example]:
     from tunekit.data import load_examples
-    from tunekit.train.recipes.reward import require_pairs
 
     if data is not None:
         examples = load_examples(data, format=cfg.data.format, columns=cfg.data.columns or None)
@@ -123,7 +122,7 @@ def _test_pairs(run_dir: Path, cfg, data) -> list[Example]:
     examples = examples[: cfg.eval.max_examples] if cfg.eval.max_examples else examples
     if not examples:
         raise TunekitError(f"{run_dir}: the test split is empty; pass --data FILE or set data.split")
-    require_pairs(examples, "test")
+    require("pairs", examples, "test", cfg.task)
     return examples
 
 
@@ -159,8 +158,8 @@ def _reward_report(run_dir: Path, cfg, examples: list[Example]) -> tuple[dict, l
     from tunekit.train.recipes.reward import load_reward_model, score_texts
 
     model, tokenizer = load_reward_model(run_dir)
-    convs = [[*p, *c] for p, c, _ in map(split_pair, examples)] + [
-        [*p, *r] for p, _, r in map(split_pair, examples)
+    convs = [[*p, *c] for p, c, _ in (ex.pair() for ex in examples)] + [
+        [*p, *r] for p, _, r in (ex.pair() for ex in examples)
     ]
     scores = score_texts(
         model, tokenizer, [_dicts(c) for c in convs], cfg.eval.batch_size, cfg.train.max_length
@@ -169,7 +168,7 @@ def _reward_report(run_dir: Path, cfg, examples: list[Example]) -> tuple[dict, l
     rows = [
         {
             "source": ex.where,
-            "prompt": split_pair(ex)[0][-1].content,
+            "prompt": ex.pair()[0][-1].content,
             "chosen_score": scores[i],
             "rejected_score": scores[n + i],
             "correct": scores[i] > scores[n + i],
@@ -215,7 +214,7 @@ def _policy_report(run_dir: Path, cfg, examples, ev: _PolicyEval, quiet: bool) -
         "logp_rejected": sum(p.ref_rejected for p in pairs) / len(pairs),
     }
     rows = [
-        {"source": ex.where, "prompt": split_pair(ex)[0][-1].content, "chosen": ex.target,
+        {"source": ex.where, "prompt": ex.pair()[0][-1].content, "chosen": ex.target,
          "rejected": ex.rejected[-1].content}
         for ex in examples
     ]  # fmt: skip
@@ -293,7 +292,7 @@ def _win_rate(cfg, model, tokenizer, is_adapter, examples, ev: _PolicyEval, rows
     """Greedy answers of policy and reference to each test prompt, scored by the reward model."""
     from tunekit.train.recipes.reward import load_reward_model, score_texts
 
-    prompts = [split_pair(ex)[0] for ex in examples]
+    prompts = [ex.pair()[0] for ex in examples]
     asks = [Example(messages=(*p, Message("assistant", ""))) for p in prompts]  # .prompt is p
     max_new = ev.max_new_tokens
     answers = {}

@@ -20,6 +20,7 @@ import torch
 
 from tunekit.config import Config
 from tunekit.console import err as console
+from tunekit.data.needs import require
 from tunekit.errors import ConfigError, DataError, TunekitError
 from tunekit.io import atomic_write_json
 from tunekit.models.device import cuda_peak_memory
@@ -125,6 +126,9 @@ class RunSession:
             distributed.barrier()  # release the other ranks even if the check failed (they then fail to read)
         if not self.splits["train"]:
             raise TunekitError(f"data.train: {cfg.data.train} leaves no training examples after the split")
+        if not cfg.data.streaming:  # a stream is sft's, whose conversations need nothing more
+            for name, examples in self.splits.items():
+                require(self.task.data, examples, name, self.task.name)
         held = len(self.splits["validation"]) + len(self.splits["test"])
         if cfg.data.streaming and held > STREAMING_HELD_OUT_WARN and not self.quiet:
             console.print(

@@ -26,16 +26,10 @@ from tunekit.tasks import Task
 from tunekit.train.loop import Recipe, run_loop
 from tunekit.train.setup import build_model, save_trained, write_labels
 
-LABEL_FORMATS = (
-    "classification ({text, label}; map other column names with data.columns) or chat with a label"
-)
-
 
 def train_classify(run) -> Path:
     """Train a classifier (full, LoRA, DoRA or QLoRA) on labelled text; returns the run directory."""
     cfg, splits, run_dir, quiet = run.cfg, run.splits, run.dir, run.quiet
-    for name, examples in splits.items():
-        require_labels(examples, name)
     labels = cfg.data.labels or sorted({ex.label for ex in splits["train"]})
     check_label_set(splits, labels)
     write_labels(run_dir, labels)
@@ -64,21 +58,6 @@ def train_classify(run) -> Path:
     saved = save_trained(model, tokenizer, run_dir, cfg.method)
     run.finish(result, model_path=model_path, params=params, saved=saved, labels=len(labels))
     return run_dir
-
-
-def require_labels(examples: list[Example], split: str) -> None:
-    """A classifier needs a label on every example: name the file and the formats that carry one."""
-    unlabelled = [ex for ex in examples if ex.label is None]
-    if unlabelled:
-        ex = unlabelled[0]
-        raise DataError(
-            [
-                f"{ex.where}: {len(unlabelled)} of {len(examples)} {split} examples (format "
-                f"{ex.format or 'unknown'}) have no label. task: classify needs labelled text: "
-                f"use {LABEL_FORMATS}"
-            ],
-            header=f"data: {ex.source} has no labels",
-        )
 
 
 def check_label_set(splits: dict[str, list[Example]], labels: list[str]) -> None:

@@ -32,9 +32,10 @@ import torch
 import torch.nn.functional as F
 
 from tunekit.console import err as console
-from tunekit.data.example import Example, Message
+from tunekit.data.example import Example
+from tunekit.data.needs import require
 from tunekit.data.tokenize import IGNORE_INDEX, TokenizedExample, render
-from tunekit.errors import DataError, TunekitError
+from tunekit.errors import TunekitError
 from tunekit.models import load_tokenizer, resolve_model
 from tunekit.models.device import autocast, model_device, to_device
 from tunekit.tasks import Task
@@ -62,18 +63,6 @@ class Pair:
         return max(len(self.chosen.input_ids), len(self.rejected.input_ids))
 
 
-def split_pair(ex: Example) -> tuple[tuple[Message, ...], tuple[Message, ...], tuple[Message, ...]]:
-    """(prompt, chosen answer, rejected answer): the answers are the assistant turns after the last
-    user (or system) turn of `messages`, and all of `rejected`."""
-    if not ex.rejected:
-        raise DataError(
-            [f"{ex.where}: not a preference pair (no rejected answer)"],
-            header="task dpo/reward/rl trains on preference pairs: rows with `chosen` and `rejected`",
-        )
-    last_prompt = max(i for i, m in enumerate(ex.messages) if m.role != "assistant")
-    return ex.messages[: last_prompt + 1], ex.messages[last_prompt + 1 :], ex.rejected
-
-
 def _prompt_and_answer(tokenizer, prompt, answer, where: str) -> tuple[list[int], list[int]]:
     """Token ids of the rendered prompt (with the assistant header) and of the answer after it,
     cut from one tokenization of the whole conversation, so the ids are those the model sees."""
@@ -98,7 +87,7 @@ def tokenize_pair(tokenizer, ex: Example, max_length: int) -> tuple[Pair, bool]:
     prompt's start) and the start of each answer, with at least half the budget for the answers;
     both answers get the same prompt budget, so they are compared on the same context.
     """
-    prompt, chosen, rejected = split_pair(ex)
+    prompt, chosen, rejected = ex.pair()
     p_c, a_c = _prompt_and_answer(tokenizer, prompt, chosen, ex.where)
     p_r, a_r = _prompt_and_answer(tokenizer, prompt, rejected, ex.where)
     answer_budget = max(max_length - max(len(p_c), len(p_r)), max_length // 2)
@@ -117,13 +106,7 @@ def tokenize_pair(tokenizer, ex: Example, max_length: int) -> tuple[Pair, bool]:
 
 def tokenize_pairs(tokenizer, examples: list[Example], max_length: int, name: str) -> list[Pair]:
     """Tokenize a split of pairs; pairs cut by max_length are counted and reported."""
-    not_pairs = [ex.where for ex in examples if not ex.rejected]
-    if not_pairs:
-        raise DataError(
-            [f"{w}: no rejected answer" for w in not_pairs],
-            header=f"{name}: preference training needs pairs (rows with `chosen` and `rejected`); use a "
-            "preference format (data.format: preference, sharegpt_preference or anthropic_hh)",
-        )
+    require("pairs", examples, name, "dpo")
     pairs, cut = [], 0
     for ex in examples:
         pair, was_cut = tokenize_pair(tokenizer, ex, max_length)

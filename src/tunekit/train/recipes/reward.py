@@ -20,22 +20,19 @@ import torch
 import torch.nn.functional as F
 
 from tunekit.data.example import Example, Message
+from tunekit.data.needs import require
 from tunekit.data.tokenize import render
-from tunekit.errors import DataError, TunekitError
+from tunekit.errors import TunekitError
 from tunekit.models import load_tokenizer, resolve_model
 from tunekit.models.device import autocast, model_device, to_device
 from tunekit.tasks import Task
 from tunekit.train.loop import Recipe, run_loop
 from tunekit.train.setup import build_model, load_trained, save_trained
 
-PAIR_FORMATS = "preference ({prompt, chosen, rejected}), sharegpt_preference or anthropic_hh"
-
 
 def train_reward(run) -> Path:
     """Train a reward model (full, LoRA, DoRA or QLoRA) on preference pairs; returns the run directory."""
     cfg, splits, run_dir, quiet = run.cfg, run.splits, run.dir, run.quiet
-    for name, examples in splits.items():
-        require_pairs(examples, name)
 
     model_path = resolve_model(cfg.model)
     tokenizer = load_tokenizer(model_path)
@@ -60,30 +57,6 @@ def train_reward(run) -> Path:
     return run_dir
 
 
-def require_pairs(examples: list[Example], split: str) -> None:
-    """A reward model needs preference pairs: name the file and the formats that carry them."""
-    unpaired = [ex for ex in examples if ex.rejected is None]
-    if unpaired:
-        ex = unpaired[0]
-        raise DataError(
-            [
-                f"{ex.where}: {len(unpaired)} of {len(examples)} {split} examples (format "
-                f"{ex.format or 'unknown'}) have no rejected answer. task: reward needs preference "
-                f"pairs: use data in a pair format, {PAIR_FORMATS}"
-            ],
-            header=f"data: {ex.source} has no preference pairs",
-        )
-
-
-def split_pair(ex: Example) -> tuple[list[Message], list[Message], list[Message]]:
-    """(prompt, chosen turns, rejected turns): the chosen answer is the trailing assistant turns."""
-    msgs = list(ex.messages)
-    k = len(msgs)
-    while k > 0 and msgs[k - 1].role == "assistant":
-        k -= 1
-    return msgs[:k], msgs[k:], list(ex.rejected or ())
-
-
 def encode(tokenizer, messages, max_length: int | None) -> list[int]:
     """Token ids of a whole rendered conversation. Too long: keep the last `max_length` tokens,
     because the answer (the part that is scored) sits at the end."""
@@ -92,7 +65,7 @@ def encode(tokenizer, messages, max_length: int | None) -> list[int]:
 
 
 def tokenize_pair(tokenizer, ex: Example, max_length: int | None) -> tuple[list[int], list[int]]:
-    prompt, chosen, rejected = split_pair(ex)
+    prompt, chosen, rejected = ex.pair()
     return encode(tokenizer, prompt + chosen, max_length), encode(tokenizer, prompt + rejected, max_length)
 
 
@@ -198,10 +171,10 @@ def pairwise_accuracy(
 ) -> dict[str, float]:
     """On preference Examples: how often the chosen answer outscores the rejected one (ties are
     wrong), and the mean margin r_chosen - r_rejected."""
-    require_pairs(examples, "evaluation")
+    require("pairs", examples, "evaluation", "reward")
     chosen, rejected = [], []
     for ex in examples:
-        prompt, c, r = split_pair(ex)
+        prompt, c, r = ex.pair()
         chosen.append(prompt + c)
         rejected.append(prompt + r)
     as_dicts = [[{"role": m.role, "content": m.content} for m in conv] for conv in chosen + rejected]

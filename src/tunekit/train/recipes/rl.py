@@ -35,7 +35,6 @@ from tunekit.models.device import default_device
 from tunekit.runs.directory import load_run_config
 from tunekit.tasks import Task
 from tunekit.train.loop import LoopResult
-from tunekit.train.recipes.dpo import split_pair
 from tunekit.train.setup import ADAPTER_DIR, MODEL_DIR, load_base, save_trained
 
 # TRL log key -> our metrics.jsonl key.
@@ -165,7 +164,7 @@ def rl_prompts(examples, max_prompts: int | None, tokenizer=None, max_prompt_tok
     Returns (prompts, the number left out as too long)."""
     seen, out, too_long = set(), [], 0
     for ex in examples:
-        messages = split_pair(ex)[0]
+        messages = ex.pair()[0]
         prompt = [{"role": m.role, "content": m.content} for m in messages]
         key = json.dumps(prompt)
         if key in seen:
