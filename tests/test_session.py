@@ -9,9 +9,9 @@ import json
 import signal
 
 import pytest
-from conftest import signal_on_call
 
 import tunekit
+from conftest import signal_on_call
 from tunekit.config import config_from_dict
 from tunekit.errors import Interrupted, TunekitError
 from tunekit.runs import registry

@@ -16,12 +16,13 @@ from pathlib import Path
 import torch
 
 from tunekit.console import err as console
+from tunekit.data.needs import require
 from tunekit.errors import TunekitError
 from tunekit.eval.metrics import macro_f1
 from tunekit.eval.report import comparison_table
 from tunekit.io import atomic_write_json, atomic_write_text
 from tunekit.runs.directory import load_run_config, load_test_examples
-from tunekit.train.recipes.classify import class_logits, collate_labelled, encode, input_text, require_labels
+from tunekit.train.recipes.classify import class_logits, collate_labelled, encode, input_text
 from tunekit.train.setup import load_trained, read_labels
 
 NO_BASE = (
@@ -35,7 +36,7 @@ def evaluate_classifier(run_dir: str | Path, data: str | Path | None = None, qui
     run_dir = Path(run_dir)
     cfg = load_run_config(run_dir)
     examples = load_test_examples(run_dir, cfg, data)
-    require_labels(examples, "test")
+    require("labels", examples, "test", cfg.task)
     labels = read_labels(run_dir)
     if not labels:
         raise TunekitError(f"{run_dir}: no labels.json; was this run trained with task: classify?")
