@@ -7,13 +7,13 @@ import pytest
 from tunekit.config import config_from_dict
 from tunekit.errors import TunekitError
 from tunekit.eval.evaluate import evaluate
-from tunekit.eval.metrics import exact_match, macro_f1, task_metrics
+from tunekit.eval.metrics import METRICS, exact_match_scores, macro_f1
 from tunekit.train.session import train
 
 
 def test_exact_match_ignores_whitespace_noise():
-    assert exact_match([" a  b\n", "c"], ["a b", "d"]) == 0.5
-    assert exact_match([], []) == 0.0
+    assert exact_match_scores([" a  b\n", "c"], ["a b", "d"]) == [1.0, 0.0]
+    assert exact_match_scores([], []) == []
 
 
 def test_macro_f1_by_hand():
@@ -21,7 +21,7 @@ def test_macro_f1_by_hand():
     preds, refs = ["x", "y", "x", "q"], ["x", "y", "q", "x"]
     # x: pred 2, gold 2, tp 1 -> p=.5 r=.5 f1=.5 ; y: 1,1,1 -> 1 ; q: pred 1, gold 1, tp 0 -> 0
     assert macro_f1(preds, refs) == pytest.approx((0.5 + 1 + 0) / 3)
-    assert task_metrics(preds, refs, True) == {"accuracy": 0.5, "macro_f1": pytest.approx(0.5)}
+    assert METRICS["accuracy"].fn(preds, refs) == [1.0, 1.0, 0.0, 0.0]
 
 
 @pytest.fixture

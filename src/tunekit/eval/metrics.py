@@ -32,11 +32,6 @@ def exact_match_scores(predictions: Sequence[str], references: Sequence[str]) ->
     return [float(normalize(p) == normalize(r)) for p, r in zip(predictions, references, strict=True)]
 
 
-def exact_match(predictions: Sequence[str], references: Sequence[str]) -> float:
-    scores = exact_match_scores(predictions, references)
-    return sum(scores) / len(scores) if scores else 0.0
-
-
 _NUMBER = re.compile(r"-?\d[\d,]*\.?\d*")
 
 
@@ -180,16 +175,6 @@ def default_metrics(references: Sequence[str], is_classification: bool) -> list[
     if references and sum(len(r.split()) for r in references) / len(references) > 8:
         return ["rouge_l", "bleu", "exact_match"]
     return ["exact_match"]
-
-
-def task_metrics(predictions: list[str], references: list[str], is_classification: bool) -> dict[str, float]:
-    """Point values of the default metrics (no intervals): exact match, or accuracy and macro-F1."""
-    out = {}
-    for name in default_metrics(references, is_classification) if is_classification else ["exact_match"]:
-        m = METRICS[name]
-        v = m.fn(predictions, references)
-        out[name] = sum(v) / len(v) if isinstance(v, list) and v else v if not isinstance(v, list) else 0.0
-    return out
 
 
 def confusion_matrix(

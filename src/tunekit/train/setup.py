@@ -262,7 +262,7 @@ def init_from_run(model, run_dir: Path, method: str, quiet: bool) -> None:
         from peft import set_peft_model_state_dict
 
         result = set_peft_model_state_dict(model, load_file(adapter))
-        if getattr(result, "unexpected_keys", None):
+        if result.unexpected_keys:
             raise TunekitError(
                 f"train.init_from: the adapter of {run_dir} does not fit this config's LoRA settings "
                 f"(unexpected {result.unexpected_keys[:3]}); use the same lora.r and target_modules"
