@@ -109,3 +109,62 @@ def test_train_and_eval_cli_on_tiny_model(tmp_path, tiny_model_dir, chat_file):
     # --from a folder that is not a run of the same method: a clear error, no traceback.
     r = tunekit("train", str(cfg), "--from", str(tmp_path), "--set", f"output_dir={tmp_path / 'run3'}")
     assert r.returncode == 2 and "train.init_from" in r.stderr and "Traceback" not in r.stderr
+
+
+HEAVY = ("torch", "transformers", "peft", "trl", "datasets", "accelerate")
+
+# Runs the CLI in this process, then prints (last, on stderr) which heavy libraries it imported.
+_PROBE = f"""
+import json, sys
+sys.argv = ["tunekit", *sys.argv[1:]]
+try:
+    import tunekit.cli
+    tunekit.cli.main()
+except SystemExit:
+    pass
+finally:
+    print("HEAVY", json.dumps(sorted(m for m in {HEAVY!r} if m in sys.modules)), file=sys.stderr)
+"""
+
+
+def heavy_imports(*args):
+    r = subprocess.run([sys.executable, "-c", _PROBE, *args], capture_output=True, text=True)
+    lines = [x for x in r.stderr.splitlines() if x.startswith("HEAVY ")]
+    assert lines, r.stderr
+    return json.loads(lines[-1].removeprefix("HEAVY "))
+
+
+def test_help_and_a_plain_data_check_import_no_torch(tmp_path):
+    """`tunekit --help`, a command's help and `data check FILE` (no --model/--config) start in a
+    fraction of a second: torch, transformers and the training libraries load only when a command
+    needs them."""
+    small = tmp_path / "small.jsonl"
+    rows = [{"prompt": f"question {i}?", "completion": f"answer {i}"} for i in range(10)]
+    small.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    for args in (
+        ["--help"],
+        ["data", "check", "--help"],
+        ["train", "--help"],
+        ["data", "check", str(small)],
+    ):
+        assert heavy_imports(*args) == [], f"tunekit {' '.join(args)} imported them"
+
+
+def test_every_data_format_is_listed_in_the_help_and_the_config_field():
+    import os
+
+    from tunekit.config import DataConfig
+    from tunekit.data.formats import FORMATS
+
+    r = subprocess.run(
+        [sys.executable, "-m", "tunekit", "data", "split", "--help"],
+        capture_output=True,
+        text=True,
+        env={**os.environ, "COLUMNS": "200"},
+    )
+    assert r.returncode == 0, r.stderr
+    description = DataConfig.model_fields["format"].description
+    assert len(FORMATS) >= 9
+    for name in FORMATS:
+        assert name in r.stdout, f"{name} missing from `tunekit data split --help`"
+        assert name in description, f"{name} missing from data.format's description"

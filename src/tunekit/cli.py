@@ -12,7 +12,10 @@ from typing import Annotated
 import typer
 
 from tunekit.console import err
+from tunekit.data.formats import FORMATS  # light: no torch (the help lists the format names)
 from tunekit.errors import TunekitError
+
+FORMAT_HELP = f"auto (detect it) or one of: {', '.join(FORMATS)}."
 
 app = typer.Typer(
     add_completion=False, no_args_is_help=True, help="Fine-tune language models on your own data."
@@ -113,9 +116,7 @@ def data_split(
     out: Annotated[Path, typer.Option(help="Output folder.")],
     ratios: Annotated[str, typer.Option(help="train,validation,test shares.")] = "0.8,0.1,0.1",
     seed: Annotated[int, typer.Option(help="Shuffle seed.")] = 42,
-    format: Annotated[
-        str, typer.Option(help="auto, chat, prompt_completion, alpaca, classification.")
-    ] = "auto",
+    format: Annotated[str, typer.Option(help=FORMAT_HELP)] = "auto",
     column: Annotated[
         list[str] | None, typer.Option(help="Rename a source column: --column label=category (repeatable).")
     ] = None,
@@ -146,7 +147,7 @@ def data_check(
         list[Path] | None, typer.Argument(help="Data files, e.g. train, validation and test.")
     ] = None,
     model: Annotated[str | None, typer.Option(help="Count tokens with this model's tokenizer.")] = None,
-    format: Annotated[str, typer.Option(help="auto or a format name.")] = "auto",
+    format: Annotated[str, typer.Option(help=FORMAT_HELP)] = "auto",
     config: Annotated[Path | None, typer.Option(help="Check the data of this training config.")] = None,
     json_out: Annotated[Path | None, typer.Option("--json", help="Write the full report as JSON.")] = None,
     write_clean: Annotated[
@@ -223,7 +224,7 @@ def data_augment(
     max_length: Annotated[
         int | None, typer.Option(help="Reject drafts longer than this (tokens; default: the run's, or 512).")
     ] = None,
-    format: Annotated[str, typer.Option(help="auto or a format name (data files).")] = "auto",
+    format: Annotated[str, typer.Option(help=f"Data files: {FORMAT_HELP}")] = "auto",
     column: Annotated[
         list[str] | None, typer.Option(help="Rename a source column: --column label=category.")
     ] = None,

@@ -23,6 +23,7 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
+from tunekit.data.formats import FORMATS  # light: the format names, for the help
 from tunekit.errors import ConfigError
 
 
@@ -47,7 +48,7 @@ class DataConfig(_Strict):
     train: Path = Field(description="Training file (JSONL, JSON array or CSV).")
     validation: Path | None = Field(None, description="Validation file; omitted: split from train.")
     test: Path | None = Field(None, description="Held-out test file; omitted: split from train.")
-    format: str = Field("auto", description="auto, chat, prompt_completion, alpaca or classification.")
+    format: str = Field("auto", description=f"auto (detect it) or one of: {', '.join(FORMATS)}.")
     columns: dict[str, str] = Field(
         default_factory=dict, description="Rename source columns, e.g. {label: category}."
     )
