@@ -9,8 +9,8 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from tunekit.config import config_from_dict
 from tunekit.errors import TunekitError
+from tunekit.models.stops import end_of_turn_token, stop_token_ids
 from tunekit.ship.export import export
-from tunekit.ship.generation import end_of_turn_token, stop_token_ids
 from tunekit.train.session import train
 from tunekit.train.setup import load_trained
 

@@ -6,7 +6,8 @@ import torch
 
 from tunekit.data.example import Example, Message
 from tunekit.data.tokenize import render_prompt
-from tunekit.eval.generate import _stop_ids, generate
+from tunekit.eval.generate import generate
+from tunekit.models.stops import stop_token_ids
 
 
 def _examples(n: int) -> list[Example]:
@@ -28,7 +29,7 @@ def test_batched_equals_one_at_a_time_in_input_order(tiny_model_dir):
     tok, model = load_tokenizer(tiny_model_dir), load_model(tiny_model_dir)
     examples = _examples(7)
     batched = generate(model, tok, examples, max_new_tokens=6, batch_size=3)
-    stops = _stop_ids(model, tok)
+    stops = stop_token_ids(tok, model)
     with torch.no_grad():
         for ex, got in zip(examples, batched, strict=True):
             enc = tok(render_prompt(tok, ex), add_special_tokens=False, return_tensors="pt")

@@ -1,4 +1,4 @@
-"""Batched greedy generation for evaluation."""
+"""Batched greedy generation for evaluation, stopping where serve and chat stop (models/stops.py)."""
 
 from __future__ import annotations
 
@@ -6,14 +6,20 @@ import torch
 
 from tunekit.data.tokenize import render_prompt
 from tunekit.models.device import autocast, model_device
+from tunekit.models.stops import reply_text, stop_token_ids
 
 
 def generate(model, tokenizer, examples, max_new_tokens: int, batch_size: int = 16) -> list[str]:
-    """Greedy completions for each example's prompt, in input order."""
+    """Greedy completions for each example's prompt, in input order.
+
+    A reply ends on the same stop tokens as in `tunekit serve` and `chat` (the chat template's
+    end-of-turn token, then the eos ids), and its text is cut there the same way.
+    """
     model.eval()
     prompts = [render_prompt(tokenizer, ex) for ex in examples]
-    rows = generate_ids(model, tokenizer, prompts, max_new_tokens, batch_size, _stop_ids(model, tokenizer))
-    return [tokenizer.decode(row, skip_special_tokens=True).strip() for row in rows]
+    stops = stop_token_ids(tokenizer, model)
+    rows = generate_ids(model, tokenizer, prompts, max_new_tokens, batch_size, stops)
+    return [reply_text(tokenizer, row, stops).strip() for row in rows]
 
 
 @torch.no_grad()
@@ -57,12 +63,3 @@ def generate_ids(
         for i, row in zip(idx, new, strict=True):
             out[i] = row.tolist()
     return out
-
-
-def _stop_ids(model, tokenizer) -> list[int]:
-    """The ids that end a reply: the generation config's eos ids plus the tokenizer's eos."""
-    ids = model.generation_config.eos_token_id
-    ids = [] if ids is None else [ids] if isinstance(ids, int) else list(ids)
-    if tokenizer.eos_token_id is not None and tokenizer.eos_token_id not in ids:
-        ids.append(tokenizer.eos_token_id)
-    return ids

@@ -391,7 +391,7 @@ def sample(model, tokenizer, prompts: list[str], temperature: float, max_new_tok
     Prompts are sorted by length so a batch pads little. temperature 0 is greedy.
     """
     from tunekit.eval.generate import generate_ids
-    from tunekit.ship.generation import stop_token_ids
+    from tunekit.models.stops import stop_token_ids
 
     stops = stop_token_ids(tokenizer, model)
     sampling = {"do_sample": True, "temperature": temperature, "top_p": TOP_P, "top_k": 0}

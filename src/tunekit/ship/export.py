@@ -21,12 +21,10 @@ import shutil
 import tempfile
 from pathlib import Path
 
-import torch
-
 from tunekit.console import err as console
 from tunekit.errors import TunekitError
+from tunekit.models.stops import end_of_turn_token, stop_token_ids
 from tunekit.runs.directory import load_run_config
-from tunekit.ship.generation import end_of_turn_token, stop_token_ids
 
 MANIFEST = "tunekit_export.json"
 
@@ -47,35 +45,19 @@ def check_generative(run_dir: Path):
 
 
 def load_merged(run_dir: str | Path):
-    """The run's fine-tuned model as one plain fp32 causal LM (adapter merged in), and its tokenizer."""
+    """The run's fine-tuned model as one plain fp32 causal LM (adapter merged in), and its tokenizer.
+
+    A qlora adapter is merged into its base dequantized, not into the original fp32 weights: the
+    4-bit values are the ones training optimised the adapter against (train/setup.dequantized).
+    """
     from tunekit.train.setup import load_trained
 
     run_dir = Path(run_dir)
-    cfg = check_generative(run_dir)
-    if cfg.method == "qlora":
-        return _merge_dequantized(run_dir, cfg)
-    model, tokenizer, is_adapter = load_trained(run_dir)
+    check_generative(run_dir)
+    model, tokenizer, is_adapter = load_trained(run_dir, dequantize=True)
     if is_adapter:
         model = model.merge_and_unload()
     return model.eval(), tokenizer
-
-
-def _merge_dequantized(run_dir: Path, cfg):
-    """QLoRA: the 4-bit base exactly as training saw it, dequantized to fp32, then the adapter merged."""
-    from peft import PeftModel
-
-    from tunekit.models import load_tokenizer, resolve_model
-    from tunekit.train.setup import ADAPTER_DIR, load_base
-
-    base = load_base(resolve_model(cfg.model), "qlora")
-    # transformers replaces each bitsandbytes Linear4bit by an nn.Linear holding its dequantized
-    # weight: the very values the 4-bit forward pass computes with.
-    base = base.dequantize().to(torch.float32)
-    for name in ("quantization_config", "_pre_quantization_dtype"):
-        if hasattr(base.config, name):
-            delattr(base.config, name)
-    model = PeftModel.from_pretrained(base, run_dir / ADAPTER_DIR).merge_and_unload()
-    return model.eval(), load_tokenizer(run_dir / ADAPTER_DIR)
 
 
 def export(
@@ -96,14 +78,15 @@ def export(
         _write_manifest(out, run_dir, cfg, tokenizer, model, merged=True, format="gguf", quant=quant)
         _register(run_dir, path)
         return path
-    is_adapter = cfg.method != "full"
+    from tunekit.train.setup import trained_dir
+
+    trained, is_adapter = trained_dir(run_dir)
     tmp = Path(tempfile.mkdtemp(dir=out.parent if out.parent.exists() else None, prefix=f".{out.name}."))
     try:
         if is_adapter and not merge:
             from tunekit.models import load_tokenizer
-            from tunekit.train.setup import ADAPTER_DIR
 
-            shutil.copytree(run_dir / ADAPTER_DIR, tmp, dirs_exist_ok=True)
+            shutil.copytree(trained, tmp, dirs_exist_ok=True)
             tokenizer, model = load_tokenizer(tmp), None
         else:
             model, tokenizer = load_merged(run_dir)

@@ -1,9 +1,7 @@
 """Replies at inference time exactly as training shaped them: the run's chat template, its stop tokens.
 
-Training (data/tokenize.py) puts the loss on everything the chat template writes after an
-assistant's content, so the model learns to emit the end-of-turn token (for ChatML `<|im_end|>`).
-A server that stops only on a different eos id never sees the model stop: the field's "it never
-stops" bug. `stop_token_ids` reads the end-of-turn token out of the template itself.
+Which ids end a reply, and how its text is cut there, come from models/stops.py, the one source
+`tunekit eval` uses too: what serve and chat answer is what eval scored.
 """
 
 from __future__ import annotations
@@ -16,31 +14,7 @@ import torch
 
 from tunekit.errors import TunekitError
 from tunekit.models.device import autocast, model_device
-
-
-def end_of_turn_token(tokenizer) -> str | None:
-    """The special token the chat template writes right after an assistant's content, if any."""
-    marker = "\x00tunekit\x00"
-    msgs = [{"role": "user", "content": "hi"}, {"role": "assistant", "content": marker}]
-    text = tokenizer.apply_chat_template(msgs, tokenize=False)
-    after = text.split(marker, 1)[1] if marker in text else ""
-    specials = sorted(tokenizer.all_special_tokens + list(tokenizer.get_added_vocab()), key=len, reverse=True)
-    after = after.lstrip(" ")
-    return next((s for s in specials if s and after.startswith(s)), None)
-
-
-def stop_token_ids(tokenizer, model=None) -> list[int]:
-    """Ids that end a reply: the template's end-of-turn token, the tokenizer's eos, the model's eos ids."""
-    ids: list[int] = []
-    eot = end_of_turn_token(tokenizer)
-    if eot is not None:
-        ids.append(tokenizer.convert_tokens_to_ids(eot))
-    if tokenizer.eos_token_id is not None:
-        ids.append(tokenizer.eos_token_id)
-    gen = getattr(model, "generation_config", None)
-    extra = getattr(gen, "eos_token_id", None)
-    ids += [] if extra is None else [extra] if isinstance(extra, int) else list(extra)
-    return list(dict.fromkeys(ids))  # unique, in order
+from tunekit.models.stops import reply_text, stop_token_ids
 
 
 def prompt_ids(tokenizer, messages: list[dict[str, str]]) -> torch.Tensor:
@@ -64,16 +38,35 @@ class Reply:
 class _StopWhen:
     """A StoppingCriteria: the decoded reply contains a stop string, or the reader went away."""
 
-    def __init__(self, tokenizer, stops: list[str], start: int):
-        self.tokenizer, self.stops, self.start = tokenizer, stops, start
+    def __init__(self, tokenizer, stops: list[str], start: int, stop_ids: list[int]):
+        self.tokenizer, self.stops, self.start, self.stop_ids = tokenizer, stops, start, stop_ids
         self.cancelled = threading.Event()
 
     def __call__(self, input_ids, scores, **kwargs) -> torch.Tensor:
         stop = self.cancelled.is_set()
         if self.stops and not stop:
-            text = self.tokenizer.decode(input_ids[0, self.start :], skip_special_tokens=True)
+            text = reply_text(self.tokenizer, input_ids[0, self.start :].tolist(), self.stop_ids)
             stop = any(s in text for s in self.stops)
         return torch.full((input_ids.shape[0],), stop, dtype=torch.bool, device=input_ids.device)
+
+
+def _reply_streamer(tokenizer, stop_ids: list[int]):
+    """A TextIteratorStreamer of the reply's text that drops the stop tokens, as
+    models/stops.reply_text does: an end-of-turn token that is not a special token would otherwise
+    be streamed as text."""
+    from transformers import TextIteratorStreamer
+
+    class ReplyStreamer(TextIteratorStreamer):
+        def put(self, value):
+            if not self.next_tokens_are_prompt:  # the prompt comes first, whole, and is skipped
+                value = value.reshape(-1)
+                # Generation ends at the first stop id, so dropping them cuts the reply there.
+                value = value[~torch.isin(value, torch.tensor(stop_ids, device=value.device))]
+                if value.numel() == 0:
+                    return
+            super().put(value)
+
+    return ReplyStreamer(tokenizer, skip_prompt=True, skip_special_tokens=True)
 
 
 def stream_reply(
@@ -91,14 +84,14 @@ def stream_reply(
     Returns (pieces, reply); `reply` is filled in once `pieces` is exhausted. temperature 0 is
     greedy; stop strings are cut from the text (OpenAI semantics: the stop string is not returned).
     """
-    from transformers import StoppingCriteriaList, TextIteratorStreamer
+    from transformers import StoppingCriteriaList
 
     device = model_device(model)
     ids = prompt_ids(tokenizer, messages).to(device)
     stops = [s for s in (stop or []) if s]
-    criteria = _StopWhen(tokenizer, stops, ids.shape[1])
-    streamer = TextIteratorStreamer(tokenizer, skip_prompt=True, skip_special_tokens=True)
     eos = stop_token_ids(tokenizer, model)
+    criteria = _StopWhen(tokenizer, stops, ids.shape[1], eos)
+    streamer = _reply_streamer(tokenizer, eos)
     kwargs = {
         "input_ids": ids,
         "attention_mask": torch.ones_like(ids),

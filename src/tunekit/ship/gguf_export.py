@@ -23,7 +23,7 @@ import numpy as np
 import torch
 
 from tunekit.errors import TunekitError
-from tunekit.ship.generation import stop_token_ids
+from tunekit.models.stops import stop_token_ids
 
 QUANTS = ("f16", "q8_0")
 

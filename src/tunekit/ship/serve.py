@@ -7,7 +7,7 @@ Adapter runs on the same base share one copy of it in memory: each adapter is lo
 run's name and switched per request by the `model` field (requests take turns on the model; a
 lock keeps one adapter active per generation). Full fine-tunes are loaded as their own models.
 Prompts go through each run's own tokenizer and chat template, and replies stop on the stop
-tokens training taught (ship/generation.py).
+tokens training taught (models/stops.py, the ones `tunekit eval` stops on too).
 
 Safe by default: binds to 127.0.0.1; with `--api-key` every request needs `Authorization:
 Bearer KEY`. Bad requests get OpenAI-style error bodies: {"error": {"message", "type", "param",
@@ -44,31 +44,33 @@ class Served:
 
 
 def load_models(run_dirs: list[str | Path]) -> dict[str, Served]:
-    """Load every run; adapter runs on the same base (model and method) share one base model."""
-    from peft import PeftModel
+    """Load every run; adapter runs on the same base (model and method) share one base model.
 
+    Each run loads through train/setup.load_trained, except that a further adapter on a base
+    already in memory is added to that model under its run's name rather than loaded with a copy
+    of the base."""
     from tunekit.models import load_tokenizer, resolve_model
     from tunekit.ship.export import check_generative
-    from tunekit.train.setup import ADAPTER_DIR, load_base, load_trained
+    from tunekit.train.setup import load_trained, trained_dir
 
     served: dict[str, Served] = {}
-    bases: dict[tuple[str, str], PeftModel] = {}
+    bases: dict[tuple[str, str], object] = {}  # (base model folder, method) -> its PeftModel
     for run_dir in map(Path, run_dirs):
         cfg = check_generative(run_dir)
         name = _unique(run_dir.resolve().name, served)
         created = int((run_dir / "config.yaml").stat().st_mtime)
-        adapter_dir = run_dir / ADAPTER_DIR
-        if cfg.method == "full" or not (adapter_dir / "adapter_config.json").is_file():
+        path, is_adapter = trained_dir(run_dir)
+        if not is_adapter:
             model, tokenizer, _ = load_trained(run_dir)
             served[name] = Served(name, run_dir, model, tokenizer, None, created)
             continue
         key = (str(resolve_model(cfg.model)), cfg.method)
         if key not in bases:
-            base = load_base(key[0], cfg.method)
-            bases[key] = PeftModel.from_pretrained(base, adapter_dir, adapter_name=name).eval()
+            bases[key], tokenizer, _ = load_trained(run_dir, adapter_name=name)
         else:
-            bases[key].load_adapter(adapter_dir, adapter_name=name)
-        served[name] = Served(name, run_dir, bases[key], load_tokenizer(adapter_dir), name, created)
+            bases[key].load_adapter(path, adapter_name=name)
+            tokenizer = load_tokenizer(path)
+        served[name] = Served(name, run_dir, bases[key], tokenizer, name, created)
     if not served:
         raise TunekitError("tunekit serve: give at least one run directory")
     return served

@@ -318,35 +318,69 @@ def read_labels(run_dir: Path) -> list[str] | None:
     return json.loads(path.read_text()) if path.is_file() else None
 
 
-def load_trained(run_dir: str | Path, head: str = "causal"):
-    """The fine-tuned model of a run (adapter on its base, or the full model) and its tokenizer.
+def trained_dir(run_dir: str | Path) -> tuple[Path, bool]:
+    """Where a run's trained model is, and whether it is an adapter: (run_dir/model, False) for a
+    full fine-tune, (run_dir/adapter, True) for lora, dora and qlora runs."""
+    run_dir = Path(run_dir)
+    if (run_dir / MODEL_DIR / "config.json").is_file():
+        return run_dir / MODEL_DIR, False
+    if (run_dir / ADAPTER_DIR / "adapter_config.json").is_file():
+        return run_dir / ADAPTER_DIR, True
+    raise TunekitError(
+        f"{run_dir}: no trained model (neither {ADAPTER_DIR}/ nor {MODEL_DIR}/); run `tunekit train` first"
+    )
 
-    Returns (model, tokenizer, is_adapter). For adapter runs the base is reachable with
-    `model.disable_adapter()`; the base of a full run must be loaded separately.
+
+def dequantized(model):
+    """A 4-bit (qlora) model with each bitsandbytes Linear4bit replaced by an fp32 nn.Linear holding
+    its dequantized weight: the very values the 4-bit forward computes with, in a model that saves
+    and merges like any other."""
+    model = model.dequantize().to(torch.float32)
+    for name in ("quantization_config", "_pre_quantization_dtype"):
+        if hasattr(model.config, name):
+            delattr(model.config, name)
+    return model
+
+
+def load_trained(
+    run_dir: str | Path,
+    head: str = "causal",
+    *,
+    adapter_name: str = "default",
+    dequantize: bool = False,
+    trainable: bool = False,
+):
+    """The fine-tuned model of a run (adapter on its base, or the full model) and its tokenizer:
+    the one loader every command that reads a run's trained model goes through.
+
+    Returns (model, tokenizer, is_adapter), in eval mode (train mode with `trainable`). For adapter
+    runs the base is reachable with `model.disable_adapter()`; the base of a full run must be loaded
+    separately.
+
+    head: "causal", or "score" (classify and reward runs: labels.json gives the head's outputs).
+    adapter_name: the name PEFT gives the adapter (serve names each run's adapter after the run,
+    so more can be loaded onto the same base).
+    dequantize: a qlora run's 4-bit base is dequantized to fp32 before the adapter goes on (what
+    merging needs: ship/export.py); other methods ignore it.
+    trainable: the adapter's weights require grad (to continue training it, e.g. RL from an SFT run).
     """
     from tunekit.models import load_tokenizer, resolve_model
     from tunekit.runs.directory import load_run_config
 
     run_dir = Path(run_dir)
     cfg = load_run_config(run_dir)
-    adapter, full = run_dir / ADAPTER_DIR, run_dir / MODEL_DIR
-    if (full / "config.json").is_file():
-        tokenizer = load_tokenizer(full)
-        labels = read_labels(run_dir) if head == "score" else None
-        n_labels = (len(labels) if labels else 1) if head == "score" else None
-        model = load_base(full, "full", head, num_labels=n_labels, labels=labels)
-        model.eval()
-        return model, tokenizer, False
-    if (adapter / "adapter_config.json").is_file():
+    path, is_adapter = trained_dir(run_dir)
+    labels = read_labels(run_dir) if head == "score" else None
+    n_labels = (len(labels) if labels else 1) if head == "score" else None
+    tokenizer = load_tokenizer(path)
+    if not is_adapter:
+        model = load_base(path, "full", head, num_labels=n_labels, labels=labels)
+    else:
         from peft import PeftModel
 
-        tokenizer = load_tokenizer(adapter)
-        labels = read_labels(run_dir) if head == "score" else None
-        n_labels = (len(labels) if labels else 1) if head == "score" else None
         base = load_base(resolve_model(cfg.model), cfg.method, head, num_labels=n_labels, labels=labels)
-        model = PeftModel.from_pretrained(base, adapter)
-        model.eval()
-        return model, tokenizer, True
-    raise TunekitError(
-        f"{run_dir}: no trained model (neither {ADAPTER_DIR}/ nor {MODEL_DIR}/); run `tunekit train` first"
-    )
+        if dequantize and cfg.method == "qlora":
+            base = dequantized(base)
+        model = PeftModel.from_pretrained(base, path, adapter_name=adapter_name, is_trainable=trainable)
+    model.train(trainable)
+    return model, tokenizer, is_adapter
