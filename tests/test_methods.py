@@ -133,3 +133,39 @@ def test_qlora_base_that_cannot_load_is_a_clear_model_error(tiny_model_dir, chat
             (broken / f.name).write_bytes(data[: len(data) // 2] if f.suffix == ".safetensors" else data)
     with pytest.raises(ModelError, match="damaged"):
         build_model(_cfg(broken, chat_file, tmp_path, "qlora"), broken)
+
+
+def test_qlora_gradients_survive_an_eval_forward(tiny_model_dir, chat_file, tmp_path):
+    """A validation pass (eval mode, no gradients) must not change the 4-bit base's forward or cut
+    its backward. On AVX512-BF16 CPUs bitsandbytes would repack the weights for a bf16 kernel without
+    a backward (setup.keep_4bit_layout stops it); elsewhere this holds trivially."""
+    _skip_qlora("qlora")
+    cfg = _cfg(tiny_model_dir, chat_file, tmp_path, "qlora")
+    model, params = build_model(cfg, cfg.model)
+    from tunekit.models import load_tokenizer
+
+    tok = load_tokenizer(cfg.model)
+    ex = [tokenize_example(tok, e, 64) for e in read_split_examples(chat_file)]
+    batch = collate(ex[:4], tok.pad_token_id)
+
+    def grads():
+        model.zero_grad()
+        accumulate_gradients(model, [batch])
+        return [p.grad.clone() for p in params]
+
+    before = grads()
+    model.eval()
+    with torch.no_grad():
+        model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"])
+    model.train()
+    after = grads()
+    assert all(torch.allclose(a, b, atol=1e-6) for a, b in zip(before, after, strict=True))
+    # The first layer's lora_B gets a gradient only through every later layer's 4-bit base.
+    first = [p.grad for n, p in model.named_parameters() if "layers.0." in n and "lora_B" in n]
+    assert first and all(g.abs().sum() > 0 for g in first)
+
+
+def read_split_examples(path):
+    from tunekit.data import load_examples
+
+    return load_examples(path)

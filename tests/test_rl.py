@@ -98,5 +98,8 @@ def test_prompts_too_long_for_max_length_are_left_out_and_counted(tiny_model_dir
 
 
 def test_completion_budget_must_leave_room_for_the_prompt(tiny_model_dir, pairs_file, tmp_path):
+    # rl's own config rule (its TASK's check_config), applied before the run starts.
+    cfg = _cfg(tiny_model_dir, pairs_file, tmp_path / "run", max_new_tokens=64)
     with pytest.raises(ConfigError, match="rl.max_new_tokens: 64 leaves no room .* train.max_length: 64"):
-        _cfg(tiny_model_dir, pairs_file, tmp_path / "run", max_new_tokens=64)
+        train(cfg, quiet=True)
+    assert not (tmp_path / "run").exists()

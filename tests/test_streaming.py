@@ -17,6 +17,7 @@ from pathlib import Path
 import pytest
 
 import tunekit.train.recipes.sft as sft
+import tunekit.train.tokens as tokens
 from conftest import jsonl, signal_on_call, write
 from tunekit.config import config_from_dict
 from tunekit.data.example import Example, Message
@@ -266,7 +267,7 @@ def test_a_streaming_run_resumes_with_the_same_losses(tiny_model_dir, chat_file,
     # The resumed run reads its own split files and reuses the token store: never the source again.
     chat_file.unlink()
     built = []
-    monkeypatch.setattr(sft, "build_token_store", lambda *a: built.append(a))
+    monkeypatch.setattr(tokens, "build_token_store", lambda *a: built.append(a))
     resumed = train(cfg, quiet=True, resume=True)
     assert not built
     a, b = _losses(straight), _losses(resumed)

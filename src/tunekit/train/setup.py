@@ -153,7 +153,23 @@ def load_base(
     if head == "score" and model.config.pad_token_id is None:
         # The score is read at the last non-pad token; the model must know which id pads.
         model.config.pad_token_id = model.config.eos_token_id
+    if method == "qlora":
+        keep_4bit_layout(model)
     return place(model)
+
+
+def keep_4bit_layout(model) -> None:
+    """Keep bitsandbytes from repacking a 4-bit base for its bf16 CPU kernel.
+
+    On CPUs with AVX512-BF16 (Intel Xeon since Cooper Lake), bitsandbytes 0.50 repacks a
+    Linear4bit's weights at its first eval-mode forward without gradients (validation, evaluation)
+    and from then on computes it with a bf16 kernel that has no backward: training after a
+    validation would silently lose every gradient through the base (measured: the input gradient
+    is None), and evaluation would run in bf16, not in the fp32 tunekit promises on CPUs. The flag
+    is bitsandbytes' own per-module switch for that path."""
+    for module in model.modules():
+        if hasattr(module, "support_avx512bf16_for_cpu"):
+            module.support_avx512bf16_for_cpu = False
 
 
 def build_model(
