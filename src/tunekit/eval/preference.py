@@ -35,7 +35,7 @@ from tunekit.train.recipes.dpo import (
     reference,
     tokenize_pairs,
 )
-from tunekit.train.setup import ADAPTER_DIR, MODEL_DIR, load_base, load_trained
+from tunekit.train.setup import ADAPTER_DIR, load_base, load_trained
 
 
 def evaluate_reward(run_dir: str | Path, data: str | Path | None = None, quiet: bool = False) -> dict:
@@ -275,7 +275,7 @@ def _policy_reference(start: Path) -> Callable:
     @contextmanager
     def ref(model, is_adapter: bool) -> Iterator:
         if not is_adapter:
-            yield load_base(start / MODEL_DIR, "full").eval()
+            yield load_trained(start)[0]
             return
         if "reference" not in model.peft_config:
             model.load_adapter(start / ADAPTER_DIR, adapter_name="reference")

@@ -391,14 +391,14 @@ def sample(model, tokenizer, prompts: list[str], temperature: float, max_new_tok
     Prompts are sorted by length so a batch pads little. temperature 0 is greedy.
     """
     from tunekit.eval.generate import generate_ids
-    from tunekit.models.stops import stop_token_ids
+    from tunekit.models.stops import reply_text, stop_token_ids
 
     stops = stop_token_ids(tokenizer, model)
     sampling = {"do_sample": True, "temperature": temperature, "top_p": TOP_P, "top_k": 0}
     rows = generate_ids(
         model, tokenizer, prompts, max_new_tokens, batch_size, stops, **(sampling if temperature > 0 else {})
     )
-    return [(tokenizer.decode(ids, skip_special_tokens=True), any(t in stops for t in ids)) for ids in rows]
+    return [(reply_text(tokenizer, ids, stops), any(t in stops for t in ids)) for ids in rows]
 
 
 def default_max_new_tokens(tokenizer, drafts: Sequence[Draft]) -> int:

@@ -35,7 +35,7 @@ from tunekit.models.device import default_device
 from tunekit.runs.directory import load_run_config
 from tunekit.tasks import Task
 from tunekit.train.loop import LoopResult
-from tunekit.train.setup import ADAPTER_DIR, MODEL_DIR, load_base, save_trained
+from tunekit.train.setup import ADAPTER_DIR, MODEL_DIR, load_trained, save_trained
 
 # TRL log key -> our metrics.jsonl key.
 TRL_METRICS = {
@@ -190,8 +190,6 @@ def rl_prompts(examples, max_prompts: int | None, tokenizer=None, max_prompt_tok
 def load_policy(policy_dir: Path, cfg: Config):
     """The SFT policy to start from, trainable: its adapter on its base, or its full model.
     Returns (model, tokenizer, trainable parameters)."""
-    from tunekit.models import load_tokenizer
-
     policy_cfg = load_run_config(policy_dir)
     is_full = (policy_dir / MODEL_DIR / "config.json").is_file()
     if is_full != (cfg.method == "full"):
@@ -199,23 +197,13 @@ def load_policy(policy_dir: Path, cfg: Config):
             [f"method: {cfg.method}, but rl.policy {policy_dir} was trained with method: {policy_cfg.method}; "
              "RL continues the policy as it was trained: set the same method"]
         )  # fmt: skip
-    if is_full:
-        model = load_base(policy_dir / MODEL_DIR, "full")
-        tokenizer = load_tokenizer(policy_dir / MODEL_DIR)
-    else:
-        from peft import PeftModel
-
-        adapter = policy_dir / ADAPTER_DIR
-        if not (adapter / "adapter_config.json").is_file():
-            raise ConfigError(
-                [f"rl.policy: {policy_dir} holds no trained model ({ADAPTER_DIR}/ or {MODEL_DIR}/)"]
-            )
-        if policy_cfg.model != cfg.model:
-            raise ConfigError([f"model: {cfg.model}, but rl.policy {policy_dir} adapts {policy_cfg.model}"])
-        base = load_base(resolve_model(policy_cfg.model), policy_cfg.method)
-        model = PeftModel.from_pretrained(base, adapter, is_trainable=True)
-        tokenizer = load_tokenizer(adapter)
-    model.train()
+    if not is_full and not (policy_dir / ADAPTER_DIR / "adapter_config.json").is_file():
+        raise ConfigError(
+            [f"rl.policy: {policy_dir} holds no trained model ({ADAPTER_DIR}/ or {MODEL_DIR}/)"]
+        )
+    if not is_full and policy_cfg.model != cfg.model:
+        raise ConfigError([f"model: {cfg.model}, but rl.policy {policy_dir} adapts {policy_cfg.model}"])
+    model, tokenizer, _ = load_trained(policy_dir, trainable=True)
     return model, tokenizer, [p for p in model.parameters() if p.requires_grad]
 
 
