@@ -188,3 +188,23 @@ def running(app):
     finally:
         server.should_exit = True
         thread.join(10)
+
+
+def train_to_answer(model_dir: Path, out: Path, answer: str, question: str = "question {i}?", **cfg):
+    """A LoRA run on `model_dir` trained (40 steps, lr 2e-2) until every question gets `answer`;
+    `cfg` adds config sections (e.g. eval=...). Returns the run directory `out`."""
+    from tunekit.config import config_from_dict
+    from tunekit.train.session import train
+
+    out.mkdir(parents=True, exist_ok=True)
+    rows = [{"messages": [{"role": "user", "content": question.format(i=i)}, {"role": "assistant", "content": answer}]}
+            for i in range(24)]  # fmt: skip
+    data = write(out.parent, f"{out.name}.jsonl", jsonl(*rows))
+    config = {
+        "model": str(model_dir),
+        "data": {"train": str(data)},
+        "lora": {"r": 8, "alpha": 16, "dropout": 0.0},
+        "train": {"max_steps": 40, "learning_rate": 2e-2, "batch_size": 4, "max_length": 64, "seed": 0},
+        "output_dir": str(out),
+    }
+    return train(config_from_dict(config | cfg), quiet=True)

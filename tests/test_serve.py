@@ -12,10 +12,8 @@ import urllib.request
 
 import pytest
 
-from conftest import free_port, running
-from tunekit.config import config_from_dict
+from conftest import free_port, running, train_to_answer
 from tunekit.ship.serve import create_app, load_models
-from tunekit.train.session import train
 
 openai = pytest.importorskip("openai")
 uvicorn = pytest.importorskip("uvicorn")
@@ -24,27 +22,7 @@ ASK = [{"role": "user", "content": "Is it ready?"}]
 
 
 def _train(tiny_model_dir, folder, answer: str):
-    rows = [
-        {
-            "messages": [
-                {"role": "user", "content": f"question {i}?"},
-                {"role": "assistant", "content": answer},
-            ]
-        }
-        for i in range(16)
-    ]
-    data = folder / "data.jsonl"
-    data.write_text("".join(json.dumps(r) + "\n" for r in rows))
-    cfg = config_from_dict(
-        {
-            "model": str(tiny_model_dir),
-            "data": {"train": str(data)},
-            "lora": {"r": 8, "alpha": 16, "dropout": 0.0},
-            "train": {"max_steps": 40, "learning_rate": 2e-2, "batch_size": 4, "max_length": 64, "seed": 0},
-            "output_dir": str(folder / answer.lower()),
-        }
-    )
-    return train(cfg, quiet=True)
+    return train_to_answer(tiny_model_dir, folder / answer.lower(), answer)
 
 
 def base_that_can_stop(tiny_model_dir, folder):

@@ -14,15 +14,13 @@ import urllib.request
 
 import pytest
 
-from conftest import make_tiny_llama, running
-from tunekit.config import config_from_dict
+from conftest import make_tiny_llama, running, train_to_answer
 from tunekit.eval.evaluate import evaluate
 from tunekit.eval.generate import generate
 from tunekit.models import load_model, load_tokenizer
 from tunekit.models.stops import end_of_turn_token, reply_text, stop_token_ids
 from tunekit.runs.directory import load_run_config, load_test_examples
 from tunekit.ship.generation import stream_reply
-from tunekit.train.session import train
 from tunekit.train.setup import load_trained
 
 GEMMA_TEMPLATE = (
@@ -61,28 +59,8 @@ def gemma_dir(request, tmp_path_factory, default_model_dir):
 def gemma_run(gemma_dir, tmp_path_factory):
     """A LoRA run on `gemma_dir` trained until it answers every question with ANSWER<end_of_turn>."""
     folder = tmp_path_factory.mktemp("gemma-run")
-    rows = [
-        {
-            "messages": [
-                {"role": "user", "content": f"Is order {i} ready?"},
-                {"role": "assistant", "content": ANSWER},
-            ]
-        }
-        for i in range(24)
-    ]
-    data = folder / "data.jsonl"
-    data.write_text("".join(json.dumps(r) + "\n" for r in rows))
-    cfg = config_from_dict(
-        {
-            "model": str(gemma_dir),
-            "data": {"train": str(data)},
-            "lora": {"r": 8, "alpha": 16, "dropout": 0.0},
-            "train": {"max_steps": 40, "learning_rate": 2e-2, "batch_size": 4, "max_length": 64, "seed": 0},
-            "eval": {"max_new_tokens": 16, "probe": None, "few_shot": 0},
-            "output_dir": str(folder / "run"),
-        }
-    )
-    return train(cfg, quiet=True)
+    eval_cfg = {"max_new_tokens": 16, "probe": None, "few_shot": 0}
+    return train_to_answer(gemma_dir, folder / "run", ANSWER, "Is order {i} ready?", eval=eval_cfg)
 
 
 def _spy_generate(monkeypatch, model) -> list[tuple[dict, object]]:
