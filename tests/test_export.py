@@ -178,3 +178,22 @@ def test_gguf_q8_0_holds_the_q8_0_weights_within_stated_tolerance(lora_run, tmp_
     same = float((got.argmax(-1) == want.argmax(-1)).float().mean())
     print(f"q8_0: mean |logit diff| / std {rel:.4f}, same argmax {same:.3f}")
     assert rel <= 0.03 and same >= 0.9  # measured: 0.018 and 0.977
+
+
+def test_a_dpo_run_exports_like_an_sft_run(tiny_model_dir, pairs_file, tmp_path):
+    """dpo yields a language model (the task table's `generative`): it merges and exports, and the
+    merged model computes what the policy computed."""
+    cfg = config_from_dict(
+        {
+            "model": str(tiny_model_dir),
+            "task": "dpo",
+            "data": {"train": str(pairs_file)},
+            "lora": {"r": 8, "alpha": 16, "dropout": 0.0},
+            "train": {"max_steps": 3, "learning_rate": 5e-2, "batch_size": 4, "max_length": 64},
+            "output_dir": str(tmp_path / "dpo"),
+        }
+    )
+    run = train(cfg, quiet=True)
+    merged = AutoModelForCausalLM.from_pretrained(export(run, tmp_path / "merged", merge=True)).eval()
+    policy, tok, _ = load_trained(run)
+    torch.testing.assert_close(_logits(merged, tok), _logits(policy, tok), rtol=1e-4, atol=1e-4)

@@ -25,6 +25,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 
 from tunekit.data.formats import FORMATS  # light: the format names, for the help
 from tunekit.errors import ConfigError
+from tunekit.tasks import task_names  # light: the table's names, not the recipes
 
 
 class _Strict(BaseModel):
@@ -264,8 +265,7 @@ class Config(_Strict):
     )
     task: str = Field(
         "sft",
-        description="What to train, a row of the task table (tasks.py): "
-        "sft, classify (label head), reward (pairs), dpo (pairs) or rl (RLHF).",
+        description=f"What to train, a row of the task table (tasks.py): {', '.join(task_names())}.",
     )
     data: DataConfig
     lora: LoraConfig = Field(default_factory=LoraConfig)
@@ -279,8 +279,6 @@ class Config(_Strict):
     @field_validator("task")
     @classmethod
     def _known_task(cls, v: str) -> str:
-        from tunekit.tasks import task_names
-
         if v not in task_names():
             near = difflib.get_close_matches(v, task_names(), n=1)
             hint = f"did you mean {near[0]!r}? " if near else ""
