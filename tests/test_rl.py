@@ -103,3 +103,7 @@ def test_completion_budget_must_leave_room_for_the_prompt(tiny_model_dir, pairs_
     with pytest.raises(ConfigError, match="rl.max_new_tokens: 64 leaves no room .* train.max_length: 64"):
         train(cfg, quiet=True)
     assert not (tmp_path / "run").exists()
+    from tunekit.estimate.training import estimate_report
+
+    with pytest.raises(ConfigError, match="rl.max_new_tokens"):
+        estimate_report(cfg, measure=False)

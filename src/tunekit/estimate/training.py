@@ -16,7 +16,8 @@ import time
 import torch
 
 from tunekit.config import Config
-from tunekit.errors import TunekitError
+from tunekit.errors import ConfigError, TunekitError
+from tunekit.tasks import check_config as check_task_config
 from tunekit.tasks import get_task
 from tunekit.train.batching import collate
 
@@ -157,6 +158,8 @@ def estimate_report(
     tc = cfg.train
     if nproc < 1:
         raise TunekitError(f"--nproc {nproc}: need at least 1 process")
+    if problems := check_task_config(cfg):  # the task's own rules, as `tunekit train` applies them
+        raise ConfigError(problems)
     shards = nproc if cfg.distributed.strategy == "fsdp" else 1
     # The --gradient-checkpointing flag means every layer; otherwise what the config says.
     checkpointing = 1 if checkpointing else tc.checkpoint_every
