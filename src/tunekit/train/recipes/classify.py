@@ -1,6 +1,6 @@
 """Text classification (`task: classify`): a label head on the model, top to bottom.
 
-Run as: `tunekit train examples/banking77_classifier.yaml` or `tunekit.train.recipes.classify.train_classify(cfg)`.
+Run as: `tunekit train examples/banking77_classifier.yaml` or `tunekit.fine_tune(load_config(...))`.
 
 Unlike `task: sft` on the same data (which teaches the model to *write* the label), this puts a
 sequence-classification head (one output per label) on the model: one forward pass per text, no
@@ -13,6 +13,7 @@ loop. The label order is written to labels.json: output i of the head is labels[
 from __future__ import annotations
 
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 import torch.nn.functional as F
@@ -26,8 +27,11 @@ from tunekit.tasks import Task
 from tunekit.train.loop import Recipe, run_loop
 from tunekit.train.setup import build_model, save_trained, write_labels
 
+if TYPE_CHECKING:
+    from tunekit.train.session import RunSession
 
-def train_classify(run) -> Path:
+
+def train_classify(run: RunSession) -> Path:
     """Train a classifier (full, LoRA, DoRA or QLoRA) on labelled text; returns the run directory."""
     cfg, splits, run_dir, quiet = run.cfg, run.splits, run.dir, run.quiet
     labels = cfg.data.labels or sorted({ex.label for ex in splits["train"]})

@@ -27,6 +27,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 import torch.nn.functional as F
@@ -43,6 +44,9 @@ from tunekit.train.batching import collate, sequential_batches
 from tunekit.train.loop import Recipe, run_loop
 from tunekit.train.loss import target_states
 from tunekit.train.setup import build_model, save_trained
+
+if TYPE_CHECKING:
+    from tunekit.train.session import RunSession
 
 # ---------------------------------------------------------------------------------------------
 # Pairs to tokens
@@ -243,7 +247,7 @@ def compute_reference_logps(ref, pairs: list[Pair], pad_id: int, batch_size: int
 # The recipe
 
 
-def train_dpo(run) -> Path:
+def train_dpo(run: RunSession) -> Path:
     """DPO-train `cfg.model` (full, LoRA, DoRA or QLoRA) on the preference pairs of `cfg.data`;
     returns the run directory. Validation logs loss, preference accuracy and reward margin."""
     cfg, splits, run_dir, quiet = run.cfg, run.splits, run.dir, run.quiet

@@ -1,6 +1,6 @@
 """Reward model (`task: reward`): learn a scalar score that prefers the chosen answer, top to bottom.
 
-Run as: `tunekit train examples/reward_pairs.yaml` or `tunekit.train.recipes.reward.train_reward(cfg)`.
+Run as: `tunekit train examples/reward_pairs.yaml` or `tunekit.fine_tune(load_config(...))`.
 
 A preference pair (prompt, chosen, rejected) becomes two full conversations, rendered with the
 model's chat template. One score head (num_labels=1) reads each conversation's last token, and the
@@ -15,6 +15,7 @@ what evaluation and RL (train/recipes/rl.py, eval/preference.py) use to read a t
 from __future__ import annotations
 
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 import torch.nn.functional as F
@@ -29,8 +30,11 @@ from tunekit.tasks import Task
 from tunekit.train.loop import Recipe, run_loop
 from tunekit.train.setup import build_model, load_trained, save_trained
 
+if TYPE_CHECKING:
+    from tunekit.train.session import RunSession
 
-def train_reward(run) -> Path:
+
+def train_reward(run: RunSession) -> Path:
     """Train a reward model (full, LoRA, DoRA or QLoRA) on preference pairs; returns the run directory."""
     cfg, splits, run_dir, quiet = run.cfg, run.splits, run.dir, run.quiet
 

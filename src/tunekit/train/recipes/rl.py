@@ -23,6 +23,7 @@ from __future__ import annotations
 import json
 import time
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 
@@ -36,6 +37,9 @@ from tunekit.runs.directory import load_run_config
 from tunekit.tasks import Task
 from tunekit.train.loop import LoopResult
 from tunekit.train.setup import ADAPTER_DIR, MODEL_DIR, load_trained, save_trained
+
+if TYPE_CHECKING:
+    from tunekit.train.session import RunSession
 
 # TRL log key -> our metrics.jsonl key.
 TRL_METRICS = {
@@ -59,7 +63,7 @@ def stage_dirs(cfg: Config, run_dir: Path) -> tuple[Path, Path]:
     )
 
 
-def train_rl(run) -> Path:
+def train_rl(run: RunSession) -> Path:
     """Run the RLHF pipeline as `cfg.rl` says (SFT and reward stages where not given, then RL);
     returns the run directory, which holds the final policy and train_summary.json."""
     cfg, splits, run_dir, quiet = run.cfg, run.splits, run.dir, run.quiet

@@ -14,6 +14,7 @@ store (`tokenize_stored`) that the loop indexes like the list it otherwise gets.
 from __future__ import annotations
 
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 
@@ -31,8 +32,11 @@ from tunekit.train.loss import loss_sum
 from tunekit.train.setup import build_model, init_from_run, save_trained
 from tunekit.train.tokens import tokenize_cached, tokenize_stored
 
+if TYPE_CHECKING:
+    from tunekit.train.session import RunSession
 
-def train_sft(run) -> Path:
+
+def train_sft(run: RunSession) -> Path:
     """Fine-tune `cfg.model` (full, LoRA, DoRA or QLoRA) on the run's splits; returns the run directory."""
     cfg, splits, tc = run.cfg, run.splits, run.cfg.train
     model_path = resolve_model(cfg.model)
