@@ -142,9 +142,9 @@ def test_banking77_classifier_beats_chance_by_far(tmp_path):
     per = {}
     for r in data:
         per.setdefault(r["category"], []).append(r)
-    train = [r for k in intents for r in per[k][:16]]
+    train_rows = [r for k in intents for r in per[k][:16]]
     test = [r for k in intents for r in per[k][16:21]]
-    for name, part in (("train", train), ("test", test)):
+    for name, part in (("train", train_rows), ("test", test)):
         with (tmp_path / f"{name}.csv").open("w", newline="") as f:
             w = csv.DictWriter(f, fieldnames=["text", "category"])
             w.writeheader()

@@ -68,7 +68,7 @@ def test_eval_needs_a_run_dir(tmp_path):
 
 def test_quickstart_pipeline_on_tiny_model(tiny_model_dir, tmp_path):
     """The quickstart's own code path (train, eval, timings, table) with a tiny model swapped in."""
-    from tunekit.quickstart import quickstart
+    from tunekit.demo.quickstart import quickstart
 
     overrides = [
         f"model={tiny_model_dir}",

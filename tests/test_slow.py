@@ -5,8 +5,8 @@ import json
 import pytest
 
 from tunekit.config import config_from_dict
+from tunekit.demo.quickstart import demo_data_path, quickstart, quickstart_config
 from tunekit.eval.evaluate import evaluate
-from tunekit.quickstart import demo_data_path, quickstart, quickstart_config
 from tunekit.train.session import train
 
 pytestmark = pytest.mark.slow

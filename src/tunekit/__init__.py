@@ -26,7 +26,7 @@ _API = {
     "ModelError": ("tunekit.errors", "ModelError"),
     "TunekitError": ("tunekit.errors", "TunekitError"),
     "evaluate": ("tunekit.eval.evaluate", "evaluate"),
-    "quickstart": ("tunekit.quickstart", "quickstart"),
+    "quickstart": ("tunekit.demo.quickstart", "quickstart"),
     "fine_tune": ("tunekit.train.session", "train"),
     "resume": ("tunekit.train.session", "resume"),
     "train_sft": ("tunekit.train.session", "train_sft"),

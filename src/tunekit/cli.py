@@ -270,7 +270,7 @@ def quickstart(
     set_: Annotated[list[str], typer.Option("--set", help="Override a key: --set train.epochs=2")] = None,
 ) -> None:
     """The main job: fine-tune the embedded default model on the demo tickets and compare with the base."""
-    from tunekit.quickstart import quickstart as run
+    from tunekit.demo.quickstart import quickstart as run
 
     if set_ is None:
         set_ = []

@@ -10,11 +10,11 @@ from __future__ import annotations
 
 import json
 import time
-from importlib import resources
 from pathlib import Path
 
 from tunekit.config import Config, config_from_dict
 from tunekit.console import out as console
+from tunekit.demo.tickets import SHIPPED_PATH
 from tunekit.eval.evaluate import evaluate
 from tunekit.eval.report import print_contenders
 from tunekit.io import atomic_write_json
@@ -23,7 +23,7 @@ from tunekit.train.session import train
 
 def demo_data_path() -> Path:
     """The shipped demo data set (800 tickets, OpenAI chat format)."""
-    return Path(str(resources.files("tunekit.demo") / "data" / "tickets.jsonl"))
+    return SHIPPED_PATH
 
 
 def quickstart_config(output_dir: str | Path = "runs/quickstart", overrides: list[str] = ()) -> Config:
