@@ -3,6 +3,7 @@
 import json
 import subprocess
 import sys
+from pathlib import Path
 
 import yaml
 
@@ -111,27 +112,15 @@ def test_train_and_eval_cli_on_tiny_model(tmp_path, tiny_model_dir, chat_file):
     assert r.returncode == 2 and "train.init_from" in r.stderr and "Traceback" not in r.stderr
 
 
-HEAVY = ("torch", "transformers", "peft", "trl", "datasets", "accelerate")
-
-# Runs the CLI in this process, then prints (last, on stderr) which heavy libraries it imported.
-_PROBE = f"""
-import json, sys
-sys.argv = ["tunekit", *sys.argv[1:]]
-try:
-    import tunekit.cli
-    tunekit.cli.main()
-except SystemExit:
-    pass
-finally:
-    print("HEAVY", json.dumps(sorted(m for m in {HEAVY!r} if m in sys.modules)), file=sys.stderr)
-"""
-
-
 def heavy_imports(*args):
-    r = subprocess.run([sys.executable, "-c", _PROBE, *args], capture_output=True, text=True)
-    lines = [x for x in r.stderr.splitlines() if x.startswith("HEAVY ")]
-    assert lines, r.stderr
-    return json.loads(lines[-1].removeprefix("HEAVY "))
+    """The heavy libraries `tunekit ARGS` imports, by bench/cli_startup.py's probe (this tree's src)."""
+    import importlib.util
+
+    path = Path(__file__).resolve().parents[1] / "bench" / "cli_startup.py"
+    spec = importlib.util.spec_from_file_location("cli_startup", path)
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    return bench.heavy_modules(path.parents[1] / "src", list(args))
 
 
 def test_help_and_a_plain_data_check_import_no_torch(tmp_path):
