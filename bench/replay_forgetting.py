@@ -13,8 +13,8 @@ import time
 from pathlib import Path
 
 from tunekit.config import config_from_dict
-from tunekit.eval.evaluate import evaluate_generation
 from tunekit.demo.quickstart import demo_data_path
+from tunekit.eval.evaluate import evaluate_generation
 from tunekit.train.session import train
 
 REPLAY = Path(__file__).resolve().parents[2] / "shared" / "data" / "llamafactory-demo" / "alpaca_en_demo.json"

@@ -160,7 +160,9 @@ def test_banking77_classifier_beats_chance_by_far(tmp_path):
                 "split": [0.9, 0.1, 0.0],
             },
             "lora": {"r": 16, "alpha": 32, "dropout": 0.0},
-            "train": {"epochs": 2, "learning_rate": 2e-3, "batch_size": 16, "max_length": 48},
+            # 1e-3: at 2e-3 with gradient clipping this run collapsed to chance on transformers 5.25
+            # (val accuracy 0.03); 1e-3 reaches about 0.7 on the validation split.
+            "train": {"epochs": 2, "learning_rate": 1e-3, "batch_size": 16, "max_length": 48},
             "eval": {"batch_size": 32},
             "output_dir": str(tmp_path / "run"),
         }
