@@ -74,3 +74,103 @@ def test_yaml_file_roundtrip_and_errors_name_the_file(tmp_path):
     top.write_text("- a\n- b\n")
     with pytest.raises(ConfigError, match="top level must be a mapping"):
         load_config(top)
+
+
+# ---------------------------------------------------------------------------------------------
+# Values that validate in pydantic's lax mode but crash later: every field of each kind refuses them.
+
+
+def _fields(model, prefix=""):
+    """(dotted key, annotation members) of every leaf field of the config, nested sections included."""
+    import typing
+
+    from pydantic import BaseModel
+
+    for name, field in model.model_fields.items():
+        members = typing.get_args(field.annotation) or (field.annotation,)
+        members = (field.annotation,) if typing.get_origin(field.annotation) in (tuple, list) else members
+        sub = [m for m in members if isinstance(m, type) and issubclass(m, BaseModel)]
+        if sub:
+            yield from _fields(sub[0], f"{prefix}{name}.")
+        else:
+            yield f"{prefix}{name}", members
+
+
+_BASE = {"data": {"train": "x.jsonl", "replay": {"path": "r.jsonl"}}}
+
+
+def _rejected(key: str, value: str) -> str:
+    with pytest.raises(ConfigError) as e:
+        config_from_dict(_BASE, [f"{key}={value}"])
+    assert len(e.value.problems) == 1 and e.value.problems[0].startswith(f"{key}"), e.value.problems
+    return e.value.problems[0]
+
+
+def test_the_field_walk_finds_every_kind():
+    from tunekit.config import Config
+
+    kinds = {k: m for k, m in _fields(Config)}
+    assert {"train.epochs", "train.learning_rate", "lora.alpha", "data.split"} <= set(kinds)
+    assert {"train.batch_size", "train.seed", "data.split_seed", "data.replay.seed"} <= set(kinds)
+    assert {"output_dir", "data.train", "data.validation", "train.init_from", "rl.policy"} <= set(kinds)
+
+
+def test_the_issue_cases_are_rejected_at_load_naming_the_key():
+    assert "finite" in _rejected("train.epochs", ".inf")
+    assert "finite" in _rejected("train.learning_rate", ".inf")
+    assert "finite" in _rejected("lora.alpha", ".inf")
+    assert "4294967295" in _rejected("train.seed", str(2**64 + 1))
+    assert "empty path" in _rejected("output_dir", '""')
+    assert "boolean" in _rejected("train.batch_size", "true")
+
+
+def test_every_float_field_is_finite():
+    from tunekit.config import Config
+
+    floats = [k for k, m in _fields(Config) if float in m]
+    assert len(floats) >= 12
+    for key in floats:
+        for bad in (".inf", "-.inf", ".nan"):
+            assert "finite" in _rejected(key, bad), key
+    for bad in ("[.inf, 0, 0]", "[.nan, 0.5, 0.5]"):
+        assert "finite" in _rejected("data.split", bad)
+
+
+def test_every_int_field_refuses_bools_and_values_beyond_64_bits():
+    from tunekit.config import Config
+
+    ints = [k for k, m in _fields(Config) if int in m and bool not in m]
+    assert len(ints) >= 15
+    for key in ints:
+        for bad in ("true", "false"):
+            assert "boolean" in _rejected(key, bad), key
+        _rejected(key, str(2**64))
+        _rejected(key, str(-(2**64)))
+    for key in [k for k, m in _fields(Config) if float in m and bool not in m]:
+        assert "boolean" in _rejected(key, "true"), key
+    assert "boolean" in _rejected("data.split", "[true, 0, 0]")
+    # a field that admits a bool keeps it
+    assert config_from_dict(_BASE, ["train.gradient_checkpointing=true"]).train.gradient_checkpointing is True
+
+
+def test_every_seed_fits_numpy():
+    from tunekit.config import Config
+
+    seeds = [k for k, _ in _fields(Config) if k.endswith("seed")]
+    assert len(seeds) == 3
+    for key in seeds:
+        _rejected(key, "-1")
+        _rejected(key, str(2**32))
+        assert config_from_dict(_BASE, [f"{key}={2**32 - 1}"])
+
+
+def test_every_path_field_refuses_an_empty_string():
+    from pathlib import Path
+
+    from tunekit.config import Config
+
+    paths = [k for k, m in _fields(Config) if Path in m]
+    assert len(paths) >= 8
+    for key in paths:
+        for bad in ('""', '"  "'):
+            assert "empty path" in _rejected(key, bad), key

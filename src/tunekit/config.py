@@ -17,20 +17,73 @@ its dotted path and, for an unknown key, the nearest valid one.
 from __future__ import annotations
 
 import difflib
+import types
+import typing
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    ValidationInfo,
+    field_validator,
+    model_validator,
+)
 
 from tunekit.data.formats import FORMATS  # light: the format names, for the help
 from tunekit.errors import ConfigError
 from tunekit.tasks import task_names  # light: the table's names, not the recipes
 
+# Seeds reach numpy (TRL's set_seed), which takes 0 .. 2**32 - 1 only.
+Seed = Annotated[int, Field(ge=0, le=2**32 - 1)]
+INT_RANGE = (-(2**63), 2**63 - 1)  # what torch, numpy and the tokenizers hold: every int field fits it
+
 
 class _Strict(BaseModel):
-    # extra="forbid": a typo is an error, never a silently ignored key.
-    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+    # extra="forbid": a typo is an error, never a silently ignored key. allow_inf_nan=False: every
+    # float field is finite (`epochs: .inf` would plan endless steps, `learning_rate: .inf` NaN weights).
+    model_config = ConfigDict(extra="forbid", validate_assignment=True, allow_inf_nan=False)
+
+    @field_validator("*", mode="before")
+    @classmethod
+    def _no_silent_coercion(cls, v: Any, info: ValidationInfo) -> Any:
+        """Refuse what pydantic's lax mode would coerce into a value that crashes later: a boolean
+        for a number (`batch_size: true` is 1), an int beyond 64 bits, an empty path ('' is '.')."""
+        field = cls.model_fields[info.field_name]
+        bounded = any(hasattr(m, "le") or hasattr(m, "lt") for m in field.metadata)  # e.g. a Seed
+        problem = _coercion_problem(field.annotation, v, check_range=not bounded)
+        if problem:
+            raise ValueError(problem)
+        return v
+
+
+def _members(annotation: Any) -> tuple:
+    """The types a field admits: the members of a union (`Path | None`), or the type itself."""
+    if typing.get_origin(annotation) in (typing.Union, types.UnionType):
+        return typing.get_args(annotation)
+    return (annotation,)
+
+
+def _coercion_problem(annotation: Any, v: Any, check_range: bool = True) -> str | None:
+    """Why `v` must not become a value of `annotation`, or None when it may."""
+    members = _members(annotation)
+    for m in members:  # containers: tuple[float, float, float], list[str], ...
+        if typing.get_origin(m) in (tuple, list) and isinstance(v, list | tuple):
+            item = typing.get_args(m)[0]
+            return next((p for x in v if (p := _coercion_problem(item, x, check_range))), None)
+    if isinstance(v, bool) and bool not in members and (int in members or float in members):
+        return "expected a number, got a boolean (true/false)"
+    in_range = not isinstance(v, int) or INT_RANGE[0] <= v <= INT_RANGE[1]
+    if check_range and not in_range and not isinstance(v, bool) and int in members:
+        return f"out of range: an integer here must lie within {INT_RANGE[0]} .. {INT_RANGE[1]}"
+    if isinstance(v, str) and Path in members and not v.strip():
+        return "an empty path (it would mean the current folder); name a file or folder" + (
+            ", or null" if type(None) in members else ""
+        )
+    return None
 
 
 class ReplayConfig(_Strict):
@@ -40,7 +93,7 @@ class ReplayConfig(_Strict):
     ratio: float = Field(
         0.1, gt=0, le=1, description="Replay examples added, as a share of the training examples."
     )
-    seed: int = Field(0, description="Seed of the draw from the replay file.")
+    seed: Seed = Field(0, description="Seed of the draw from the replay file.")
 
 
 class DataConfig(_Strict):
@@ -59,7 +112,7 @@ class DataConfig(_Strict):
     split: tuple[float, float, float] = Field(
         (0.8, 0.1, 0.1), description="train/validation/test ratios used when files are omitted."
     )
-    split_seed: int = Field(42, description="Seed of that split.")
+    split_seed: Seed = Field(42, description="Seed of that split.")
     replay: ReplayConfig | None = Field(
         None,
         description="Mix general data into training against forgetting, e.g. {path: alpaca.json, ratio: 0.1}.",
@@ -133,7 +186,7 @@ class TrainConfig(_Strict):
     grad_accum: int = Field(1, gt=0, description="Micro-batches per optimizer step.")
     max_steps: int | None = Field(None, gt=0, description="Stop after this many optimizer steps.")
     max_length: int = Field(512, gt=8, description="Tokens per example; longer ones are cut (reported).")
-    seed: int = Field(42, description="Seed for weights init, data order and dropout.")
+    seed: Seed = Field(42, description="Seed for weights init, data order and dropout (0 .. 2**32 - 1).")
     warmup_ratio: float = Field(0.05, ge=0, lt=1, description="Share of steps with linear warmup.")
     lr_scheduler: Literal["cosine", "linear", "constant"] = Field("cosine", description="Decay after warmup.")
     weight_decay: float = Field(0.0, ge=0, description="AdamW weight decay.")
