@@ -15,6 +15,7 @@ from tunekit.eval.metrics import (
     default_metrics,
     field_accuracy,
     json_valid,
+    metrics_to_score,
     numeric_match,
     rouge_l,
     score_metrics,
@@ -113,6 +114,59 @@ def test_user_metric_by_module_path(tmp_path, monkeypatch):
         score_metrics(["nope_mod:f"], ["a"], ["a"])
 
 
+def test_metrics_to_score_takes_custom_metrics_only_from_the_user():
+    assert metrics_to_score(None, None, "r/config.yaml") is None
+    assert metrics_to_score(["exact_match", "bleu"], None, "r/config.yaml") == ["exact_match", "bleu"]
+    assert metrics_to_score(["m:f"], ["accuracy", "m:f"], "r/config.yaml") == ["accuracy", "m:f"]
+    with pytest.raises(
+        ConfigError, match=r"(?s)r/config.yaml.*'m:f'.*tunekit eval r --metric bleu --metric m:f"
+    ):
+        metrics_to_score(["bleu", "m:f"], None, "r/config.yaml")
+
+
+def _run_naming_a_module(tiny_model_dir, chat_file, folder):
+    """A run directory (config.yaml only) whose eval.metrics names `evil_metric:fn`; importing
+    evil_metric.py (beside it, on the path) leaves a file `imported`."""
+    from tunekit.config import config_to_yaml
+
+    (folder / "evil_metric.py").write_text(
+        "import pathlib\npathlib.Path(__file__).with_name('imported').touch()\n"
+        "def fn(preds, refs):\n    return [0.5] * len(preds)\n"
+    )
+    run = folder / "run"
+    run.mkdir()
+    raw = {"model": str(tiny_model_dir), "data": {"train": str(chat_file)}, "output_dir": str(run)}
+    cfg = config_from_dict(raw | {"eval": {"metrics": ["exact_match", "evil_metric:fn"]}})
+    (run / "config.yaml").write_text(config_to_yaml(cfg))
+    return run
+
+
+def test_a_run_config_cannot_make_eval_import_a_module(tiny_model_dir, chat_file, tmp_path, monkeypatch):
+    import sys
+
+    from tunekit.eval.evaluate import evaluate
+
+    run = _run_naming_a_module(tiny_model_dir, chat_file, tmp_path)
+    monkeypatch.syspath_prepend(str(tmp_path))
+    with pytest.raises(ConfigError, match="--metric exact_match --metric evil_metric:fn"):
+        evaluate(run, quiet=True)
+    assert not (tmp_path / "imported").exists() and "evil_metric" not in sys.modules
+
+
+def test_cli_eval_refuses_a_run_configs_module_without_a_traceback(tiny_model_dir, chat_file, tmp_path):
+    """`python -m tunekit` puts the working folder on sys.path: a run shipped with its own module."""
+    import subprocess
+    import sys
+
+    _run_naming_a_module(tiny_model_dir, chat_file, tmp_path)
+    r = subprocess.run(
+        [sys.executable, "-m", "tunekit", "eval", "run"], cwd=tmp_path, capture_output=True, text=True
+    )
+    assert r.returncode == 2 and "Traceback" not in r.stderr, r.stderr
+    assert "tunekit eval run --metric exact_match --metric evil_metric:fn" in " ".join(r.stderr.split())
+    assert not (tmp_path / "imported").exists()
+
+
 def test_confusion_matrix_counts_rows_by_reference():
     cm = confusion_matrix(["x", "y", "x", "zzz"], ["x", "x", "y", "y"])
     assert cm["labels"] == ["x", "y"] and cm["columns"] == ["x", "y", "(other)"]
@@ -206,6 +260,19 @@ def test_three_contenders_with_intervals_and_paired_tests(tiny_cfg):
     assert (run / "report.html").is_file() and "Paired differences" in (run / "report.md").read_text()
     # --few-shot 0 leaves the contender out
     assert "base_few_shot" not in evaluate_generation(run, quiet=True, few_shot=0)["contenders"]
+
+
+def test_a_custom_metric_named_by_the_user_is_scored(tiny_cfg, tmp_path, monkeypatch):
+    """`tunekit eval RUN --metric ...` (here through `evaluate`, the task table's route) replaces
+    eval.metrics; the first is the task metric, and a `module:function` is imported and scored."""
+    from tunekit.eval.evaluate import evaluate
+
+    (tmp_path / "half_metric.py").write_text("def half(preds, refs):\n    return [0.5] * len(preds)\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    run = train(tiny_cfg("run", epochs=1), quiet=True)
+    report = evaluate(run, quiet=True, few_shot=0, metrics=["half_metric:half", "exact_match"])
+    assert report["task_metric"] == "half" and report["metrics"] == ["half", "exact_match"]
+    assert report["contenders"]["finetuned"]["half"] == 0.5
 
 
 def test_early_stopping_keeps_the_best_weights(tiny_cfg):

@@ -91,6 +91,13 @@ def eval_(
     reward_model: Annotated[
         Path | None, typer.Option(help="dpo runs: a `task: reward` run dir, for the reward model's win rate.")
     ] = None,
+    metric: Annotated[
+        list[str] | None,
+        typer.Option(
+            help="Score this metric instead of the run's eval.metrics (repeatable; the first is the task "
+            "metric). A custom `module:function` metric is imported only when named here."
+        ),
+    ] = None,
 ) -> None:
     """Compare the base (zero- and few-shot) and the fine-tuned model on held-out examples, with the
     forgetting probe; writes report.json, report.md and report.html."""
@@ -105,7 +112,9 @@ def eval_(
         return
     if run_dir is None:
         raise TunekitError("give a run directory (tunekit eval runs/NAME) or --compare RUN_A RUN_B")
-    report = evaluate(run_dir, data, few_shot=few_shot, probe=probe, reward_model=reward_model)
+    report = evaluate(
+        run_dir, data, few_shot=few_shot, probe=probe, reward_model=reward_model, metrics=metric
+    )
     print_contenders(report)
     err.print(f"report: {run_dir / 'report.md'}")
 

@@ -54,22 +54,31 @@ def evaluate_generation(
     quiet: bool = False,
     few_shot: int | None = None,
     probe: str | Path | None = None,
+    metrics: list[str] | None = None,
 ) -> dict:
     """SFT: three contenders on the same held-out prompts, scored against the references.
 
     `base` (zero-shot), `base_few_shot` (the base shown `eval.few_shot` train examples first) and
     `finetuned`. Each metric comes with its 95% bootstrap CI, each pair of contenders with a paired
     test; then the forgetting probe, the failure triage, and report.json/.md/.html.
-    `few_shot` and `probe` override the run config's `eval.few_shot` and `eval.probe`.
+    `few_shot` and `probe` override the run config's `eval.few_shot` and `eval.probe`, `metrics`
+    its `eval.metrics`; a `module:function` metric is imported only when named in `metrics`.
     """
     from tunekit.eval.failures import analyze_failures, train_group_counts
-    from tunekit.eval.metrics import confusion_matrix, default_metrics, resolve_metric, score_metrics
+    from tunekit.eval.metrics import (
+        confusion_matrix,
+        default_metrics,
+        metrics_to_score,
+        resolve_metric,
+        score_metrics,
+    )
     from tunekit.eval.probe import forgetting_report, load_probe, run_probe, target_logprobs
     from tunekit.eval.report import training_curves
     from tunekit.eval.report_html import write_report_html
     from tunekit.eval.stats import paired_difference, ratio_ci
 
     cfg = load_run_config(run_dir)
+    chosen = metrics_to_score(cfg.eval.metrics, metrics, run_dir / "config.yaml")  # before any model loads
     k = cfg.eval.few_shot if few_shot is None else few_shot
     probe_spec = cfg.eval.probe if probe is None else probe
     examples = load_test_examples(run_dir, cfg, data)
@@ -82,7 +91,7 @@ def evaluate_generation(
         if all(ex.label is not None for ex in examples)
         else None
     )
-    metric_specs = cfg.eval.metrics or default_metrics(references, labels is not None)
+    metric_specs = chosen or default_metrics(references, labels is not None)
     task_metric = resolve_metric(metric_specs[0]).name
     max_new = cfg.eval.max_new_tokens or 16 + max(
         len(tokenizer(r, add_special_tokens=False)["input_ids"]) for r in references

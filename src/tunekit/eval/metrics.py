@@ -4,7 +4,9 @@ A metric either scores each example (a list of floats, e.g. exact match: 1 or 0)
 the mean and its confidence interval comes from resampling examples, or scores the whole corpus (a
 float, e.g. macro-F1, BLEU), so the interval comes from recomputing it on resampled corpora.
 `eval.metrics` in the config names metrics from METRICS or any `module:function` callable of the
-same shape, e.g. `eval.metrics: [exact_match, mypkg.metrics:keyword_recall]`.
+same shape, e.g. `eval.metrics: [exact_match, mypkg.metrics:keyword_recall]`. A `module:function` is
+code to import, so evaluation takes it only from the user (`tunekit eval RUN --metric mypkg:fn`,
+`evaluate(run, metrics=[...])`), never from a run directory's config alone: see `metrics_to_score`.
 """
 
 from __future__ import annotations
@@ -15,6 +17,7 @@ from collections import Counter
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from importlib import import_module
+from pathlib import Path
 
 from tunekit.errors import ConfigError
 
@@ -162,6 +165,38 @@ def resolve_metric(spec: str) -> Metric:
         raise ConfigError([f"eval.metrics: {spec!r} is not callable"])
     # Whether it scores examples or the corpus is seen from its first result (see score_metric).
     return Metric(func, fn, per_example=False)
+
+
+def is_custom(spec: str) -> bool:
+    """A `module:function` metric (code to import), not one of tunekit's."""
+    return spec not in METRICS and ":" in spec
+
+
+def metrics_to_score(
+    config_specs: Sequence[str] | None, given: Sequence[str] | None, config_path
+) -> list[str] | None:
+    """The metric specs an evaluation scores: `given` (the command line's `--metric`, or the API's
+    `metrics=`) in place of the run config's `eval.metrics`, else the config's; None: choose from
+    the references.
+
+    A run directory may come from anyone, and importing a module runs its code, so a
+    `module:function` in the run's config is refused unless the user names it in `given`. The
+    error, raised before any model loads, names the config file and the command to run."""
+    if given:
+        return list(given)
+    custom = [s for s in config_specs or () if is_custom(s)]
+    if custom:
+        flags = " ".join(f"--metric {s}" for s in config_specs)
+        raise ConfigError(
+            [
+                f"eval.metrics: {', '.join(map(repr, custom))} names code to import, and tunekit imports a "
+                "custom metric only when you name it yourself (a run directory must not run code on "
+                f"your machine). Run: tunekit eval {Path(config_path).parent} {flags} "
+                "(Python: evaluate(run_dir, metrics=[...]))"
+            ],
+            source=str(config_path),
+        )
+    return list(config_specs) if config_specs else None
 
 
 def default_metrics(references: Sequence[str], is_classification: bool) -> list[str]:
