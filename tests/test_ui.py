@@ -1,11 +1,14 @@
 """The dashboard in a real headless Chromium (Playwright + Debian's chromium): the runs table, the loss
 chart drawn on its canvas (checked on a screenshot), the base-vs-fine-tuned report and its failures,
-and live progress of a running job."""
+and live progress of a running job. Then its guards over plain HTTP: the Host check against DNS
+rebinding, `--api-key`, and the warning for a non-loopback bind."""
 
+import http.client
 import io
 import json
 import shutil
 import time
+import urllib.parse
 import urllib.request
 
 import pytest
@@ -15,7 +18,6 @@ from tunekit.config import config_from_dict
 from tunekit.runs import registry
 from tunekit.ui.app import create_ui_app
 
-sync_api = pytest.importorskip("playwright.sync_api")
 uvicorn = pytest.importorskip("uvicorn")
 TRAIN_COLOR = (0x1F, 0x77, 0xB4)
 
@@ -62,6 +64,7 @@ def dashboard(tiny_model_dir, tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def page(dashboard):
+    sync_api = pytest.importorskip("playwright.sync_api")
     with sync_api.sync_playwright() as p:
         browser = p.chromium.launch(executable_path=_chromium(), args=["--no-sandbox"])
         page = browser.new_page(viewport={"width": 1400, "height": 900})
@@ -123,3 +126,105 @@ def test_live_progress_of_a_running_job(dashboard, page):
         timeout=15000,
     )
     assert _blue_pixels(page.locator("#loss-chart").screenshot()) > 200
+
+
+def test_the_page_works_with_the_key_in_a_cookie(dashboard, page):
+    """`tunekit ui --api-key K`: the page opened once as /?key=K keeps the key in a cookie (its own
+    fetches of /api/... pass) and drops it from the address bar."""
+    with running(create_ui_app(api_key="s3cret")) as url:
+        page.goto(f"{url}/?key=s3cret")
+        page.wait_for_selector("#runs tbody tr")
+        assert "key=" not in page.url
+        assert page.locator("#runs tbody tr").count() == len(registry.list_runs()) > 0
+
+
+# ---------------------------------------------------------------------------------------------
+# Guards, over plain HTTP (no browser)
+
+
+@pytest.fixture
+def empty_registry(tmp_path, monkeypatch):
+    monkeypatch.setenv("TUNEKIT_HOME", str(tmp_path))
+
+
+def _request(url: str, path: str, **headers) -> tuple[int, http.client.HTTPMessage, bytes]:
+    """GET `path` with exactly these headers (Host too, when given); redirects are not followed."""
+    u = urllib.parse.urlsplit(url)
+    conn = http.client.HTTPConnection(u.hostname, u.port, timeout=30)
+    try:
+        conn.request("GET", path, headers={k.replace("_", "-"): v for k, v in headers.items()})
+        r = conn.getresponse()
+        return r.status, r.headers, r.read()
+    finally:
+        conn.close()
+
+
+def test_a_foreign_host_name_is_refused(empty_registry):
+    """DNS rebinding: a page on evil.example resolves its name to 127.0.0.1 and reads the dashboard;
+    its requests carry Host: evil.example."""
+    with running(create_ui_app()) as url:
+        port = urllib.parse.urlsplit(url).port
+        for host in (f"127.0.0.1:{port}", f"localhost:{port}", f"[::1]:{port}", "127.0.0.1"):
+            status, _, body = _request(url, "/api/runs", Host=host)
+            assert (status, json.loads(body)) == (200, []), host
+        for host in (f"evil.example:{port}", "evil.example", f"127.0.0.1.evil.example:{port}", ""):
+            status, _, body = _request(url, "/api/runs", Host=host)
+            assert status == 403 and b"loopback" in body, host
+        assert _request(url, "/", Host=f"evil.example:{port}")[0] == 403
+
+
+def test_a_network_bind_leaves_host_names_to_the_key(empty_registry):
+    """Bound to 0.0.0.0 the machine's clients use any name for it: no Host check (the key guards it)."""
+    with running(create_ui_app("0.0.0.0")) as url:
+        assert _request(url, "/api/runs", Host="my-box.lan:8765")[0] == 200
+    with running(create_ui_app("0.0.0.0", api_key="k")) as url:
+        assert _request(url, "/api/runs", Host="my-box.lan:8765")[0] == 401
+
+
+def test_api_key_by_header_cookie_or_url(empty_registry):
+    with running(create_ui_app(api_key="s3cret")) as url:
+        for path, headers in [
+            ("/", {}),
+            ("/api/runs", {}),
+            ("/api/runs", {"Authorization": "Bearer wrong"}),
+            ("/api/runs", {"Cookie": "tunekit_ui_key=wrong"}),
+            ("/?key=wrong", {}),
+            ("/api/runs?key=s3cre", {}),
+        ]:
+            status, _, body = _request(url, path, **headers)
+            assert status == 401 and b"--api-key" in body, (path, headers)
+        assert _request(url, "/api/runs", Authorization="Bearer s3cret")[0] == 200
+        status, headers, _ = _request(url, "/?key=s3cret")
+        assert status == 303 and headers["location"] == "/"
+        assert "tunekit_ui_key=s3cret" in headers["set-cookie"] and "HttpOnly" in headers["set-cookie"]
+        status, _, body = _request(url, "/", Cookie="tunekit_ui_key=s3cret")
+        assert status == 200 and b"<canvas" in body
+        # the Host check still comes first
+        assert _request(url, "/api/runs", Host="evil.example", Authorization="Bearer s3cret")[0] == 403
+
+
+@pytest.mark.parametrize(
+    ("args", "warning"),
+    [
+        ([], None),
+        (["--host", "localhost"], None),
+        (["--host", "0.0.0.0"], "add --api-key KEY"),
+        (["--host", "192.168.1.5", "--api-key", "k"], "unencrypted"),
+    ],
+)
+def test_cli_ui_warns_on_a_network_bind_and_passes_the_key(empty_registry, monkeypatch, args, warning):
+    from typer.testing import CliRunner
+
+    from tunekit.cli import app
+
+    served = {}
+    monkeypatch.setattr("uvicorn.run", lambda app, host, port, **kw: served.update(app=app, host=host))
+    r = CliRunner().invoke(app, ["ui", *args])
+    assert r.exit_code == 0, r.output
+    assert served["host"] == (args[1] if args else "127.0.0.1")
+    if warning is None:
+        assert "warning" not in r.output
+    else:
+        assert "warning" in r.output and "not a loopback address" in r.output and warning in r.output
+    with running(served["app"]) as url:  # the key given on the command line guards the app it serves
+        assert _request(url, "/api/runs")[0] == (401 if "--api-key" in args else 200)

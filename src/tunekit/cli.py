@@ -395,12 +395,20 @@ def runs(
 @app.command()
 def ui(
     port: Annotated[int, typer.Option(help="Port.")] = 8765,
-    host: Annotated[str, typer.Option(help="Interface to bind.")] = "127.0.0.1",
+    host: Annotated[
+        str, typer.Option(help="Interface to bind (a non-loopback one lets other machines in: a warning).")
+    ] = "127.0.0.1",
+    api_key: Annotated[
+        str | None,
+        typer.Option(
+            help="Require this key: `Authorization: Bearer KEY`, or open the page once as /?key=KEY."
+        ),
+    ] = None,
 ) -> None:
     """A local web dashboard over the run registry: runs, loss curves, reports, live progress."""
     from tunekit.ui.app import serve_ui
 
-    serve_ui(host=host, port=port)
+    serve_ui(host=host, port=port, api_key=api_key)
 
 
 def main() -> None:

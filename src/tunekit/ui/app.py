@@ -8,24 +8,36 @@ outside) and the JSON it reads:
                                        report (base vs fine-tuned metrics, failures) when it has one
     GET /api/runs/{id}/metrics?after=N its metrics records past step N (the page polls this while
                                        a run is training: live progress)
+
+Safe by default. Bound to a loopback address (the default 127.0.0.1), it answers only requests whose
+Host header names a loopback address or the bound name: a web page on another site cannot read your
+runs by pointing its own domain name at 127.0.0.1 (DNS rebinding). Bound to any other address it
+warns at start, since every machine that can reach it can read it. With `--api-key KEY` every request
+needs the key: `Authorization: Bearer KEY`, or once in the page's URL (`/?key=KEY`), which the page
+then keeps in a cookie. (The key check mirrors `tunekit serve`'s: ship/serve.py, check_key.)
 """
 
 from __future__ import annotations
 
+import hmac
+import ipaddress
 import json
 from importlib import resources
 from pathlib import Path
 
 REPORT_FAILURES_SHOWN = 50
+KEY_COOKIE = "tunekit_ui_key"
 
 
-def create_ui_app():
+def create_ui_app(host: str = "127.0.0.1", api_key: str | None = None):
+    """The dashboard app; `host` is the address it is bound to (its Host check follows it)."""
     from fastapi import FastAPI, HTTPException
     from fastapi.responses import HTMLResponse
 
     from tunekit.runs import registry
 
     app = FastAPI(title="tunekit", docs_url=None, redoc_url=None)
+    _guard(app, host, api_key)
     page = resources.files("tunekit.ui").joinpath("static/index.html").read_text(encoding="utf-8")
 
     @app.get("/", response_class=HTMLResponse)
@@ -69,11 +81,87 @@ def read_report(run_dir: Path) -> dict | None:
     }
 
 
-def serve_ui(host: str = "127.0.0.1", port: int = 8765) -> None:
+def is_loopback(host: str) -> bool:
+    """`localhost` or a loopback address (127.0.0.0/8, ::1): reachable from this machine only."""
+    if host.lower() == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host.strip("[]")).is_loopback
+    except ValueError:
+        return False
+
+
+def host_name(header: str) -> str:
+    """The name in a Host header, without its port: `localhost:8765` -> `localhost`, `[::1]:80` -> `::1`."""
+    if header.startswith("["):
+        return header[1:].partition("]")[0]
+    return header.rpartition(":")[0] if header.count(":") == 1 else header
+
+
+def host_allowed(header: str, bound: str) -> bool:
+    """Whether a request's Host header may reach a dashboard bound to loopback address `bound`: a
+    loopback name or the bound one. Any other name is a page elsewhere that resolved its own domain
+    to this machine (DNS rebinding). The port is not checked: ssh -L forwards under another one."""
+    name = host_name(header.strip()).lower()
+    return bool(name) and (is_loopback(name) or name == bound.lower())
+
+
+def key_given(request) -> str:
+    """The key a request carries: `Authorization: Bearer KEY`, the page's cookie, or `?key=KEY`."""
+    auth = request.headers.get("authorization", "")
+    if auth.lower().startswith("bearer "):
+        return auth[7:]
+    return request.cookies.get(KEY_COOKIE) or request.query_params.get("key", "")
+
+
+def _guard(app, host: str, api_key: str | None) -> None:
+    """Every request passes the Host check (loopback binds) and, with `api_key`, the key check."""
+    from fastapi.responses import PlainTextResponse, RedirectResponse
+
+    check_host = is_loopback(host)
+
+    @app.middleware("http")
+    async def guard(request, call_next):
+        if check_host and not host_allowed(request.headers.get("host", ""), host):
+            return PlainTextResponse(
+                f"tunekit ui answers only requests to a loopback address, not to Host "
+                f"{request.headers.get('host', '(none)')!r}: open http://{host}:PORT/ on this machine.",
+                status_code=403,
+            )
+        if api_key is None:
+            return await call_next(request)
+        if not hmac.compare_digest(key_given(request).encode(), api_key.encode()):
+            return PlainTextResponse(
+                "Incorrect or missing key: tunekit ui was started with --api-key. Open /?key=KEY once "
+                "(the page keeps it in a cookie) or send `Authorization: Bearer KEY`.",
+                status_code=401,
+            )
+        if request.url.path == "/" and "key" in request.query_params:
+            # The page: keep the key in a cookie and take it out of the address bar and history.
+            response = RedirectResponse("/", status_code=303)
+        else:
+            response = await call_next(request)
+        response.set_cookie(KEY_COOKIE, api_key, httponly=True, samesite="lax")
+        return response
+
+
+def serve_ui(host: str = "127.0.0.1", port: int = 8765, api_key: str | None = None) -> None:
+    """Serve the dashboard until interrupted; warns when `host` lets other machines reach it."""
     import uvicorn
 
     from tunekit.console import err
     from tunekit.runs.registry import registry_path
 
-    err.print(f"tunekit dashboard over {registry_path()}: http://{host}:{port}/")
-    uvicorn.run(create_ui_app(), host=host, port=port, log_level="warning")
+    if not is_loopback(host):
+        fix = (
+            "the key travels unencrypted (plain HTTP)"
+            if api_key
+            else "anyone who can reach it can read your runs: add --api-key KEY"
+        )
+        err.print(f"[yellow]warning:[/] tunekit ui on {host}, not a loopback address: {fix}")
+    url = f"http://{host}:{port}/"
+    err.print(
+        f"tunekit dashboard over {registry_path()}: {url}"
+        + (" (open it once as ?key=KEY)" if api_key else "")
+    )
+    uvicorn.run(create_ui_app(host, api_key), host=host, port=port, log_level="warning")
