@@ -17,6 +17,8 @@ its dotted path and, for an unknown key, the nearest valid one.
 from __future__ import annotations
 
 import difflib
+import hashlib
+import json
 import types
 import typing
 from pathlib import Path
@@ -328,6 +330,21 @@ class Config(_Strict):
     eval: EvalConfig = Field(default_factory=EvalConfig)
     distributed: DistributedConfig = Field(default_factory=DistributedConfig)
     output_dir: Path = Field(Path("runs/run"), description="The run directory.")
+    chat_template: str | None = Field(
+        None,
+        description="How conversations become text: null uses the model's own template, or for a base "
+        "model without one a default (models/templates.py); a built-in (chatml, llama3, gemma, mistral, "
+        "qwen, phi3, completion) or a .jinja file overrides it.",
+    )
+
+    @field_validator("chat_template")
+    @classmethod
+    def _known_template(cls, v: str | None) -> str | None:
+        if v is None:
+            return v
+        from tunekit.models.templates import check_spec  # imports torch: only when the key is set
+
+        return check_spec(v)
 
     @field_validator("task")
     @classmethod
@@ -343,6 +360,62 @@ class Config(_Strict):
         if not self.model.strip():
             raise ValueError("model: must name an alias, a local folder or a hub id")
         return self
+
+
+# ---------------------------------------------------------------------------------------------
+# The identity of a run: what a checkpoint depends on
+
+
+# Keys a resumed run may change, because its checkpoints do not depend on them: where the run
+# lives; evaluation; how a step is computed (the same maths, up to rounding); logging and saving;
+# how the global batch is laid out over processes (the global batch itself, batch_size x
+# grad_accum x processes, is compared instead, so 2 processes x 4 resume as 1 x 8); and the
+# length of the plan (a run may be extended: the schedule follows the new plan, with a warning).
+RESUME_MAY_CHANGE = (
+    "output_dir",
+    "eval",
+    "distributed",
+    "train.epochs",
+    "train.max_steps",
+    "train.batch_size",
+    "train.grad_accum",
+    "train.log_every",
+    "train.save_steps",
+    "train.save_total_limit",
+    "train.gradient_checkpointing",
+    "train.lean_activations",
+    "train.padding_free",
+    "train.loss_chunk_tokens",
+    "train.compile",
+)
+
+
+def run_identity(cfg: Config, global_batch: int) -> dict:
+    """The resolved config as far as a checkpoint depends on it, plus the global batch: a checkpoint
+    stores it, and resume refuses a checkpoint whose identity differs from the config's."""
+    d = cfg.model_dump(mode="json")
+    for key in RESUME_MAY_CHANGE:
+        section, _, name = key.partition(".")
+        (d[section] if name else d).pop(name or section, None)
+    d["train"]["global_batch"] = global_batch
+    return d
+
+
+def identity_hash(identity: dict) -> str:
+    """sha256 of the identity's canonical JSON."""
+    return hashlib.sha256(json.dumps(identity, sort_keys=True).encode()).hexdigest()
+
+
+def identity_differences(then: dict, now: dict, prefix: str = "") -> list[str]:
+    """Every dotted key whose value differs, as 'key: THEN -> NOW'."""
+    out = []
+    for key in sorted(set(then) | set(now), key=str):
+        a, b = then.get(key, "(absent)"), now.get(key, "(absent)")
+        if isinstance(a, dict) and isinstance(b, dict):
+            out += identity_differences(a, b, f"{prefix}{key}.")
+        elif a != b:
+            out.append(f"{prefix}{key}: {_short_repr(a, 60)} -> {_short_repr(b, 60)}")
+    return out
 
 
 # ---------------------------------------------------------------------------------------------

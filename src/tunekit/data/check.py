@@ -3,9 +3,10 @@
     report = check_data(["train.jsonl", "test.jsonl"], model="smollm2-135m-instruct")
     report.exit_code   # 0 clean (warnings allowed), 1 errors found, 2 a file cannot be read
 
-Per row: the reader's and normalizer's errors (invalid JSON, missing fields, unknown roles, ...),
-plus warnings (no system or user message, longer than max_length, a very short target, control
-characters). Per file: exact and near duplicates. Across files: leakage (the same or nearly the
+Per row: the reader's and normalizer's errors (invalid JSON, missing fields, unknown roles, ...,
+and rows no task can train on: no prompt before the first answer, e.g. raw `text` rows), plus
+warnings (no system or user message, longer than max_length, a very short target, control
+characters, a key given twice, a key the format does not use). Per file: no rows at all is an error. Per file: exact and near duplicates. Across files: leakage (the same or nearly the
 same example in two files, e.g. train and test). Statistics: turns, tokens with the model's
 tokenizer, labels. Every row is accounted for: kept + rejected == total.
 """
@@ -21,6 +22,7 @@ from pathlib import Path
 from typing import Any
 
 from tunekit.data.example import Example
+from tunekit.data.needs import NO_PROMPT, untrainable
 from tunekit.data.problems import Problem
 from tunekit.errors import TunekitError
 
@@ -108,7 +110,31 @@ def read_file(path: str | Path, format: str, columns: Mapping[str, str] | None, 
     if labels:
         fc.examples, bad = _check_labels(fc.examples, set(labels))
         fc.problems += bad
+    fc.examples, bad = _check_trainable(fc.examples)
+    fc.problems = sorted(fc.problems + bad, key=lambda p: p.line)
+    if not fc.examples and not fc.rejected_lines:
+        fc.problems.insert(0, _empty(fc.path))
     return fc
+
+
+def _check_trainable(examples: list[Example]) -> tuple[list[Example], list[Problem]]:
+    kept, bad = [], []
+    for ex in examples:
+        why = untrainable(ex)
+        if why:
+            bad.append(Problem(ex.source, ex.line, "messages", NO_PROMPT, why))
+        else:
+            kept.append(ex)
+    return kept, bad
+
+
+def _empty(path: str) -> Problem:
+    """A file with no rows at all: training on it would train on nothing (or a split of nothing)."""
+    msg = (
+        "no rows: the file is empty or holds only blank lines (a CSV only its header row); add "
+        "examples, or leave the file out"
+    )
+    return Problem(path, 0, "", "empty_file", msg)
 
 
 def _check_labels(examples: list[Example], allowed: set[str]) -> tuple[list[Example], list[Problem]]:
@@ -258,15 +284,21 @@ def check_data(
     model: str | None = None,
     max_length: int = 512,
     near_threshold: float = 0.8,
+    chat_template: str | None = None,
 ) -> CheckReport:
-    """Check `files` (e.g. train, validation, test): rows, duplicates within each, leakage between them."""
+    """Check `files` (e.g. train, validation, test): rows, duplicates within each, leakage between them.
+    With a model, the chat template (`chat_template`: see models/templates.py) must render every kind
+    of conversation in the data with a correct loss mask (data/tokenize.py `check_template`)."""
     checks = [read_file(p, format, columns, labels) for p in files]
     examples = [e for fc in checks for e in fc.examples]
     lengths = None
     if model is not None and examples:
+        from tunekit.data.tokenize import check_template
         from tunekit.models import load_tokenizer, resolve_model
 
-        lengths = token_lengths(load_tokenizer(resolve_model(model)), examples)
+        tokenizer = load_tokenizer(resolve_model(model), chat_template)
+        check_template(tokenizer, examples)
+        lengths = token_lengths(tokenizer, examples)
     warnings = [
         w
         for k, ex in enumerate(examples)
@@ -295,6 +327,7 @@ def check_config(cfg) -> CheckReport:
         labels=d.labels,
         model=cfg.model,
         max_length=cfg.train.max_length,
+        chat_template=cfg.chat_template,
     )
     return report
 

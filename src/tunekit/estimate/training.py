@@ -36,8 +36,8 @@ def measure_throughput(cfg: Config, lengths: list[int], steps: int = 3) -> dict:
     from tunekit.train.setup import build_model
 
     path = resolve_model(cfg.model)
-    tok = load_tokenizer(path)
-    model, _ = build_model(cfg, path)
+    tok = load_tokenizer(path, cfg.chat_template)
+    model, _ = build_model(cfg, path, tokenizer=tok)
     n = max(8, min(cfg.train.max_length, int(statistics.median(lengths)) if lengths else 128))
     # Half prompt, half target: the loss projection then costs what a typical SFT row costs.
     g = torch.Generator().manual_seed(0)
@@ -111,7 +111,7 @@ def data_profile(cfg: Config) -> dict:
     from tunekit.data.tokenize import tokenize_example
     from tunekit.models import load_tokenizer, resolve_model
 
-    tok = load_tokenizer(resolve_model(cfg.model))
+    tok = load_tokenizer(resolve_model(cfg.model), cfg.chat_template)
     examples = load_examples(cfg.data.train, format=cfg.data.format, columns=cfg.data.columns or None)
     rows = [tokenize_example(tok, ex, cfg.train.max_length) for ex in examples]
     lengths = [len(r.input_ids) for r in rows]

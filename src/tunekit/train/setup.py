@@ -28,14 +28,17 @@ from tunekit.train import distributed
 from tunekit.train.speed.fused_lora import fuse_lora_layers, unfuse_lora_layers
 from tunekit.train.speed.lean import enable_lean_activations
 from tunekit.train.speed.padding_free import enable_padding_free
+from tunekit.train.speed.support import head_split_reason, model_type, padding_free_reason, unverified
 
 ADAPTER_DIR = "adapter"  # lora, dora and qlora runs save here (PEFT format + tokenizer)
 MODEL_DIR = "model"  # full fine-tuning saves the whole model here (safetensors + tokenizer)
 
 
-def add_lora(model, lora: LoraConfig, seed: int, task_type: str = "CAUSAL_LM"):
+def add_lora(model, lora: LoraConfig, seed: int, task_type: str = "CAUSAL_LM", token_ids=()):
     """Wrap `model` with fresh LoRA (or DoRA) adapters (PEFT). Only the adapters train, plus the
-    score head for SEQ_CLS (PEFT keeps it in `modules_to_save`)."""
+    score head for SEQ_CLS (PEFT keeps it in `modules_to_save`), plus the embedding (and output)
+    rows of `token_ids` (`fit_vocabulary`: a chat template's new or untrained turn tokens), which
+    PEFT saves with the adapter (`trainable_token_indices`)."""
     from peft import LoraConfig as PeftLoraConfig
     from peft import get_peft_model
 
@@ -47,6 +50,7 @@ def add_lora(model, lora: LoraConfig, seed: int, task_type: str = "CAUSAL_LM"):
         target_modules=lora.target_modules,
         use_dora=lora.use_dora,
         task_type=task_type,
+        trainable_token_indices=token_rows(model, list(token_ids), task_type) if token_ids else None,
     )
     try:
         model = get_peft_model(model, peft_cfg)
@@ -57,8 +61,10 @@ def add_lora(model, lora: LoraConfig, seed: int, task_type: str = "CAUSAL_LM"):
             # On a bf16 base (frozen_base_dtype): AdamW on bf16 weights loses small updates to
             # rounding. PEFT keeps the adapters in fp32 already; this catches a classifier's score head.
             p.data = p.data.float()
-    # PEFT's forward, fused into one autograd node per layer where that is exact (train/speed/fused_lora.py).
-    fuse_lora_layers(model)
+    # PEFT's forward, fused into one autograd node per layer where that is exact (train/speed/fused_lora.py),
+    # on the architectures the speed pieces are verified on (train/speed/support.py).
+    if unverified(model) is None:
+        fuse_lora_layers(model)
     return model
 
 
@@ -135,6 +141,7 @@ def load_base(
             kwargs["label2id"] = {lab: i for i, lab in enumerate(labels)}
     else:
         cls = AutoModelForCausalLM
+    check_architecture(path, cls)
     try:
         model = cls.from_pretrained(path, **kwargs)
     except OSError as e:
@@ -158,6 +165,36 @@ def load_base(
     return place(model)
 
 
+def check_architecture(path: str | Path, auto_class) -> None:
+    """A model folder whose architecture this transformers cannot build, with the head `auto_class`
+    (AutoModelForCausalLM or ...SequenceClassification) gives, is an error naming the model and the
+    fix, not transformers' traceback. A folder without a readable config.json is left to
+    from_pretrained, which says so."""
+    import json
+
+    import transformers
+    from transformers import CONFIG_MAPPING
+
+    try:
+        kind = json.loads((Path(path) / "config.json").read_text(encoding="utf-8")).get("model_type")
+    except (OSError, ValueError, AttributeError):
+        return
+    if kind not in CONFIG_MAPPING:
+        raise ModelError(
+            f"model at {path}: config.json names the architecture {kind!r}, which transformers "
+            f"{transformers.__version__} does not know. If the model is newer than this transformers, "
+            "upgrade it (pip install -U transformers); tunekit never runs code shipped with a model "
+            "(trust_remote_code), so an architecture that exists only as the model's own code cannot be "
+            "used: pick a model of an architecture transformers ships"
+        )
+    if CONFIG_MAPPING[kind] not in auto_class._model_mapping:
+        head = "sequence-classification" if "Sequence" in auto_class.__name__ else "causal language-model"
+        raise ModelError(
+            f"model at {path}: transformers has no {head} class for a {kind!r} model; "
+            "use a decoder (causal) language model such as Llama, Qwen, Mistral, Gemma or Phi"
+        )
+
+
 def keep_4bit_layout(model) -> None:
     """Keep bitsandbytes from repacking a 4-bit base for its bf16 CPU kernel.
 
@@ -172,12 +209,50 @@ def keep_4bit_layout(model) -> None:
             module.support_avx512bf16_for_cpu = False
 
 
+def token_rows(model, ids: list[int], task_type: str) -> list[int] | dict[str, list[int]]:
+    """PEFT's `trainable_token_indices` for `ids`: a list (the input embeddings; PEFT follows a tied
+    output head itself), or, where a language-model head has its own weights, the rows of both: the
+    head's row of an end-of-turn token is what lets the model emit it."""
+    head = model.get_output_embeddings() if task_type == "CAUSAL_LM" else None
+    if head is None or head.weight is model.get_input_embeddings().weight:
+        return ids
+    names = {id(m): n for n, m in model.named_modules()}
+    return {names[id(model.get_input_embeddings())]: ids, names[id(head)]: ids}
+
+
+def fit_vocabulary(model, tokenizer, quiet: bool = True) -> list[int]:
+    """Grow the embeddings (and head) to the tokenizer's vocabulary where its chat template added
+    tokens (models/templates.py), and return the token ids whose rows must train: for a template
+    tunekit chose or the config named (not the model's own), its turn tokens, new (their rows start
+    at the mean of the others, transformers' `mean_resizing`) or present but possibly never trained
+    (a base model's reserved tokens). Prints which template and why (rank 0, unless quiet)."""
+    from tunekit.models.templates import template_choice
+
+    choice = template_choice(tokenizer)
+    if not quiet and distributed.is_main():
+        console.print(choice.line)
+    if len(tokenizer) > model.get_input_embeddings().weight.shape[0]:
+        model.resize_token_embeddings(len(tokenizer), mean_resizing=True)
+    if choice.name == "model":
+        return []
+    tokens = list(dict.fromkeys(choice.added_tokens + choice.marker_tokens))
+    return [tokenizer.convert_tokens_to_ids(t) for t in tokens]
+
+
 def build_model(
-    cfg: Config, path: str | Path, head: str = "causal", num_labels: int | None = None, labels=None
+    cfg: Config,
+    path: str | Path,
+    head: str = "causal",
+    num_labels: int | None = None,
+    labels=None,
+    tokenizer=None,
+    quiet: bool = True,
 ):
-    """The model as `cfg.method` trains it, in train mode. Returns (model, trainable parameters)."""
+    """The model as `cfg.method` trains it, in train mode. Returns (model, trainable parameters).
+    With the run's `tokenizer`, the vocabulary is fitted to its chat template first (`fit_vocabulary`)."""
     model = load_base(path, cfg.method, head, num_labels, labels, dtype=frozen_base_dtype(cfg))
     task_type = "SEQ_CLS" if head == "score" else "CAUSAL_LM"
+    token_ids = fit_vocabulary(model, tokenizer, quiet) if tokenizer is not None else []
     if cfg.method == "full":
         for p in model.parameters():
             p.requires_grad_(True)
@@ -189,14 +264,10 @@ def build_model(
             # checkpointing stays off: activations are not the limit at these sizes, and it costs
             # a third of the step.
             model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=False)
-        model = add_lora(model, cfg.lora, cfg.train.seed, task_type)
+        model = add_lora(model, cfg.lora, cfg.train.seed, task_type, token_ids)
     if cfg.train.checkpoint_every:
         enable_checkpointing(model, cfg.train.checkpoint_every)
-    if cfg.train.lean_activations and not cfg.train.compile:
-        enable_lean_activations(model)
-    if cfg.train.padding_free and not cfg.train.compile and head == "causal":
-        # The per-example attention loop would recompile for every batch's segments under compile.
-        enable_padding_free(model)
+    model.tunekit_speed = enable_speed(model, cfg, head)  # train_summary.json records it (session.py)
     model.train()
     if cfg.distributed.strategy == "fsdp" and distributed.active():
         n_layers = distributed.shard(model)  # parameters become DTensors: collect them after this
@@ -204,7 +275,7 @@ def build_model(
             console.print(
                 f"fsdp: {n_layers} layers and the root sharded over {distributed.world()} processes"
             )
-    if cfg.train.compile:
+    if cfg.train.compile and unverified(model) is None:
         n_layers = compile_layers(model)  # after sharding, as FSDP2 expects
         if distributed.is_main():
             console.print(
@@ -213,6 +284,43 @@ def build_model(
             )
     params = [p for p in model.parameters() if p.requires_grad]
     return model, params
+
+
+def enable_speed(model, cfg: Config, head: str) -> dict[str, str]:
+    """Install the speed pieces `cfg` asks for where each is exact on this model, and say which stay
+    off and why (train/speed/support.py): each piece's state, "on" or "off: why", for the run's
+    summary, and one printed line where the model kept any off. An architecture tunekit has not
+    verified trains on the plain transformers and PEFT path: slower, the same values.
+
+    Pieces: fused_lora (installed by add_lora), lean_activations, padding_free, compile (installed
+    by build_model after sharding; it replaces the first two), target_only_projection (train/loss.py
+    decides at each step, with the same rule)."""
+    unknown = unverified(model)
+    why: dict[str, str | None] = {}
+    if cfg.method != "full":
+        why["fused_lora"] = unknown
+    if cfg.train.compile:
+        why["compile"] = unknown
+    else:
+        if cfg.train.lean_activations:
+            why["lean_activations"] = unknown
+            if unknown is None:
+                enable_lean_activations(model)
+        if cfg.train.padding_free and head == "causal":
+            # Not under compile: the per-example attention loop would recompile for every batch's segments.
+            why["padding_free"] = padding_free_reason(model)
+            enable_padding_free(model)
+    if head == "causal":
+        why["target_only_projection"] = head_split_reason(model)
+    off = {piece: reason for piece, reason in why.items() if reason}
+    if off and distributed.is_main():
+        kind = model_type(model) or type(model).__name__
+        if unknown:
+            line = f"{unknown}: {', '.join(off)} off"
+        else:
+            line = f"{kind}: " + "; ".join(f"{piece} off ({reason})" for piece, reason in off.items())
+        console.print(f"[yellow]{line}; those parts run as plain transformers/PEFT (same values, slower)[/]")
+    return {piece: f"off: {reason}" if reason else "on" for piece, reason in why.items()}
 
 
 def compile_layers(model) -> int:
@@ -397,6 +505,10 @@ def load_trained(
         base = load_base(resolve_model(cfg.model), cfg.method, head, num_labels=n_labels, labels=labels)
         if dequantize and cfg.method == "qlora":
             base = dequantized(base)
+        if len(tokenizer) > base.get_input_embeddings().weight.shape[0]:
+            # The run's chat template added tokens: the base grows as it did in training, and the
+            # adapter's trained rows go on top (fit_vocabulary, models/templates.py).
+            base.resize_token_embeddings(len(tokenizer), mean_resizing=False)
         model = PeftModel.from_pretrained(base, path, adapter_name=adapter_name, is_trainable=trainable)
     model.train(trainable)
     return model, tokenizer, is_adapter

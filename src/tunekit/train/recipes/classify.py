@@ -39,8 +39,10 @@ def train_classify(run: RunSession) -> Path:
     write_labels(run_dir, labels)
 
     model_path = resolve_model(cfg.model)
-    tokenizer = load_tokenizer(model_path)
-    model, params = build_model(cfg, model_path, head="score", num_labels=len(labels), labels=labels)
+    tokenizer = load_tokenizer(model_path, cfg.chat_template)
+    model, params = build_model(
+        cfg, model_path, head="score", num_labels=len(labels), labels=labels, tokenizer=tokenizer, quiet=quiet
+    )
 
     tc = cfg.train
     index = {lab: i for i, lab in enumerate(labels)}

@@ -252,8 +252,8 @@ def train_dpo(run: RunSession) -> Path:
     returns the run directory. Validation logs loss, preference accuracy and reward margin."""
     cfg, splits, run_dir, quiet = run.cfg, run.splits, run.dir, run.quiet
     model_path = resolve_model(cfg.model)
-    tokenizer = load_tokenizer(model_path)
-    model, params = build_model(cfg, model_path)
+    tokenizer = load_tokenizer(model_path, cfg.chat_template)
+    model, params = build_model(cfg, model_path, tokenizer=tokenizer, quiet=run.quiet)
 
     tc, beta, smoothing = cfg.train, cfg.dpo.beta, cfg.dpo.label_smoothing
     train_pairs = tokenize_pairs(tokenizer, splits["train"], tc.max_length, "train")

@@ -39,8 +39,8 @@ def train_reward(run: RunSession) -> Path:
     cfg, splits, run_dir, quiet = run.cfg, run.splits, run.dir, run.quiet
 
     model_path = resolve_model(cfg.model)
-    tokenizer = load_tokenizer(model_path)
-    model, params = build_model(cfg, model_path, head="score", num_labels=1)
+    tokenizer = load_tokenizer(model_path, cfg.chat_template)
+    model, params = build_model(cfg, model_path, head="score", num_labels=1, tokenizer=tokenizer, quiet=quiet)
 
     tc = cfg.train
     train_pairs = [tokenize_pair(tokenizer, ex, tc.max_length) for ex in splits["train"]]

@@ -40,8 +40,8 @@ def train_sft(run: RunSession) -> Path:
     """Fine-tune `cfg.model` (full, LoRA, DoRA or QLoRA) on the run's splits; returns the run directory."""
     cfg, splits, tc = run.cfg, run.splits, run.cfg.train
     model_path = resolve_model(cfg.model)
-    tokenizer = load_tokenizer(model_path)
-    model, params = build_model(cfg, model_path)
+    tokenizer = load_tokenizer(model_path, cfg.chat_template)
+    model, params = build_model(cfg, model_path, tokenizer=tokenizer, quiet=run.quiet)
     if tc.init_from is not None and not run.resume:
         init_from_run(model, tc.init_from, cfg.method, run.quiet)
 
