@@ -99,6 +99,63 @@ def tiny_model_dir(tmp_path_factory, tokenizer) -> Path:
     return make_tiny_llama(tmp_path_factory.mktemp("tiny-llama"), tokenizer)
 
 
+# The architecture matrix (tests/test_architectures.py): family -> (transformers config class, the
+# settings that make its tiny model exercise what sets the family apart). Sliding windows of 8
+# tokens are shorter than the test rows, so a kernel that ignored the window would compute
+# something else; qwen2 has its q/k/v biases, qwen3 and gemma3 their q/k norms, phi3 its fused
+# qkv_proj and gate_up_proj, gemma2 its attention and final-logit soft-capping.
+ARCHITECTURES: dict[str, tuple[str, dict]] = {
+    "llama": ("LlamaConfig", {}),
+    "qwen2": ("Qwen2Config", {}),
+    "qwen3": ("Qwen3Config", {"head_dim": 16}),
+    "mistral": ("MistralConfig", {"sliding_window": 8}),
+    "gemma3_text": (
+        "Gemma3TextConfig",
+        {"head_dim": 16, "query_pre_attn_scalar": 16, "sliding_window": 8,
+         "layer_types": ["sliding_attention", "full_attention"]},
+    ),
+    "phi3": ("Phi3Config", {}),
+    "gemma2": ("Gemma2Config", {"head_dim": 16, "query_pre_attn_scalar": 16, "sliding_window": 8}),
+}  # fmt: skip
+
+
+def make_tiny(family: str, folder: Path, tokenizer, seed: int = 0, **overrides) -> Path:
+    """A 2-layer, hidden-64 model of `family` (a key of ARCHITECTURES, or any transformers config
+    class name with `overrides`) with the real tokenizer and chat template, saved as a HF folder."""
+    import transformers
+    from transformers import AutoModelForCausalLM
+
+    if family == "llama" and not overrides:
+        return make_tiny_llama(folder, tokenizer, seed)
+    config_class, own = ARCHITECTURES.get(family, (family, {}))
+    torch.manual_seed(seed)
+    cfg = getattr(transformers, config_class)(
+        vocab_size=len(tokenizer), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=1024,
+        tie_word_embeddings=True, initializer_range=0.2,  # wide init: see make_tiny_llama
+        bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id, **(own | overrides),
+    )  # fmt: skip
+    model = AutoModelForCausalLM.from_config(cfg)
+    model.generation_config.eos_token_id = tokenizer.eos_token_id
+    model.save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    return folder
+
+
+@pytest.fixture(scope="session")
+def tiny_family_dir(tmp_path_factory, tokenizer):
+    """family -> the folder of its tiny model, built once per session on first use."""
+    built: dict[str, Path] = {}
+
+    def get(family: str) -> Path:
+        if family not in built:
+            built[family] = make_tiny(family, tmp_path_factory.mktemp(f"tiny-{family}"), tokenizer)
+        return built[family]
+
+    return get
+
+
 def build_model_for(model_dir: Path, chat_file: Path, method: str = "lora", **train):
     """`build_model` as a config with these `train` keys builds it (LoRA dropout 0: deterministic)."""
     from tunekit.config import config_from_dict

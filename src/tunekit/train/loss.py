@@ -15,6 +15,7 @@ from tunekit.data.tokenize import IGNORE_INDEX
 from tunekit.models.device import autocast, model_device
 from tunekit.models.load import unwrap_peft
 from tunekit.train.speed import padding_free
+from tunekit.train.speed.support import head_split_reason
 
 
 def _decoder_and_head(model):
@@ -24,9 +25,9 @@ def _decoder_and_head(model):
         # FSDP gathers the embeddings, final norm and head in the whole model's forward only.
         return None, None
     base = unwrap_peft(model)
-    cfg = base.config
-    # Models that transform logits after the projection (soft-capping, scaling) take the standard path.
-    if getattr(cfg, "final_logit_softcapping", None) or getattr(cfg, "logit_scale", None):
+    # Models that transform logits after the projection (soft-capping, scaling), and architectures not
+    # verified, take the standard path (train/speed/support.py).
+    if head_split_reason(base) is not None:
         return None, None
     try:
         return base.get_decoder(), base.get_output_embeddings()

@@ -11,52 +11,120 @@ row is left at `running`. A recipe only builds its model and data, calls the sha
 
 from __future__ import annotations
 
+import errno
 import random
+import re
 import time
 from collections import Counter
 from pathlib import Path
 
 import torch
 
-from tunekit.config import Config
+from tunekit.config import Config, identity_differences, identity_hash, load_config, run_identity
 from tunekit.console import err as console
 from tunekit.data.needs import require
 from tunekit.errors import ConfigError, DataError, TunekitError
 from tunekit.io import atomic_write_json
 from tunekit.models.device import cuda_peak_memory
 from tunekit.runs import trackers
-from tunekit.runs.directory import create_run_dir, prepare_splits, read_run_splits
+from tunekit.runs.directory import clear_run_outputs, create_run_dir, prepare_splits, read_run_splits
 from tunekit.tasks import Task, check_config, get_task
 from tunekit.train import distributed
+from tunekit.train.checkpoint import list_checkpoints, read_state, resumable_checkpoint
 from tunekit.train.signals import StopOnSignal
 
 STREAMING_HELD_OUT_WARN = 50_000  # held-out examples a streaming run keeps in memory before it warns
+# A write that failed for want of room: the errno, or the words torch and safetensors wrap it in.
+DISK_FULL_ERRNO = {errno.ENOSPC, errno.EDQUOT, errno.EFBIG}
+DISK_FULL_TEXT = re.compile(
+    r"No space left|StorageFull|File too large|FileTooLarge|Disk quota|file write failed"
+)
 
 
-def train(cfg: Config, quiet: bool = False, allow_data_errors: bool = False, resume: bool = False) -> Path:
+def train(
+    cfg: Config,
+    quiet: bool = False,
+    allow_data_errors: bool = False,
+    resume: bool = False,
+    *,
+    overwrite: bool = False,
+    skip_damaged: bool = False,
+) -> Path:
     """Train as `cfg.task` and `cfg.method` say; returns the run directory.
 
-    `resume` continues from the newest complete checkpoint in `cfg.output_dir`."""
+    `resume` continues from the newest complete checkpoint in `cfg.output_dir`, which must belong
+    to this config (`config.run_identity`); with `skip_damaged`, from the newest intact one. Without
+    `resume`, an output_dir holding an earlier run's checkpoints is refused, unless `overwrite`
+    removes that run's outputs first."""
     task = get_task(cfg.task)
     problems = check_config(cfg)
     if resume and task.not_resumable:
         problems.append(f"task: {task.name} cannot resume yet ({task.not_resumable})")
+    if resume and overwrite:
+        problems.append("--resume continues the run in output_dir and --overwrite replaces it: give one")
+    if skip_damaged and not resume:
+        problems.append("--skip-damaged chooses the checkpoint to resume from: give it with --resume")
     if problems:
         raise ConfigError(problems)
     distributed.init()  # joins the process group inside a `--nproc N` worker; no-op otherwise
     if distributed.world() > 1:
         distributed.check_supported(cfg)
-    with RunSession(cfg, task, quiet=quiet, allow_data_errors=allow_data_errors, resume=resume) as run:
+    session = RunSession(
+        cfg, task, quiet, allow_data_errors, resume, overwrite=overwrite, skip_damaged=skip_damaged
+    )
+    with session as run:
         return task.recipe(run)
 
 
-def resume(run_dir: str | Path, quiet: bool = False) -> Path:
+def resume(run_dir: str | Path, quiet: bool = False, skip_damaged: bool = False) -> Path:
     """Continue an interrupted run from its newest checkpoint, with the config it was started with."""
     from tunekit.runs.directory import load_run_config
 
     cfg = load_run_config(run_dir)
     cfg.output_dir = Path(run_dir)  # the run may have been started from another working directory
-    return train(cfg, quiet=quiet, resume=True)
+    return train(cfg, quiet=quiet, resume=True, skip_damaged=skip_damaged)
+
+
+def earlier_checkpoints(run_dir: Path) -> list[Path]:
+    """The checkpoints an earlier run left in `run_dir`, its RL stages' (stages/NAME/) included."""
+    stages = sorted(p for p in (Path(run_dir) / "stages").glob("*") if p.is_dir())
+    return [c for d in (Path(run_dir), *stages) for c in list_checkpoints(d)]
+
+
+def check_resumable(cfg: Config, run_dir: Path, skip_damaged: bool, say=None) -> Path | None:
+    """The checkpoint `--resume` will continue from: verified against its checksums (a damaged one
+    refused by name, or moved aside with `skip_damaged`), and written by this same config (else a
+    ConfigError naming each key that differs). None when the run has no checkpoint yet."""
+    ckpt = resumable_checkpoint(run_dir, skip_damaged, say)
+    if ckpt is None:
+        return None
+    now = run_identity(cfg, cfg.train.batch_size * cfg.train.grad_accum * distributed.world())
+    state = read_state(ckpt)
+    then = state.get("config")
+    if then is None and (run_dir / "config.yaml").is_file():  # a checkpoint from before identities
+        then = run_identity(load_config(run_dir / "config.yaml"), now["train"]["global_batch"])
+    if then is None or state.get("config_hash", identity_hash(then)) == identity_hash(now):
+        return ckpt
+    differ = identity_differences(then, now) or ["the config hash (the same keys, another form)"]
+    raise ConfigError(
+        [f"{d}" for d in differ]
+        + [
+            f"{ckpt} was written by a run with another config; resume with that run's config "
+            f"(`tunekit resume {run_dir}` reads it), or start a new run: another output_dir, or --overwrite"
+        ],
+        source=f"--resume: {run_dir} (checkpoint -> now)",
+    )
+
+
+def disk_full(exc: BaseException | None) -> bool:
+    """Whether `exc` (or what it wraps) is a write that failed for want of disk space."""
+    while exc is not None:
+        if isinstance(exc, OSError) and exc.errno in DISK_FULL_ERRNO:
+            return True
+        if not isinstance(exc, TunekitError) and DISK_FULL_TEXT.search(str(exc)):
+            return True
+        exc = exc.__cause__ or exc.__context__
+    return False
 
 
 class RunSession:
@@ -72,9 +140,13 @@ class RunSession:
         quiet: bool = False,
         allow_data_errors: bool = False,
         resume: bool = False,
+        *,
+        overwrite: bool = False,
+        skip_damaged: bool = False,
     ):
         self.cfg, self.task = cfg, task
         self.quiet, self.allow_data_errors, self.resume = quiet, allow_data_errors, resume
+        self.overwrite, self.skip_damaged = overwrite, skip_damaged
         self.dir = Path(cfg.output_dir)
         self.splits: dict = {}
         self.summary: dict | None = None
@@ -97,6 +169,15 @@ class RunSession:
             trackers.fail_run(self.dir, exc)  # interrupted or failed; a no-op before registration
         elif self.summary is None and distributed.is_main():
             trackers.fail_run(self.dir, RuntimeError(f"task {self.task.name}: the recipe did not finish"))
+        if exc is not None and not isinstance(exc, TunekitError) and disk_full(exc):
+            # Wherever the disk filled (the final model, the tokenizer, the summary, a split), one
+            # clear error: the checkpoints were written atomically, so the last one is intact.
+            where = getattr(exc, "filename", None) or self.dir
+            raise TunekitError(
+                f"{where}: the disk is full ({(str(exc).splitlines() or [''])[0][:200]}); free disk space in "
+                f"{self.dir} or set output_dir elsewhere, then `tunekit resume {self.dir}` continues from the "
+                "last complete checkpoint"
+            ) from None
         return False
 
     # -- the start of every task ------------------------------------------------------------------
@@ -109,6 +190,12 @@ class RunSession:
         random.seed(cfg.train.seed)
         torch.manual_seed(cfg.train.seed)
         if self.resume and (self.dir / "data" / "manifest.json").is_file():
+            try:  # rank 0 checks (and may move a damaged checkpoint aside) before any rank loads one
+                if distributed.is_main():
+                    say = None if self.quiet else console.print
+                    check_resumable(cfg, self.dir, self.skip_damaged, say)
+            finally:
+                distributed.barrier()
             trackers.start_run(self.dir, cfg, resume=True)
             self.splits = read_run_splits(self.dir)
             return
@@ -118,6 +205,8 @@ class RunSession:
             self.splits = read_run_splits(self.dir)
             return
         try:
+            if not self.resume:
+                self._claim_output_dir()
             check_before_training(cfg, self.allow_data_errors, self.quiet)
             self.dir = create_run_dir(cfg)
             trackers.start_run(self.dir, cfg)  # registry (tunekit runs / ui), TensorBoard, MLflow
@@ -137,10 +226,26 @@ class RunSession:
                 "files of their own (data.validation, data.test)"
             )
 
+    def _claim_output_dir(self) -> None:
+        """Never resume another run's checkpoints silently: refuse an output_dir that holds them,
+        unless told to overwrite (then that run's outputs go first)."""
+        earlier = earlier_checkpoints(self.dir)
+        if self.overwrite:
+            removed = clear_run_outputs(self.dir)
+            if removed and not self.quiet:
+                console.print(f"--overwrite: removed the earlier run's {', '.join(removed)} from {self.dir}")
+        elif earlier:
+            raise TunekitError(
+                f"output_dir: {self.dir} holds the checkpoints of an earlier run (newest: {earlier[-1]}). "
+                "Continue it with --resume (`tunekit train CONFIG --resume`, or `tunekit resume "
+                f"{self.dir}`), replace it with --overwrite, or set output_dir to a new folder."
+            )
+
     # -- what recipes call ------------------------------------------------------------------------
     def announce(self, model, params, n_train: int, n_val: int, total_steps: int | None = None) -> None:
         """The model is built and the data tokenized: setup is over; say what will train."""
         self._t_setup = time.perf_counter() - self._t_start
+        self._speed = getattr(model, "tunekit_speed", None)  # train/setup.enable_speed: for the summary
         if self.quiet or not distributed.is_main():
             return
         if total_steps is None:
@@ -187,6 +292,8 @@ class RunSession:
             "best_step": result.best_step,
             "best_val_loss": result.best_val_loss,
         } | extra
+        if getattr(self, "_speed", None):
+            self.summary["speed"] = self._speed  # each speed piece: "on", or "off: why"
         self.summary |= cuda_peak_memory()  # on CUDA only
         atomic_write_json(self.dir / "train_summary.json", self.summary)
         trackers.finish_run(self.dir, self.summary, saved)
@@ -260,7 +367,7 @@ def check_streaming(cfg: Config, allow_data_errors: bool, quiet: bool) -> None:
 
 
 def train_sft(
-    cfg: Config, quiet: bool = False, allow_data_errors: bool = False, resume: bool = False
+    cfg: Config, quiet: bool = False, allow_data_errors: bool = False, resume: bool = False, **kw
 ) -> Path:
     """`train` with task sft, whatever `cfg.task` says (the API of tunekit's first release)."""
-    return train(cfg.model_copy(update={"task": "sft"}), quiet, allow_data_errors, resume)
+    return train(cfg.model_copy(update={"task": "sft"}), quiet, allow_data_errors, resume, **kw)

@@ -11,9 +11,12 @@ The mechanism is transformers' attention interface: `enable_padding_free` regist
 segment by segment when the forward carries `tunekit_segments` (the segments' boundaries, passed through
 the model's kwargs as flash-attention's varlen kwargs are) and is SDPA, mask and all, otherwise, so
 generation, evaluation and every other forward are unchanged. Gradient checkpointing recomputes a
-layer with the kwargs it ran with, so it stays within the segments too. Models that use another
-attention implementation (eager, flash-attention) or do not pass kwargs down to attention keep
-padded batches.
+layer with the kwargs it ran with, so it stays within the segments too. A layer with a sliding
+window (Mistral, Gemma 2/3's local layers, Qwen2 with use_sliding_window) gets the window as a banded
+causal mask on each segment longer than it, as transformers' own mask bands it. Models the kernel
+would compute otherwise keep padded batches (train/speed/support.padding_free_reason): another
+attention implementation (eager, flash-attention), soft-capped or bidirectional attention, layers that
+do not pass kwargs down to attention, an architecture not verified.
 """
 
 from __future__ import annotations
@@ -23,6 +26,7 @@ import torch.nn.functional as F
 
 from tunekit.data.tokenize import IGNORE_INDEX
 from tunekit.models.load import unwrap_peft
+from tunekit.train.speed.support import padding_free_reason
 
 NAME = "tunekit_padding_free"
 _sdpa = F.scaled_dot_product_attention  # the segment path's kernel (a name the tests can watch)
@@ -37,21 +41,50 @@ def segment_attention(module, query, key, value, attention_mask, dropout=0.0, sc
         return sdpa_attention_forward(
             module, query, key, value, attention_mask, dropout=dropout, scaling=scaling, **kwargs
         )
+    _refuse_what_it_cannot_compute(module, kwargs)
+    window = kwargs.get("sliding_window")
     gqa = query.shape[1] != key.shape[1]
     outs = []
     for s, e in zip(bounds[:-1], bounds[1:], strict=True):
+        band = banded_causal_mask(e - s, window, query.device)
         outs.append(
             _sdpa(
                 query[:, :, s:e],
                 key[:, :, s:e],
                 value[:, :, s:e],
+                attn_mask=band,
                 dropout_p=dropout,
                 scale=scaling,
-                is_causal=True,
+                is_causal=band is None,
                 enable_gqa=gqa,
             )
         )
     return torch.cat(outs, dim=2).transpose(1, 2).contiguous(), None
+
+
+def banded_causal_mask(n: int, window: int | None, device) -> torch.Tensor | None:
+    """(n, n) True where query i may attend key j: j <= i and i - j < window, transformers' sliding
+    window (masking_utils.sliding_window_overlay); None where the window is wider than the segment and
+    plain causal attention is the same thing."""
+    if window is None or n <= window:
+        return None
+    i = torch.arange(n, device=device)
+    d = i[:, None] - i[None, :]  # (n, n): query minus key position
+    return (d >= 0) & (d < window)
+
+
+def _refuse_what_it_cannot_compute(module, kwargs) -> None:
+    """The kernel is causal softmax attention with an optional window: a layer that asks for more
+    stops the run rather than getting something else (support.padding_free_reason keeps such models
+    off this path; this catches a layer of an unexpected kind)."""
+    extra = [k for k in ("softcap", "s_aux", "sinks") if kwargs.get(k) is not None]
+    if not getattr(module, "is_causal", True):
+        extra.append("non-causal attention")
+    if extra:
+        raise RuntimeError(
+            f"train.padding_free: {type(module).__name__} needs {', '.join(extra)}, which the segment "
+            "kernel does not compute; set train.padding_free: false"
+        )
 
 
 def _register() -> None:
@@ -65,16 +98,13 @@ def _register() -> None:
 
 
 def enable_padding_free(model) -> bool:
-    """Point `model`'s attention at `segment_attention` where its attention is SDPA and its layers
-    pass kwargs down to it; returns whether it did."""
-    base = unwrap_peft(model)
-    cfg = getattr(base, "config", None)
-    if cfg is None or getattr(cfg, "_attn_implementation", None) not in ("sdpa", NAME):
-        return False
-    if not getattr(base, "_supports_attention_backend", False):
+    """Point `model`'s attention at `segment_attention` where that is exact (its attention is SDPA,
+    its layers pass kwargs down to it, its architecture is verified: support.padding_free_reason);
+    returns whether it did."""
+    if padding_free_reason(model) is not None:
         return False
     _register()
-    cfg._attn_implementation = NAME
+    unwrap_peft(model).config._attn_implementation = NAME
     return True
 
 
