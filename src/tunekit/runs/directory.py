@@ -28,6 +28,23 @@ from tunekit.errors import TunekitError
 from tunekit.io import atomic_write_json, atomic_write_jsonl, atomic_write_text
 
 SPLITS = ("train", "validation", "test")
+# What a run writes into its directory, besides config.yaml and cache/ (keyed by content, so safe
+# to reuse): `tunekit train --overwrite` removes these before it starts again.
+RUN_OUTPUTS = (
+    "checkpoints",
+    "data",
+    "metrics.jsonl",
+    "train_summary.json",
+    "adapter",
+    "model",
+    "labels.json",
+    "stages",
+    "tensorboard",
+    "predictions.json",
+    "report.json",
+    "report.md",
+    "report.html",
+)
 
 
 def create_run_dir(cfg: Config) -> Path:
@@ -43,6 +60,34 @@ def create_run_dir(cfg: Config) -> Path:
         raise TunekitError(f"output_dir: {run_dir} is not writable; choose another folder")
     atomic_write_text(run_dir / "config.yaml", config_to_yaml(cfg))
     return run_dir
+
+
+def is_run_dir(path: Path) -> bool:
+    """Whether `path` holds a tunekit run: its config.yaml and its splits' manifest or checkpoints."""
+    path = Path(path)
+    written = (path / "data" / "manifest.json").is_file() or (path / "checkpoints").is_dir()
+    return (path / "config.yaml").is_file() and written
+
+
+def clear_run_outputs(run_dir: Path) -> list[str]:
+    """Remove what an earlier run wrote into `run_dir` (RUN_OUTPUTS); returns the names removed.
+    Only in a run directory (`is_run_dir`), and nothing else in it is touched: an output_dir that
+    is some other folder keeps its own `data/`."""
+    import shutil
+
+    if not is_run_dir(run_dir):
+        return []
+    removed = []
+    for name in RUN_OUTPUTS:
+        path = Path(run_dir) / name
+        if path.is_dir() and not path.is_symlink():
+            shutil.rmtree(path)
+        elif path.exists() or path.is_symlink():
+            path.unlink()
+        else:
+            continue
+        removed.append(name)
+    return removed
 
 
 def load_run_config(run_dir: str | Path) -> Config:
@@ -210,7 +255,17 @@ def load_test_examples(run_dir: str | Path, cfg: Config, data: str | Path | None
 
 
 def read_metrics(run_dir: str | Path) -> list[dict]:
+    """The records of metrics.jsonl. A line that does not parse (half written by an older version
+    killed or out of disk mid-line; this one appends whole lines) is skipped."""
     path = Path(run_dir) / "metrics.jsonl"
     if not path.is_file():
         return []
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    records = []
+    for line in path.read_text(encoding="utf-8", errors="replace").splitlines():
+        try:
+            record = json.loads(line)
+        except ValueError:
+            continue
+        if isinstance(record, dict):
+            records.append(record)
+    return records

@@ -4,12 +4,18 @@ run_dir/checkpoints/step-000120/
     trainable.safetensors   the parameters that train (the adapter, or every weight for full)
     optimizer.pt            AdamW state (moments and step counts), keyed by parameter name
     rng.pt                  Python, NumPy and torch RNG states (dropout masks replay exactly)
-    state.json              step, epoch, the data order still to come, loop counters
+    state.json              step, epoch, the data order still to come, loop counters, and the
+                            config it belongs to (`config.run_identity`) with its hash
+    manifest.json           sha256 and size of each file above, written last
 
 A checkpoint is written into a temporary folder, every file fsynced, then renamed into place and
 the parent fsynced: a rename is atomic, so a process killed at any moment leaves either a complete
 checkpoint or a hidden temporary folder that resume ignores (and the next save clears). Only the
 newest `save_total_limit` checkpoints are kept.
+
+Resume verifies every file against the manifest and refuses a damaged checkpoint by name; asked to
+(`--skip-damaged`), it moves the damaged one aside (`damaged-step-000120/`, never listed again) and
+takes the newest intact one before it.
 
 Several processes: every rank calls `save_checkpoint` and `load_checkpoint`. With FSDP the weights
 and AdamW moments are sharded; saving gathers them into full tensors (rank 0 writes), loading
@@ -19,6 +25,7 @@ whichever strategy wrote them, so any checkpoint resumes with any number of proc
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import random
@@ -35,6 +42,22 @@ from tunekit.train import distributed
 
 CHECKPOINTS = "checkpoints"
 _NAME = re.compile(r"^step-(\d+)$")
+MANIFEST = "manifest.json"
+FILES = ("trainable.safetensors", "optimizer.pt", "rng.pt", "state.json")
+FORMAT = 2  # state.json's "format": 2 and later always come with a manifest
+# What state.json must hold for the loop to resume (train/loop.py writes them all).
+STATE_KEYS = (
+    "step",
+    "epoch",
+    "step_groups",
+    "total_steps",
+    "tokens",
+    "seconds",
+    "loss",
+    "val",
+    "window",
+    "rng",
+)
 
 
 def _fsync_dir(path: Path) -> None:
@@ -120,6 +143,7 @@ def save_checkpoint(run_dir: Path, model, optimizer, state: dict, total_limit: i
     """Write a complete checkpoint for `state["step"]` atomically; prune older ones. Returns its path.
 
     Every rank calls (the weights and optimizer state are gathered first); rank 0 alone writes."""
+    from safetensors import SafetensorError
     from safetensors.torch import save_file
 
     weights, opt_state = trainable_state(model), optimizer_state(model, optimizer)
@@ -136,7 +160,8 @@ def save_checkpoint(run_dir: Path, model, optimizer, state: dict, total_limit: i
         torch.save(opt_state, tmp / "optimizer.pt")
         plain_rng, tensor_rng = rng_state()
         torch.save(tensor_rng, tmp / "rng.pt")
-        (tmp / "state.json").write_text(json.dumps(state | {"rng": plain_rng}))
+        (tmp / "state.json").write_text(json.dumps(state | {"rng": plain_rng, "format": FORMAT}))
+        _write_manifest(tmp)
         for f in tmp.iterdir():
             with open(f, "rb") as fh:
                 os.fsync(fh.fileno())
@@ -144,12 +169,12 @@ def save_checkpoint(run_dir: Path, model, optimizer, state: dict, total_limit: i
             shutil.rmtree(target)
         os.replace(tmp, target)
         _fsync_dir(root)
-    except (OSError, RuntimeError) as e:  # torch.save reports a failed write as a RuntimeError
+    except (OSError, RuntimeError, SafetensorError) as e:  # torch.save: a failed write is a RuntimeError
         shutil.rmtree(tmp, ignore_errors=True)
         why = getattr(e, "strerror", None) or (str(e).splitlines() or [type(e).__name__])[0]
         raise TunekitError(
             f"{target}: cannot write the checkpoint ({why}); free disk space in {root.parent} "
-            "or set output_dir elsewhere. The last complete checkpoint is unchanged."
+            "or set output_dir elsewhere, then resume. The last complete checkpoint is unchanged."
         ) from None
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
@@ -160,18 +185,106 @@ def save_checkpoint(run_dir: Path, model, optimizer, state: dict, total_limit: i
     return target
 
 
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(1 << 22):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def _write_manifest(folder: Path) -> None:
+    """manifest.json: the sha256 and size of every file of the checkpoint (read back from disk, so
+    the sums are of what was written)."""
+    files = {f: {"sha256": _sha256(folder / f), "bytes": (folder / f).stat().st_size} for f in FILES}
+    (folder / MANIFEST).write_text(json.dumps({"format": FORMAT, "files": files}, indent=1))
+
+
+def verify_checkpoint(path: Path) -> str | None:
+    """What is wrong with the checkpoint at `path` (a file missing, truncated or changed, state.json
+    unreadable or lacking a key), or None when it is intact. A checkpoint from before checksums
+    (no manifest and no "format" in its state.json) is checked for its files and keys only."""
+    path = Path(path)
+    try:
+        manifest = json.loads((path / MANIFEST).read_text()) if (path / MANIFEST).is_file() else None
+        listed = manifest["files"] if manifest is not None else {}
+        if manifest is not None and set(listed) != set(FILES):
+            return f"{MANIFEST} lists {sorted(listed)}, not the checkpoint's files"
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        return f"{MANIFEST} cannot be read ({e})"
+    for name in FILES:
+        f = path / name
+        if not f.is_file():
+            return f"{name} is missing"
+        if name in listed and f.stat().st_size != listed[name]["bytes"]:
+            return f"{name} has {f.stat().st_size:,} bytes, not the {listed[name]['bytes']:,} written"
+        if name in listed and _sha256(f) != listed[name]["sha256"]:
+            return f"{name} does not match its sha256 in {MANIFEST}"
+    try:
+        state = json.loads((path / "state.json").read_text())
+    except (OSError, ValueError) as e:
+        return f"state.json cannot be read ({e})"
+    if not isinstance(state, dict):
+        return "state.json is not a JSON object"
+    missing = [k for k in STATE_KEYS if k not in state]
+    if missing:
+        return f"state.json lacks {', '.join(missing)}"
+    if manifest is None and state.get("format", 1) >= FORMAT:
+        return f"{MANIFEST} is missing"
+    return None
+
+
+def damaged(path: Path, problem: str) -> TunekitError:
+    return TunekitError(
+        f"{path}: damaged checkpoint: {problem}. Resume from the newest intact checkpoint before it with "
+        "--skip-damaged (this one is then moved aside), or delete it."
+    )
+
+
+def resumable_checkpoint(run_dir: Path, skip_damaged: bool = False, say=None) -> Path | None:
+    """The newest checkpoint to resume from, verified. A damaged one is refused by name, unless
+    `skip_damaged`: then it is renamed `damaged-step-N` (kept to look at, never listed again) and the
+    one before it is tried; `say` is told of each. None when there is no checkpoint at all."""
+    ckpts = list_checkpoints(run_dir)
+    for ckpt in reversed(ckpts):
+        problem = verify_checkpoint(ckpt)
+        if problem is None:
+            return ckpt
+        if not skip_damaged:
+            raise damaged(ckpt, problem)
+        aside = ckpt.with_name(f"damaged-{ckpt.name}")
+        shutil.rmtree(aside, ignore_errors=True)
+        os.replace(ckpt, aside)
+        if say:
+            say(
+                f"[yellow]resume: {ckpt} is damaged ({problem}); moved to {aside.name}, trying the one before"
+            )
+    if ckpts:
+        raise TunekitError(
+            f"{Path(run_dir) / CHECKPOINTS}: no intact checkpoint left to resume from; start over with "
+            "--overwrite, or set output_dir to a new folder"
+        )
+    return None
+
+
+def read_state(path: Path) -> dict:
+    """The state.json of a verified checkpoint."""
+    return json.loads((Path(path) / "state.json").read_text())
+
+
 def checkpoint_bytes(params) -> int:
     """Size of one checkpoint: the trainable weights plus AdamW's two moments for each."""
     return 3 * sum(p.numel() * p.element_size() for p in params)
 
 
 def ensure_free_space(run_dir: Path, need: int) -> None:
-    """Refuse to start when the run directory's disk cannot hold the checkpoints and final model."""
+    """Refuse to start when the run directory's disk cannot hold what the run writes (`need` bytes:
+    loop.needed_bytes)."""
     free = shutil.disk_usage(run_dir).free
     if free < need:
         raise TunekitError(
-            f"output_dir: {run_dir} has {free / 2**20:,.0f} MiB free, but this run's checkpoints and model "
-            f"need about {need / 2**20:,.0f} MiB; free space, lower train.save_total_limit, or set "
+            f"output_dir: {run_dir} has {free / 2**20:,.0f} MiB free, but this run's checkpoints, final model "
+            f"and tokenizer need about {need / 2**20:,.0f} MiB; free space, lower train.save_total_limit, or set "
             "output_dir on a bigger disk"
         )
 
@@ -199,15 +312,16 @@ def load_checkpoint(path: Path, model, optimizer) -> dict:
     from safetensors.torch import load_file
 
     path = Path(path)
+    problem = verify_checkpoint(path)
+    if problem:
+        raise damaged(path, problem)
     try:
         weights = load_file(path / "trainable.safetensors")
         opt_state = torch.load(path / "optimizer.pt", map_location="cpu", weights_only=True)
         tensor_rng = torch.load(path / "rng.pt", map_location="cpu", weights_only=True)
         state = json.loads((path / "state.json").read_text())
     except (OSError, ValueError, RuntimeError, KeyError, SafetensorError) as e:
-        raise TunekitError(
-            f"{path}: the checkpoint cannot be read ({e}); delete it to resume from the one before"
-        ) from None
+        raise damaged(path, f"it cannot be read ({e})") from None
     params = dict(model.named_parameters())
     missing = [n for n, p in params.items() if p.requires_grad and n not in weights]
     unknown = [n for n in weights if n not in params]

@@ -8,8 +8,11 @@ and the progress display.
 
 from __future__ import annotations
 
+import contextlib
+import errno
 import json
 import math
+import os
 import signal
 import time
 from collections.abc import Callable
@@ -20,9 +23,10 @@ from typing import Any
 import torch
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
-from tunekit.config import TrainConfig
+from tunekit.config import TrainConfig, identity_hash, load_config, run_identity
 from tunekit.console import err as console
 from tunekit.errors import Interrupted, TunekitError
+from tunekit.io import atomic_write_text
 from tunekit.runs import trackers
 from tunekit.train import distributed, signals
 from tunekit.train.batching import length_grouped_batches
@@ -103,14 +107,72 @@ def _grad_norm(params: list[torch.Tensor], max_norm: float | None) -> float:
 
 
 def _truncate_metrics(path: Path, step: int) -> None:
-    """Keep the records up to `step`: a resumed run rewrites what came after its checkpoint."""
+    """Keep the records up to `step`: a resumed run rewrites what came after its checkpoint. A line
+    that does not parse (half written by a version that did not append whole lines, killed or out
+    of disk mid-line) is dropped; the file is replaced atomically."""
     if not path.is_file():
-        path.write_text("")
+        atomic_write_text(path, "")
         return
-    keep = [
-        line for line in path.read_text().splitlines() if line.strip() and json.loads(line)["step"] <= step
-    ]
-    path.write_text("".join(line + "\n" for line in keep))
+    keep = []
+    for line in path.read_text(encoding="utf-8", errors="replace").splitlines():
+        try:
+            record = json.loads(line)
+        except ValueError:
+            continue
+        if isinstance(record, dict) and isinstance(record.get("step"), int) and record["step"] <= step:
+            keep.append(line)
+    atomic_write_text(path, "".join(line + "\n" for line in keep))
+
+
+def _append_record(path: Path, record: dict) -> None:
+    """Append one metrics.jsonl line whole or not at all: one write(2) to a file opened O_APPEND,
+    and if the disk fills part-way the file is cut back to its old size, so a half-written last
+    line never exists. A failure is a clear error naming the file."""
+    data = (json.dumps(record) + "\n").encode()
+    fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o666)
+    try:
+        size = os.fstat(fd).st_size
+        try:
+            if os.write(fd, data) != len(data):
+                raise OSError(errno.ENOSPC, "No space left on device (a short write)")
+        except OSError as e:
+            with contextlib.suppress(OSError):  # shrinking needs no space; resume drops a half line anyway
+                os.ftruncate(fd, size)
+            raise TunekitError(
+                f"{path}: cannot log step {record.get('step')} ({e.strerror}); free disk space in "
+                f"{path.parent} or set output_dir elsewhere, then resume from the last checkpoint"
+            ) from None
+    finally:
+        os.close(fd)
+
+
+def _tokenizer_bytes(model) -> int:
+    """The tokenizer files the final save copies next to the weights, measured in the model's folder;
+    a generous allowance when the model does not come from a folder."""
+    folder = Path(str(getattr(model, "name_or_path", "") or ""))
+    if not folder.is_dir():
+        return 64 * 2**20
+    names = ("tokenizer", "vocab", "merges", "special_tokens", "added_tokens", "chat_template", "spiece")
+    return sum(f.stat().st_size for f in folder.iterdir() if f.is_file() and f.name.startswith(names))
+
+
+def needed_bytes(model, params, tc: TrainConfig, total_steps: int, n_items: int) -> int:
+    """The disk a run fills from step 1 to its end: the kept checkpoints plus the one being written
+    (weights, AdamW's moments, and state.json holding the data order still to come), the final
+    model (the trained weights and the tokenizer), metrics.jsonl and the summary."""
+    kept = min(tc.save_total_limit or total_steps, total_steps) + 1
+    per_checkpoint = checkpoint_bytes(params) + 16 * n_items + 2**20
+    weights = sum(p.numel() * p.element_size() for p in params)
+    return kept * per_checkpoint + weights + _tokenizer_bytes(model) + 512 * total_steps + 2**20
+
+
+def _identity(run_dir: Path, tc: TrainConfig) -> dict | None:
+    """The run's identity (config.run_identity) from the config.yaml its session wrote, with this
+    run's global batch; None outside a run directory."""
+    path = run_dir / "config.yaml"
+    if not path.is_file():
+        return None
+    return run_identity(load_config(path), tc.batch_size * tc.grad_accum * distributed.world())
 
 
 def run_loop(
@@ -173,9 +235,10 @@ def run_loop(
         if main:
             metrics_path.write_text("")
     save_every = tc.save_steps or steps_per_epoch
-    # The kept checkpoints, one being written, and the final model: check the room before step 1.
+    # Everything the run writes from here to its end: check the room before step 1.
     if main:
-        ensure_free_space(run_dir, checkpoint_bytes(params) * ((tc.save_total_limit or total_steps) + 2))
+        ensure_free_space(run_dir, needed_bytes(model, params, tc, total_steps, len(recipe.train)))
+    identity = _identity(run_dir, tc)
 
     def checkpoint() -> Path:
         state = {
@@ -189,6 +252,8 @@ def run_loop(
             "val": last_val,
             "window": window,
         }
+        if identity is not None:  # resume refuses a checkpoint of another config (train/session.py)
+            state |= {"config": identity, "config_hash": identity_hash(identity)}
         path = save_checkpoint(run_dir, model, opt, state, tc.save_total_limit)  # every rank: FSDP gathers
         distributed.barrier()  # no rank runs ahead of a checkpoint that may be resumed
         return path
@@ -268,8 +333,7 @@ def run_loop(
                 if "val_loss" in last_val and stopper.update(step, last_val["val_loss"], loss) and not quiet:
                     progress.console.print(f"[yellow]{stopper.warning}")
             if record and main:
-                with metrics_path.open("a") as f:
-                    f.write(json.dumps(record) + "\n")
+                _append_record(metrics_path, record)
                 trackers.log_metrics(run_dir, record, total_steps)  # registry, TensorBoard, MLflow
             info = f"loss {loss:.4f}  {tokens_total / t_train:.0f} tok/s"
             progress.update(bar, advance=1, info=info)

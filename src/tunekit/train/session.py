@@ -34,10 +34,11 @@ from tunekit.train.checkpoint import list_checkpoints, read_state, resumable_che
 from tunekit.train.signals import StopOnSignal
 
 STREAMING_HELD_OUT_WARN = 50_000  # held-out examples a streaming run keeps in memory before it warns
-# A write that failed for want of room: the errno, or the words torch and safetensors wrap it in.
+# A write that failed for want of room: the errno, or the words torch and safetensors wrap it in
+# (safetensors: "I/O error: File too large (os error 27)"; torch.save: "unexpected pos 704 vs 598").
 DISK_FULL_ERRNO = {errno.ENOSPC, errno.EDQUOT, errno.EFBIG}
 DISK_FULL_TEXT = re.compile(
-    r"No space left|StorageFull|File too large|FileTooLarge|Disk quota|file write failed"
+    r"No space left|File too large|Disk quota|os error (27|28|122)\b|file write failed|unexpected pos \d+ vs \d+"
 )
 
 
