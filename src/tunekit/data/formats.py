@@ -23,7 +23,8 @@ to `FORMAT_KEYS` to be auto-detected).
 
 Problem kinds raised here: missing_field, wrong_type, empty_content, unknown_role, no_target,
 ends_not_assistant, consecutive_roles, invalid_weight, prompt_mismatch, bad_label, format_mismatch,
-unsupported_field, invalid_utf8.
+unsupported_field, invalid_utf8; and one warning, unused_key: a key the format does not read (e.g.
+`system` on a prompt_completion row), whose value would otherwise vanish without a word.
 """
 
 from __future__ import annotations
@@ -463,6 +464,71 @@ FORMAT_KEYS: dict[str, tuple[str, ...]] = {
 }
 
 
+# The keys each format reads besides its `FORMAT_KEYS`; any other key of a row is reported (unused_key).
+OPTIONAL_KEYS: dict[str, tuple[str, ...]] = {
+    "chat": ("label", "rejected", "tools", "functions"),
+    "sharegpt": ("system", "tools", "functions"),
+    "sharegpt_preference": ("system", "tools", "functions"),
+    "alpaca": ("input", "system", "history"),
+}
+# The keys read inside each message of a list field, by format: other keys (a chat message's `name`,
+# a ShareGPT turn's `weight`) are reported too.
+_MESSAGE_KEYS = {"role", "content", "weight"}
+_TURN_KEYS = {"from", "value"}
+_MESSAGE_FIELDS: dict[str, tuple[tuple[str, set[str]], ...]] = {
+    "chat": (("messages", _MESSAGE_KEYS), ("rejected", _MESSAGE_KEYS)),
+    "preference": (("prompt", _MESSAGE_KEYS), ("chosen", _MESSAGE_KEYS), ("rejected", _MESSAGE_KEYS)),
+    "sharegpt": (("conversations", _TURN_KEYS),),
+    "sharegpt_preference": (("conversations", _TURN_KEYS), ("chosen", _TURN_KEYS), ("rejected", _TURN_KEYS)),
+}
+
+
+def unused_keys(fmt: str, record: dict[str, Any]) -> list[str]:
+    """The fields of `record` that format `fmt` does not read, e.g. ["system", "messages[0].name"]."""
+    used = set(FORMAT_KEYS.get(fmt, ())) | set(OPTIONAL_KEYS.get(fmt, ()))
+    found = [key for key in record if key not in used]
+    for key, keys in _MESSAGE_FIELDS.get(fmt, ()):
+        value = record.get(key)
+        items = [value] if isinstance(value, dict) else value if isinstance(value, list) else []
+        for i, m in enumerate(items):
+            if isinstance(m, dict):
+                where = key if isinstance(value, dict) else f"{key}[{i}]"
+                found += [f"{where}.{k}" for k in m if k not in keys]
+    return found
+
+
+class UnusedKeys:
+    """Collects unused keys over a file's rows: one warning a key (its index made `[*]`), at the
+    first line that has it, with how many rows have it, so a column on every row is one line."""
+
+    def __init__(self, where: str, fmt: str):
+        self.where, self.fmt = where, fmt
+        self.seen: dict[str, list[int]] = {}  # key -> [first line, rows]
+
+    def add(self, line: int, record: dict[str, Any]) -> list[str]:
+        """Count `record`'s unused keys; returns those seen for the first time."""
+        new = []
+        for key in dict.fromkeys(re.sub(r"\[\d+\]", "[*]", k) for k in unused_keys(self.fmt, record)):
+            if key in self.seen:
+                self.seen[key][1] += 1
+            else:
+                self.seen[key] = [line, 1]
+                new.append(key)
+        return new
+
+    def problem(self, key: str) -> Problem:
+        line, rows = self.seen[key]
+        more = f" (and in {rows - 1} more rows)" if rows > 1 else ""
+        msg = (
+            f"the {self.fmt} format does not use this key{more}, so its value is ignored; remove it, or "
+            "rename it to a key the format reads (data.columns / --column)"
+        )
+        return Problem(self.where, line, key, "unused_key", msg, "warning")
+
+    def problems(self) -> list[Problem]:
+        return [self.problem(key) for key in self.seen]
+
+
 # ---- field helpers ------------------------------------------------------------------------------
 
 
@@ -548,8 +614,9 @@ def read_examples(
 
     `format` is "auto" or a name in `FORMATS`; `columns` maps canonical names to the file's own, e.g.
     {"label": "category"}, and is applied to every record before detection. Problems are sorted by
-    line. Raises `TunekitError` (or its `DataError`) for what concerns the whole file: it cannot be
-    read, no known format is detected, or a `columns` name is in no record.
+    line; those of severity "warning" (duplicate_key, unused_key) are about rows that are kept, the
+    others each reject a row. Raises `TunekitError` (or its `DataError`) for what concerns the whole
+    file: it cannot be read, no known format is detected, or a `columns` name is in no record.
     """
     if format != "auto" and format not in FORMATS:
         raise TunekitError(f"unknown data format {format!r}; use one of: auto, {', '.join(FORMATS)}")
@@ -561,19 +628,24 @@ def read_examples(
         return [], problems
     fmt = _detect_file_format(renamed, where) if format == "auto" else format
     examples = []
+    unused = UnusedKeys(where, fmt)
     for (line, record), (_, raw) in zip(renamed, records, strict=True):
         try:
             examples.append(replace(_normalize(fmt, record), source=where, line=line, format=fmt, raw=raw))
         except FieldError as e:
             problems.append(Problem(where, line, e.field, e.kind, e.message))
-    return examples, sorted(problems, key=lambda p: p.line)
+        else:
+            unused.add(line, record)  # of kept rows only: a rejected row's error lists its keys
+    return examples, sorted(problems + unused.problems(), key=lambda p: p.line)
 
 
 def load_examples(
     path: str | Path, format: str = "auto", columns: Mapping[str, str] | None = None
 ) -> list[Example]:
-    """Like `read_examples`, but raise `DataError` listing every problem, or if there are no examples."""
+    """Like `read_examples`, but raise `DataError` listing every error (warnings are let pass), or if
+    there are no examples."""
     examples, problems = read_examples(path, format, columns)
+    problems = [p for p in problems if p.severity == "error"]
     if problems:
         raise DataError(
             [str(p) for p in problems], header=f"{path}: {len(examples)} rows read, rows with errors"

@@ -51,10 +51,12 @@ from tunekit.data.formats import (
     DETECT_SAMPLE,
     FORMATS,
     FieldError,
+    UnusedKeys,
     _detect_file_format,
     _normalize,
     _rename,
 )
+from tunekit.data.needs import NO_PROMPT, untrainable
 from tunekit.data.problems import Problem
 from tunekit.data.readers import iter_jsonl_records
 from tunekit.data.tokenize import IGNORE_INDEX, TokenizedExample
@@ -77,8 +79,9 @@ CHECKED = (
 def iter_examples(
     path: str | Path, format: str = "auto", columns: Mapping[str, str] | None = None
 ) -> Iterator[Example | Problem]:
-    """`formats.read_examples` one row at a time: an `Example` or a `Problem` for each non-blank line,
-    in line order. The format is detected from the first `DETECT_SAMPLE` records, as there. A
+    """`formats.read_examples` one row at a time: an `Example` or an error `Problem` for each non-blank
+    line, in line order, and warning `Problem`s (a key given twice; a key the format does not use, the
+    first time it is seen) about the rows kept. The format is detected from the first `DETECT_SAMPLE` records, as there. A
     `columns` name found in no record raises `DataError`: before any row for a file shorter than
     the sample, else once every row has been yielded."""
     if format != "auto" and format not in FORMATS:
@@ -108,18 +111,22 @@ def iter_examples(
         raise _columns_error(where, columns or {}, unseen, keys)
     sample = [(line, _rename(record, columns)) for line, record in records]
     fmt = format if format != "auto" or not sample else _detect_file_format(sample, where)
+    unused = UnusedKeys(where, fmt)
     for item in itertools.chain(head, rows):
         if isinstance(item, Problem):
             yield item
             continue
         line, raw = item
         see(raw)
+        record = _rename(raw, columns)
         try:
-            yield replace(
-                _normalize(fmt, _rename(raw, columns)), source=where, line=line, format=fmt, raw=raw
-            )
+            example = replace(_normalize(fmt, record), source=where, line=line, format=fmt, raw=raw)
         except FieldError as e:
             yield Problem(where, line, e.field, e.kind, e.message)
+            continue
+        for key in unused.add(line, record):
+            yield unused.problem(key)
+        yield example
     if unseen and keys:
         raise _columns_error(where, columns or {}, unseen, keys)
 
@@ -145,6 +152,8 @@ class ExampleStream:
 
     def __iter__(self) -> Iterator[Example]:
         for item in iter_examples(self.path, format="chat"):
+            if isinstance(item, Problem) and item.severity == "warning":
+                continue
             if isinstance(item, Problem):
                 raise DataError([str(item)], header=f"{self.path}: the run directory's split file is damaged")
             yield item
@@ -204,19 +213,30 @@ def check_stream(cfg) -> StreamCheck:
         fc = read_file(path, d.format, d.columns or None, d.labels)
         if fc.unreadable:
             raise TunekitError(fc.unreadable)
+        if not fc.examples and not fc.rejected_lines:
+            raise TunekitError(f"{path}: no rows: the file is empty or holds only blank lines; add examples")
         report.rows += len(fc.examples) + len(fc.rejected_lines)
         report.rejected += len(fc.rejected_lines)
         errors = [p for p in fc.problems if p.severity == "error"]
         report.errors += errors[: MAX_LISTED - len(report.errors)]
+        report.warnings.update(p.kind for p in fc.problems if p.severity == "warning")
         for ex in fc.examples:
             report.warnings.update(w.kind for w in row_warnings(ex, None, cfg.train.max_length))
             held.add(text_hash(ex))
     labels = set(d.labels or ())
     hashes = array.array("Q")
+    held_rows = report.rows
     for item in iter_examples(d.train, d.format, d.columns or None):
+        if isinstance(item, Problem) and item.severity == "warning":
+            report.warnings[item.kind] += 1
+            continue
         report.rows += 1
         if isinstance(item, Problem):
             report.add_error(item)
+            continue
+        why = untrainable(item)
+        if why:
+            report.add_error(Problem(item.source, item.line, "messages", NO_PROMPT, why))
             continue
         if labels and item.label is not None and item.label not in labels:
             msg = (
@@ -229,6 +249,8 @@ def check_stream(cfg) -> StreamCheck:
         h = text_hash(item)
         hashes.append(h)
         report.leaked += h in held
+    if report.rows == held_rows:
+        raise TunekitError(f"{d.train}: no rows: the file is empty or holds only blank lines; add examples")
     report.duplicate_groups, report.duplicate_rows = _duplicates(hashes)
     return report
 
@@ -285,8 +307,14 @@ def write_stream_splits(
     n_train, fmt, errors = 0, format, StreamCheck()
     with atomic_file(train_out) as f:
         for item in iter_examples(path, format, columns):
+            if isinstance(item, Problem) and item.severity == "warning":
+                continue  # the data check before reported it; the row is kept
             if isinstance(item, Problem):
                 errors.add_error(item)
+                continue
+            why = untrainable(item)
+            if why:
+                errors.add_error(Problem(item.source, item.line, "messages", NO_PROMPT, why))
                 continue
             fmt = item.format
             name = hash_split(item, ratios, seed)
