@@ -5,10 +5,12 @@ from __future__ import annotations
 import json
 import os
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import IO, Any
+
+from tunekit.errors import TunekitError
 
 
 @contextmanager
@@ -28,6 +30,43 @@ def atomic_file(path: str | Path) -> Iterator[IO[str]]:
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
+
+
+def check_output(
+    path: str | Path, what: str, *, folder: bool = False, inputs: Iterable[str | Path] = ()
+) -> Path:
+    """Refuse, before any work, an output that cannot be written where it is asked: a file in its
+    way (`train.jsonl/report.json`), a folder where a file is wanted or the reverse, a place without
+    write permission, or one of `inputs` (the data it is made from). `what` names the option in the
+    message, e.g. "--json". Returns `path`; raises `TunekitError`."""
+    path = Path(path)
+    kind = "folder" if folder else "file"
+    if path.exists() and path.is_dir() != folder:
+        found = "a folder" if path.is_dir() else "a file, not a folder"
+        raise TunekitError(f"{what} {path}: is {found}; give the path of a {kind} to write")
+    # The nearest part of the path that exists is where the missing folders would be made.
+    base = next((p for p in path.parents if p.exists() or p == p.parent), path)
+    if not base.is_dir():
+        raise TunekitError(
+            f"{what} {path}: {base} is a file, not a folder, so nothing can be written under it; "
+            f"give a {kind} path outside it"
+        )
+    where = path if folder and path.exists() else base  # an existing folder is written into
+    if not os.access(where, os.W_OK | os.X_OK):
+        raise TunekitError(f"{what} {path}: no permission to write in {where}")
+    for source in inputs:
+        if path.exists() and _same_file(path, Path(source)):
+            raise TunekitError(
+                f"{what} {path}: is the input file {source}; writing it would destroy the data"
+            )
+    return path
+
+
+def _same_file(a: Path, b: Path) -> bool:
+    try:
+        return a.samefile(b)
+    except OSError:  # `b` is missing or unreadable: not the same file as an existing `a`
+        return False
 
 
 def atomic_write_text(path: str | Path, text: str) -> None:

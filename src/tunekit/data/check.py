@@ -332,17 +332,28 @@ def check_config(cfg) -> CheckReport:
     return report
 
 
-def write_clean(report: CheckReport, out_dir: str | Path) -> dict[str, str]:
-    """Write each file's kept rows (as they were) and a rejects file with the reasons for each row."""
-    from tunekit.data.readers import read_records
-    from tunekit.io import atomic_write_jsonl
+def write_json(report: CheckReport, path: str | Path) -> None:
+    """The full report as JSON at `path` (never over one of the checked files)."""
+    from tunekit.io import atomic_write_json, check_output
 
-    out_dir = Path(out_dir)
+    check_output(path, "--json", inputs=[f.path for f in report.files])
+    atomic_write_json(path, report.to_dict())
+
+
+def write_clean(report: CheckReport, out_dir: str | Path) -> dict[str, str]:
+    """Write each file's kept rows (as they were) and a rejects file with the reasons for each row:
+    STEM.clean.jsonl and STEM.rejects.jsonl in `out_dir`. Refuses (`TunekitError`), before writing
+    anything, an `out_dir` that is a file or under one, two checked files with the same stem (one
+    would overwrite the other's), and an output that is one of the checked files."""
+    from tunekit.data.readers import read_records
+    from tunekit.io import atomic_write_jsonl, check_output
+
+    out_dir = check_output(out_dir, "--write-clean", folder=True)
+    files = [fc for fc in report.files if not fc.unreadable]
+    outputs = _clean_outputs(files, out_dir)
     written = {}
-    for fc in report.files:
-        if fc.unreadable:
-            continue
-        stem = Path(fc.path).stem
+    for fc in files:
+        clean, rejects_path = outputs[fc.path]
         raw_by_line = dict(read_records(fc.path)[0])
         reasons: dict[int, list[str]] = {}
         for p in fc.problems:
@@ -352,7 +363,28 @@ def write_clean(report: CheckReport, out_dir: str | Path) -> dict[str, str]:
             {"file": fc.path, "line": ln, "reasons": r, "record": raw_by_line.get(ln)}
             for ln, r in sorted(reasons.items())
         ]
-        atomic_write_jsonl(out_dir / f"{stem}.clean.jsonl", [e.raw for e in fc.examples])
-        atomic_write_jsonl(out_dir / f"{stem}.rejects.jsonl", rejects)
-        written[fc.path] = str(out_dir / f"{stem}.clean.jsonl")
+        atomic_write_jsonl(clean, [e.raw for e in fc.examples])
+        atomic_write_jsonl(rejects_path, rejects)
+        written[fc.path] = str(clean)
     return written
+
+
+def _clean_outputs(files: list[FileCheck], out_dir: Path) -> dict[str, tuple[Path, Path]]:
+    """Each file's (clean, rejects) output paths, checked before anything is written."""
+    from tunekit.io import check_output
+
+    stems: dict[str, str] = {}
+    outputs = {}
+    for fc in files:
+        stem = Path(fc.path).stem
+        if stem in stems:
+            raise TunekitError(
+                f"--write-clean: {stems[stem]} and {fc.path} would both write {stem}.clean.jsonl; "
+                "check them one at a time, or rename one"
+            )
+        stems[stem] = fc.path
+        pair = (out_dir / f"{stem}.clean.jsonl", out_dir / f"{stem}.rejects.jsonl")
+        for out in pair:
+            check_output(out, "--write-clean", inputs=[f.path for f in files])
+        outputs[fc.path] = pair
+    return outputs

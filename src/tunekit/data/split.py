@@ -20,7 +20,7 @@ from typing import Any
 from tunekit.data.example import Example
 from tunekit.data.formats import load_examples
 from tunekit.errors import TunekitError
-from tunekit.io import atomic_write_json, atomic_write_jsonl
+from tunekit.io import atomic_write_json, atomic_write_jsonl, check_output
 
 SPLITS = ("train", "validation", "test")
 
@@ -115,11 +115,15 @@ def write_split(
     """Load `path`, split it, and write train/validation/test.jsonl and manifest.json into `out_dir`.
 
     Each output line is the original record, so the files keep the user's schema and read back with the
-    same format (and `columns`). Returns the manifest.
+    same format (and `columns`). Returns the manifest. Refuses (`TunekitError`), before reading, an
+    `out_dir` that is a file or under one, and one where an output would replace `path` itself
+    (`data split data/train.jsonl --out data`).
     """
+    out = check_output(out_dir, "--out", folder=True)
+    for name in (*(f"{s}.jsonl" for s in SPLITS), "manifest.json"):
+        check_output(out / name, "--out", inputs=[path])
     examples = load_examples(path, format=format, columns=columns)
     splits = split_examples(examples, ratios=ratios, seed=seed)
-    out = Path(out_dir)
     for name in SPLITS:
         atomic_write_jsonl(out / f"{name}.jsonl", [e.raw for e in splits[name]])
     rows = [
