@@ -174,11 +174,16 @@ def data_check(
     ] = None,
 ) -> None:
     """Find every defect in a data set: errors per row, duplicates, leakage, statistics. Exit 0/1/2."""
-    from tunekit.data.check import check_config, check_data
+    from tunekit.data.check import check_config, check_data, write_json
     from tunekit.data.check import write_clean as write_clean_files
     from tunekit.data.check_report import print_report
-    from tunekit.io import atomic_write_json
+    from tunekit.io import check_output
 
+    # Refuse an output that cannot be written before the check's work, not after it.
+    if json_out:
+        check_output(json_out, "--json", inputs=files or ())
+    if write_clean:
+        check_output(write_clean, "--write-clean", folder=True)
     if config is not None:
         from tunekit.config import load_config
 
@@ -198,7 +203,7 @@ def data_check(
         raise TunekitError("give data files (tunekit data check train.jsonl test.jsonl) or --config CONFIG")
     print_report(report)
     if json_out:
-        atomic_write_json(json_out, report.to_dict())
+        write_json(report, json_out)
         err.print(f"report: {json_out}")
     if write_clean:
         for src, dst in write_clean_files(report, write_clean).items():
