@@ -111,45 +111,169 @@ def test_same_seed_same_losses_and_batch_equals_accumulation(tiny_model_dir, cha
         assert abs(big[step] - accum[step]) <= 1e-4 * abs(big[step]), (step, big[step], accum[step])
 
 
-def test_checkpoints_are_atomic_and_pruned(tiny_model_dir, chat_file, tmp_path):
+def test_checkpoints_are_pruned(tiny_model_dir, chat_file, tmp_path):
     run_dir = train(
         _cfg(tiny_model_dir, chat_file, tmp_path / "run", save_steps=2, save_total_limit=2), quiet=True
     )
     assert [p.name for p in list_checkpoints(run_dir)] == ["step-000006", "step-000008"]
-    # a save killed half-way leaves only a hidden temporary folder: never listed, cleared next time
-    partial = run_dir / "checkpoints" / ".tmp-killed"
-    partial.mkdir()
-    (partial / "trainable.safetensors").write_bytes(b"half")
-    assert latest_checkpoint(run_dir).name == "step-000008"
-
-    from tunekit.train.setup import build_model
-
-    model, params = build_model(_cfg(tiny_model_dir, chat_file, run_dir), tiny_model_dir)
-    opt = torch.optim.AdamW(params)
-    state = load_checkpoint(latest_checkpoint(run_dir), model, opt)
-    assert state["step"] == 8
-    save_checkpoint(run_dir, model, opt, state | {"step": 9}, total_limit=2)
-    assert not partial.exists()
-    assert [p.name for p in list_checkpoints(run_dir)] == ["step-000008", "step-000009"]
 
 
-def test_a_damaged_checkpoint_is_a_clear_error(tiny_model_dir, chat_file, tmp_path):
-    run_dir = train(_cfg(tiny_model_dir, chat_file, tmp_path / "run", max_steps=3), quiet=True)
-    ckpt = latest_checkpoint(run_dir)
-    (ckpt / "trainable.safetensors").write_bytes(b"not safetensors")
-    with pytest.raises(TunekitError, match="delete it to resume from the one before"):
-        train(_cfg(tiny_model_dir, chat_file, run_dir, max_steps=3), quiet=True, resume=True)
+# A real save_checkpoint, killed with SIGKILL at a given point of the save (a subprocess: only a
+# real kill leaves what a kill leaves). It saves step 1 whole first, then is killed saving step 2.
+_KILLED_SAVE = """
+import os, signal, sys, torch
+import tunekit.train.checkpoint as ck
+
+run_dir, point = sys.argv[1], sys.argv[2]
+model = torch.nn.Linear(8, 8)
+opt = torch.optim.AdamW(model.parameters())
+model(torch.ones(2, 8)).sum().backward()
+opt.step()
+state = {k: 0 for k in ck.STATE_KEYS if k != "rng"} | {"step_groups": [], "val": {}, "window": {}}
+ck.save_checkpoint(run_dir, model, opt, state | {"step": 1}, total_limit=None)
+
+def die(*args, **kwargs):
+    os.kill(os.getpid(), signal.SIGKILL)
+
+if point == "mid-file":  # optimizer.pt half written
+    real = torch.save
+    def half(obj, f, *a, **k):
+        real(obj, f, *a, **k)
+        data = open(f, "rb").read()
+        open(f, "wb").write(data[: len(data) // 2])
+        die()
+    torch.save = half
+elif point == "before-manifest":
+    ck._write_manifest = die
+elif point == "before-rename":
+    os.replace = die
+ck.save_checkpoint(run_dir, model, opt, state | {"step": 2}, total_limit=None)
+print("the save was not interrupted")
+"""
 
 
-def test_nan_loss_stops_with_the_step_and_keeps_the_last_checkpoint(tiny_model_dir, chat_file, tmp_path):
-    cfg = _cfg(
-        tiny_model_dir, chat_file, tmp_path / "run", save_steps=2, learning_rate=1e30, max_grad_norm=None
+@pytest.mark.parametrize("point", ["mid-file", "before-manifest", "before-rename"])
+def test_a_save_killed_at_any_point_leaves_the_last_checkpoint_intact(point, tmp_path):
+    from tunekit.train.checkpoint import verify_checkpoint
+
+    proc = subprocess.run(
+        [sys.executable, "-c", _KILLED_SAVE, str(tmp_path), point],
+        capture_output=True,
+        text=True,
+        timeout=120,
     )
-    with pytest.raises(TunekitError, match=r"step \d+: the loss or gradient is not finite"):
+    assert proc.returncode == -signal.SIGKILL, proc.stdout + proc.stderr
+    (partial,) = (tmp_path / "checkpoints").glob(".tmp-*")  # the killed save got part of the way
+    assert (partial / "trainable.safetensors").is_file()
+    assert [p.name for p in list_checkpoints(tmp_path)] == ["step-000001"]
+    assert verify_checkpoint(latest_checkpoint(tmp_path)) is None
+
+    model = torch.nn.Linear(8, 8)
+    opt = torch.optim.AdamW(model.parameters())
+    state = load_checkpoint(latest_checkpoint(tmp_path), model, opt)
+    assert state["step"] == 1
+    save_checkpoint(tmp_path, model, opt, state | {"step": 2}, total_limit=None)
+    assert not partial.exists(), "the next save clears what the killed one left"
+    assert [p.name for p in list_checkpoints(tmp_path)] == ["step-000001", "step-000002"]
+
+
+def _flip_a_byte(path: Path) -> None:
+    data = bytearray(path.read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    path.write_bytes(bytes(data))
+
+
+@pytest.mark.parametrize(
+    "damage, named",
+    [
+        (lambda c: _flip_a_byte(c / "optimizer.pt"), "optimizer.pt does not match its sha256"),
+        (
+            lambda c: (c / "trainable.safetensors").write_bytes(b"not safetensors"),
+            "trainable.safetensors has",
+        ),
+        (lambda c: (c / "rng.pt").unlink(), "rng.pt is missing"),
+        (lambda c: (c / "manifest.json").unlink(), "manifest.json is missing"),
+        (lambda c: (c / "manifest.json").write_text("{"), "manifest.json cannot be read"),
+    ],
+)
+def test_a_damaged_checkpoint_is_refused_by_name(damage, named, tiny_model_dir, chat_file, tmp_path):
+    cfg = _cfg(tiny_model_dir, chat_file, tmp_path / "run", max_steps=3, save_steps=1)
+    run_dir = train(cfg, quiet=True)
+    ckpt = latest_checkpoint(run_dir)
+    damage(ckpt)
+    with pytest.raises(TunekitError, match="--skip-damaged") as e:
+        train(cfg, quiet=True, resume=True)
+    assert f"{ckpt}: damaged checkpoint: {named}" in str(e.value)
+    assert ckpt.is_dir(), "refusing moves nothing"
+
+
+def test_skip_damaged_falls_back_to_the_intact_checkpoint_before(tiny_model_dir, chat_file, tmp_path):
+    cfg = _cfg(tiny_model_dir, chat_file, tmp_path / "run", save_steps=2, save_total_limit=None)
+    run_dir = train(cfg, quiet=True)
+    straight = _losses(run_dir)
+    _flip_a_byte(run_dir / "checkpoints/step-000008/trainable.safetensors")  # the same size, other weights
+    resumed = _losses(train(cfg, quiet=True, resume=True, skip_damaged=True))
+    assert (run_dir / "checkpoints/damaged-step-000008").is_dir(), "kept aside to look at, never listed"
+    assert [c.name for c in list_checkpoints(run_dir)][-2:] == ["step-000006", "step-000008"]
+    assert sorted(resumed) == list(range(1, 9))
+    for step in (7, 8):  # replayed from step 6, exactly
+        assert abs(straight[step] - resumed[step]) <= 1e-5 * abs(straight[step]), step
+
+
+def test_a_state_json_missing_a_key_is_a_clear_error(tiny_model_dir, chat_file, tmp_path):
+    """An older version's checkpoint (no manifest) whose state.json lacks a key."""
+    from tunekit.train.checkpoint import verify_checkpoint
+
+    cfg = _cfg(tiny_model_dir, chat_file, tmp_path / "run", max_steps=3)
+    ckpt = latest_checkpoint(train(cfg, quiet=True))
+    (ckpt / "manifest.json").unlink()
+    state = json.loads((ckpt / "state.json").read_text())
+    del state["format"], state["step_groups"]
+    (ckpt / "state.json").write_text(json.dumps(state))
+    assert verify_checkpoint(ckpt) == "state.json lacks step_groups"
+    with pytest.raises(TunekitError, match=r"step-000003: damaged checkpoint: state\.json lacks step_groups"):
+        train(cfg, quiet=True, resume=True)
+
+
+def test_a_checkpoint_from_before_checksums_still_resumes(tiny_model_dir, chat_file, tmp_path):
+    cfg = _cfg(tiny_model_dir, chat_file, tmp_path / "run")
+    run_dir = train(
+        cfg.model_copy(update={"train": cfg.train.model_copy(update={"max_steps": 3})}), quiet=True
+    )
+    ckpt = latest_checkpoint(run_dir)
+    (ckpt / "manifest.json").unlink()
+    state = json.loads((ckpt / "state.json").read_text())
+    for key in ("format", "config", "config_hash"):
+        del state[key]
+    (ckpt / "state.json").write_text(json.dumps(state))
+    assert sorted(_losses(train(cfg, quiet=True, resume=True))) == list(range(1, 9))
+
+
+def test_nan_loss_stops_with_the_step_and_keeps_the_last_checkpoint(
+    tiny_model_dir, chat_file, tmp_path, monkeypatch
+):
+    """The gradient turns non-finite at step 5, after the checkpoints of steps 2 and 4."""
+    import tunekit.train.loop as loop
+    from tunekit.train.checkpoint import verify_checkpoint
+
+    real, calls = loop._grad_norm, {"n": 0}
+
+    def nan_at_step_5(params, max_norm):
+        calls["n"] += 1
+        return float("nan") if calls["n"] == 5 else real(params, max_norm)
+
+    monkeypatch.setattr(loop, "_grad_norm", nan_at_step_5)
+    cfg = _cfg(tiny_model_dir, chat_file, tmp_path / "run", save_steps=2, save_total_limit=None)
+    with pytest.raises(TunekitError, match=r"step 5: the loss or gradient is not finite"):
         train(cfg, quiet=True)
-    # whatever checkpoints were written before the blow-up are complete and loadable
-    for ckpt in list_checkpoints(cfg.output_dir):
-        assert (ckpt / "state.json").is_file()
+    ckpts = list_checkpoints(cfg.output_dir)
+    assert [c.name for c in ckpts] == ["step-000002", "step-000004"]
+    for ckpt in ckpts:
+        assert verify_checkpoint(ckpt) is None
+    assert sorted(_losses(cfg.output_dir)) == [1, 2, 3, 4]
+    monkeypatch.undo()
+    # and the run resumes from step 4 to its end
+    assert sorted(_losses(train(cfg, quiet=True, resume=True))) == list(range(1, 9))
 
 
 def _tunekit(*args, **kw):

@@ -34,7 +34,25 @@ def train(
         bool, typer.Option(help="Train on the rows that read; leave out (and report) rows with errors.")
     ] = False,
     resume: Annotated[
-        bool, typer.Option(help="Continue from the newest checkpoint in the config's output_dir.")
+        bool,
+        typer.Option(
+            help="Continue from the newest checkpoint in the config's output_dir (it must come from the "
+            "same config; the keys that differ are named)."
+        ),
+    ] = False,
+    overwrite: Annotated[
+        bool,
+        typer.Option(
+            help="Start over in an output_dir that holds an earlier run: its checkpoints and outputs are "
+            "removed first (without --resume or this, such a folder is refused)."
+        ),
+    ] = False,
+    skip_damaged: Annotated[
+        bool,
+        typer.Option(
+            help="With --resume: a checkpoint that fails its checksums is moved aside (damaged-step-N) "
+            "and the newest intact one before it is resumed."
+        ),
     ] = False,
     from_: Annotated[
         Path | None, typer.Option("--from", help="Start from the weights of an earlier run (new data).")
@@ -56,19 +74,29 @@ def train(
         distributed.check_supported(cfg)
         argv = ["train", str(config), *(a for o in overrides for a in ("--set", o))]
         argv += ["--allow-data-errors"] * allow_data_errors + ["--resume"] * resume
+        argv += ["--overwrite"] * overwrite + ["--skip-damaged"] * skip_damaged
         code = distributed.launch(argv, nproc, nnodes, node_rank, master_addr, master_port)
         raise typer.Exit(code)
-    train_task(cfg, allow_data_errors=allow_data_errors, resume=resume)
+    train_task(
+        cfg,
+        allow_data_errors=allow_data_errors,
+        resume=resume,
+        overwrite=overwrite,
+        skip_damaged=skip_damaged,
+    )
 
 
 @app.command("resume")
 def resume_(
     run_dir: Annotated[Path, typer.Argument(help="The run directory of an interrupted `tunekit train`.")],
+    skip_damaged: Annotated[
+        bool, typer.Option(help="Move a checkpoint that fails its checksums aside; resume the one before.")
+    ] = False,
 ) -> None:
     """Continue an interrupted run from its newest complete checkpoint, with its own config."""
     from tunekit.train.session import resume as resume_run
 
-    resume_run(run_dir)
+    resume_run(run_dir, skip_damaged=skip_damaged)
 
 
 @app.command("eval")

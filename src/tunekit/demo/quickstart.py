@@ -47,7 +47,7 @@ def quickstart(output_dir: str | Path = "runs/quickstart", overrides: list[str] 
     """Train, evaluate base vs fine-tuned, print the comparison. Returns the report."""
     cfg = quickstart_config(output_dir, overrides)
     t0 = time.perf_counter()
-    run_dir = train(cfg)
+    run_dir = train(cfg, overwrite=True)  # the quickstart's folder is its own: each run starts over
     t_train = time.perf_counter() - t0
     t1 = time.perf_counter()
     report = evaluate(run_dir)
