@@ -49,7 +49,17 @@ def test_dpo_and_reward_reports(tiny_model_dir, pairs_file, tmp_path):
     # With a reward model, the dpo policy's greedy answers are scored against the base's.
     report = evaluate(dpo, quiet=True, reward_model=reward)
     policy, ref = report["contenders"]["policy"], report["contenders"]["reference"]
-    assert policy["win_rate"] + ref["win_rate"] == pytest.approx(1.0)
     rows = json.loads((dpo / "predictions.json").read_text())
+    assert len(rows) == 4
     assert {"policy_answer", "reference_answer", "policy_score", "reference_score"} <= set(rows[0])
+    # The win rate is the reward model's verdict, prompt by prompt (a tie is half a win).
+    wins = [
+        (r["policy_score"] > r["reference_score"]) + 0.5 * (r["policy_score"] == r["reference_score"])
+        for r in rows
+    ]
+    assert policy["win_rate"] == pytest.approx(sum(wins) / 4) and ref["win_rate"] == pytest.approx(
+        1 - sum(wins) / 4
+    )
+    assert policy["reward_score"] == pytest.approx(sum(r["policy_score"] for r in rows) / 4)
+    assert ref["reward_score"] == pytest.approx(sum(r["reference_score"] for r in rows) / 4)
     assert "## Side by side" in (dpo / "report.md").read_text()

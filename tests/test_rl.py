@@ -66,7 +66,17 @@ def test_pipeline_runs_end_to_end_and_trains_only_the_policy_adapter(tiny_model_
     report = evaluate(run, quiet=True)
     assert report["task_metric"] == "win_rate" and report["n_test"] == 2
     assert set(report["contenders"]) == {"reference", "policy"}
-    assert 0.0 <= report["contenders"]["policy"]["win_rate"] <= 1.0
+    # The win rate is the reward stage's verdict on each prompt's pair of answers (a tie: half a win).
+    rows = json.loads((run / "predictions.json").read_text())
+    wins = [
+        (r["policy_score"] > r["reference_score"]) + 0.5 * (r["policy_score"] == r["reference_score"])
+        for r in rows
+    ]
+    assert len(rows) == 2 and report["contenders"]["policy"]["win_rate"] == pytest.approx(sum(wins) / 2)
+    for name in ("policy", "reference"):  # and its scores are the mean reward of each one's answers
+        assert report["contenders"][name]["reward_score"] == pytest.approx(
+            sum(r[f"{name}_score"] for r in rows) / 2
+        )
     assert report["reference_model"] == str(run / "stages" / "sft")
 
 
