@@ -93,6 +93,10 @@ def assistant_spans(tokenizer, example: Example) -> tuple[str, list[tuple[int, i
     for i, m in enumerate(msgs):
         if m.role != "assistant" or m.weight == 0:
             continue
+        # The answer after any reasoning block: a template may re-lay `<think>` blocks (Qwen3's does).
+        answer = m.content.rsplit("</think>", 1)[-1].strip()
+        if answer not in text:
+            raise template_error(tokenizer, where, f"the template drops the assistant turn (message {i + 1})")
         before = render(tokenizer, msgs[:i], add_generation_prompt=True, where=where)
         through = render(tokenizer, msgs[: i + 1], where=where)
         if not (text.startswith(through) and through.startswith(before)):
@@ -102,10 +106,11 @@ def assistant_spans(tokenizer, example: Example) -> tuple[str, list[tuple[int, i
                 "it does not render this conversation incrementally (a prefix of the conversation "
                 "renders differently), so assistant turns cannot be located for the loss mask",
             )
-        # The answer after any reasoning block: a template may re-lay `<think>` blocks (Qwen3's does).
-        if m.content.rsplit("</think>", 1)[-1].strip() not in through[len(before) :]:
+        if answer not in through[len(before) :]:
             raise template_error(
-                tokenizer, where, f"the template drops the assistant turn (message {i + 1}) or moves it"
+                tokenizer,
+                where,
+                f"the assistant turn (message {i + 1}) is not where the template's prompt ends",
             )
         spans.append((len(before), len(through)))
     return text, spans

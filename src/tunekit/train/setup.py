@@ -415,6 +415,10 @@ def save_trained(model, tokenizer, run_dir: Path, method: str) -> Path:
         return target
     tmp = Path(tempfile.mkdtemp(dir=run_dir, prefix=f".{target.name}."))
     try:
+        if getattr(getattr(model, "peft_config", {}).get("default"), "trainable_token_indices", None):
+            # The rows of a grown vocabulary are in the adapter already (fit_vocabulary); PEFT would
+            # otherwise save the whole embedding matrix (and head) with it once the vocabulary grew.
+            gathered["save_embedding_layers"] = False
         model.save_pretrained(tmp, safe_serialization=True, **gathered)
         tokenizer.save_pretrained(tmp)
         if target.exists():
