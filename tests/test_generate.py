@@ -29,6 +29,7 @@ def test_batched_equals_one_at_a_time_in_input_order(tiny_model_dir):
     tok, model = load_tokenizer(tiny_model_dir), load_model(tiny_model_dir)
     examples = _examples(7)
     batched = generate(model, tok, examples, max_new_tokens=6, batch_size=3)
+    assert len(set(batched)) == len(batched)  # all different: a mixed-up order would show
     stops = stop_token_ids(tok, model)
     with torch.no_grad():
         for ex, got in zip(examples, batched, strict=True):

@@ -21,7 +21,7 @@ def test_only_assistant_tokens_carry_loss(tokenizer):
     t = tokenize_example(tokenizer, ex, 512)
     assert _loss_text(tokenizer, t) == "4<|im_end|>\n6 is the answer.<|im_end|>\n"
     # labels equal input ids where they are set
-    assert all(lab in (IGNORE_INDEX, i) for i, lab in zip(t.input_ids, t.labels, strict=False))
+    assert all(lab in (IGNORE_INDEX, i) for i, lab in zip(t.input_ids, t.labels, strict=True))
 
 
 def test_weight_zero_turn_carries_no_loss(tokenizer):
