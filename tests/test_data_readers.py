@@ -385,3 +385,223 @@ def test_real_banking77_csv():
     assert {e.format for e in examples} == {"classification"}
     # Some texts span lines (quoted newlines), so the last row starts past line 10,004.
     assert examples[-1].line == len(path.read_bytes().split(b"\n")) - 1
+
+
+# ---- every row accounted for after a bad one (issue 20, item 8) ----------------------------------
+
+ROWS = [{"prompt": f"question {i}", "completion": f"answer {i}"} for i in range(20)]
+
+
+def _array_with(element_5: str) -> str:
+    """ROWS as a pretty JSON array (one element a line, as editors write them) with element 5 replaced."""
+    elements = [json.dumps(r) for r in ROWS]
+    elements[5] = element_5
+    return "[\n  " + ",\n  ".join(elements) + "\n]\n"
+
+
+BROKEN_ELEMENTS = {
+    "missing_value": '{"prompt": "question 5", "completion": }',
+    "unclosed_string": '{"prompt": "question 5, "completion": "answer 5"}',
+    "missing_brace": '{"prompt": "question 5", "completion": "answer 5"',
+    "extra_brace": '{"prompt": "question 5", "completion": "answer 5"}}',
+    "missing_comma": '{"prompt": "question 5", "completion": "answer 5"} {"prompt": "junk"}',
+    "bare_word": "nonsense",
+    "not_an_object": '["question 5", "answer 5"]',
+    "brackets_in_strings": '{"prompt": "q [{ 5", "completion": "a ]} 5" "oops"}',
+}
+
+
+@pytest.mark.parametrize("broken", sorted(BROKEN_ELEMENTS))
+def test_json_array_elements_after_a_bad_one_are_still_read(tmp_path, broken):
+    """Before: reading stopped at the first syntax error, so 20 rows with one bad reported 5."""
+    path = write(tmp_path, "x.json", _array_with(BROKEN_ELEMENTS[broken]))
+    records, problems = read_records(path)
+    kept = [r for _, r in records]
+    assert [r for r in ROWS if r in kept] == [r for i, r in enumerate(ROWS) if i != 5]
+    assert [p.line for p in problems if p.severity == "error"] == [7], strs(problems)  # element 5's line
+    assert len(records) + len({p.line for p in problems}) == len(ROWS)
+
+
+def test_json_array_pretty_printed_elements_resync_on_their_indentation(tmp_path):
+    """A missing '}' leaves the brackets unbalanced to the end: the next element at the same
+    indentation that parses is where reading goes on, not a nested object inside one."""
+    rows = [{"messages": [{"role": "user", "content": f"q{i}"}, {"role": "assistant", "content": f"a{i}"}]}
+            for i in range(6)]  # fmt: skip
+    text = json.dumps(rows, indent=2)
+    lines = text.split("\n")
+    second = [i for i, line in enumerate(lines) if line == "  {"][2]  # row 2's first line
+    end = next(i for i in range(second, len(lines)) if lines[i] == "  },")
+    lines[end] = "  ,"  # row 2 loses its closing brace
+    records, problems = read_records(write(tmp_path, "x.json", "\n".join(lines)))
+    assert [r for _, r in records] == rows[:2] + rows[3:]
+    assert len([p for p in problems if p.severity == "error"]) == 1
+
+
+def test_json_array_trailing_comma_after_a_bad_element(tmp_path):
+    path = write(tmp_path, "x.json", '[\n{"a": 1},\n{"a": },\n{"a": 3},\n]\n')
+    records, problems = read_records(path)
+    assert records == [(2, {"a": 1}), (4, {"a": 3})]
+    assert [p.line for p in problems] == [3, 5]
+
+
+def _csv(rows: list[str]) -> str:
+    return "prompt,completion\n" + "".join(r + "\n" for r in rows)
+
+
+CSV_ROWS = [f"question {i},answer {i}" for i in range(10)]
+
+
+def test_csv_unclosed_quote_rejects_its_row_and_reads_the_rest(tmp_path):
+    """Before: the open quote swallowed every later line into one field, and the row was kept."""
+    rows = list(CSV_ROWS)
+    rows[3] = 'question 3,"answer 3'
+    records, problems = read_records(write(tmp_path, "x.csv", _csv(rows)))
+    assert [n for n, _ in records] == [2, 3, 4, 6, 7, 8, 9, 10, 11]
+    assert [(p.line, p.kind) for p in problems] == [(5, "invalid_csv")]
+    assert "opened on line 5" in problems[0].message and "not closed" in problems[0].message
+
+
+def test_csv_quote_closed_mid_field_later_rejects_only_its_row(tmp_path):
+    rows = list(CSV_ROWS)
+    rows[3] = 'question 3,"answer 3'
+    rows[7] = 'question 7,answer" 7'  # a stray quote that "closes" the field opened on row 3
+    records, problems = read_records(write(tmp_path, "x.csv", _csv(rows)))
+    assert len(records) + len(problems) == 10
+    assert [(p.line, p.kind) for p in problems] == [(5, "invalid_csv")]
+    assert dict(records)[9] == {"prompt": "question 7", "completion": 'answer" 7'}
+
+
+def test_csv_huge_field_is_read_and_so_are_the_rows_after_it(tmp_path):
+    """Before: a field over csv's 128 KiB limit stopped the read there."""
+    rows = list(CSV_ROWS)
+    rows[3] = "question 3," + "a" * 300_000
+    records, problems = read_records(write(tmp_path, "x.csv", _csv(rows)))
+    assert (len(records), problems) == (10, [])
+    assert len(dict(records)[5]["completion"]) == 300_000
+    import csv
+
+    assert csv.field_size_limit() == 131072  # the module's global limit is restored
+
+
+def test_csv_header_that_does_not_parse_is_a_file_error(tmp_path):
+    with pytest.raises(TunekitError, match=r"x\.csv:1: the header row cannot be parsed"):
+        read_records(write(tmp_path, "x.csv", 'prompt,"completion\nq,a\n'))
+
+
+# ---- duplicate and unused keys (issue 20, item 13) ----------------------------------------------
+
+
+def test_duplicate_keys_are_a_warning_with_the_line(tmp_path):
+    """Before: json kept the last value without a word."""
+    text = '{"prompt": "a", "completion": "b"}\n{"prompt": "first", "prompt": "second", "completion": "c"}\n'
+    for name, content in (("x.jsonl", text), ("x.json", "[\n" + text.replace("}\n{", "},\n{") + "]\n")):
+        records, problems = read_records(write(tmp_path, name, content))
+        line = 2 if name == "x.jsonl" else 3  # the array's "[" has a line of its own
+        assert records[1] == (line, {"prompt": "second", "completion": "c"})  # kept, with the last value
+        [p] = problems
+        assert (p.line, p.kind, p.severity) == (line, "duplicate_key", "warning")
+        assert "'prompt' given twice" in p.message
+
+
+def test_duplicate_key_in_a_nested_object_and_when_streaming(tmp_path):
+    from tunekit.data.readers import iter_jsonl_records
+
+    row = '{"messages": [{"role": "user", "content": "a", "content": "b"}, {"role": "assistant", "content": "c"}]}'
+    path = write(tmp_path, "x.jsonl", jsonl({"prompt": "a", "completion": "b"}) + row + "\n")
+    _, problems = read_records(path)
+    assert [(p.line, p.kind) for p in problems] == [(2, "duplicate_key")]
+    streamed = [x for x in iter_jsonl_records(path) if not isinstance(x, tuple)]
+    assert [(p.line, p.kind, p.severity) for p in streamed] == [(2, "duplicate_key", "warning")]
+
+
+def test_keys_a_format_does_not_use_are_warnings_with_the_line(tmp_path):
+    """Before: `system`, `history` and `weight` on prompt/completion rows vanished without a word."""
+    rows = [
+        {"prompt": "a", "completion": "b"},
+        {"prompt": "a", "completion": "b", "system": "Be brief.", "weight": 0},
+        {"prompt": "a", "completion": "b", "history": [["x", "y"]], "system": "Be kind."},
+    ]
+    examples, problems = read_examples(write(tmp_path, "x.jsonl", jsonl(*rows)))
+    assert len(examples) == 3
+    got = [(p.line, p.field, p.kind, p.severity) for p in problems]
+    assert got == [
+        (2, "system", "unused_key", "warning"),
+        (2, "weight", "unused_key", "warning"),
+        (3, "history", "unused_key", "warning"),
+    ]
+    assert "prompt_completion format does not use" in problems[0].message
+    assert "1 more rows" in problems[0].message  # `system` is on two rows: one warning says so
+    assert len(load_examples(tmp_path / "x.jsonl")) == 3  # warnings do not stop a load
+
+
+def test_unused_keys_inside_messages(tmp_path):
+    row = {
+        "messages": [{"role": "user", "content": "a", "name": "bob"}, {"role": "assistant", "content": "b"}]
+    }
+    _, problems = read_examples(write(tmp_path, "x.jsonl", jsonl(row, row)))
+    assert [(p.line, p.field, p.kind) for p in problems] == [(1, "messages[*].name", "unused_key")]
+    sg = {"conversations": [{"from": "human", "value": "a", "weight": 1}, {"from": "gpt", "value": "b"}]}
+    _, problems = read_examples(write(tmp_path, "y.jsonl", jsonl(sg)))
+    assert [(p.line, p.field) for p in problems] == [(1, "conversations[*].weight")]
+
+
+def test_keys_every_format_reads_are_not_reported(tmp_path):
+    rows = {
+        "alpaca": {"instruction": "a", "input": "b", "output": "c", "system": "s", "history": [["x", "y"]]},
+        "chat": {"messages": [{"role": "user", "content": "a"}, {"role": "assistant", "content": "b",
+                 "weight": 1}], "label": "l"},
+        "sharegpt": {"conversations": [{"from": "human", "value": "a"}, {"from": "gpt", "value": "b"}],
+                     "system": "s", "tools": ""},
+    }  # fmt: skip
+    for name, row in rows.items():
+        examples, problems = read_examples(write(tmp_path, f"{name}.jsonl", jsonl(row)))
+        assert (len(examples), problems) == (1, []), name
+
+
+# ---- whole-file problems: encodings, line endings, what the path is (issue 20, item 14) ---------
+
+
+@pytest.mark.parametrize(("codec", "order"), [("utf-16-le", "little-endian"), ("utf-16-be", "big-endian")])
+@pytest.mark.parametrize("name", ["x.jsonl", "x.csv", "x.json"])
+def test_utf16_without_a_bom_says_to_save_as_utf8(tmp_path, codec, order, name):
+    """Before: every line was an invalid JSON row (the zero bytes are valid UTF-8)."""
+    text = (
+        '{"prompt": "caf\u00e9 \u4f60\u597d", "completion": "b"}\n'
+        if name != "x.csv"
+        else "text,label\nhi,x\n"
+    )
+    path = write(tmp_path, name, text.encode(codec))
+    with pytest.raises(TunekitError, match=f"looks UTF-16 encoded \\({order}, without a byte-order mark"):
+        read_records(path)
+
+
+def test_cr_only_line_endings_say_how_to_convert(tmp_path):
+    """Before: the whole file was one line: one invalid JSON row, or one CSV error."""
+    for name, text in (
+        ("x.jsonl", jsonl(*ROWS[:3])),
+        ("x.csv", _csv(CSV_ROWS[:3])),
+        ("x.json", _array_with("{}")),
+    ):
+        path = write(tmp_path, name, text.replace("\n", "\r"))
+        with pytest.raises(TunekitError, match="lone carriage return"):
+            read_records(path)
+    from tunekit.data.readers import iter_jsonl_records
+
+    with pytest.raises(TunekitError, match="lone carriage return"):
+        list(iter_jsonl_records(tmp_path / "x.jsonl"))
+    # CRLF is fine, and so is one line that ends with a CR.
+    assert len(read_records(write(tmp_path, "y.jsonl", jsonl(*ROWS[:3]).replace("\n", "\r\n")))[0]) == 3
+    assert len(read_records(write(tmp_path, "z.jsonl", json.dumps(ROWS[0]) + "\r"))[0]) == 1
+
+
+def test_a_symlink_to_a_device_is_refused(tmp_path):
+    """Before: a device was read as a file (/dev/null as an empty one; /dev/zero until memory ran out,
+    so this test links /dev/null: a regression fails instead of hanging)."""
+    from tunekit.data.readers import iter_jsonl_records
+
+    link = tmp_path / "null.jsonl"
+    link.symlink_to("/dev/null")
+    with pytest.raises(TunekitError, match=r"not a regular file \(through a symbolic link\) but a device"):
+        read_records(link)
+    with pytest.raises(TunekitError, match="not a regular file"):
+        next(iter_jsonl_records(link))

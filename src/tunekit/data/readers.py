@@ -261,11 +261,13 @@ def _read_jsonl(text: str, bad: set[int], hint: str = _JSONL_HINT) -> tuple[list
     return records, problems
 
 
-def _json_error(e: ValueError | RecursionError) -> str:
+def _json_error(e: ValueError | RecursionError, line: int | None = None) -> str:
     """What `json` found wrong. Besides syntax errors (JSONDecodeError, a ValueError), valid JSON can
-    fail to load: an integer of over 4,300 digits (ValueError) or arrays nested thousands deep."""
+    fail to load: an integer of over 4,300 digits (ValueError) or arrays nested thousands deep.
+    `line` is where the problem is reported: a syntax error on another line names its own."""
     if isinstance(e, json.JSONDecodeError):
-        return f"{e.msg} at column {e.colno}"
+        at = f"line {e.lineno}, column" if line is not None and e.lineno != line else "column"
+        return f"{e.msg} at {at} {e.colno}"
     if isinstance(e, RecursionError):
         return "nested too deeply"
     return str(e)
@@ -299,8 +301,9 @@ def _read_json(text: str, bad: set[int]) -> tuple[list[Record], list[Issue]]:
 def _read_json_array(text: str, pos: int, bad: set[int]) -> tuple[list[Record], list[Issue]]:
     """Walk the array after its "[" at `pos`, one element at a time, noting the line each starts on.
 
-    An element that does not parse is one rejected row; reading goes on from the next element
-    (`_next_element`), so the elements after it are still read and counted."""
+    An element that does not parse is one rejected row, reported at the line where it starts;
+    reading goes on from the next element (`_next_element`), so the elements after it are still
+    read and counted."""
     objects = _Objects()
     decoder = json.JSONDecoder(object_pairs_hook=objects)
     lines = _LineCounter(text)
@@ -311,39 +314,47 @@ def _read_json_array(text: str, pos: int, bad: set[int]) -> tuple[list[Record], 
         return records, _after_array(text, pos + 1, lines)
     for index in itertools.count():
         first = lines.at(pos)
+        skip_from = pos
         try:
             obj, end = decoder.raw_decode(text, pos)
         except (ValueError, RecursionError) as e:
-            objects.repeated = []
-            line = e.lineno if isinstance(e, json.JSONDecodeError) else first
-            problems.append((line, "invalid_json", f"invalid JSON ({_json_error(e)}); {_JSON_HINT}"))
-            end = pos  # skip the broken element from its start
+            issue = (first, "invalid_json", f"invalid JSON ({_json_error(e, first)}); {_JSON_HINT}")
         else:
-            if not bad.intersection(range(first, lines.at(end) + 1)):
-                if isinstance(obj, dict):
+            last, after = lines.at(end), _skip_ws(text, end)
+            skip_from = after
+            if not text.startswith((",", "]"), after) and lines.at(after) == last:
+                # Text after the element on its own last line (a stray '}', a second object): the
+                # row is broken, not just the text after it.
+                msg = f"invalid JSON (expected ',' or ']' after the element, on line {last}); {_JSON_HINT}"
+                issue = (first, "invalid_json", msg)
+            else:
+                if bad.intersection(range(first, last + 1)):
+                    pass  # its invalid_utf8 problem says why
+                elif isinstance(obj, dict):
                     records.append((first, obj))
                     problems += objects.issues(first)
                 else:
                     msg = f"array element {index} is {_kind(obj)}, not an object {{...}}"
                     problems.append((first, "not_an_object", msg))
-            objects.repeated = []
-            end = _skip_ws(text, end)
-            if text.startswith("]", end):
-                return records, problems + _after_array(text, end + 1, lines)
-            if text.startswith(",", end):
-                pos = _skip_ws(text, end + 1)
-                continue
-            # Something else follows the element (a missing comma, a stray bracket): that text is
-            # the next row, rejected, and skipped like a broken element.
-            line = lines.at(end)
-            problems.append((line, "invalid_json", f"invalid JSON (expected ',' or ']'); {_JSON_HINT}"))
-        found = _next_element(text, end, decoder)
+                objects.repeated = []
+                if text.startswith("]", after):
+                    return records, problems + _after_array(text, after + 1, lines)
+                if text.startswith(",", after):
+                    pos = _skip_ws(text, after + 1)
+                    continue
+                # A later line that is not ',' or ']': a missing comma, so that text is a row of its
+                # own, rejected, and skipped like a broken element.
+                msg = f"invalid JSON (expected ',' or ']' before this); {_JSON_HINT}"
+                issue = (lines.at(after), "invalid_json", msg)
+        objects.repeated = []
+        problems.append(issue)
+        found = _next_element(text, skip_from, decoder)
         if found is None:
             msg = (
-                f"no element after line {lines.at(end)} could be found (its brackets never close); "
-                f"the rest of the file is not read: fix that element; {_JSON_HINT}"
+                f"no element after line {issue[0]} could be found (its brackets never close); the "
+                f"rest of the file is not read: fix that element; {_JSON_HINT}"
             )
-            return records, [*problems, (lines.at(end), "invalid_json", msg)]
+            return records, [*problems, (issue[0], "invalid_json", msg)]
         pos, closed = found
         if closed:
             return records, problems + _after_array(text, pos + 1, lines)
