@@ -4,7 +4,12 @@
   safetensors model that `AutoModelForCausalLM.from_pretrained(DIR)` loads with no PEFT involved.
   Without `--merge` an adapter run exports the adapter alone (PEFT format); a full run always
   exports its whole model.
-- `--format gguf` (see gguf_export.py): one GGUF file for llama.cpp and friends; always merged.
+- `--format gguf` (see gguf_export.py): one GGUF file for llama.cpp, Ollama and LM Studio (llama,
+  mistral, qwen2, qwen3 and gemma3 models; f16, q8_0 or q4_0), always merged, with an Ollama
+  `Modelfile` (modelfile.py). Then the export checks itself: every test prompt rendered by the
+  GGUF's own chat template must equal the training rendering, and, where llama-cpp-python is
+  installed, the parity gate (eval/exported.py) runs the test split through llama.cpp and warns
+  when the exported model is significantly worse than the trained one.
 
 Every export carries the run's tokenizer with the chat template used in training and a
 generation_config whose eos ids are the stop tokens training taught (the template's end-of-turn
@@ -61,9 +66,15 @@ def load_merged(run_dir: str | Path):
 
 
 def export(
-    run_dir: str | Path, out: str | Path, merge: bool = False, format: str = "hf", quant: str = "f16"
+    run_dir: str | Path,
+    out: str | Path,
+    merge: bool = False,
+    format: str = "hf",
+    quant: str = "f16",
+    parity: bool = True,
 ) -> Path:
-    """Export a run; returns the folder (hf) or the .gguf file written."""
+    """Export a run; returns the folder (hf) or the .gguf file written. `parity` (GGUF): run the
+    llama.cpp parity gate when llama-cpp-python is installed."""
     run_dir, out = Path(run_dir), Path(out)
     cfg = check_generative(run_dir)
     if format not in ("hf", "gguf"):
@@ -71,12 +82,16 @@ def export(
     _check_out(out)
     if format == "gguf":
         from tunekit.ship.gguf_export import write_gguf
+        from tunekit.ship.modelfile import write_modelfile
 
         model, tokenizer = load_merged(run_dir)
         out.mkdir(parents=True, exist_ok=True)
         path = write_gguf(model, tokenizer, out / f"model-{quant}.gguf", quant, name=run_dir.name)
+        write_modelfile(tokenizer, model, path)
         _write_manifest(out, run_dir, cfg, tokenizer, model, merged=True, format="gguf", quant=quant)
         _register(run_dir, path)
+        del model
+        check_gguf(run_dir, cfg, tokenizer, path, parity)
         return path
     from tunekit.train.setup import trained_dir
 
@@ -105,6 +120,39 @@ def export(
     if not merge and is_adapter:
         console.print(f"exported the adapter -> {out} (add --merge for a standalone model)")
     return out
+
+
+def check_gguf(run_dir: Path, cfg, tokenizer, path: Path, parity: bool) -> list[str]:
+    """Warn about an exported GGUF that does not behave as trained: test prompts its chat template
+    renders differently, and (llama-cpp-python installed, `parity`) answers significantly worse.
+    Returns the warnings."""
+    import importlib.util
+
+    from tunekit.eval.exported import check_prompts, evaluate_exported, parity_warnings
+    from tunekit.runs.directory import load_test_examples
+
+    try:
+        examples = load_test_examples(run_dir, cfg)
+    except TunekitError:  # no held-out split: nothing to check against
+        return []
+    if parity and importlib.util.find_spec("llama_cpp") is not None:
+        console.print(f"parity gate: the {len(examples)} test prompts through llama.cpp on {path.name}")
+        return parity_warnings(evaluate_exported(run_dir, path))
+    warnings = []
+    differ = check_prompts(path, tokenizer, examples)
+    if differ:
+        warnings.append(
+            f"{len(differ)} of {len(examples)} test prompts render differently with the GGUF's chat "
+            f"template than in training (first: {differ[0]['source']})"
+        )
+    for w in warnings:
+        console.print(f"[yellow]warning:[/yellow] {w}")
+    if parity:
+        console.print(
+            "note: llama-cpp-python is not installed, so the exported file was not run; "
+            "`make verify-gguf` installs it, then `tunekit eval RUN --exported FILE.gguf`"
+        )
+    return warnings
 
 
 def _check_out(out: Path) -> None:

@@ -1,22 +1,30 @@
-"""A merged llama-architecture model as one GGUF file, written with the `gguf` package alone.
+"""A merged model as one GGUF file for llama.cpp, Ollama and LM Studio, written with the `gguf` package.
 
 No compiled llama.cpp and no copy of its convert script: the `gguf` package (kept by llama.cpp)
 brings the writer, the tensor-name mapping (HF `model.layers.0.self_attn.q_proj.weight` ->
-`blk.0.attn_q.weight`), the q8_0 quantizer and the special-token reader. What is left here is the
-little llama.cpp's converter does on top:
+`blk.0.attn_q.weight`), the quantizers and the special-token reader. What is left here is what
+llama.cpp's `convert_hf_to_gguf.py` does on top, per architecture (ARCHS):
 
-- Q and K weights are permuted: llama.cpp's rope rotates interleaved pairs, HF's rotates halves
-  (transformers un-permutes on load, so a round trip through both is the identity).
-- 1-D tensors (norms) stay f32, as llama.cpp expects; 2-D weights are f16, or q8_0 where a row
-  splits into 32-value blocks.
-- The tokenizer: byte-level BPE (`gpt2`) tokens, their types, merges, special ids and the chat
-  template used in training. Sentencepiece vocabularies are not supported (a clear error says so).
+- llama and mistral (llama.cpp runs both as `llama`): Q and K weights are permuted, since llama.cpp's
+  rope rotates interleaved pairs and HF's rotates halves. qwen2, qwen3 and gemma3 use HF's order.
+- qwen2: q/k/v biases; qwen3 and gemma3: per-head q/k norms.
+- gemma3: RMSNorm computes `x * (1 + w)` in HF and `x * w` in llama.cpp, so every norm weight is
+  stored plus one; the embedding's sqrt(hidden) scale is applied by llama.cpp itself (not stored).
+- 1-D tensors (norms, biases) stay f32, as llama.cpp expects; 2-D weights are f16, or q8_0 / q4_0
+  where a row splits into 32-value blocks (f16 otherwise).
+- The tokenizer: byte-level BPE (`gpt2`: SmolLM, Llama 3, Qwen) with merges, or SentencePiece-style
+  (`llama`: Llama 2, Mistral, Gemma) with scores that reproduce the merge order; token types,
+  special ids and the chat template used in training.
+
+`write_modelfile` adds an Ollama Modelfile whose template and stop parameters match training.
 """
 
 from __future__ import annotations
 
 import json
+import re
 import tempfile
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -25,7 +33,26 @@ import torch
 from tunekit.errors import TunekitError
 from tunekit.models.stops import stop_token_ids
 
-QUANTS = ("f16", "q8_0")
+QUANTS = ("f16", "q8_0", "q4_0")
+
+
+@dataclass(frozen=True)
+class Arch:
+    """How one HF `model_type` becomes llama.cpp's architecture."""
+
+    name: str  # llama.cpp's architecture name (gguf.MODEL_ARCH_NAMES)
+    permute_qk: bool  # llama.cpp's llama rope wants interleaved Q/K rows
+    norm_shift: float = 0.0  # added to every *norm.weight (Gemma's 1 + w)
+
+
+# HF model_type -> llama.cpp architecture; one row per exported family.
+ARCHS: dict[str, Arch] = {
+    "llama": Arch("llama", permute_qk=True),
+    "mistral": Arch("llama", permute_qk=True),
+    "qwen2": Arch("qwen2", permute_qk=False),
+    "qwen3": Arch("qwen3", permute_qk=False),
+    "gemma3_text": Arch("gemma3", permute_qk=False, norm_shift=1.0),
+}
 
 
 def permute(w: np.ndarray, n_head: int) -> np.ndarray:
@@ -33,24 +60,31 @@ def permute(w: np.ndarray, n_head: int) -> np.ndarray:
     return w.reshape(n_head, 2, w.shape[0] // n_head // 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
 
 
+def arch_for(cfg) -> Arch:
+    """The export row for a model config, or a clear error naming the supported families."""
+    arch = ARCHS.get(cfg.model_type)
+    if arch is None:
+        raise TunekitError(
+            f"--format gguf: exports {', '.join(sorted(ARCHS))} models; this one is '{cfg.model_type}'. "
+            "Export safetensors (--format hf) and convert with llama.cpp's convert_hf_to_gguf.py."
+        )
+    return arch
+
+
 def write_gguf(model, tokenizer, path: Path, quant: str = "f16", name: str = "tunekit") -> Path:
-    """Write `model` (a plain, merged LlamaForCausalLM) and its tokenizer to `path`; returns it."""
+    """Write `model` (a plain, merged causal LM of an ARCHS family) and its tokenizer to `path`."""
     import gguf
 
     if quant not in QUANTS:
         raise TunekitError(f"--quant {quant!r}: expected one of {', '.join(QUANTS)}")
     cfg = model.config
-    if cfg.model_type != "llama":
-        raise TunekitError(
-            f"--format gguf: supports llama-architecture models; this one is '{cfg.model_type}'. "
-            "Export safetensors (--format hf) and convert with llama.cpp's convert_hf_to_gguf.py."
-        )
+    arch = arch_for(cfg)
     tmp = path.with_name(f".{path.name}.tmp")
-    writer = gguf.GGUFWriter(tmp, gguf.MODEL_ARCH_NAMES[gguf.MODEL_ARCH.LLAMA])
+    writer = gguf.GGUFWriter(tmp, arch.name)
     try:
         _write_hparams(writer, cfg, name, quant)
         _write_tokenizer(writer, tokenizer, model, cfg.vocab_size)
-        _write_tensors(writer, model, cfg, quant)
+        _write_tensors(writer, model, cfg, arch, quant)
         writer.write_header_to_file()
         writer.write_kv_data_to_file()
         writer.write_tensors_to_file()
@@ -63,15 +97,21 @@ def write_gguf(model, tokenizer, path: Path, quant: str = "f16", name: str = "tu
     return path
 
 
-def _write_hparams(writer, cfg, name: str, quant: str) -> None:
-    import gguf
-
-    head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
+def _rope(cfg, layer_type: str = "full_attention") -> dict:
+    """transformers 5 keeps rope settings in `rope_parameters`: flat, or one dict per layer type."""
     rope = getattr(cfg, "rope_parameters", None) or {}
+    rope = rope.get(layer_type, rope) if isinstance(rope.get(layer_type), dict) else rope
     if rope.get("rope_type", "default") != "default":
         raise TunekitError(
             f"--format gguf: rope scaling {rope['rope_type']!r} is not supported by this exporter"
         )
+    return rope
+
+
+def _write_hparams(writer, cfg, name: str, quant: str) -> None:
+    import gguf
+
+    head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
     writer.add_name(name)
     writer.add_context_length(cfg.max_position_embeddings)
     writer.add_embedding_length(cfg.hidden_size)
@@ -79,18 +119,56 @@ def _write_hparams(writer, cfg, name: str, quant: str) -> None:
     writer.add_feed_forward_length(cfg.intermediate_size)
     writer.add_head_count(cfg.num_attention_heads)
     writer.add_head_count_kv(cfg.num_key_value_heads)
+    writer.add_key_length(head_dim)
+    writer.add_value_length(head_dim)
     writer.add_layer_norm_rms_eps(cfg.rms_norm_eps)
-    writer.add_rope_freq_base(rope.get("rope_theta", getattr(cfg, "rope_theta", 10000.0)))
+    writer.add_rope_freq_base(_rope(cfg).get("rope_theta", getattr(cfg, "rope_theta", 10000.0)))
     writer.add_rope_dimension_count(head_dim)
     writer.add_vocab_size(cfg.vocab_size)
-    ftype = gguf.LlamaFileType.MOSTLY_F16 if quant == "f16" else gguf.LlamaFileType.MOSTLY_Q8_0
-    writer.add_file_type(ftype)
+    if cfg.model_type == "gemma3_text":
+        _write_gemma3_hparams(writer, cfg, head_dim)
+    elif _window(cfg) and _window(cfg) < cfg.max_position_embeddings:
+        # llama.cpp's llama/qwen graphs attend over the whole context, as every GGUF of such a model
+        # (Mistral 7B v0.1) does: same outputs up to the window, different past it.
+        from tunekit.console import err
+
+        err.print(
+            f"warning: {cfg.model_type} sliding_window {_window(cfg)}: llama.cpp attends over the whole "
+            "context, so replies longer than the window differ from the trained model"
+        )
+    ftype = {"f16": "MOSTLY_F16", "q8_0": "MOSTLY_Q8_0", "q4_0": "MOSTLY_Q4_0"}[quant]
+    writer.add_file_type(getattr(gguf.LlamaFileType, ftype))
 
 
-def _write_tensors(writer, model, cfg, quant: str) -> None:
+def _window(cfg) -> int | None:
+    """The sliding-attention window a llama/mistral/qwen model uses, or None."""
+    if not getattr(cfg, "use_sliding_window", True):
+        return None
+    return getattr(cfg, "sliding_window", None)
+
+
+def _write_gemma3_hparams(writer, cfg, head_dim: int) -> None:
+    """Gemma 3: local (sliding) and global layers with their own rope bases; llama.cpp scales the
+    attention by 1/sqrt(head_dim), so a model whose query_pre_attn_scalar differs cannot be run."""
+    if getattr(cfg, "query_pre_attn_scalar", head_dim) != head_dim:
+        raise TunekitError(
+            f"--format gguf: gemma3 with query_pre_attn_scalar {cfg.query_pre_attn_scalar} != head_dim "
+            f"{head_dim} is not what llama.cpp computes; export --format hf instead"
+        )
+    if getattr(cfg, "attn_logit_softcapping", None) is not None:
+        raise TunekitError("--format gguf: gemma3 with attn_logit_softcapping is not supported by llama.cpp")
+    if getattr(cfg, "final_logit_softcapping", None):
+        writer.add_final_logit_softcapping(cfg.final_logit_softcapping)
+    writer.add_sliding_window(cfg.sliding_window)
+    writer.add_sliding_window_pattern([t == "sliding_attention" for t in cfg.layer_types])
+    writer.add_rope_freq_base_swa(_rope(cfg, "sliding_attention").get("rope_theta", 10000.0))
+
+
+def _write_tensors(writer, model, cfg, arch: Arch, quant: str) -> None:
     import gguf
 
-    names = gguf.get_tensor_name_map(gguf.MODEL_ARCH.LLAMA, cfg.num_hidden_layers)
+    gg_arch = next(k for k, v in gguf.MODEL_ARCH_NAMES.items() if v == arch.name)
+    names = gguf.get_tensor_name_map(gg_arch, cfg.num_hidden_layers)
     state = model.state_dict()
     if cfg.tie_word_embeddings:
         # One tensor serves both: llama.cpp (and transformers) fall back to token_embd for the head.
@@ -98,23 +176,28 @@ def _write_tensors(writer, model, cfg, quant: str) -> None:
     for hf_name, tensor in state.items():
         gg_name = names.get_name(hf_name, try_suffixes=(".weight", ".bias"))
         if gg_name is None:
-            raise TunekitError(f"--format gguf: no GGUF name for tensor {hf_name!r}")
+            raise TunekitError(f"--format gguf: no GGUF name for tensor {hf_name!r} ({cfg.model_type})")
         data = tensor.detach().to(torch.float32).cpu().numpy()
-        if hf_name.endswith("q_proj.weight"):
+        if arch.permute_qk and hf_name.endswith("q_proj.weight"):
             data = permute(data, cfg.num_attention_heads)
-        elif hf_name.endswith("k_proj.weight"):
+        elif arch.permute_qk and hf_name.endswith("k_proj.weight"):
             data = permute(data, cfg.num_key_value_heads)
-        qtype = _tensor_type(data, quant)
+        if arch.norm_shift and hf_name.endswith("norm.weight"):
+            data = data + np.float32(arch.norm_shift)
+        qtype = tensor_type(data, quant)
         writer.add_tensor(gg_name, gguf.quants.quantize(data, qtype), raw_dtype=qtype)
 
 
-def _tensor_type(data: np.ndarray, quant: str):
+def tensor_type(data: np.ndarray, quant: str):
+    """The GGML type a tensor is stored as: 1-D f32; 2-D the requested quant where rows split into
+    32-value blocks, f16 otherwise."""
     from gguf import GGML_QUANT_SIZES, GGMLQuantizationType
 
     if data.ndim == 1:
         return GGMLQuantizationType.F32
-    if quant == "q8_0" and data.shape[-1] % GGML_QUANT_SIZES[GGMLQuantizationType.Q8_0][0] == 0:
-        return GGMLQuantizationType.Q8_0
+    qtype = {"q8_0": GGMLQuantizationType.Q8_0, "q4_0": GGMLQuantizationType.Q4_0}.get(quant)
+    if qtype is not None and data.shape[-1] % GGML_QUANT_SIZES[qtype][0] == 0:
+        return qtype
     return GGMLQuantizationType.F16
 
 
@@ -122,33 +205,28 @@ def _write_tokenizer(writer, tokenizer, model, vocab_size: int) -> None:
     import gguf
 
     tok_json = json.loads(tokenizer.backend_tokenizer.to_str())
-    if tok_json["model"]["type"] != "BPE" or not _is_byte_level(tok_json):
+    kind = tokenizer_kind(tok_json)
+    if kind is None:
         raise TunekitError(
-            "--format gguf: supports byte-level BPE tokenizers (GPT-2 / SmolLM / Llama-3 style); this "
-            f"tokenizer is {tok_json['model']['type']}. Export safetensors (--format hf) instead."
+            "--format gguf: supports byte-level BPE tokenizers (GPT-2 / SmolLM / Llama 3 / Qwen) and "
+            f"SentencePiece-style ones (Llama 2 / Mistral / Gemma); this tokenizer is "
+            f"{tok_json['model']['type']} without either. Export safetensors (--format hf) instead."
         )
-    vocab = tokenizer.get_vocab()
-    by_id = {i: t for t, i in vocab.items()}
-    added = tokenizer.added_tokens_decoder
-    tokens, types = [], []
-    for i in range(vocab_size):
-        if i not in by_id:
-            tokens.append(f"[PAD{i}]")
-            types.append(gguf.TokenType.UNUSED)
-        elif i in added:
-            tokens.append(by_id[i])
-            types.append(gguf.TokenType.CONTROL if added[i].special else gguf.TokenType.USER_DEFINED)
-        else:
-            tokens.append(by_id[i])
-            types.append(gguf.TokenType.NORMAL)
-    writer.add_tokenizer_model("gpt2")
-    writer.add_tokenizer_pre(_pre_tokenizer_name(tok_json))
+    tokens, types, scores = _vocab(tokenizer, tok_json, kind, vocab_size)
+    if kind == "bpe":
+        writer.add_tokenizer_model("gpt2")
+        writer.add_tokenizer_pre(_pre_tokenizer_name(tok_json))
+    else:
+        writer.add_tokenizer_model("llama")
+        writer.add_tokenizer_pre("default")
+        writer.add_token_scores(scores)
+        writer.add_add_space_prefix(_adds_space_prefix(tok_json))
     writer.add_token_list(tokens)
     writer.add_token_types(types)
     with tempfile.TemporaryDirectory() as d:
         # SpecialVocab reads merges, special ids and add_bos/eos flags from a HF tokenizer folder.
         tokenizer.save_pretrained(d)
-        special = gguf.SpecialVocab(d, load_merges=True, n_vocab=vocab_size)
+        special = gguf.SpecialVocab(d, load_merges=kind == "bpe", n_vocab=vocab_size)
     special.chat_template = tokenizer.chat_template
     # eos is the stop token training taught (the template's end-of-turn token), which llama.cpp
     # servers stop on.
@@ -156,6 +234,70 @@ def _write_tokenizer(writer, tokenizer, model, vocab_size: int) -> None:
     if tokenizer.pad_token_id is not None:
         special.special_token_ids["pad"] = tokenizer.pad_token_id
     special.add_to_gguf(writer, quiet=True)
+
+
+def tokenizer_kind(tok_json: dict) -> str | None:
+    """'bpe' (byte-level BPE), 'spm' (SentencePiece-style: byte-fallback BPE or Unigram with ▁ for
+    spaces) or None (neither: not exportable)."""
+    model = tok_json["model"]
+    if model["type"] == "BPE" and _is_byte_level(tok_json):
+        return "bpe"
+    if model["type"] == "Unigram" or (model["type"] == "BPE" and model.get("byte_fallback")):
+        return "spm"
+    return None
+
+
+def _vocab(tokenizer, tok_json: dict, kind: str, vocab_size: int):
+    """Token strings, GGUF token types and (SentencePiece) scores, one per id up to vocab_size."""
+    import gguf
+
+    by_id = {i: t for t, i in tokenizer.get_vocab().items()}
+    added = tokenizer.added_tokens_decoder
+    scores_by_token = _spm_scores(tok_json) if kind == "spm" else {}
+    unk = tok_json["model"].get("unk_token")
+    tokens, types, scores = [], [], []
+    for i in range(vocab_size):
+        token = by_id.get(i)
+        scores.append(float(scores_by_token.get(token, 0.0)))
+        if token is None:
+            tokens.append(f"[PAD{i}]")
+            types.append(gguf.TokenType.UNUSED)
+            continue
+        tokens.append(token)
+        if i in added:
+            types.append(gguf.TokenType.CONTROL if added[i].special else gguf.TokenType.USER_DEFINED)
+        elif kind == "spm" and re.fullmatch(r"<0x[0-9A-Fa-f]{2}>", token):
+            types.append(gguf.TokenType.BYTE)
+        elif kind == "spm" and token == unk:
+            types.append(gguf.TokenType.UNKNOWN)
+        else:
+            types.append(gguf.TokenType.NORMAL)
+    return tokens, types, scores
+
+
+def _spm_scores(tok_json: dict) -> dict[str, float]:
+    """Scores llama.cpp's SentencePiece tokenizer merges by (highest first). A Unigram model has them;
+    for a byte-fallback BPE (how transformers stores SentencePiece BPE) the token made by the k-th
+    merge scores -k, so llama.cpp merges in the order the HF tokenizer does."""
+    model = tok_json["model"]
+    if model["type"] == "Unigram":
+        return {piece: score for piece, score in model["vocab"]}
+    scores: dict[str, float] = {}
+    for rank, merge in enumerate(model.get("merges", [])):
+        left, right = merge if isinstance(merge, list) else merge.split(" ", 1)
+        scores.setdefault(left + right, -float(rank))
+    return scores
+
+
+def _adds_space_prefix(tok_json: dict) -> bool:
+    """Whether the tokenizer puts ▁ before the text (Llama 2, Mistral) or not (Gemma)."""
+    norm = tok_json.get("normalizer") or {}
+    parts = norm.get("normalizers", [norm])
+    if any(p.get("type") == "Prepend" for p in parts):
+        return True
+    pre = tok_json.get("pre_tokenizer") or {}
+    parts = pre.get("pretokenizers", [pre])
+    return any(p.get("type") == "Metaspace" and p.get("prepend_scheme", "always") != "never" for p in parts)
 
 
 def _is_byte_level(tok_json: dict) -> bool:
