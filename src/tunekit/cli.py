@@ -126,6 +126,13 @@ def eval_(
             "metric). A custom `module:function` metric is imported only when named here."
         ),
     ] = None,
+    exported: Annotated[
+        Path | None,
+        typer.Option(
+            help="Export parity gate: run the test split through llama.cpp on this exported .gguf and "
+            "compare it with the trained model (paired test; writes export_parity.json)."
+        ),
+    ] = None,
 ) -> None:
     """Compare the base (zero- and few-shot) and the fine-tuned model on held-out examples, with the
     forgetting probe; writes report.json, report.md and report.html."""
@@ -140,6 +147,12 @@ def eval_(
         return
     if run_dir is None:
         raise TunekitError("give a run directory (tunekit eval runs/NAME) or --compare RUN_A RUN_B")
+    if exported is not None:
+        from tunekit.eval.exported import evaluate_exported
+
+        evaluate_exported(run_dir, exported, data)
+        err.print(f"report: {run_dir / 'export_parity.json'}")
+        return
     report = evaluate(
         run_dir, data, few_shot=few_shot, probe=probe, reward_model=reward_model, metrics=metric
     )
@@ -377,13 +390,23 @@ def export_(
     merge: Annotated[
         bool, typer.Option(help="Fold the adapter into the base: a standalone model (QLoRA: dequantized).")
     ] = False,
-    format: Annotated[str, typer.Option(help="hf (safetensors) or gguf (llama architectures).")] = "hf",
-    quant: Annotated[str, typer.Option(help="GGUF weights: f16 or q8_0.")] = "f16",
+    format: Annotated[
+        str, typer.Option(help="hf (safetensors) or gguf (llama, mistral, qwen2, qwen3, gemma3).")
+    ] = "hf",
+    quant: Annotated[str, typer.Option(help="GGUF weights: f16, q8_0 or q4_0.")] = "f16",
+    parity: Annotated[
+        bool,
+        typer.Option(
+            help="GGUF: run the test split through llama.cpp and warn if the export is significantly "
+            "worse (needs llama-cpp-python; see tunekit eval --exported)."
+        ),
+    ] = True,
 ) -> None:
-    """Export a fine-tune with its chat template and stop tokens: safetensors (merged or adapter) or GGUF."""
+    """Export a fine-tune with its chat template and stop tokens: safetensors (merged or adapter) or GGUF
+    (with an Ollama Modelfile)."""
     from tunekit.ship.export import export
 
-    path = export(run_dir, out, merge=merge, format=format, quant=quant)
+    path = export(run_dir, out, merge=merge, format=format, quant=quant, parity=parity)
     err.print(f"exported -> {path}")
 
 
