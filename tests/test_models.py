@@ -41,7 +41,8 @@ def test_hub_id_offline_fails_clearly(monkeypatch, tmp_path):
         resolve_model("some-org/some-model-that-is-not-cached")
 
 
-def test_tokenizer_without_chat_template_is_rejected(tiny_model_dir, tmp_path):
+def test_tokenizer_without_chat_template_gets_a_default(tiny_model_dir, tmp_path):
+    """A base model trains without the user writing Jinja (models/templates.py; tests/test_templates.py)."""
     import shutil
 
     folder = tmp_path / "m"
@@ -52,8 +53,9 @@ def test_tokenizer_without_chat_template_is_rejected(tiny_model_dir, tmp_path):
     cfg = json.loads((folder / "tokenizer_config.json").read_text())
     cfg.pop("chat_template", None)
     (folder / "tokenizer_config.json").write_text(json.dumps(cfg))
-    with pytest.raises(ModelError, match="no chat template"):
-        load_tokenizer(folder)
+    tok = load_tokenizer(folder)
+    assert "<|im_start|>" in tok.chat_template  # its vocabulary has ChatML's tokens: chatml
+    assert tok.init_kwargs["tunekit_chat_template"]["name"] == "chatml"
 
 
 def test_pickle_weights_are_refused(tiny_model_dir, tmp_path):

@@ -246,6 +246,19 @@ def test_a_template_that_refuses_a_system_message_is_a_data_check_error(
     assert report.exit_code == 0
 
 
+def test_the_data_check_command_names_the_fix_and_takes_it(tmp_path, tiny_model_dir, system_file):
+    import subprocess
+    import sys
+
+    model = _model_with_template(tiny_model_dir, tmp_path / "gemma2", GEMMA2_TEMPLATE)
+    cmd = [sys.executable, "-m", "tunekit", "data", "check", str(system_file), "--model", str(model)]
+    refused = subprocess.run(cmd, capture_output=True, text=True)
+    assert refused.returncode != 0 and "chat_template: gemma" in refused.stderr
+    assert "Traceback" not in refused.stderr
+    fixed = subprocess.run([*cmd, "--chat-template", "gemma"], capture_output=True, text=True)
+    assert fixed.returncode == 0, fixed.stderr
+
+
 def test_a_template_that_drops_the_system_message_is_a_data_check_error(
     tmp_path, tiny_model_dir, system_file
 ):

@@ -197,6 +197,9 @@ def data_check(
         list[Path] | None, typer.Argument(help="Data files, e.g. train, validation and test.")
     ] = None,
     model: Annotated[str | None, typer.Option(help="Count tokens with this model's tokenizer.")] = None,
+    chat_template: Annotated[
+        str | None, typer.Option(help="With --model: a built-in template name or a .jinja file (config key).")
+    ] = None,
     format: Annotated[str, typer.Option(help=FORMAT_HELP)] = "auto",
     config: Annotated[Path | None, typer.Option(help="Check the data of this training config.")] = None,
     json_out: Annotated[Path | None, typer.Option("--json", help="Write the full report as JSON.")] = None,
@@ -238,7 +241,12 @@ def data_check(
         if estimate:
             raise TunekitError("--estimate needs --config: the estimate is for a training config")
         report = check_data(
-            files, format=format, columns=_columns(column), model=model, max_length=max_length
+            files,
+            format=format,
+            columns=_columns(column),
+            model=model,
+            max_length=max_length,
+            chat_template=chat_template,
         )
     else:
         raise TunekitError("give data files (tunekit data check train.jsonl test.jsonl) or --config CONFIG")
