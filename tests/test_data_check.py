@@ -192,3 +192,96 @@ def test_cli_config_check(tiny_model_dir, chat_file, tmp_path):
     )
     assert r.returncode == 0, r.stderr
     assert "training estimate" in r.stdout and "measured here" in r.stdout
+
+
+# ---- rows no task can train on, and empty files (issue 20, item 9) ------------------------------
+
+
+def test_a_text_only_csv_is_an_error_at_data_check(tmp_path):
+    """Before: data check passed (exit 0) and `train` died in the chat template with a traceback."""
+    path = tmp_path / "t.csv"
+    path.write_text("text\nhello there\ngeneral kenobi\n")
+    report = check_data([path])
+    assert (report.kept, report.rejected, report.exit_code) == (0, 2, 1)
+    assert {(e.line, e.kind) for e in report.errors} == {(2, "no_prompt"), (3, "no_prompt")}
+    assert "raw text" in report.errors[0].message
+
+
+def test_a_conversation_that_starts_with_the_answer_is_an_error(tmp_path):
+    alone = {"messages": [{"role": "assistant", "content": "hello"}]}
+    weighted = {"messages": [{"role": "assistant", "content": "hi", "weight": 0}, {"role": "user", "content": "a"},
+                             {"role": "assistant", "content": "b"}]}  # fmt: skip
+    hh = {"chosen": "\n\nAssistant: yes", "rejected": "\n\nAssistant: no"}
+    path = _write(tmp_path / "d.jsonl", [_chat("hi", "hello"), alone, weighted])
+    report = check_data([path])
+    assert [(e.line, e.kind) for e in report.errors] == [(2, "no_prompt")]
+    assert report.kept == 2  # a leading answer with weight 0 is context, not a target
+    report = check_data([_write(tmp_path / "hh.jsonl", [hh])])
+    assert [(e.line, e.kind) for e in report.errors] == [(1, "no_prompt")]
+
+
+@pytest.mark.parametrize("content", ["", "\n\n  \n", "text,label\n"])
+def test_an_empty_file_is_an_error(tmp_path, content):
+    """Before: 0 rows, exit 0."""
+    path = tmp_path / ("d.csv" if "," in content else "d.jsonl")
+    path.write_text(content)
+    report = check_data([path])
+    assert report.exit_code == 1
+    assert [(e.line, e.kind) for e in report.errors] == [(0, "empty_file")]
+
+
+def test_train_on_rows_without_a_prompt_is_a_clean_error(tiny_model_dir, tmp_path):
+    """Before: a ValueError traceback from the chat template; with --allow-data-errors too."""
+    from tunekit.train.session import train
+
+    path = tmp_path / "t.csv"
+    path.write_text("text\nhello there\ngeneral kenobi\nthe third\n")
+    cfg = _cfg(tiny_model_dir, path, tmp_path)
+    with pytest.raises(DataError, match="allow-data-errors") as info:
+        train(cfg, quiet=True)
+    assert "no_prompt" in str(info.value) or "raw text" in str(info.value)
+    with pytest.raises(DataError, match="cannot be trained on"):
+        train(cfg, quiet=True, allow_data_errors=True)
+
+
+# ---- output paths (issue 20, item 14) ------------------------------------------------------------
+
+
+def _cli(*args):
+    r = subprocess.run([sys.executable, "-m", "tunekit", *map(str, args)], capture_output=True, text=True)
+    return r.returncode, r.stdout + r.stderr
+
+
+def test_outputs_under_a_file_or_over_the_data_are_clear_errors(tmp_path):
+    """Before: NotADirectoryError / FileExistsError tracebacks, or the data file overwritten."""
+    data = _write(tmp_path / "d.jsonl", [_chat("hi", "hello"), _chat("a", "bb")])
+    cases = {
+        ("--json", data / "r.json"): "is a file, not a folder",
+        ("--json", data): "is the input file",
+        ("--json", tmp_path): "is a folder",
+        ("--write-clean", data): "is a file, not a folder",
+        ("--write-clean", data / "sub"): "is a file, not a folder",
+    }
+    for (flag, target), message in cases.items():
+        code, out = _cli("data", "check", data, flag, target)
+        assert code == 2 and message in out and "Traceback" not in out, (flag, target, out)
+    before = data.read_text()
+    code, out = _cli("data", "split", data, "--out", data / "x")
+    assert code == 2 and "is a file, not a folder" in out and "Traceback" not in out, out
+    (tmp_path / "s").mkdir()
+    src = _write(tmp_path / "s" / "train.jsonl", [_chat(f"q{i}", f"answer {i}") for i in range(10)])
+    code, out = _cli("data", "split", src, "--out", tmp_path / "s")
+    assert code == 2 and "is the input file" in out, out
+    assert data.read_text() == before and len(src.read_text().splitlines()) == 10
+
+
+def test_write_clean_refuses_two_files_with_one_stem(tmp_path):
+    from tunekit.errors import TunekitError
+
+    (tmp_path / "a").mkdir()
+    (tmp_path / "b").mkdir()
+    one = _write(tmp_path / "a" / "d.jsonl", [_chat("hi", "hello")])
+    two = _write(tmp_path / "b" / "d.jsonl", [_chat("a", "bb")])
+    with pytest.raises(TunekitError, match="would both write d.clean.jsonl"):
+        write_clean(check_data([one, two]), tmp_path / "out")
+    assert not (tmp_path / "out").exists()  # nothing written
