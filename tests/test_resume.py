@@ -446,3 +446,114 @@ def test_every_gradient_task_resumes_exactly(task, tiny_model_dir, pairs_file, t
     assert sorted(resumed) == sorted(straight) == [1, 2, 3, 4]
     for step in (4,):
         assert abs(straight[step] - resumed[step]) <= 1e-5 * abs(straight[step]), (step, straight, resumed)
+
+
+# ---------------------------------------------------------------------------------------------
+# A full disk mid-run: one clear error, whole metrics lines, and a pre-check that counts everything
+
+
+def test_a_full_disk_mid_line_leaves_whole_metrics_lines_and_resumes(
+    tiny_model_dir, chat_file, tmp_path, monkeypatch
+):
+    """The disk fills while step 5's metrics line is written: write(2) puts half of it down."""
+    real = os.write
+
+    def half_at_step_5(fd, data):
+        if os.readlink(f"/proc/self/fd/{fd}").endswith("metrics.jsonl") and b'"step": 5,' in data:
+            real(fd, data[: len(data) // 2])
+            raise OSError(28, "No space left on device")
+        return real(fd, data)
+
+    monkeypatch.setattr(os, "write", half_at_step_5)
+    cfg = _cfg(tiny_model_dir, chat_file, tmp_path / "run")
+    with pytest.raises(TunekitError, match=r"metrics\.jsonl: cannot log step 5 \(No space left on device\)"):
+        train(cfg, quiet=True)
+    monkeypatch.undo()
+    text = (cfg.output_dir / "metrics.jsonl").read_text()
+    assert text.endswith("\n") and [json.loads(line)["step"] for line in text.splitlines()] == [1, 2, 3, 4]
+    assert sorted(_losses(train(cfg, quiet=True, resume=True))) == list(range(1, 9))
+
+
+def test_resume_drops_a_half_written_last_line_left_by_an_older_version(
+    tiny_model_dir, chat_file, tmp_path, monkeypatch
+):
+    cfg = _cfg(tiny_model_dir, chat_file, tmp_path / "run")
+    _interrupt_at(monkeypatch, 5)
+    with pytest.raises(Interrupted):
+        train(cfg, quiet=True)
+    monkeypatch.undo()
+    with (cfg.output_dir / "metrics.jsonl").open("a") as f:
+        f.write('{"step": 6, "epoch": 0.8, "lo')  # killed mid-append, no newline
+    assert [r["step"] for r in read_metrics(cfg.output_dir)] == [1, 2, 3, 4, 5]
+    resumed = train(cfg, quiet=True, resume=True)
+    lines = (resumed / "metrics.jsonl").read_text().splitlines()
+    assert [json.loads(line)["step"] for line in lines if '"loss"' in line] == list(range(1, 9))
+
+
+@pytest.mark.parametrize(
+    "error",
+    [
+        OSError(28, "No space left on device", "adapter_model.safetensors"),
+        RuntimeError("Error while serializing: I/O error: No space left on device (os error 28)"),
+        RuntimeError("[enforce fail at inline_container.cc:672] . unexpected pos 704 vs 598"),
+    ],
+)
+def test_a_full_disk_at_the_final_save_is_one_clear_error(
+    error, tiny_model_dir, chat_file, tmp_path, monkeypatch
+):
+    """The end of the run (the model, the tokenizer, the summary) runs out of disk: a TunekitError
+    (printed without a traceback), the run marked failed, and the last checkpoint to resume from."""
+
+    def full(*args, **kwargs):
+        raise error
+
+    monkeypatch.setattr(sft, "save_trained", full)
+    cfg = _cfg(tiny_model_dir, chat_file, tmp_path / "run", max_steps=2)
+    with pytest.raises(TunekitError, match="the disk is full") as e:
+        train(cfg, quiet=True)
+    assert "tunekit resume" in str(e.value) and "free disk space" in str(e.value)
+    assert latest_checkpoint(cfg.output_dir).name == "step-000002"
+
+
+def test_another_error_at_the_final_save_keeps_its_traceback(
+    tiny_model_dir, chat_file, tmp_path, monkeypatch
+):
+    def bug(*args, **kwargs):
+        raise RuntimeError("a bug, not the disk")
+
+    monkeypatch.setattr(sft, "save_trained", bug)
+    with pytest.raises(RuntimeError, match="a bug"):
+        train(_cfg(tiny_model_dir, chat_file, tmp_path / "run", max_steps=2), quiet=True)
+
+
+def _bytes(path: Path) -> int:
+    return (
+        path.stat().st_size
+        if path.is_file()
+        else sum(f.stat().st_size for f in path.rglob("*") if f.is_file())
+    )
+
+
+def test_the_free_space_check_counts_everything_the_run_writes(
+    tiny_model_dir, chat_file, tmp_path, monkeypatch
+):
+    """What the run writes after the check (its peak: the kept checkpoints plus the one being
+    written, then the model with its tokenizer, metrics and summary) fits in what it asked for."""
+    import tunekit.train.loop as loop
+
+    asked = []
+    monkeypatch.setattr(loop, "ensure_free_space", lambda run_dir, need: asked.append(need))
+    run_dir = train(
+        _cfg(tiny_model_dir, chat_file, tmp_path / "run", save_steps=1, save_total_limit=2), quiet=True
+    )
+    written_after_check = ("checkpoints", "adapter", "metrics.jsonl", "train_summary.json", "tensorboard")
+    one_checkpoint = _bytes(latest_checkpoint(run_dir))
+    assert _bytes(run_dir / "adapter" / "tokenizer.json") > 10 * one_checkpoint, (
+        "the tokenizer dominates here"
+    )
+    peak = (
+        sum(_bytes(run_dir / name) for name in written_after_check if (run_dir / name).exists())
+        + one_checkpoint
+    )
+    assert asked and asked[0] >= peak, (asked, peak)
+    assert asked[0] <= 4 * peak + 8 * 2**20, "and not absurdly more"
