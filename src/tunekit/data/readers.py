@@ -389,9 +389,9 @@ def _next_element(text: str, start: int, decoder: json.JSONDecoder) -> tuple[int
             depth += 1
         elif c in "]}":
             if depth == 0:
-                if c == "]":
+                if c == "]" and _skip_ws(text, i + 1) == len(text):
                     return i, True
-                continue  # a stray '}': part of the broken element
+                continue  # a stray bracket (a ']' with more after it is not the array's end)
             depth -= 1
         elif c == "," and depth == 0:
             return i + 1, False
