@@ -311,6 +311,19 @@ def test_a_gguf_path_converts_once_keyed_by_content(bpe_tok, home, tmp_path, cap
     assert resolve_model(str(copy)) != folder
 
 
+def test_the_gemma_3_gguf_converts_as_a_base_model(gemma_dir):
+    """The real second model: Gemma 3 270M's Q4_K_M GGUF, dequantized once, keyed by its sha256."""
+    import json
+
+    cfg = json.loads((gemma_dir / "config.json").read_text())
+    assert cfg["model_type"] == "gemma3_text" and cfg["num_hidden_layers"] == 18
+    assert gemma_dir.name == "gemma-3-270m-q4_k_m-a5fd3b62230aa5ec"  # the file's sha256, first 16
+    assert "quantization_config" not in cfg
+    tok = AutoTokenizer.from_pretrained(gemma_dir)
+    assert len(tok) == 262144 and tok.chat_template is None  # a base model: its GGUF has no template
+    assert tok("Hello world")["input_ids"] == [2, 9259, 1902]  # <bos> Hello ▁world
+
+
 def test_a_gguf_transformers_cannot_read_is_a_clear_error(home, tmp_path):
     import gguf
 
