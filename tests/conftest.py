@@ -121,12 +121,14 @@ ARCHITECTURES: dict[str, tuple[str, dict]] = {
 
 def make_tiny(family: str, folder: Path, tokenizer, seed: int = 0, **overrides) -> Path:
     """A 2-layer, hidden-64 model of `family` (a key of ARCHITECTURES, or any transformers config
-    class name with `overrides`) with the real tokenizer and chat template, saved as a HF folder."""
+    class name with `overrides`) with the real tokenizer and chat template, saved as a HF folder.
+
+    Unlike make_tiny_llama's, the config names no pad token: the end-of-turn token (which pads) keeps
+    a real embedding row instead of nn.Embedding's all-zero padding row, so a fine-tune can learn to
+    stop (its tied logit would be 0 whatever the input)."""
     import transformers
     from transformers import AutoModelForCausalLM
 
-    if family == "llama" and not overrides:
-        return make_tiny_llama(folder, tokenizer, seed)
     config_class, own = ARCHITECTURES.get(family, (family, {}))
     torch.manual_seed(seed)
     cfg = getattr(transformers, config_class)(
@@ -134,7 +136,7 @@ def make_tiny(family: str, folder: Path, tokenizer, seed: int = 0, **overrides) 
         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=1024,
         tie_word_embeddings=True, initializer_range=0.2,  # wide init: see make_tiny_llama
         bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
-        pad_token_id=tokenizer.pad_token_id, **(own | overrides),
+        pad_token_id=None, **(own | overrides),
     )  # fmt: skip
     model = AutoModelForCausalLM.from_config(cfg)
     model.generation_config.eos_token_id = tokenizer.eos_token_id
