@@ -264,12 +264,14 @@ def _vocab(tokenizer, tok_json: dict, kind: str, vocab_size: int):
             types.append(gguf.TokenType.UNUSED)
             continue
         tokens.append(token)
-        if i in added:
-            types.append(gguf.TokenType.CONTROL if added[i].special else gguf.TokenType.USER_DEFINED)
-        elif kind == "spm" and re.fullmatch(r"<0x[0-9A-Fa-f]{2}>", token):
+        # Byte and unknown tokens first: a tokenizer may list them as added special tokens, but
+        # llama.cpp's byte fallback only uses tokens typed BYTE.
+        if kind == "spm" and re.fullmatch(r"<0x[0-9A-Fa-f]{2}>", token):
             types.append(gguf.TokenType.BYTE)
         elif kind == "spm" and token == unk:
             types.append(gguf.TokenType.UNKNOWN)
+        elif i in added:
+            types.append(gguf.TokenType.CONTROL if added[i].special else gguf.TokenType.USER_DEFINED)
         else:
             types.append(gguf.TokenType.NORMAL)
     return tokens, types, scores
