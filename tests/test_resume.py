@@ -557,3 +557,31 @@ def test_the_free_space_check_counts_everything_the_run_writes(
     )
     assert asked and asked[0] >= peak, (asked, peak)
     assert asked[0] <= 4 * peak + 8 * 2**20, "and not absurdly more"
+
+
+def test_every_metrics_writer_appends_whole_lines():
+    """The class, not the case: no module appends to a file but runs/directory.append_metrics."""
+    import re
+
+    src = Path(__file__).resolve().parents[1] / "src" / "tunekit"
+    appends = re.compile(r"""open\([^)]*["']a[b+]?["']|O_APPEND""")
+    found = [str(p.relative_to(src)) for p in src.rglob("*.py") if appends.search(p.read_text())]
+    assert found == ["runs/directory.py"], found
+
+
+def test_a_failed_safetensors_write_is_caught_and_named(tmp_path, monkeypatch):
+    import safetensors.torch
+    from safetensors import SafetensorError
+
+    model = torch.nn.Linear(4, 4)
+    opt = torch.optim.AdamW(model.parameters())
+
+    def full(*args, **kwargs):
+        raise SafetensorError("Error while serializing: I/O error: No space left on device (os error 28)")
+
+    monkeypatch.setattr(safetensors.torch, "save_file", full)
+    with pytest.raises(
+        TunekitError, match=r"step-000003: cannot write the checkpoint \(Error while serializing"
+    ):
+        save_checkpoint(tmp_path, model, opt, {"step": 3})
+    assert list_checkpoints(tmp_path) == [] and not list((tmp_path / "checkpoints").glob(".tmp-*"))

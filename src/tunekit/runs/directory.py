@@ -18,6 +18,8 @@ runs/NAME/
 
 from __future__ import annotations
 
+import contextlib
+import errno
 import json
 import os
 from pathlib import Path
@@ -252,6 +254,29 @@ def load_test_examples(run_dir: str | Path, cfg: Config, data: str | Path | None
     if not examples:
         raise TunekitError(f"{run_dir}: the test split is empty; pass --data FILE or set data.split")
     return examples
+
+
+def append_metrics(path: Path, record: dict) -> None:
+    """Append `record` to metrics.jsonl as one line, whole or not at all (every writer of it calls
+    this): one write(2) to a file opened O_APPEND, and if the disk fills part-way the file is cut
+    back to its old size, so a half-written last line never exists. A failure is a clear error
+    naming the file."""
+    data = (json.dumps(record) + "\n").encode()
+    fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o666)
+    try:
+        size = os.fstat(fd).st_size
+        try:
+            if os.write(fd, data) != len(data):
+                raise OSError(errno.ENOSPC, "No space left on device (a short write)")
+        except OSError as e:
+            with contextlib.suppress(OSError):  # shrinking needs no space; resume drops a half line anyway
+                os.ftruncate(fd, size)
+            raise TunekitError(
+                f"{path}: cannot log step {record.get('step')} ({e.strerror}); free disk space in "
+                f"{path.parent} or set output_dir elsewhere, then resume from the last checkpoint"
+            ) from None
+    finally:
+        os.close(fd)
 
 
 def read_metrics(run_dir: str | Path) -> list[dict]:

@@ -8,11 +8,8 @@ and the progress display.
 
 from __future__ import annotations
 
-import contextlib
-import errno
 import json
 import math
-import os
 import signal
 import time
 from collections.abc import Callable
@@ -28,6 +25,7 @@ from tunekit.console import err as console
 from tunekit.errors import Interrupted, TunekitError
 from tunekit.io import atomic_write_text
 from tunekit.runs import trackers
+from tunekit.runs.directory import append_metrics
 from tunekit.train import distributed, signals
 from tunekit.train.batching import length_grouped_batches
 from tunekit.train.checkpoint import (
@@ -122,28 +120,6 @@ def _truncate_metrics(path: Path, step: int) -> None:
         if isinstance(record, dict) and isinstance(record.get("step"), int) and record["step"] <= step:
             keep.append(line)
     atomic_write_text(path, "".join(line + "\n" for line in keep))
-
-
-def _append_record(path: Path, record: dict) -> None:
-    """Append one metrics.jsonl line whole or not at all: one write(2) to a file opened O_APPEND,
-    and if the disk fills part-way the file is cut back to its old size, so a half-written last
-    line never exists. A failure is a clear error naming the file."""
-    data = (json.dumps(record) + "\n").encode()
-    fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o666)
-    try:
-        size = os.fstat(fd).st_size
-        try:
-            if os.write(fd, data) != len(data):
-                raise OSError(errno.ENOSPC, "No space left on device (a short write)")
-        except OSError as e:
-            with contextlib.suppress(OSError):  # shrinking needs no space; resume drops a half line anyway
-                os.ftruncate(fd, size)
-            raise TunekitError(
-                f"{path}: cannot log step {record.get('step')} ({e.strerror}); free disk space in "
-                f"{path.parent} or set output_dir elsewhere, then resume from the last checkpoint"
-            ) from None
-    finally:
-        os.close(fd)
 
 
 def _tokenizer_bytes(model) -> int:
@@ -333,7 +309,7 @@ def run_loop(
                 if "val_loss" in last_val and stopper.update(step, last_val["val_loss"], loss) and not quiet:
                     progress.console.print(f"[yellow]{stopper.warning}")
             if record and main:
-                _append_record(metrics_path, record)
+                append_metrics(metrics_path, record)
                 trackers.log_metrics(run_dir, record, total_steps)  # registry, TensorBoard, MLflow
             info = f"loss {loss:.4f}  {tokens_total / t_train:.0f} tok/s"
             progress.update(bar, advance=1, info=info)

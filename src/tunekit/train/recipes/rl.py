@@ -33,7 +33,7 @@ from tunekit.data.tokenize import render
 from tunekit.errors import ConfigError, TunekitError
 from tunekit.models import resolve_model
 from tunekit.models.device import default_device
-from tunekit.runs.directory import load_run_config
+from tunekit.runs.directory import append_metrics, load_run_config, read_metrics
 from tunekit.tasks import Task
 from tunekit.train.loop import LoopResult
 from tunekit.train.setup import ADAPTER_DIR, MODEL_DIR, load_trained, save_trained
@@ -101,7 +101,7 @@ def train_rl(run: RunSession) -> Path:
     saved = save_trained(model, tokenizer, run_dir, cfg.method)
     if not any((run_dir / "stages" / "rl").iterdir()):
         (run_dir / "stages" / "rl").rmdir()  # TRL's output folder: empty, as nothing is checkpointed
-    logged = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines() if line]
+    logged = read_metrics(run_dir)
     last = {k: v for r in logged for k, v in r.items()}  # the latest value of each metric
     result = LoopResult(
         steps=trainer.state.global_step,
@@ -276,8 +276,7 @@ def _trainer(cfg: Config, run_dir: Path, model, tokenizer, prompts, reward, quie
             if not record:
                 return
             record = {"step": state.global_step, "epoch": round(state.epoch or 0.0, 4)} | record
-            with metrics_path.open("a") as f:
-                f.write(json.dumps(record) + "\n")
+            append_metrics(metrics_path, record)
             if not quiet:
                 console.print(
                     f"step {state.global_step}/{state.max_steps}: "
