@@ -37,7 +37,8 @@ def untrainable(ex: Example) -> str | None:
     if ex.format == "text":
         return (
             "a text row is raw text with no prompt, and training on raw text (continued pre-training) "
-            "is not supported yet; give each row a prompt and its answer (prompt_completion, chat, ...)"
+            "is not supported yet; give each row a prompt and its answer (prompt_completion, chat, ...), "
+            "or, if another column holds a label, map it: data.columns / --column label=COLUMN"
         )
     return (
         "the conversation starts with the assistant's answer, with nothing before it to answer, so no "
