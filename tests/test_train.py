@@ -120,7 +120,7 @@ def test_same_seed_same_losses(tiny_model_dir, chat_file, tmp_path):
     for k in range(2):
         run = train(_cfg(tiny_model_dir, chat_file, tmp_path / str(k), max_steps=4), quiet=True)
         out.append([json.loads(x)["loss"] for x in (run / "metrics.jsonl").read_text().splitlines()])
-    assert out[0] == out[1]
+    assert len(out[0]) == 4 and out[0] == out[1]
 
 
 def test_length_grouped_batches_cover_every_example_once():
