@@ -57,7 +57,7 @@ def main() -> None:
     results = {}
     for name in names:
         run_dir = (a.out / name).resolve()
-        train = timed(["train", f"examples/{name}.yaml", "--set", f"output_dir={run_dir}"])
+        train = timed(["train", f"examples/{name}.yaml", "--set", f"output_dir={run_dir}", "--overwrite"])
         ev = timed(["eval", str(run_dir)]) if train["returncode"] == 0 else None
         summary_path = run_dir / "train_summary.json"
         steps = json.loads(summary_path.read_text()).get("steps") if summary_path.is_file() else None

@@ -33,7 +33,7 @@ def run(name: str, out: Path, steps: int, replay: dict | None) -> dict:
         }
     )
     t0 = time.perf_counter()
-    run_dir = train(cfg, quiet=True)
+    run_dir = train(cfg, quiet=True, overwrite=True)  # a rerun replaces the last one
     report = evaluate_generation(run_dir, quiet=True)
     parts = report["forgetting"]["parts"]
     return {
