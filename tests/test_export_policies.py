@@ -91,6 +91,7 @@ def _check_policy_ships(run, trained_logits, tmp_path, not_these: list) -> None:
 
     merged = AutoModelForCausalLM.from_pretrained(export(run, tmp_path / "merged", merge=True)).eval()
     torch.testing.assert_close(_logits(merged, tok), want, rtol=1e-4, atol=1e-4)
+    assert export(run, tmp_path / "gguf", format="gguf").stat().st_size > 0  # the same merge, as GGUF
 
     pieces, _ = stream_reply(merged, tok, [{"role": "user", "content": QUESTION}], 6, 0.0)
     expected = "".join(pieces)
