@@ -16,7 +16,8 @@ among the saved tensors. The values agree with PEFT's to float rounding (tested)
 one active adapter, plain LoRA (not DoRA), an `nn.Linear` base with frozen weights, no autocast, one
 dtype. Anything else (adapters disabled for DPO's reference pass, a merged adapter, per-request
 `adapter_names`, QLoRA's 4-bit base, bf16 autocast on a GPU) falls through to PEFT's own forward,
-decided at each call.
+decided at each call. `add_lora` installs it on the architectures the speed pieces are verified on
+(train/speed/support.py); others keep PEFT's forward throughout.
 """
 
 from __future__ import annotations

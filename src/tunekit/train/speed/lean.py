@@ -16,8 +16,9 @@ for a few pointwise ops per layer in the backward. Unlike checkpointing, no matm
 The mechanism is `torch.autograd.graph.saved_tensors_hooks`: while a decoder layer runs forward, the
 pack hook swaps a saved tensor that is one of the registered targets (or a contiguous view of one)
 for a recipe, and the unpack hook runs the recipe in the backward. The recipes run the same ops on the
-same inputs, so the values (and the gradients) are bit for bit the same (tested). Layers run under
-another saved-tensor hook (gradient checkpointing, activation offloading) are left to it.
+same inputs, so the values (and the gradients) are bit for bit the same (tested, for each family of
+tests/test_architectures.py; build_model installs it only on those: train/speed/support.py). Layers
+run under another saved-tensor hook (gradient checkpointing, activation offloading) are left to it.
 """
 
 from __future__ import annotations

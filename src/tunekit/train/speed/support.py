@@ -51,7 +51,7 @@ def padding_free_reason(model) -> str | None:
     if (why := unverified(model)) is not None:
         return why
     impl = getattr(cfg, "_attn_implementation", None)
-    if impl not in ("sdpa", "tunekit_padding_free"):
+    if impl not in ("sdpa", "tunekit_padding_free"):  # padding_free.NAME: already switched
         return f"attention runs as {impl!r}, not sdpa"
     if getattr(cfg, "attn_logit_softcapping", None):
         return "attention logits are soft-capped, which the segment kernel does not compute"
