@@ -11,7 +11,14 @@ The names load on first use, so `import tunekit` (and `tunekit --help`) does not
 
 from __future__ import annotations
 
+import logging
 from importlib import import_module
+
+# On AVX512-BF16 CPUs bitsandbytes, at import (peft imports it), looks for a hub kernel for its bf16
+# 4-bit path and warns on every run when it cannot fetch one; tunekit turns that path off
+# (train/setup.py keep_4bit_layout), so the warning names nothing a user can act on. Set here, before
+# anything imports bitsandbytes; a logger's level costs no import.
+logging.getLogger("bitsandbytes.backends.cpu.ops").setLevel(logging.ERROR)
 
 # public name -> (module, attribute)
 _API = {

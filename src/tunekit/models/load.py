@@ -15,7 +15,6 @@ Models load from safetensors only, and never run code shipped with the model.
 from __future__ import annotations
 
 import importlib.util
-import logging
 import os
 from pathlib import Path
 
@@ -40,10 +39,6 @@ def quiet_libraries() -> None:
 
     hf_logging.set_verbosity_error()
     hf_logging.disable_progress_bar()
-    # On AVX512-BF16 CPUs bitsandbytes looks for a hub kernel for its bf16 4-bit path at import and
-    # warns on every run when it cannot fetch it; tunekit turns that path off (train/setup.py
-    # keep_4bit_layout), so the warning names nothing a user can act on.
-    logging.getLogger("bitsandbytes.backends.cpu.ops").setLevel(logging.ERROR)
     warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
 
 
