@@ -193,14 +193,15 @@ def quant_rounded(model, quant: str):
 
     from tunekit.ship.gguf_export import tensor_type
 
-    def rounded(v):
+    def rounded(name, v):
         if v.ndim != 2:
             return v
-        qtype = tensor_type(v.numpy(), quant)
+        head = name.endswith("embed_tokens.weight") or name == "lm_head.weight"
+        qtype = tensor_type(v.numpy(), quant, "output.weight" if head else name)
         return torch.from_numpy(dequantize(quantize(v.numpy(), qtype), qtype)).reshape(v.shape)
 
     out = type(model)(model.config).eval()
-    out.load_state_dict({k: rounded(v) for k, v in model.state_dict().items()})
+    out.load_state_dict({k: rounded(k, v) for k, v in model.state_dict().items()})
     return out
 
 
@@ -252,6 +253,7 @@ def test_q4_0_and_q8_0_store_block_quantized_weights(bpe_tok, tmp_path):
         assert tensors["blk.0.attn_q.weight"].tensor_type == qtype
         assert tensors["blk.0.attn_q.bias"].tensor_type == GGMLQuantizationType.F32
         assert tensors["blk.0.attn_norm.weight"].tensor_type == GGMLQuantizationType.F32
+        assert tensors["token_embd.weight"].tensor_type == GGMLQuantizationType.Q8_0  # 8-bit in q4_0 too
         stored = np.asarray(tensors["blk.0.attn_q.weight"].data).reshape(-1)
         assert np.array_equal(stored, quantize(q_proj, qtype).reshape(-1))
 

@@ -11,7 +11,8 @@ llama.cpp's `convert_hf_to_gguf.py` does on top, per architecture (ARCHS):
 - gemma3: RMSNorm computes `x * (1 + w)` in HF and `x * w` in llama.cpp, so every norm weight is
   stored plus one; the embedding's sqrt(hidden) scale is applied by llama.cpp itself (not stored).
 - 1-D tensors (norms, biases) stay f32, as llama.cpp expects; 2-D weights are f16, or q8_0 / q4_0
-  where a row splits into 32-value blocks (f16 otherwise).
+  where a row splits into 32-value blocks (f16 otherwise); a q4_0 file keeps the embedding and the
+  output head at q8_0, as llama.cpp's own 4-bit mixes keep them above 4 bits.
 - The tokenizer: byte-level BPE (`gpt2`: SmolLM, Llama 3, Qwen) with merges, or SentencePiece-style
   (`llama`: Llama 2, Mistral, Gemma) with scores that reproduce the merge order; token types,
   special ids and the chat template used in training.
@@ -184,17 +185,24 @@ def _write_tensors(writer, model, cfg, arch: Arch, quant: str) -> None:
             data = permute(data, cfg.num_key_value_heads)
         if arch.norm_shift and hf_name.endswith("norm.weight"):
             data = data + np.float32(arch.norm_shift)
-        qtype = tensor_type(data, quant)
+        qtype = tensor_type(data, quant, gg_name)
         writer.add_tensor(gg_name, gguf.quants.quantize(data, qtype), raw_dtype=qtype)
 
 
-def tensor_type(data: np.ndarray, quant: str):
+# Tensors a 4-bit file keeps at 8 bits, as llama.cpp's own q4_0 mix does (it uses q6_K, which the gguf
+# package cannot write): the embedding and the output head, which every token passes through.
+KEEP_8BIT = ("token_embd.weight", "output.weight")
+
+
+def tensor_type(data: np.ndarray, quant: str, name: str = ""):
     """The GGML type a tensor is stored as: 1-D f32; 2-D the requested quant where rows split into
-    32-value blocks, f16 otherwise."""
+    32-value blocks (q4_0: the embedding and output head q8_0), f16 otherwise."""
     from gguf import GGML_QUANT_SIZES, GGMLQuantizationType
 
     if data.ndim == 1:
         return GGMLQuantizationType.F32
+    if quant == "q4_0" and name in KEEP_8BIT:
+        quant = "q8_0"
     qtype = {"q8_0": GGMLQuantizationType.Q8_0, "q4_0": GGMLQuantizationType.Q4_0}.get(quant)
     if qtype is not None and data.shape[-1] % GGML_QUANT_SIZES[qtype][0] == 0:
         return qtype
