@@ -197,16 +197,20 @@ def evaluate_exported(
     from tunekit.data.tokenize import render_prompt
 
     meta = gguf_chat_meta(gguf_path)
-    runner = LlamaCpp(gguf_path, n_ctx=cfg.train.max_length + max_new + 64)
+    train_ids = [
+        tokenizer(render_prompt(tokenizer, ex), add_special_tokens=False)["input_ids"] for ex in examples
+    ]
+    # The context fits the longest prompt and its reply (test prompts may exceed train.max_length).
+    runner = LlamaCpp(gguf_path, n_ctx=max(map(len, train_ids)) + max_new + 64)
     gguf_stops = sorted(set(stops) | {runner.llm.token_eos()})
     text_mismatch, token_mismatch, gguf_preds = [], 0, []
     t0 = time.perf_counter()
-    for ex in examples:
-        train_text, gguf_text = render_prompt(tokenizer, ex), render_gguf_prompt(meta, _messages(ex))
-        if train_text != gguf_text:
+    for ex, want_ids in zip(examples, train_ids, strict=True):
+        gguf_text = render_gguf_prompt(meta, _messages(ex))
+        if render_prompt(tokenizer, ex) != gguf_text:
             text_mismatch.append(ex.where)
         ids = runner.tokenize(gguf_text)
-        token_mismatch += ids != tokenizer(train_text, add_special_tokens=False)["input_ids"]
+        token_mismatch += ids != want_ids
         gguf_preds.append(runner.text(runner.greedy(ids, max_new, gguf_stops)).strip())
     t_gguf = time.perf_counter() - t0
 
