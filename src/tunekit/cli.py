@@ -424,13 +424,27 @@ def serve(
     port: Annotated[int, typer.Option(help="Port.")] = 8000,
     host: Annotated[str, typer.Option(help="Interface to bind (0.0.0.0: the network).")] = "127.0.0.1",
     api_key: Annotated[
-        str | None, typer.Option(help="Require `Authorization: Bearer KEY` on every request.")
+        str | None,
+        typer.Option(
+            envvar="TUNEKIT_API_KEY",
+            show_envvar=True,
+            help="Require `Authorization: Bearer KEY` on every request. Set it in the environment "
+            "instead to keep it out of `ps`.",
+        ),
+    ] = None,
+    max_body_mb: Annotated[
+        float | None,
+        typer.Option(help="Largest request body in MB (default 4); bigger ones get 413 unread."),
     ] = None,
 ) -> None:
     """An OpenAI-compatible server (/v1/models, /v1/chat/completions) for one or more fine-tunes."""
+    import os
+
     from tunekit.ship.serve import serve as run_server
 
-    run_server(run_dirs, host=host, port=port, api_key=api_key)
+    if api_key is None:  # click skips an empty variable; set but empty is a mistake, refused by serve
+        api_key = os.environ.get("TUNEKIT_API_KEY")
+    run_server(run_dirs, host=host, port=port, api_key=api_key, max_body_mb=max_body_mb)
 
 
 @app.command()

@@ -4,31 +4,49 @@
     POST /v1/chat/completions    streaming (SSE) and not; temperature, top_p, max_tokens, stop, seed
 
 Adapter runs on the same base share one copy of it in memory: each adapter is loaded under its
-run's name and switched per request by the `model` field (requests take turns on the model; a
-lock keeps one adapter active per generation). Full fine-tunes are loaded as their own models.
+run's name and switched per request by the `model` field. Requests take turns on the models, in
+arrival order, one generation at a time (a shared base has one active adapter); a request waits
+for its turn on the event loop, not on a thread, and leaves the line when its client hangs up.
 Prompts go through each run's own tokenizer and chat template, and replies stop on the stop
 tokens training taught (models/stops.py, the ones `tunekit eval` stops on too).
 
-Safe by default: binds to 127.0.0.1; with `--api-key` every request needs `Authorization:
-Bearer KEY`. Bad requests get OpenAI-style error bodies: {"error": {"message", "type", "param",
-"code"}}.
+The model is handed on by the generation's worker thread once `model.generate` has returned
+(ship/generation.py), so no path can keep it: a finished, failed or cancelled reply, a client
+that hangs up mid-stream, a reader that is garbage collected. The request side only ever asks a
+generation to stop.
+
+Safe by default: binds to 127.0.0.1; with an API key (`--api-key` or `$TUNEKIT_API_KEY`) every
+path needs `Authorization: Bearer KEY` (/openapi.json and unknown paths included). Bodies over
+`max_body_bytes` get 413 before they are read; a prompt longer than the model's context gets 400
+before the whole of it is tokenized. Every error is an OpenAI-style body: {"error": {"message",
+"type", "param", "code"}}. SIGTERM or Ctrl-C stops the server within a few seconds whatever it is
+doing: the running generation is cancelled, streams end with an error event, waiting requests get
+503, and connections still open after `SHUTDOWN_GRACE_S` are closed.
 """
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import hmac
 import json
-import threading
+import math
 import time
 import uuid
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Literal
+from typing import Annotated, Literal
 
 from fastapi import Request
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import AfterValidator, BaseModel, ConfigDict, Discriminator, Field, Tag, ValidationError
 
 from tunekit.errors import TunekitError
+
+DEFAULT_MAX_BODY_MB = 4.0
+SHUTDOWN_GRACE_S = 2.0  # connections still open this long after SIGTERM are dropped
+API_KEY_ENV = "TUNEKIT_API_KEY"
+SEED_MIN, SEED_MAX = -(2**63), 2**64 - 1  # what torch.manual_seed accepts (negatives wrap modulo 2**64)
 
 
 @dataclass
@@ -84,16 +102,47 @@ def _unique(name: str, taken) -> str:
 
 
 # --- request schema (OpenAI's, the fields this server honours; other fields are ignored) ---------
+# Every field is checked here, before the request touches a model: strict types (no "1" for 1,
+# no true for 1), finite numbers, seeds torch accepts, and text that is valid Unicode (JSON's
+# "\ud800" escape decodes to a lone surrogate, which no tokenizer can encode).
+
+
+def _unicode(text: str) -> str:
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as e:
+        raise ValueError(
+            f"not valid Unicode: a lone surrogate ({ascii(text[e.start])}) at character {e.start}"
+        ) from None
+    return text
+
+
+Text = Annotated[str, AfterValidator(_unicode)]
+Number = Annotated[float, Field(strict=True, allow_inf_nan=False)]
+
+
+def _text_or_list(value) -> str:
+    return "<list>" if isinstance(value, list) else "<text>"
+
+
+def _text_or(items) -> type:
+    """A string or a list of `items` (OpenAI's "content" and "stop"): the value's own type picks
+    the branch, so an error names what is wrong with it, not with the other branch."""
+    text, many = Annotated[Text, Tag("<text>")], Annotated[items, Tag("<list>")]
+    return Annotated[text | many, Discriminator(_text_or_list)]
+
+
+_BRANCHES = {"<text>", "<list>"}  # taken out of an error's location
 
 
 class ContentPart(BaseModel):
     type: Literal["text"]
-    text: str
+    text: Text
 
 
 class ChatMessage(BaseModel):
     role: Literal["system", "user", "assistant"]
-    content: str | list[ContentPart]
+    content: _text_or(list[ContentPart])
 
     def text(self) -> str:
         return self.content if isinstance(self.content, str) else "".join(p.text for p in self.content)
@@ -102,166 +151,486 @@ class ChatMessage(BaseModel):
 class ChatRequest(BaseModel):
     model_config = ConfigDict(extra="ignore")
 
-    model: str
+    model: Text
     messages: list[ChatMessage] = Field(min_length=1)
-    temperature: float = Field(1.0, ge=0.0, le=2.0)
-    top_p: float = Field(1.0, gt=0.0, le=1.0)
-    max_tokens: int | None = Field(None, ge=1)
-    max_completion_tokens: int | None = Field(None, ge=1)
-    stop: str | list[str] | None = None
-    stream: bool = False
-    n: int = Field(1, ge=1, le=1)
-    seed: int | None = None
+    temperature: Number = Field(1.0, ge=0.0, le=2.0)
+    top_p: Number = Field(1.0, gt=0.0, le=1.0)
+    max_tokens: int | None = Field(None, strict=True, ge=1, le=2**31 - 1)
+    max_completion_tokens: int | None = Field(None, strict=True, ge=1, le=2**31 - 1)
+    stop: _text_or(Annotated[list[Text], Field(max_length=4)]) | None = None
+    stream: bool = Field(False, strict=True)
+    n: int = Field(1, strict=True, ge=1, le=1)
+    seed: int | None = Field(None, strict=True, ge=SEED_MIN, le=SEED_MAX)
 
 
 class APIError(Exception):
     def __init__(
         self, status: int, message: str, type: str, param: str | None = None, code: str | None = None
     ):
-        self.status, self.body = (
-            status,
-            {"error": {"message": message, "type": type, "param": param, "code": code}},
+        self.status, self.body = status, _error(message, type, param, code)
+
+
+class _ClientGone(Exception):
+    """The client hung up before its answer was ready."""
+
+
+def _error(message: str, type: str, param: str | None = None, code: str | None = None) -> dict:
+    return {"error": {"message": message, "type": type, "param": param, "code": code}}
+
+
+def _json(body: dict) -> bytes:
+    # ensure_ascii: any text (a name with an undecodable byte, a message quoting input) encodes.
+    return json.dumps(body, ensure_ascii=True, separators=(",", ":")).encode()
+
+
+def _invalid(e: ValidationError) -> APIError:
+    first = e.errors(include_url=False)[0]
+    param = ".".join(str(x) for x in first.get("loc", ()) if x not in _BRANCHES) or None
+    message = f"{param}: {first.get('msg')}" if param else str(first.get("msg"))
+    return APIError(400, message, "invalid_request_error", param)
+
+
+def _parse(body: bytes) -> ChatRequest:
+    """The request in `body`, or an APIError saying what is wrong with it (400)."""
+    bad = "invalid_request_error"
+    try:
+        data = json.loads(body.decode("utf-8"))
+    except UnicodeDecodeError as e:
+        raise APIError(
+            400, f"the body is not valid UTF-8 (byte {e.start}): send JSON in UTF-8", bad
+        ) from None
+    except json.JSONDecodeError as e:
+        raise APIError(
+            400, f"the body is not valid JSON: {e.msg} (line {e.lineno}, column {e.colno})", bad
+        ) from None
+    except RecursionError:
+        raise APIError(400, "the body's JSON is nested too deeply", bad) from None
+    except ValueError as e:  # e.g. an integer of more digits than Python converts (4300)
+        raise APIError(400, f"the body is not valid JSON: {e}", bad) from None
+    if not isinstance(data, dict):
+        raise APIError(400, "the body must be a JSON object (the chat completion request)", bad)
+    try:
+        return ChatRequest.model_validate(data)
+    except ValidationError as e:
+        raise _invalid(e) from None
+
+
+# --- the pieces between the socket and the model --------------------------------------------------
+
+
+class _Limits:
+    """A served model's context and its tokenizer's longest token (in characters), to refuse a
+    prompt that cannot fit before tokenizing all of it."""
+
+    def __init__(self, s: Served):
+        self.context = getattr(s.model.config, "max_position_embeddings", None)
+        try:
+            self.longest_token = max(map(len, s.tokenizer.get_vocab()))
+        except Exception:  # a tokenizer without a vocabulary to read: tokenize the whole prompt
+            self.longest_token = None
+
+
+def _prompt(s: Served, limits: _Limits, messages: list[dict], max_tokens: int | None, default: int):
+    """(prompt ids, max_tokens) for a request, or an APIError (400) when it cannot fit the context.
+
+    A prompt of n characters is at least n / longest_token tokens for the tokenizers chat models
+    use (byte-level BPE, SentencePiece): each token covers at most its own length. So only its
+    first longest_token * (context + 1) characters are tokenized when it is longer: if those alone
+    exceed the context, the whole cannot fit."""
+    from tunekit.ship.generation import encode, render_prompt
+
+    try:
+        text = render_prompt(s.tokenizer, messages)
+    except TunekitError as e:
+        raise APIError(400, str(e), "invalid_request_error", "messages") from None
+    limit = limits.context
+    too_long = "context_length_exceeded"
+    if limit and limits.longest_token and len(text) > limits.longest_token * (limit + 1):
+        head = limits.longest_token * (limit + 1)
+        n = encode(s.tokenizer, text[:head]).shape[1]
+        if n > limit:
+            raise APIError(
+                400,
+                f"the prompt is longer than the model's context of {limit} tokens (its first {head} "
+                f"characters alone are {n} tokens); shorten the messages",
+                "invalid_request_error",
+                "messages",
+                too_long,
+            )
+    ids = encode(s.tokenizer, text)
+    n = ids.shape[1]
+    if limit and n >= limit:
+        raise APIError(
+            400,
+            f"the prompt ({n} tokens) leaves no room for a reply in the model's context of {limit} "
+            "tokens; shorten the messages",
+            "invalid_request_error",
+            "messages",
+            too_long,
+        )
+    if max_tokens is None:
+        return ids, min(default, limit - n) if limit else default
+    if limit and n + max_tokens > limit:
+        raise APIError(
+            400,
+            f"the prompt ({n} tokens) plus max_tokens ({max_tokens}) exceed the model's context of "
+            f"{limit} tokens",
+            "invalid_request_error",
+            "max_tokens",
+            too_long,
+        )
+    return ids, max_tokens
+
+
+class _Turns:
+    """Requests take turns on the models, one generation at a time, in arrival order.
+
+    Waiting is an asyncio lock (a waiter holds no thread and leaves the line when its task is
+    cancelled); the generation's worker thread hands the turn on when `model.generate` returns."""
+
+    def __init__(self):
+        self.lock = asyncio.Lock()
+        self.current = None  # the Generation running now
+        self.closing = False
+
+    async def start(self, begin):
+        """`begin(on_done)` started with the model to itself: the Generation it returns."""
+        loop = asyncio.get_running_loop()
+        await self.lock.acquire()
+        try:
+            if self.closing:
+                raise APIError(
+                    503, "the server is shutting down", "server_error", code="server_shutting_down"
+                )
+            gen = begin(lambda: self._hand_on(loop))
+        except BaseException:
+            self.lock.release()
+            raise
+        self.current = gen
+        return gen
+
+    def _hand_on(self, loop) -> None:
+        """On the worker thread, once its model.generate has returned: the next request's turn."""
+
+        def release():
+            self.current = None
+            self.lock.release()
+
+        with contextlib.suppress(RuntimeError):  # the event loop is closed: nobody is waiting
+            loop.call_soon_threadsafe(release)
+
+    def close(self) -> None:
+        """Shutting down: cancel the running generation; whoever waits gets 503."""
+        self.closing = True
+        if self.current is not None:
+            self.current.cancel()
+
+
+async def _disconnected(receive) -> None:
+    while (await receive())["type"] != "http.disconnect":
+        pass
+
+
+async def _unless_gone(request, work):
+    """Await `work`, unless the client hangs up first: then cancel it (its own cleanup runs)."""
+    task = asyncio.ensure_future(work)
+    gone = asyncio.ensure_future(_disconnected(request.receive))
+    try:
+        await asyncio.wait({task, gone}, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        gone.cancel()
+        if not task.done():
+            task.cancel()
+            with contextlib.suppress(BaseException):
+                await task
+    if task.cancelled():
+        raise _ClientGone
+    return task.result()
+
+
+def _asgi_error(status: int, message: str, type: str, code: str | None = None):
+    """A tiny ASGI app answering one OpenAI-style error (for the middlewares below)."""
+    body = _json(_error(message, type, None, code))
+    headers = [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]
+
+    async def app(scope, receive, send):
+        await send({"type": "http.response.start", "status": status, "headers": headers})
+        await send({"type": "http.response.body", "body": body})
+
+    return app
+
+
+class _RequireKey:
+    """Every HTTP path needs the key (the OpenAPI schema and unknown paths too): 401 before anything."""
+
+    def __init__(self, app, api_key: str):
+        self.app, self.expected = app, api_key.encode()
+        self.refuse = _asgi_error(
+            401,
+            "Incorrect or missing API key: send `Authorization: Bearer KEY` with the key the server was started with.",
+            "invalid_request_error",
+            "invalid_api_key",
         )
 
+    async def __call__(self, scope, receive, send):
+        if scope["type"] == "http":
+            given = dict(scope["headers"]).get(b"authorization", b"")
+            token = given[7:] if given[:7].lower() == b"bearer " else b""
+            if not hmac.compare_digest(token, self.expected):
+                return await self.refuse(scope, receive, send)
+        await self.app(scope, receive, send)
 
-def create_app(served: dict[str, Served], api_key: str | None = None, default_max_tokens: int = 256):
-    """The FastAPI app over loaded models (tests and `serve` both build it here)."""
-    from fastapi import Depends, FastAPI
-    from fastapi.exceptions import RequestValidationError
-    from fastapi.responses import JSONResponse, StreamingResponse
+
+class _LimitBody:
+    """413 for a body over `max_bytes`: at once from its Content-Length, or as soon as a chunked
+    body passes the limit (the app then sees the client gone, and its own answer is dropped)."""
+
+    def __init__(self, app, max_bytes: int):
+        self.app, self.max_bytes = app, max_bytes
+        mb = f"{max_bytes / 2**20:g} MB" if max_bytes >= 2**20 else f"{max_bytes} bytes"
+        self.refuse = _asgi_error(
+            413,
+            f"the request body is over this server's limit of {mb}",
+            "invalid_request_error",
+            "request_too_large",
+        )
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        length = dict(scope["headers"]).get(b"content-length", b"")
+        if length.isdigit() and int(length) > self.max_bytes:
+            return await self.refuse(scope, receive, send)
+        read, refused = 0, False
+
+        async def receive_limited():
+            nonlocal read, refused
+            if refused:
+                return {"type": "http.disconnect"}
+            message = await receive()
+            if message["type"] == "http.request":
+                read += len(message.get("body", b""))
+                if read > self.max_bytes:
+                    refused = True
+                    await self.refuse(scope, receive, send)
+                    return {"type": "http.disconnect"}
+            return message
+
+        async def send_unless_refused(message):
+            if not refused:
+                await send(message)
+
+        try:
+            await self.app(scope, receive_limited, send_unless_refused)
+        except Exception:
+            if not refused:
+                raise
+
+
+# --- the app ----------------------------------------------------------------------------------------
+
+
+def create_app(
+    served: dict[str, Served],
+    api_key: str | None = None,
+    default_max_tokens: int = 256,
+    max_body_bytes: int = int(DEFAULT_MAX_BODY_MB * 2**20),
+):
+    """The FastAPI app over loaded models (tests and `serve` both build it here).
+    `app.state.turns.close()` begins a shutdown (serve does it on SIGTERM and Ctrl-C)."""
+    from fastapi import FastAPI
+    from fastapi.responses import JSONResponse, Response, StreamingResponse
     from starlette.exceptions import HTTPException
+    from starlette.requests import ClientDisconnect
 
-    app = FastAPI(title="tunekit", docs_url=None, redoc_url=None)
-    lock = threading.Lock()  # one generation at a time: the shared base has one active adapter
+    if api_key is not None and not api_key:
+        raise TunekitError("the API key is empty: give a key, or none to serve without one")
+
+    class JSON(JSONResponse):
+        def render(self, content) -> bytes:
+            return _json(content)
+
+    turns = _Turns()
+    limits = {name: _Limits(s) for name, s in served.items()}
+    pool = ThreadPoolExecutor(max_workers=8, thread_name_prefix="tunekit-serve")
+
+    async def in_thread(fn, *args):
+        """fn(*args) on the pool: parsing, tokenizing and reading replies keep the event loop free.
+        A cancelled caller abandons the call, which runs on to its end (soon: its generation is
+        cancelled too) with nobody waiting for it."""
+        return await asyncio.get_running_loop().run_in_executor(pool, fn, *args)
+
+    @contextlib.asynccontextmanager
+    async def lifespan(app):
+        yield
+        turns.close()
+        pool.shutdown(wait=False, cancel_futures=True)
+
+    app = FastAPI(
+        title="tunekit", docs_url=None, redoc_url=None, default_response_class=JSON, lifespan=lifespan
+    )
+    app.state.turns = turns
+    # Added last = outermost: the key is checked first, then the body's size.
+    app.add_middleware(_LimitBody, max_bytes=max_body_bytes)
+    if api_key is not None:
+        app.add_middleware(_RequireKey, api_key=api_key)
 
     @app.exception_handler(APIError)
     async def _api_error(request, exc: APIError):
-        return JSONResponse(exc.body, status_code=exc.status)
+        return JSON(exc.body, status_code=exc.status)
 
-    @app.exception_handler(RequestValidationError)
-    async def _invalid(request, exc: RequestValidationError):
-        first = exc.errors()[0]
-        loc = [str(x) for x in first.get("loc", ()) if x != "body"]
-        param = ".".join(loc) or None
-        message = f"{param}: {first.get('msg')}" if param else str(first.get("msg"))
-        body = APIError(400, message, "invalid_request_error", param).body
-        return JSONResponse(body, status_code=400)
+    @app.exception_handler(_ClientGone)
+    @app.exception_handler(ClientDisconnect)
+    async def _gone(request, exc):
+        return Response(status_code=499)  # nobody is there to read it
 
     @app.exception_handler(HTTPException)
     async def _http(request, exc: HTTPException):
         code = "not_found" if exc.status_code == 404 else None
-        return JSONResponse(
-            APIError(exc.status_code, str(exc.detail), "invalid_request_error", None, code).body,
-            exc.status_code,
-        )
+        return JSON(_error(str(exc.detail), "invalid_request_error", None, code), exc.status_code)
 
-    def check_key(request: Request) -> None:
-        if api_key is None:
-            return
-        given = request.headers.get("authorization", "")
-        token = given[7:] if given.lower().startswith("bearer ") else ""
-        if not hmac.compare_digest(token.encode(), api_key.encode()):
-            raise APIError(
-                401,
-                "Incorrect or missing API key: send `Authorization: Bearer KEY` with the key the server was started with.",
-                "invalid_request_error",
-                code="invalid_api_key",
-            )
+    @app.exception_handler(Exception)
+    async def _bug(request, exc: Exception):
+        return JSON(
+            _error(f"internal error ({type(exc).__name__}); see the server's log", "server_error"), 500
+        )
 
     def model_card(s: Served) -> dict:
         return {"id": s.name, "object": "model", "created": s.created, "owned_by": "tunekit"}
 
-    @app.get("/v1/models", dependencies=[Depends(check_key)])
+    @app.get("/v1/models")
     def list_models():
         return {"object": "list", "data": [model_card(s) for s in served.values()]}
 
-    @app.get("/v1/models/{name}", dependencies=[Depends(check_key)])
+    @app.get("/v1/models/{name}")
     def get_model(name: str):
         return model_card(_find(served, name))
 
-    @app.post("/v1/chat/completions", dependencies=[Depends(check_key)])
-    def chat_completions(req: ChatRequest):
+    def failed(e: BaseException) -> APIError:
+        if turns.closing:
+            return APIError(503, "the server is shutting down", "server_error", code="server_shutting_down")
+        return APIError(500, f"the model failed while generating: {type(e).__name__}: {e}", "server_error")
+
+    @app.post("/v1/chat/completions")
+    async def chat_completions(request: Request):
+        req = await in_thread(_parse, await request.body())
         s = _find(served, req.model)
-        max_tokens = req.max_completion_tokens or req.max_tokens or default_max_tokens
         stop = [req.stop] if isinstance(req.stop, str) else (req.stop or [])
-        if len(stop) > 4:
-            raise APIError(400, "stop: at most 4 stop sequences", "invalid_request_error", "stop")
         messages = [{"role": m.role, "content": m.text()} for m in req.messages]
+        asked = req.max_completion_tokens or req.max_tokens
         cid, created = f"chatcmpl-{uuid.uuid4().hex}", int(time.time())
 
-        def start():
-            """Take the model, switch to the run's adapter, start generating. Caller releases."""
-            from tunekit.ship.generation import prompt_ids, stream_reply
+        async def start():
+            """Tokenize (off the event loop), then wait for the model's turn and start generating."""
+            from tunekit.ship.generation import Generation
 
-            limit = getattr(s.model.config, "max_position_embeddings", None)
-            try:
-                n_prompt = prompt_ids(s.tokenizer, messages).shape[1]
-            except TunekitError as e:
-                raise APIError(400, str(e), "invalid_request_error", "messages") from None
-            if limit and n_prompt + max_tokens > limit:
-                raise APIError(
-                    400,
-                    f"the prompt ({n_prompt} tokens) plus max_tokens ({max_tokens}) exceed the model's "
-                    f"context of {limit} tokens",
-                    "invalid_request_error",
-                    "messages",
-                    "context_length_exceeded",
-                )
-            lock.acquire()
-            try:
+            ids, max_tokens = await in_thread(_prompt, s, limits[s.name], messages, asked, default_max_tokens)
+
+            def begin(on_done):
                 if s.adapter is not None:
                     s.model.set_adapter(s.adapter)
-                return stream_reply(
-                    s.model, s.tokenizer, messages, max_tokens, req.temperature, req.top_p, stop, req.seed
-                )
-            except BaseException:
-                lock.release()
-                raise
+                return Generation(
+                    s.model, s.tokenizer, None, max_tokens, req.temperature, req.top_p, stop, req.seed,
+                    input_ids=ids, on_done=on_done,
+                )  # fmt: skip
 
-        pieces, reply = start()
+            return await turns.start(begin)
+
         if not req.stream:
-            try:
-                text = "".join(pieces)
-            finally:
-                lock.release()
-            return {
-                "id": cid,
-                "object": "chat.completion",
-                "created": created,
-                "model": s.name,
-                "choices": [
-                    {
-                        "index": 0,
-                        "message": {"role": "assistant", "content": text},
-                        "finish_reason": reply.finish_reason,
-                    }
-                ],
-                "usage": _usage(reply),
-            }
 
-        def events():
-            def chunk(delta: dict, finish: str | None = None) -> str:
-                body = {
+            async def answer():
+                gen = await start()
+                try:
+                    text = await in_thread("".join, gen.pieces)
+                except Exception as e:
+                    raise failed(e) from None
+                finally:
+                    gen.cancel()  # a no-op once finished; stops it when this request is cancelled
+                if gen.reply.finish_reason == "cancelled":  # by a shutdown
+                    raise failed(RuntimeError("the generation was cancelled"))
+                message = {"role": "assistant", "content": text}
+                return {
                     "id": cid,
-                    "object": "chat.completion.chunk",
+                    "object": "chat.completion",
                     "created": created,
                     "model": s.name,
-                    "choices": [{"index": 0, "delta": delta, "finish_reason": finish}],
+                    "choices": [{"index": 0, "message": message, "finish_reason": gen.reply.finish_reason}],
+                    "usage": _usage(gen.reply),
                 }
-                return f"data: {json.dumps(body)}\n\n"
 
+            return await _unless_gone(request, answer())
+
+        # Streaming: the first piece is read before the response starts, so that a request that
+        # fails before any text (a model error, a shutdown) gets a plain error status.
+        gen = await _unless_gone(request, start())
+        try:
+            first = await _unless_gone(request, in_thread(next, gen.pieces, None))
+        except BaseException as e:
+            gen.cancel()
+            if isinstance(e, Exception) and not isinstance(e, _ClientGone):
+                raise failed(e) from None
+            raise
+
+        def chunk(delta: dict, finish: str | None = None) -> str:
+            body = {
+                "id": cid,
+                "object": "chat.completion.chunk",
+                "created": created,
+                "model": s.name,
+                "choices": [{"index": 0, "delta": delta, "finish_reason": finish}],
+            }
+            return f"data: {_json(body).decode()}\n\n"
+
+        async def events():
+            yield chunk({"role": "assistant", "content": ""})
+            piece = first
             try:
-                yield chunk({"role": "assistant", "content": ""})
-                for piece in pieces:
+                while piece is not None:
                     yield chunk({"content": piece})
-                yield chunk({}, reply.finish_reason)
-                yield "data: [DONE]\n\n"
+                    piece = await in_thread(next, gen.pieces, None)
+                if gen.reply.finish_reason == "cancelled":  # by a shutdown
+                    raise RuntimeError("the generation was cancelled")
+            except Exception as e:  # the status is sent: say it in the stream, as OpenAI does
+                yield f"data: {_json(failed(e).body).decode()}\n\n"
+                return
+            yield chunk({}, gen.reply.finish_reason)
+            yield "data: [DONE]\n\n"
+
+        return _Stream(gen, events())
+
+    class _Stream(StreamingResponse):
+        """An SSE response that cancels its generation however the response ends (all sent, the
+        client gone, the task cancelled at shutdown)."""
+
+        def __init__(self, gen, content):
+            super().__init__(content, media_type="text/event-stream")
+            self.gen = gen
+
+        async def __call__(self, scope, receive, send):
+            try:
+                await super().__call__(scope, receive, send)
             finally:
-                pieces.close()
-                lock.release()
+                self.gen.cancel()
 
-        return StreamingResponse(events(), media_type="text/event-stream")
+    def openapi() -> dict:
+        """FastAPI's schema, with the chat request's (the endpoint parses its body itself)."""
+        if app.openapi_schema is None:
+            from fastapi.openapi.utils import get_openapi
 
+            schema = get_openapi(title=app.title, version=app.version, routes=app.routes)
+            body = ChatRequest.model_json_schema(ref_template="#/components/schemas/{model}")
+            schema.setdefault("components", {}).setdefault("schemas", {}).update(
+                body.pop("$defs", {}), ChatRequest=body
+            )
+            ref = {"$ref": "#/components/schemas/ChatRequest"}
+            schema["paths"]["/v1/chat/completions"]["post"]["requestBody"] = {
+                "required": True,
+                "content": {"application/json": {"schema": ref}},
+            }
+            app.openapi_schema = schema
+        return app.openapi_schema
+
+    app.openapi = openapi
     return app
 
 
@@ -286,17 +655,55 @@ def _usage(reply) -> dict:
 
 
 def serve(
-    run_dirs: list[str | Path], host: str = "127.0.0.1", port: int = 8000, api_key: str | None = None
+    run_dirs: list[str | Path],
+    host: str = "127.0.0.1",
+    port: int = 8000,
+    api_key: str | None = None,
+    max_body_mb: float | None = None,
 ) -> None:
-    """Load the runs and serve them until interrupted."""
+    """Load the runs and serve them until SIGTERM or Ctrl-C. After Ctrl-C the exit status is 130;
+    SIGTERM ends the process by that signal once the server has stopped, as uvicorn does."""
     import uvicorn
 
     from tunekit.console import err
 
+    max_body_mb = DEFAULT_MAX_BODY_MB if max_body_mb is None else max_body_mb
+    if not (max_body_mb > 0 and math.isfinite(max_body_mb)):
+        raise TunekitError(f"--max-body-mb: {max_body_mb} is not a size; give megabytes, e.g. 4")
+    if api_key is not None and not api_key:
+        raise TunekitError(
+            f"--api-key (or ${API_KEY_ENV}) is empty: give a key, or none to serve without one"
+        )
     if host not in ("127.0.0.1", "localhost", "::1") and not api_key:
         err.print(
             f"[yellow]warning:[/] serving on {host} without --api-key: anyone who can reach it can use it"
         )
-    served = load_models(run_dirs)
-    err.print(f"serving {', '.join(served)} at http://{host}:{port}/v1")
-    uvicorn.run(create_app(served, api_key), host=host, port=port, log_level="warning")
+
+    class Server(uvicorn.Server):
+        """uvicorn's, which also cancels the running generation as soon as a stop signal arrives
+        (uvicorn alone waits for open streams to end, up to its grace period)."""
+
+        loop: asyncio.AbstractEventLoop | None = None
+
+        def handle_exit(self, sig, frame):
+            super().handle_exit(sig, frame)
+            if self.loop is not None:  # a signal handler only schedules; the loop does the work
+                with contextlib.suppress(RuntimeError):
+                    self.loop.call_soon_threadsafe(app.state.turns.close)
+
+        async def serve(self, sockets=None):
+            self.loop = asyncio.get_running_loop()
+            await super().serve(sockets)
+
+    try:
+        served = load_models(run_dirs)
+        app = create_app(served, api_key, max_body_bytes=int(max_body_mb * 2**20))
+        config = uvicorn.Config(
+            app, host=host, port=port, log_level="warning", timeout_graceful_shutdown=SHUTDOWN_GRACE_S
+        )
+        key = " (every request needs the API key)" if api_key else ""
+        err.print(f"serving {', '.join(served)} at http://{host}:{port}/v1{key}")
+        Server(config).run()
+    except KeyboardInterrupt:
+        err.print("stopped")
+        raise SystemExit(130) from None
