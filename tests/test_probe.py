@@ -84,3 +84,28 @@ def test_forgetting_report_measures_the_drop():
     part = forgetting_report(probe, base, tuned)["parts"]["multiple_choice"]
     assert part["base"] == 0.75 and part["finetuned"] == 0.5 and part["drop"] == pytest.approx(0.25)
     assert part["drop_ci_low"] > 0 and part["significant"]
+
+
+def test_a_mistyped_probe_fails_before_any_model_loads(tiny_model_dir, chat_file, tmp_path, monkeypatch):
+    """A wrong --probe path used to fail only after the base model had answered the whole test set."""
+    from tunekit.config import config_from_dict, config_to_yaml
+    from tunekit.errors import DataError
+    from tunekit.eval import evaluate as evaluate_module
+
+    run = tmp_path / "run"
+    run.mkdir()
+    cfg = config_from_dict(
+        {"model": str(tiny_model_dir), "data": {"train": str(chat_file)}, "output_dir": str(run)}
+    )
+    (run / "config.yaml").write_text(config_to_yaml(cfg))
+
+    def no_model(*a, **k):
+        raise AssertionError("a model was loaded before the probe was read")
+
+    monkeypatch.setattr(evaluate_module, "load_test_examples", no_model)
+    monkeypatch.setattr(evaluate_module, "load_trained", no_model, raising=False)
+    with pytest.raises(DataError, match="no such file or folder"):
+        evaluate_module.evaluate(run, quiet=True, probe=str(tmp_path / "nope.csv"))
+    # `none` turns the probe off: evaluation goes on to the model (here: the stand-in that raises)
+    with pytest.raises(AssertionError, match="before the probe"):
+        evaluate_module.evaluate(run, quiet=True, probe="none")

@@ -111,7 +111,8 @@ def eval_(
         int | None, typer.Option(help="Train examples shown to the base_few_shot contender (0: none).")
     ] = None,
     probe: Annotated[
-        str | None, typer.Option(help="Forgetting probe: builtin, an MMLU-style CSV or folder, or a JSONL.")
+        str | None,
+        typer.Option(help="Forgetting probe: builtin, an MMLU-style CSV or folder, a JSONL, or none."),
     ] = None,
     compare: Annotated[
         tuple[Path, Path] | None, typer.Option(help="Show what changed between two evaluated runs: A B.")

@@ -81,6 +81,13 @@ def evaluate_generation(
     chosen = metrics_to_score(cfg.eval.metrics, metrics, run_dir / "config.yaml")  # before any model loads
     k = cfg.eval.few_shot if few_shot is None else few_shot
     probe_spec = cfg.eval.probe if probe is None else probe
+    if str(probe_spec).strip().lower() in ("none", "off", "null", ""):  # `--probe none` turns it off
+        probe_spec = None
+    # Read before any model loads: a mistyped probe path fails in seconds, not after the base model
+    # has answered the whole test set.
+    probe_data = (
+        load_probe(probe_spec, cfg.eval.probe_max_questions, seed=cfg.train.seed) if probe_spec else None
+    )
     examples = load_test_examples(run_dir, cfg, data)
     train_examples = read_split(run_dir, "train")
 
@@ -116,8 +123,7 @@ def evaluate_generation(
             preds = generate(m, tokenizer, exs, max_new, cfg.eval.batch_size)
             t_gen = time.perf_counter() - t0
             logps = target_logprobs(m, tok, tokenizer.pad_token_id, cfg.eval.batch_size)
-            if probe_spec and name in ("base", "finetuned"):
-                probe_data = load_probe(probe_spec, cfg.eval.probe_max_questions, seed=cfg.train.seed)
+            if probe_data is not None and name in ("base", "finetuned"):
                 probe_scores[name] = run_probe(m, tokenizer, probe_data, cfg.eval.batch_size)
         seconds = time.perf_counter() - t0
         values, scores = score_metrics(metric_specs, preds, references)

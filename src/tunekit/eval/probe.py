@@ -96,7 +96,7 @@ def load_probe(spec: str | Path, max_questions: int | None = None, seed: int = 0
         raise DataError(
             [f"eval.probe: no such file or folder: {path}"],
             header="give a CSV (question,A,B,C,D,answer), a folder of them, a JSONL of open questions, "
-            "or 'builtin'",
+            "or 'builtin' (or 'none' for no probe)",
         )
     files = sorted(path.iterdir()) if path.is_dir() else [path]
     probe = Probe(source="builtin" if str(spec) == "builtin" else str(path))
