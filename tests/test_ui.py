@@ -228,3 +228,21 @@ def test_cli_ui_warns_on_a_network_bind_and_passes_the_key(empty_registry, monke
         assert "warning" in r.output and "not a loopback address" in r.output and warning in r.output
     with running(served["app"]) as url:  # the key given on the command line guards the app it serves
         assert _request(url, "/api/runs")[0] == (401 if "--api-key" in args else 200)
+
+
+def test_cli_ui_takes_the_key_from_the_environment_and_refuses_an_empty_one(empty_registry, monkeypatch):
+    """As for serve: TUNEKIT_API_KEY keeps the key out of `ps`; set but empty is a mistake, not "no key"."""
+    from typer.testing import CliRunner
+
+    from tunekit.cli import app
+
+    served = {}
+    monkeypatch.setattr("uvicorn.run", lambda app, host, port, **kw: served.update(app=app))
+    monkeypatch.setenv("TUNEKIT_API_KEY", "from-env")
+    assert CliRunner().invoke(app, ["ui"]).exit_code == 0
+    with running(served.pop("app")) as url:
+        assert _request(url, "/api/runs")[0] == 401
+        assert _request(url, "/api/runs", Authorization="Bearer from-env")[0] == 200
+    monkeypatch.setenv("TUNEKIT_API_KEY", "")
+    r = CliRunner().invoke(app, ["ui"])
+    assert r.exit_code != 0 and "app" not in served

@@ -480,12 +480,22 @@ def ui(
     api_key: Annotated[
         str | None,
         typer.Option(
-            help="Require this key: `Authorization: Bearer KEY`, or open the page once as /?key=KEY."
+            envvar="TUNEKIT_API_KEY",
+            show_envvar=True,
+            help="Require this key: `Authorization: Bearer KEY`, or open the page once as /?key=KEY. "
+            "Set it in the environment instead to keep it out of `ps`.",
         ),
     ] = None,
 ) -> None:
     """A local web dashboard over the run registry: runs, loss curves, reports, live progress."""
+    import os
+
     from tunekit.ui.app import serve_ui
+
+    if api_key is None:  # click skips an empty variable; set but empty is a mistake, not "no key"
+        api_key = os.environ.get("TUNEKIT_API_KEY")
+    if api_key is not None and not api_key.strip():
+        raise TunekitError("--api-key (or $TUNEKIT_API_KEY) is empty: give a key, or none for no key")
 
     serve_ui(host=host, port=port, api_key=api_key)
 
