@@ -64,7 +64,8 @@ _BOS = "{% if bos_token %}{{ bos_token }}{% endif %}"
 _SEP_BEFORE_TURN = "{% if not loop.first %}{{ '\\n' }}{% endif %}"
 _SEP_BEFORE_PROMPT = "{% if messages %}{{ '\\n' }}{% endif %}"
 
-CHATML = _j(
+# ChatML up to the reply's header; Qwen's template is the same with its thinking switch added.
+_CHATML = (
     "{% for m in messages %}",
     _SEP_BEFORE_TURN,
     "{{ '<|im_start|>' + m['role'] + '\\n' + m['content'] + '<|im_end|>' }}",
@@ -72,21 +73,15 @@ CHATML = _j(
     "{% if add_generation_prompt %}",
     _SEP_BEFORE_PROMPT,
     "{{ '<|im_start|>assistant\\n' }}",
-    "{% endif %}",
 )
+CHATML = _j(*_CHATML, "{% endif %}")
 
 # Qwen3: ChatML, plus its thinking switch: `enable_thinking=False` at inference opens the reply with an
 # empty think block. `<think>` blocks in assistant content are kept as written in every turn (Qwen3's
 # own template drops them from turns before the last user message, so those turns render differently
 # depending on what follows, and their loss spans could not be found).
 QWEN = _j(
-    "{% for m in messages %}",
-    _SEP_BEFORE_TURN,
-    "{{ '<|im_start|>' + m['role'] + '\\n' + m['content'] + '<|im_end|>' }}",
-    "{% endfor %}",
-    "{% if add_generation_prompt %}",
-    _SEP_BEFORE_PROMPT,
-    "{{ '<|im_start|>assistant\\n' }}",
+    *_CHATML,
     "{% if enable_thinking is defined and enable_thinking is false %}{{ '<think>\\n\\n</think>\\n\\n' }}{% endif %}",
     "{% endif %}",
 )
