@@ -28,6 +28,7 @@ from tunekit.runs import trackers
 from tunekit.runs.directory import append_metrics
 from tunekit.train import distributed, signals
 from tunekit.train.batching import length_grouped_batches
+from tunekit.train.budget import BudgetClock, BudgetPlan, measure_validation, notify_validation, plan_budget
 from tunekit.train.checkpoint import (
     checkpoint_bytes,
     ensure_free_space,
@@ -67,6 +68,7 @@ class LoopResult:
     stopped_early: bool = False  # train.early_stopping_patience ended the run
     best_step: int | None = None  # lowest validation loss: its weights are kept when stopping early
     best_val_loss: float | None = None
+    budget: dict | None = None  # train.time_budget's plan and outcome (train/budget.py)
 
     @property
     def tokens_per_s(self) -> float:
@@ -90,6 +92,56 @@ def plan_steps(n_items: int, tc: TrainConfig) -> tuple[int, int]:
     being batch_size x grad_accum x the number of processes."""
     steps_per_epoch = max(1, math.ceil(n_items / (tc.batch_size * tc.grad_accum * distributed.world())))
     return steps_per_epoch, tc.max_steps or max(1, math.ceil(tc.epochs * steps_per_epoch))
+
+
+def _validate(model, recipe: Recipe, items: list, fsdp: bool) -> dict[str, float]:
+    """The recipe's validation metrics over `items`, the model in eval mode and without gradients."""
+    was_training = model.training
+    model.eval()
+    with torch.no_grad():
+        metrics = recipe.validate(model, items)
+    model.train(was_training)
+    if fsdp:
+        distributed.reshard(model)  # a no-grad forward leaves the root gathered
+    return metrics
+
+
+def _budget_plan(
+    clock: BudgetClock, step: int, total_steps: int, every: tuple[int, int], save_every: int
+) -> BudgetPlan | None:
+    """Plan a budgeted run from its measured times, or re-plan it (after a validation or a checkpoint
+    that took longer than planned): None when the plan stands. A re-plan keeps the cadence and only
+    ever ends the run sooner. Every rank plans from the same (averaged) figures, so all stop at the
+    same step. `every` is (steps per epoch, the configured validation cadence)."""
+    step_s, val_s, ckpt_s = clock.figures()
+    step_s, ckpt_s, elapsed = (distributed.mean(x) for x in (step_s, ckpt_s, clock.elapsed()))
+    val_s = None if val_s is None else distributed.mean(val_s)
+    old = clock.plan
+    plan = plan_budget(
+        clock.budget_s,
+        elapsed,
+        step,
+        step_s,
+        val_s,
+        old.config_steps if old else total_steps,
+        *every,
+        ckpt_s=ckpt_s,
+        save_every=save_every,
+        eval_every=old.eval_every if old else None,
+        pending=old is None,  # a re-plan comes after this step's validation and checkpoint
+    )
+    if old is not None:
+        if plan.total_steps >= old.total_steps:
+            return None
+        plan.measured_at, clock.replans = old.measured_at, clock.replans + 1
+    clock.plan = plan
+    return plan
+
+
+def _follow(plan: BudgetPlan, tc: TrainConfig, eval_every: int) -> tuple[int, int, int]:
+    """(total steps, warmup steps, validation cadence) of a budget's plan: the learning-rate schedule is
+    rebuilt on the plan's last step, so its decay ends there instead of being cut off mid-way."""
+    return plan.total_steps, int(tc.warmup_ratio * plan.total_steps), plan.eval_every or eval_every
 
 
 def _grad_norm(params: list[torch.Tensor], max_norm: float | None) -> float:
@@ -189,6 +241,7 @@ def run_loop(
     epoch = step = tokens_total = 0
     t_train, loss, last_val = 0.0, float("nan"), {}
     stopper = EarlyStopping(params, tc.early_stopping_patience)
+    clock = BudgetClock(tc.time_budget) if tc.time_budget else None
     window: dict[str, float] = {"loss": 0.0, "n": 0, "tokens": 0, "time": 0.0}
     ckpt = latest_checkpoint(run_dir) if resume else None
     if ckpt is not None:
@@ -198,6 +251,10 @@ def run_loop(
         window = state["window"]
         if main:
             _truncate_metrics(metrics_path, step)
+        if clock is not None:  # the budget's plan and clock carry on where the checkpoint left them
+            clock = BudgetClock.from_state(clock.budget_s, state.get("budget"))
+            if clock.plan is not None:
+                total_steps, warmup, eval_every = _follow(clock.plan, tc, eval_every)
         if state["total_steps"] != total_steps:
             console.print(
                 f"[yellow]resume: the run was planned for {state['total_steps']} steps, now {total_steps}; "
@@ -227,6 +284,7 @@ def run_loop(
             "loss": loss,
             "val": last_val,
             "window": window,
+            "budget": clock.state() if clock else None,
         }
         if identity is not None:  # resume refuses a checkpoint of another config (train/session.py)
             state |= {"config": identity, "config_hash": identity_hash(identity)}
@@ -243,6 +301,8 @@ def run_loop(
         console=console,
         disable=quiet,
     )
+    if clock is not None:
+        clock.start()
     with signals.deferred() as stop, progress:
         bar = progress.add_task("train", total=total_steps, completed=step, info="")
         while step < total_steps:
@@ -276,6 +336,18 @@ def run_loop(
             dt = time.perf_counter() - t0
             tokens_total += n_tokens
             t_train += dt
+            if clock is not None:
+                clock.timed_step(dt)
+                if clock.wants_plan(step, total_steps):
+                    if recipe.validation and recipe.validate:
+                        clock.val_estimate = measure_validation(
+                            lambda items: _validate(model, recipe, items, fsdp), recipe.validation
+                        )
+                    plan = _budget_plan(clock, step, total_steps, (steps_per_epoch, eval_every), save_every)
+                    total_steps, warmup, eval_every = _follow(plan, tc, eval_every)
+                    progress.update(bar, total=total_steps)
+                    if not quiet:
+                        progress.console.print(plan.line())
             for k, v in (("loss", loss), ("n", 1), ("tokens", n_tokens), ("time", dt)):
                 window[k] += v
             for k, v in extra.items():
@@ -293,13 +365,10 @@ def run_loop(
                 } | {k: v / n for k, v in window.items()}
                 window = {"loss": 0.0, "n": 0, "tokens": 0, "time": 0.0}
             if recipe.validation and recipe.validate and (step % eval_every == 0 or step == total_steps):
-                was_training = model.training
-                model.eval()
-                with torch.no_grad():
-                    last_val = recipe.validate(model, recipe.validation)
-                model.train(was_training)
-                if fsdp:
-                    distributed.reshard(model)  # a no-grad forward leaves the root gathered
+                t_val = time.perf_counter()
+                last_val = _validate(model, recipe, recipe.validation, fsdp)
+                if clock is not None:
+                    clock.val_times.append(time.perf_counter() - t_val)
                 record = (record or {"step": step, "epoch": round(step / steps_per_epoch, 4)}) | last_val
                 if not quiet:
                     shown = ", ".join(
@@ -308,6 +377,7 @@ def run_loop(
                     progress.console.print(f"step {step}: train loss {loss:.4f}, {shown}")
                 if "val_loss" in last_val and stopper.update(step, last_val["val_loss"], loss) and not quiet:
                     progress.console.print(f"[yellow]{stopper.warning}")
+                notify_validation(step, last_val)  # e.g. tunekit tune's pruner, which may end the run
             if record and main:
                 append_metrics(metrics_path, record)
                 trackers.log_metrics(run_dir, record, total_steps)  # registry, TensorBoard, MLflow
@@ -318,7 +388,10 @@ def run_loop(
                 console.print(f"step {step}/{total_steps}: {info}, {t_train:.0f}s")
             stop.signum = distributed.max_int(stop.signum or 0) or None  # every rank stops together
             if step % save_every == 0 or step == total_steps or stop.signum:
+                t_save = time.perf_counter()
                 saved = checkpoint()
+                if clock is not None:
+                    clock.ckpt_times.append(time.perf_counter() - t_save)
                 if stop.signum:
                     raise Interrupted(
                         f"{signal.Signals(stop.signum).name} at step {step} of {total_steps}: checkpoint "
@@ -326,6 +399,25 @@ def run_loop(
                         "(or `tunekit train CONFIG --resume`).",
                         exit_code=128 + stop.signum,
                     )
+            heavy = step % eval_every == 0 or step % save_every == 0  # a validation or checkpoint ran
+            if clock is not None and clock.plan is not None and heavy and step < total_steps:
+                replan = _budget_plan(clock, step, total_steps, (steps_per_epoch, eval_every), save_every)
+                if replan is not None:
+                    total_steps, warmup, eval_every = _follow(replan, tc, eval_every)
+                    progress.update(bar, total=total_steps)
+                    if not quiet:
+                        progress.console.print(f"time budget: slower than planned; {replan.line()}")
+            if clock is not None and step < total_steps and distributed.max_int(int(clock.over())):
+                # The safety stop: the plan was too hopeful (slower steps later, a busy machine).
+                clock.ended_training = True
+                if step % save_every:
+                    checkpoint()
+                if not quiet:
+                    progress.console.print(
+                        f"[yellow]time budget: the deadline came at step {step} of {total_steps}; "
+                        "checkpoint saved, training ends here"
+                    )
+                break
             if stopper.should_stop:
                 if not quiet:
                     progress.console.print(
@@ -346,6 +438,7 @@ def run_loop(
         stopped_early=stopper.should_stop,
         best_step=stopper.best_step,
         best_val_loss=stopper.best,
+        budget=clock.record(t_train) if clock else None,
     )
 
 
