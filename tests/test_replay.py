@@ -49,3 +49,13 @@ def test_training_with_replay_keeps_splits_clean(tiny_model_dir, chat_file, tmp_
     assert summary["replay_examples"] == round(0.5 * n_train)
     for split in ("train", "validation", "test"):
         assert "Say " not in (run / "data" / f"{split}.jsonl").read_text()
+
+
+def test_replay_file_shorthand_and_off(tmp_path):
+    """`data.replay: FILE` is {path: FILE}; false and null turn replay off."""
+    path = shared_data("llamafactory-demo/alpaca_en_demo.json")
+    cfg = config_from_dict({"data": {"train": "x.jsonl", "replay": str(path)}})
+    assert (cfg.data.replay.source, cfg.data.replay.path) == ("file", path)
+    assert len(replay_examples(cfg.data.replay, 50)) == 5
+    for off in (False, None):
+        assert config_from_dict({"data": {"train": "x.jsonl", "replay": off}}).data.replay is None

@@ -19,6 +19,7 @@ from __future__ import annotations
 import difflib
 import hashlib
 import json
+import re
 import types
 import typing
 from pathlib import Path
@@ -88,14 +89,69 @@ def _coercion_problem(annotation: Any, v: Any, check_range: bool = True) -> str 
     return None
 
 
-class ReplayConfig(_Strict):
-    """General data mixed into the training split (`data.replay`), so the model keeps what it knew."""
+DURATION_FORMS = "a number of seconds or a duration such as 90s, 60m, 2h, 1h30m"
 
-    path: Path = Field(description="File of general examples (any supported format), e.g. alpaca data.")
+
+def parse_duration(text: str) -> float:
+    """Seconds in a duration written as '90s', '60m', '2h', '1h30m', '1.5h' or a bare number of seconds."""
+    match = re.fullmatch(r"\s*(?:([\d.]+)\s*h)?\s*(?:([\d.]+)\s*m)?\s*(?:([\d.]+)\s*s?)?\s*", text.lower())
+    parts = match.groups() if match else (None,)
+    try:
+        if not any(parts):
+            raise ValueError
+        seconds = sum(float(p) * unit for p, unit in zip(parts, (3600, 60, 1), strict=True) if p)
+    except ValueError:
+        raise ValueError(f"{text!r} is not a duration; give {DURATION_FORMS}") from None
+    if not 0 < seconds < float("inf"):
+        raise ValueError(f"{text!r} is not a positive, finite duration; give {DURATION_FORMS}")
+    return seconds
+
+
+class ReplayConfig(_Strict):
+    """General data mixed into the training split (`data.replay`), so the model keeps what it knew.
+
+    Two sources: a file of general examples (`{path: FILE}`, or just `FILE`), or `self`: the base
+    model's own greedy answers to a shipped set of general prompts, generated once and cached under
+    $TUNEKIT_HOME (train/self_replay.py), so no outside data is needed.
+    """
+
+    source: Literal["file", "self"] = Field(
+        "file",
+        description="file: the examples of `path`; self: the base model's own answers to general prompts "
+        "(self-distillation; `data.replay: self` is short for {source: self}).",
+    )
+    path: Path | None = Field(
+        None, description="source: file: the file of general examples (any supported format), e.g. alpaca."
+    )
     ratio: float = Field(
         0.1, gt=0, le=1, description="Replay examples added, as a share of the training examples."
     )
-    seed: Seed = Field(0, description="Seed of the draw from the replay file.")
+    seed: Seed = Field(0, description="Seed of the draw from the replay examples.")
+    prompts: Path | None = Field(
+        None,
+        description='source: self: a JSONL of {"prompt": ...} rows to answer instead of the shipped '
+        "general prompts (data/general_prompts.jsonl).",
+    )
+    max_new_tokens: int = Field(
+        128, gt=0, le=4096, description="source: self: the longest answer generated; longer ones are dropped."
+    )
+
+    @model_validator(mode="after")
+    def _source_needs(self) -> ReplayConfig:
+        if self.source == "file" and self.path is None:
+            raise ValueError(
+                "needs `path: FILE` (a file of general examples), or `source: self` "
+                "(or just `data.replay: self`) for the base model's own answers"
+            )
+        if self.source == "self" and self.path is not None:
+            raise ValueError(
+                "path: not used with source: self (the base model answers general prompts); "
+                "drop path, or drop source: self to replay the file; `prompts:` names "
+                "other prompts"
+            )
+        if self.source == "file" and self.prompts is not None:
+            raise ValueError("prompts: only used with source: self; drop it, or set source: self")
+        return self
 
 
 class DataConfig(_Strict):
@@ -117,7 +173,9 @@ class DataConfig(_Strict):
     split_seed: Seed = Field(42, description="Seed of that split.")
     replay: ReplayConfig | None = Field(
         None,
-        description="Mix general data into training against forgetting, e.g. {path: alpaca.json, ratio: 0.1}.",
+        description="Mix general data into training against forgetting (task: sft): `self` (the base "
+        "model's own answers to general prompts, cached), {source: self, ratio: 0.1}, a file "
+        "(FILE or {path: FILE, ratio: 0.1}); null or false: none.",
     )
     streaming: bool = Field(
         False,
@@ -125,6 +183,18 @@ class DataConfig(_Strict):
         "split it by a hash of each row's content, tokenize it into an on-disk store under the run's cache/ "
         "and memory-map that for training, so memory does not grow with the number of rows.",
     )
+
+    @field_validator("replay", mode="before")
+    @classmethod
+    def _replay_shorthand(cls, v: Any) -> Any:
+        """`self` is {source: self}; any other string is a file, {path: FILE}; false is none."""
+        if v is False:
+            return None
+        if isinstance(v, str):
+            if v.strip().lower() in ("none", "off", "null", ""):
+                return None
+            return {"source": "self"} if v.strip() == "self" else {"path": v}
+        return v
 
     @field_validator("split")
     @classmethod
@@ -160,6 +230,27 @@ class DpoConfig(_Strict):
 
     beta: float = Field(0.1, gt=0, description="Strength of the implicit KL penalty to the reference.")
     label_smoothing: float = Field(0.0, ge=0, lt=0.5, description="Conservative DPO: assumed label noise.")
+
+
+class KtoConfig(_Strict):
+    """Kahneman-Tversky optimisation (`task: kto`) on answers rated desirable or undesirable."""
+
+    beta: float = Field(0.1, gt=0, description="Strength of the implicit KL penalty to the reference.")
+    desirable_weight: float = Field(
+        1.0, gt=0, description="Loss weight of desirable answers (raise it when they are the fewer)."
+    )
+    undesirable_weight: float = Field(
+        1.0, gt=0, description="Loss weight of undesirable answers (raise it when they are the fewer)."
+    )
+
+
+class OrpoConfig(_Strict):
+    """Odds-ratio preference optimisation (`task: orpo`): SFT on the chosen answer plus a log-odds
+    penalty, with no reference model."""
+
+    beta: float = Field(
+        0.1, gt=0, description="Weight of the odds-ratio term against the chosen answer's NLL (lambda)."
+    )
 
 
 class RlConfig(_Strict):
@@ -245,9 +336,25 @@ class TrainConfig(_Strict):
         gt=0,
         description="Stop after N validations without a lower validation loss, and keep the best weights.",
     )
+    time_budget: float | None = Field(
+        None,
+        gt=0,
+        description="Wall-clock time the training loop may take (steps, validation passes and checkpoints; "
+        "not loading the model or saving it at the end): '90s', '60m', '2h', '1h30m' or seconds. The first "
+        "steps are timed, then the run is cut to the steps that fit (the learning-rate schedule ending at "
+        "the new last step) and validation spaced to take at most a tenth of it; a hard stop at the "
+        "deadline saves a checkpoint. The config's epochs / max_steps stay the most it trains.",
+    )
     init_from: Path | None = Field(
         None, description="Start from the weights of an earlier run directory (`tunekit train --from`)."
     )
+
+    @field_validator("time_budget", mode="before")
+    @classmethod
+    def _duration(cls, v: Any) -> Any:
+        if isinstance(v, int | float) and not isinstance(v, bool) and not 0 < v < float("inf"):
+            raise ValueError(f"{v} seconds: the budget must be finite and above 0; give {DURATION_FORMS}")
+        return parse_duration(v) if isinstance(v, str) else v
 
     @field_validator("gradient_checkpointing")
     @classmethod
@@ -325,6 +432,8 @@ class Config(_Strict):
     data: DataConfig
     lora: LoraConfig = Field(default_factory=LoraConfig)
     dpo: DpoConfig = Field(default_factory=DpoConfig)
+    kto: KtoConfig = Field(default_factory=KtoConfig)
+    orpo: OrpoConfig = Field(default_factory=OrpoConfig)
     rl: RlConfig = Field(default_factory=RlConfig)
     train: TrainConfig = Field(default_factory=TrainConfig)
     eval: EvalConfig = Field(default_factory=EvalConfig)
@@ -387,6 +496,7 @@ RESUME_MAY_CHANGE = (
     "train.padding_free",
     "train.loss_chunk_tokens",
     "train.compile",
+    "train.time_budget",
 )
 
 

@@ -29,11 +29,13 @@ ROWS: dict[str, str] = {
     "classify": "tunekit.train.recipes.classify",
     "reward": "tunekit.train.recipes.reward",
     "dpo": "tunekit.train.recipes.dpo",
+    "kto": "tunekit.train.recipes.kto",
+    "orpo": "tunekit.train.recipes.orpo",
     "rl": "tunekit.train.recipes.rl",
 }
 
 # The data a task reads, as the canonical Example carries it.
-DataKind = Literal["conversations", "labels", "pairs"]
+DataKind = Literal["conversations", "labels", "pairs", "unpaired"]
 
 
 @dataclass(frozen=True)
@@ -42,7 +44,9 @@ class Task:
 
     name: str
     summary: str  # one line, for `--help` and errors
-    data: DataKind  # conversations (any chat format), labels (text + label), pairs (chosen/rejected)
+    # conversations (any chat format), labels (text + label), pairs (chosen/rejected), unpaired (one
+    # answer rated desirable or undesirable: KTO feedback)
+    data: DataKind
     recipe: Callable[[Any], Path]  # train(run: RunSession) -> the run directory
     evaluation: str  # "module:function" with (run_dir, data=None, quiet=False, **options) -> report
     generative: bool  # yields a language model: exportable, servable, chattable
@@ -57,6 +61,9 @@ class Task:
     # time (the memory estimate counts the logits so).
     loss_chunked: bool = False
     init_from: bool = False  # `train.init_from` (`tunekit train --from RUN`) starts from a run's weights
+    replay: bool = False  # data.replay (a file, or `self`: the base model's own answers) joins training
+    # Why train.time_budget cannot apply (its loop is not the shared one); empty: the budget applies.
+    no_time_budget: str = ""
     # Task-specific config rules: returns errors, each naming its dotted key and the fix.
     check_config: Callable[[Config], list[str]] = field(default=lambda cfg: [])
 
@@ -110,5 +117,16 @@ def check_config(cfg: Config) -> list[str]:
         problems.append(
             f"train.init_from: only task: {' or '.join(takers)} continues from an earlier run's weights; "
             f"drop --from for task: {task.name}"
+        )
+    if cfg.data.replay is not None and not task.replay:
+        takers = [t for t in ROWS if get_task(t).replay]
+        problems.append(
+            f"data.replay: only task: {' or '.join(takers)} mixes replay examples into training; task: "
+            f"{task.name} would ignore them, so drop data.replay"
+        )
+    if cfg.train.time_budget is not None and task.no_time_budget:
+        problems.append(
+            f"train.time_budget: task: {task.name} cannot keep a time budget ({task.no_time_budget}); "
+            "drop train.time_budget (--time-budget)"
         )
     return problems + task.check_config(cfg)

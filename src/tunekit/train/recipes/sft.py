@@ -18,8 +18,6 @@ from typing import TYPE_CHECKING
 
 import torch
 
-from tunekit.console import err as console
-from tunekit.data.replay import mix_replay, replay_examples
 from tunekit.data.stream import ExampleStream
 from tunekit.data.tokenize import IGNORE_INDEX, TokenizedExample
 from tunekit.errors import TunekitError
@@ -29,6 +27,7 @@ from tunekit.train import distributed
 from tunekit.train.batching import collate, sequential_batches
 from tunekit.train.loop import Recipe, run_loop
 from tunekit.train.loss import loss_sum
+from tunekit.train.self_replay import replay_for_training
 from tunekit.train.setup import build_model, init_from_run, save_trained
 from tunekit.train.tokens import tokenize_cached, tokenize_stored
 
@@ -41,25 +40,23 @@ def train_sft(run: RunSession) -> Path:
     cfg, splits, tc = run.cfg, run.splits, run.cfg.train
     model_path = resolve_model(cfg.model)
     tokenizer = load_tokenizer(model_path, cfg.chat_template)
+    # data.replay (train/self_replay.py): general examples that join the training examples only (the
+    # split files stay the task's). Drawn before the model is built: `self` may load the base to answer.
+    extra = replay_for_training(cfg, tokenizer, model_path, len(splits["train"]), run.quiet)
+    n_replay = len(extra)
     model, params = build_model(cfg, model_path, tokenizer=tokenizer, quiet=run.quiet)
     if tc.init_from is not None and not run.resume:
         init_from_run(model, tc.init_from, cfg.method, run.quiet)
 
-    # data.replay: general examples join the training examples only (the split files stay the task's).
     if isinstance(splits["train"], ExampleStream):
         # data.streaming: the train split goes from data/train.jsonl into a memory-mapped token store.
-        extra = replay_examples(cfg.data.replay, len(splits["train"])) if cfg.data.replay else []
-        n_replay = len(extra)
         train_data = tokenize_stored(
             tokenizer, splits["train"], extra, tc.max_length, "train", run.dir, run.quiet
         )
         lengths = train_data.lengths  # (examples,) int32
     else:
-        train_examples, n_replay = mix_replay(splits["train"], cfg.data.replay)
-        train_data = tokenize_cached(tokenizer, train_examples, tc.max_length, "train", run.dir)
+        train_data = tokenize_cached(tokenizer, splits["train"] + extra, tc.max_length, "train", run.dir)
         lengths = [len(t.input_ids) for t in train_data]
-    if n_replay and not run.quiet:
-        console.print(f"replay: {n_replay} examples from {cfg.data.replay.path} mixed into training")
     val_data = tokenize_cached(tokenizer, splits["validation"], tc.max_length, "validation", run.dir)
     if not len(train_data):
         raise TunekitError("data.train: no example has target tokens within train.max_length")
@@ -125,4 +122,5 @@ TASK = Task(
     streaming=True,
     loss_chunked=True,
     init_from=True,
+    replay=True,
 )
