@@ -5,6 +5,7 @@ Run as: `tunekit --help`.
 
 from __future__ import annotations
 
+import json
 import sys
 from pathlib import Path
 from typing import Annotated
@@ -57,6 +58,12 @@ def train(
     from_: Annotated[
         Path | None, typer.Option("--from", help="Start from the weights of an earlier run (new data).")
     ] = None,
+    time_budget: Annotated[
+        str | None,
+        typer.Option(
+            help="Fit the training loop into this time: 90s, 60m, 2h, 1h30m or seconds (train.time_budget)."
+        ),
+    ] = None,
     nproc: Annotated[int, typer.Option(help="Processes on this machine (data parallel, via torchrun).")] = 1,
     nnodes: Annotated[int, typer.Option(help="Machines taking part.")] = 1,
     node_rank: Annotated[int, typer.Option(help="This machine's index, 0 .. nnodes-1.")] = 0,
@@ -69,6 +76,8 @@ def train(
     from tunekit.train.session import train as train_task
 
     overrides = (set_ or []) + ([f"train.init_from={from_}"] if from_ is not None else [])
+    # Quoted: '' or '90' reach the config as text, so an empty budget is an error, not "no budget".
+    overrides += [f"train.time_budget={json.dumps(time_budget)}"] if time_budget is not None else []
     cfg = load_config(config, overrides)  # a bad config fails here, once, before any worker starts
     if (nproc > 1 or nnodes > 1) and not distributed.launched():
         distributed.check_supported(cfg)
@@ -84,6 +93,30 @@ def train(
         overwrite=overwrite,
         skip_damaged=skip_damaged,
     )
+
+
+@app.command()
+def tune(
+    config: Annotated[Path, typer.Argument(help="YAML config file: the run whose settings are searched.")],
+    trials: Annotated[int, typer.Option(help="Trials the study reaches in all (a re-run adds more).")] = 10,
+    budget: Annotated[
+        str | None,
+        typer.Option(help="Wall-clock time for this invocation's trials: 90s, 60m, 2h, 1h30m or seconds."),
+    ] = None,
+    out: Annotated[
+        Path | None, typer.Option(help="The study's folder (default runs/tune-CONFIG); the same one resumes.")
+    ] = None,
+) -> None:
+    """Search learning rate, epochs, LoRA rank and method on the validation split (Optuna: TPE and a
+    median pruner); writes trials.csv, trials.md and best.yaml. Re-run with the same --out to resume."""
+    from tunekit.config import parse_duration
+    from tunekit.iterate.tune import tune as run_tune
+
+    try:
+        budget_s = parse_duration(budget) if budget is not None else None
+    except ValueError as e:
+        raise TunekitError(f"--budget: {e}") from None
+    run_tune(config, trials, out or Path("runs") / f"tune-{config.stem}", budget_s)
 
 
 @app.command("resume")

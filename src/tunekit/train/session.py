@@ -293,6 +293,8 @@ class RunSession:
             "best_step": result.best_step,
             "best_val_loss": result.best_val_loss,
         } | extra
+        if getattr(result, "budget", None):
+            self.summary["time_budget"] = result.budget  # train.time_budget: the plan and who ended the run
         if getattr(self, "_speed", None):
             self.summary["speed"] = self._speed  # each speed piece: "on", or "off: why"
         self.summary |= cuda_peak_memory()  # on CUDA only

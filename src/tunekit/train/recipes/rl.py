@@ -316,5 +316,7 @@ TASK = Task(
     multi_process=False,
     not_resumable="its RL stage runs in TRL's own loop; start it again, reusing finished stages with "
     "rl.policy: RUN/stages/sft and rl.reward_model: RUN/stages/reward",
+    no_time_budget="its RL stage runs in TRL's own loop, which the budget does not drive; budget the SFT "
+    "and reward stages as runs of their own (task: sft, task: reward)",
     check_config=check_rl_config,
 )
