@@ -143,6 +143,26 @@ FIXTURE_CASES: dict[str, tuple[str, int, list[tuple[int, str, str]]]] = {
             (6, "missing_field", "rejected"),
         ],
     ),
+    "openai_dpo": (
+        "openai_dpo",
+        2,
+        [
+            (2, "unsupported_field", "input.tools"),
+            (3, "unknown_role", "preferred_output[0].role"),
+            (4, "missing_field", "non_preferred_output"),
+            (5, "wrong_type", "input"),
+        ],
+    ),
+    "kto": (
+        "kto",
+        3,
+        [
+            (2, "bad_label", "label"),
+            (3, "no_target", "messages"),
+            (4, "missing_field", "completion"),
+            (5, "bad_label", "label"),
+        ],
+    ),
     "text": (
         "text",
         3,
@@ -170,8 +190,9 @@ def test_good_fixture_loads(stem):
     assert {e.format for e in examples} == {fmt}
     assert [e.line for e in examples] == list(range(1, count + 1))
     assert all(e.messages[-1].role == "assistant" for e in examples)
-    is_pair = fmt in ("preference", "anthropic_hh", "sharegpt_preference")
+    is_pair = fmt in ("preference", "anthropic_hh", "sharegpt_preference", "openai_dpo")
     assert all((e.rejected is not None) == is_pair for e in examples)
+    assert all((e.desirable is not None) == (fmt == "kto") for e in examples)
 
 
 @pytest.mark.parametrize("stem", FIXTURE_CASES)
@@ -271,6 +292,7 @@ def test_text_is_one_assistant_turn_with_no_prompt():
         (("prompt", "chosen", "rejected", "completion"), "preference"),
         (("chosen", "rejected"), "anthropic_hh"),
         (("messages", "label"), "chat"),
+        (("input", "preferred_output", "non_preferred_output"), "openai_dpo"),
         (("prompt", "completion"), "prompt_completion"),
         (("instruction", "input", "output"), "alpaca"),
         (("text", "label"), "classification"),
@@ -284,11 +306,28 @@ def test_detection_does_not_confuse_formats(keys, expected):
     assert detect_format(dict.fromkeys(keys, "x")) == expected
 
 
+@pytest.mark.parametrize(
+    ("record", "expected"),
+    [
+        ({"messages": [], "label": True}, "kto"),
+        ({"conversations": [], "label": False}, "kto"),
+        ({"prompt": "x", "completion": "y", "label": False}, "kto"),
+        ({"messages": [], "label": "true"}, "chat"),  # a string label is a class
+        ({"text": "x", "label": True}, "classification"),  # no conversation: a boolean class
+        ({"prompt": "x", "chosen": "y", "rejected": "z", "label": True}, "preference"),
+    ],
+)
+def test_a_boolean_label_on_a_conversation_is_kto_feedback(record, expected):
+    assert detect_format(record) == expected
+
+
 def test_every_format_is_detectable():
     assert list(FORMAT_KEYS) == [
         "sharegpt_preference",
         "preference",
+        "openai_dpo",
         "anthropic_hh",
+        "kto",
         "sharegpt",
         "chat",
         "prompt_completion",
@@ -462,10 +501,13 @@ def test_real_llamafactory_tool_calls_are_reported_not_dropped():
     assert len(tools) == 38 and {p.field for p in tools} == {"tools"}
 
 
-def test_real_llamafactory_kto_is_chat_with_labels():
+def test_real_llamafactory_kto_is_kto_feedback():
     examples = load_examples(shared("llamafactory-demo/kto_en_demo.json"))
-    assert len(examples) == 300 and {e.format for e in examples} == {"chat"}
-    assert sorted({e.label for e in examples}) == ["false", "true"]
+    assert len(examples) == 300 and {e.format for e in examples} == {"kto"}
+    assert sorted({e.desirable for e in examples}) == [False, True] and {e.label for e in examples} == {None}
+    # Read as chat (data.format: chat), the booleans are class labels, as before the kto format.
+    as_chat = load_examples(shared("llamafactory-demo/kto_en_demo.json"), format="chat")
+    assert sorted({e.label for e in as_chat}) == ["false", "true"]
 
 
 def test_real_mlx_wikisql_is_raw_text():

@@ -6,7 +6,8 @@
 Per row: the reader's and normalizer's errors (invalid JSON, missing fields, unknown roles, ...,
 and rows no task can train on: no prompt before the first answer, e.g. raw `text` rows), plus
 warnings (no system or user message, longer than max_length, a very short target, control
-characters, a key given twice, a key the format does not use). Per file: no rows at all is an error. Per file: exact and near duplicates. Across files: leakage (the same or nearly the
+characters, a key given twice, a key the format does not use). KTO feedback: a data set rated only one
+way, and one answer rated both ways, are warnings. Per file: no rows at all is an error. Per file: exact and near duplicates. Across files: leakage (the same or nearly the
 same example in two files, e.g. train and test). Statistics: turns, tokens with the model's
 tokenizer, labels. Every row is accounted for: kept + rejected == total.
 """
@@ -22,7 +23,7 @@ from pathlib import Path
 from typing import Any
 
 from tunekit.data.example import Example
-from tunekit.data.needs import NO_PROMPT, untrainable
+from tunekit.data.needs import NO_PROMPT, feedback_counts, untrainable
 from tunekit.data.problems import Problem
 from tunekit.errors import TunekitError
 
@@ -182,6 +183,33 @@ def example_text(ex: Example) -> str:
     return "\n".join(m.content for m in turns if m.role != "system")
 
 
+def feedback_warnings(examples: list[Example]) -> list[Problem]:
+    """KTO feedback that trains badly: rated only one way (task: kto refuses such a train split), or
+    the same answer to the same prompt rated both ways (the two cancel out)."""
+    rated = [e for e in examples if e.desirable is not None]
+    if not rated:
+        return []
+    out = []
+    good, bad = feedback_counts(rated)
+    if not (good and bad):
+        missing = "undesirable (label false)" if good else "desirable (label true)"
+        msg = (
+            f"{good} desirable and {bad} undesirable answers: KTO learns from the contrast of both kinds, "
+            f"and task: kto refuses a train split without either; add {missing} examples"
+        )
+        out.append(Problem(rated[0].source, 0, "label", "one_sided_feedback", msg, "warning"))
+    first: dict[str, Example] = {}
+    for ex in rated:
+        seen = first.setdefault(example_text(ex), ex)
+        if seen.desirable != ex.desirable:
+            msg = (
+                f"the same answer to the same prompt is rated {'desirable' if seen.desirable else 'undesirable'} "
+                f"at {seen.where} and the opposite here, so the two cancel out; keep the right rating"
+            )
+            out.append(Problem(ex.source, ex.line, "label", "conflicting_feedback", msg, "warning"))
+    return out
+
+
 def find_duplicates(fc: FileCheck, threshold: float) -> list[dict[str, Any]]:
     from tunekit.data.dedup import find_duplicates as exact_and_near
 
@@ -268,6 +296,9 @@ def compute_stats(examples: list[Example], lengths: list[int] | None) -> dict[st
     if lengths is not None:
         stats["tokens_per_example"] = _summary(lengths)
         stats["total_tokens"] = sum(lengths)
+    good, bad = feedback_counts(examples)
+    if good or bad:  # KTO feedback: how many answers are rated each way
+        stats["feedback"] = {"desirable": good, "undesirable": bad}
     labels = Counter(e.label for e in examples if e.label is not None)
     if labels:
         stats["labels"] = dict(labels.most_common())
@@ -305,6 +336,7 @@ def check_data(
         for w in row_warnings(ex, lengths[k] if lengths else None, max_length)
     ]
     warnings += [p for fc in checks for p in fc.problems if p.severity == "warning"]
+    warnings += feedback_warnings(examples)
     duplicates = [d for fc in checks for d in find_duplicates(fc, near_threshold)]
     leakage = [
         d for i, a in enumerate(checks) for b in checks[i + 1 :] for d in find_leakage(a, b, near_threshold)

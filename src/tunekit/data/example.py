@@ -40,6 +40,9 @@ class Example:
     # Preference pairs: `messages` is the prompt plus the chosen answer, `rejected` the rejected
     # answer's turns (usually one assistant message) that replace the chosen ones after the prompt.
     rejected: tuple[Message, ...] | None = None
+    # Unpaired preference feedback (KTO): whether the final assistant turn(s) after the prompt are a
+    # desirable (True) or undesirable (False) answer to it; None for every other kind of row.
+    desirable: bool | None = None
     source: str = ""  # the file it came from
     line: int = 0  # 1-based line in that file where the row starts (CSV: the physical line)
     format: str = ""  # the detected or given input format, e.g. "chat", "alpaca"
@@ -76,7 +79,7 @@ class Example:
         return self.messages[:k], self.messages[k:], self.rejected
 
     def to_dict(self) -> dict[str, Any]:
-        """The canonical JSON form (OpenAI chat, plus `label` when set)."""
+        """The canonical JSON form (OpenAI chat, plus `label`, `rejected` and `desirable` when set)."""
         d: dict[str, Any] = {
             "messages": [
                 {"role": m.role, "content": m.content} | ({} if m.weight == 1 else {"weight": m.weight})
@@ -87,6 +90,8 @@ class Example:
             d["label"] = self.label
         if self.rejected is not None:
             d["rejected"] = [{"role": m.role, "content": m.content} for m in self.rejected]
+        if self.desirable is not None:
+            d["desirable"] = self.desirable
         return d
 
     def content_hash(self) -> str:

@@ -7,8 +7,13 @@ identify each, in detection order:
     sharegpt_preference  {"conversations": [{"from": "human", "value": "2+2?"}],
                           "chosen": {"from": "gpt", "value": "4"}, "rejected": {"from": "gpt", "value": "5"}}
     preference           {"prompt": "2+2?", "chosen": "4", "rejected": "5"}   (or TRL's message lists)
+    openai_dpo           {"input": {"messages": [{"role": "user", "content": "2+2?"}]},
+                          "preferred_output": [{"role": "assistant", "content": "4"}],
+                          "non_preferred_output": [{"role": "assistant", "content": "5"}]}
     anthropic_hh         {"chosen": "\\n\\nHuman: 2+2?\\n\\nAssistant: 4",
                           "rejected": "\\n\\nHuman: 2+2?\\n\\nAssistant: 5"}
+    kto                  {"messages": [{"role": "user", "content": "2+2?"}, {"role": "assistant", "content": "4"}],
+                          "label": true}   (or {"prompt": "2+2?", "completion": "5", "label": false}, TRL's form)
     sharegpt             {"conversations": [{"from": "human", "value": "2+2?"}, {"from": "gpt", "value": "4"}]}
     chat                 {"messages": [{"role": "user", "content": "2+2?"}, {"role": "assistant", "content": "4"}]}
                          (plus "rejected": [{"role": "assistant", ...}] in tunekit's canonical pair form)
@@ -18,13 +23,14 @@ identify each, in detection order:
     text                 {"text": "table: ...\\nQ: ...\\nA: SELECT ..."}
 
 Preference formats give an `Example` whose `messages` are the prompt plus the chosen answer and whose
-`rejected` holds the rejected answer. A new format is one function added to `FORMATS` (and its keys
-to `FORMAT_KEYS` to be auto-detected).
+`rejected` holds the rejected answer; `kto` gives one answer with `desirable` set. A new format is one
+function added to `FORMATS` (and its keys to `FORMAT_KEYS` to be auto-detected).
 
 Problem kinds raised here: missing_field, wrong_type, empty_content, unknown_role, no_target,
 ends_not_assistant, consecutive_roles, invalid_weight, prompt_mismatch, bad_label, format_mismatch,
-unsupported_field, invalid_utf8; and one warning, unused_key: a key the format does not read (e.g.
-`system` on a prompt_completion row), whose value would otherwise vanish without a word.
+unsupported_field, invalid_utf8 (bad_label also for a kto label that is not true/false); and one
+warning, unused_key: a key the format does not read (e.g. `system` on a prompt_completion row), whose
+value would otherwise vanish without a word.
 """
 
 from __future__ import annotations
@@ -70,8 +76,13 @@ def chat(record: dict[str, Any]) -> Example:
     label = record.get("label")
     # `rejected`: the canonical form of a preference pair, as run directories store their splits.
     rejected = tuple(_message_list(record["rejected"], "rejected")) if "rejected" in record else None
+    # `desirable`: the canonical form of a KTO row (see `kto`), as run directories store their splits.
+    desirable = _desirable(record["desirable"], "desirable") if "desirable" in record else None
     return Example(
-        messages=tuple(turns), label=None if label is None else _label(label, "label"), rejected=rejected
+        messages=tuple(turns),
+        label=None if label is None else _label(label, "label"),
+        rejected=rejected,
+        desirable=desirable,
     )
 
 
@@ -143,7 +154,7 @@ def _check_conversation(
         )
 
 
-def _no_tools(record: dict[str, Any]) -> None:
+def _no_tools(record: dict[str, Any], prefix: str = "") -> None:
     """Tool definitions are not supported yet. Dropping them would be wrong, not just lossy: the
     answers may rely on them (calling a tool, or declining what no tool can do), so the row is an error.
     Checked after the turns, so a row with tool turns reports those (`unknown_role`) first."""
@@ -152,7 +163,7 @@ def _no_tools(record: dict[str, Any]) -> None:
         if not value or (isinstance(value, str) and value.strip() in ("", "[]")):  # none, or "[]"
             continue
         raise FieldError(
-            key,
+            prefix + key,
             "unsupported_field",
             "tool definitions are not supported yet, and the answers in this row may rely on them; "
             "remove the row (or the tools, if no answer depends on them)",
@@ -251,17 +262,21 @@ def preference(record: dict[str, Any]) -> Example:
     form (TRL "conversational"): `prompt` is a list of messages (or a string) and `chosen`/`rejected`
     lists of messages holding the answer, or the whole conversation (the prompt's turns, then the answer).
     """
-    if isinstance(record["prompt"], str):
-        prompt, fields = [Message("user", _text(record["prompt"], "prompt"))], ["prompt"]
-    else:
-        prompt = _message_list(record["prompt"], "prompt", _STRING_OR_MESSAGES)
-        fields = [f"prompt[{i}].role" for i in range(len(prompt))]
+    prompt, fields = _preference_prompt(record["prompt"])
     answers = []
     for key in ("chosen", "rejected"):
         answer, answer_fields = _preference_answer(record[key], key, prompt)
         _check_conversation([*prompt, *answer], [*fields, *answer_fields], key)
         answers.append(answer)
     return Example(messages=(*prompt, *answers[0]), rejected=tuple(answers[1]))
+
+
+def _preference_prompt(value: Any) -> tuple[list[Message], list[str]]:
+    """TRL's `prompt`: a string (one user turn) or a list of messages; and the role field of each turn."""
+    if isinstance(value, str):
+        return [Message("user", _text(value, "prompt"))], ["prompt"]
+    prompt = _message_list(value, "prompt", _STRING_OR_MESSAGES)
+    return prompt, [f"prompt[{i}].role" for i in range(len(prompt))]
 
 
 def _preference_answer(value: Any, key: str, prompt: list[Message]) -> tuple[list[Message], list[str]]:
@@ -297,6 +312,105 @@ def _difference(want: Message, got: Message, other: str, names: Mapping[str, str
     return (
         f"from character {at + 1} its text reads {_snippet(got.content, at)} where {other} has "
         f"{_snippet(want.content, at)}"
+    )
+
+
+# ---- OpenAI preference fine-tuning (DPO) --------------------------------------------------------
+
+
+def openai_dpo(record: dict[str, Any]) -> Example:
+    """OpenAI's preference fine-tuning rows: `input` {messages, tools?, parallel_tool_calls?} (the
+    prompt), and `preferred_output` and `non_preferred_output`, each a list of assistant messages
+    (the answer). The same pair as `preference`; tool definitions are refused as in `chat`."""
+    source = record["input"]
+    if not isinstance(source, dict):
+        raise FieldError(
+            "input", "wrong_type", f"must be an object {{messages, tools?}}, found {_kind(source)}"
+        )
+    prompt = _message_list(_required(source, "messages", "input"), "input.messages")
+    fields = [f"input.messages[{i}].role" for i in range(len(prompt))]
+    answers = []
+    for key in ("preferred_output", "non_preferred_output"):
+        answer = _message_list(record[key], key)
+        for i, m in enumerate(answer):
+            if m.role != "assistant":
+                raise FieldError(
+                    f"{key}[{i}].role",
+                    "unknown_role",
+                    f"must be the assistant's answer (role assistant), found {m.role!r}; the prompt's "
+                    "turns go in input.messages",
+                )
+        answer_fields = [f"{key}[{i}].role" for i in range(len(answer))]
+        _check_conversation([*prompt, *answer], [*fields, *answer_fields], key)
+        answers.append(answer)
+    _no_tools(source, "input.")
+    return Example(messages=(*prompt, *answers[0]), rejected=tuple(answers[1]))
+
+
+# ---- KTO: unpaired preference feedback ----------------------------------------------------------
+
+_KTO_SHAPES = (
+    "messages (a conversation ending with the rated answer), conversations (ShareGPT), or prompt "
+    "and completion"
+)
+
+
+def kto(record: dict[str, Any]) -> Example:
+    """Unpaired preference feedback (KTO): one answer and a thumbs-up or thumbs-down `label` (true:
+    desirable, false: undesirable). The conversation is LLaMA-Factory's `messages` (kto_en_demo) or
+    ShareGPT `conversations`, or TRL's unpaired preference `prompt` and `completion` (strings or
+    message lists); the rated answer is the assistant turns after the last user turn."""
+    desirable = _desirable(record["label"], "label")
+    shapes = [k for k in ("messages", "conversations", "prompt") if k in record]
+    if len(shapes) != 1:
+        found = ", ".join(record)
+        if not shapes:
+            raise FieldError(
+                "messages", "missing_field", f"missing; kto rows hold {_KTO_SHAPES} (found: {found})"
+            )
+        raise FieldError(
+            shapes[1],
+            "format_mismatch",
+            f"a kto row holds one of {_KTO_SHAPES}; this one has {shapes[0]} too",
+        )
+    if shapes == ["messages"]:
+        turns = _message_list(record["messages"], "messages")
+        _check_conversation(turns, [f"messages[{i}].role" for i in range(len(turns))], "messages")
+    elif shapes == ["conversations"]:
+        turns, fields, names = _sharegpt_turns(record, "conversations")
+        _check_conversation(turns, fields, "conversations", names)
+    else:
+        prompt, fields = _preference_prompt(record["prompt"])
+        if "completion" not in record:
+            raise FieldError(
+                "completion",
+                "missing_field",
+                f"missing; the answer the label rates (found: {', '.join(record)})",
+            )
+        answer, answer_fields = _preference_answer(record["completion"], "completion", prompt)
+        turns = [*prompt, *answer]
+        _check_conversation(turns, [*fields, *answer_fields], "completion")
+    _no_tools(record)
+    return Example(messages=tuple(turns), desirable=desirable)
+
+
+def _desirable(value: Any, field: str) -> bool:
+    """A KTO label: a JSON boolean, or the text true/false (a CSV cell has no booleans)."""
+    if isinstance(value, bool):
+        return value
+    if isinstance(value, str) and value.strip().lower() in ("true", "false"):
+        return value.strip().lower() == "true"
+    raise FieldError(
+        field,
+        "bad_label",
+        f"must be true (a desirable answer) or false (an undesirable one), found {_kind(value)}",
+    )
+
+
+def _is_kto(record: dict[str, Any]) -> bool:
+    """A boolean `label` on a conversation is KTO feedback; any other label is a class (chat)."""
+    return isinstance(record.get("label"), bool) and any(
+        k in record for k in ("messages", "conversations", "prompt")
     )
 
 
@@ -445,16 +559,21 @@ FORMATS: dict[str, Callable[[dict[str, Any]], Example]] = {
     "preference": preference,
     "anthropic_hh": anthropic_hh,
     "sharegpt_preference": sharegpt_preference,
+    "openai_dpo": openai_dpo,
+    "kto": kto,
 }
 
 # Detection order matters: the first format whose keys a record has wins, so a format whose keys
 # hold another's comes first. Preference pairs before the rest ({conversations, chosen, rejected} is
-# not plain ShareGPT, {prompt, chosen, rejected} not prompt_completion); `messages` and `label` (e.g.
-# KTO data) is chat, not classification; `text` and `label` is classification, `text` alone raw text.
+# not plain ShareGPT, {prompt, chosen, rejected} not prompt_completion); a conversation with a boolean
+# `label` is KTO feedback (`DETECT_WHEN`), with any other label chat, not classification; `text` and
+# `label` is classification, `text` alone raw text.
 FORMAT_KEYS: dict[str, tuple[str, ...]] = {
     "sharegpt_preference": ("conversations", "chosen", "rejected"),
     "preference": ("prompt", "chosen", "rejected"),
+    "openai_dpo": ("input", "preferred_output", "non_preferred_output"),
     "anthropic_hh": ("chosen", "rejected"),
+    "kto": ("label",),
     "sharegpt": ("conversations",),
     "chat": ("messages",),
     "prompt_completion": ("prompt", "completion"),
@@ -463,10 +582,14 @@ FORMAT_KEYS: dict[str, tuple[str, ...]] = {
     "text": ("text",),
 }
 
+# A format detected by its values too: its keys are not enough (kto's `label` is also a class's).
+DETECT_WHEN: dict[str, Callable[[dict[str, Any]], bool]] = {"kto": _is_kto}
+
 
 # The keys each format reads besides its `FORMAT_KEYS`; any other key of a row is reported (unused_key).
 OPTIONAL_KEYS: dict[str, tuple[str, ...]] = {
-    "chat": ("label", "rejected", "tools", "functions"),
+    "chat": ("label", "rejected", "desirable", "tools", "functions"),
+    "kto": ("messages", "conversations", "prompt", "completion", "system", "tools", "functions"),
     "sharegpt": ("system", "tools", "functions"),
     "sharegpt_preference": ("system", "tools", "functions"),
     "alpaca": ("input", "system", "history"),
@@ -480,6 +603,18 @@ _MESSAGE_FIELDS: dict[str, tuple[tuple[str, set[str]], ...]] = {
     "preference": (("prompt", _MESSAGE_KEYS), ("chosen", _MESSAGE_KEYS), ("rejected", _MESSAGE_KEYS)),
     "sharegpt": (("conversations", _TURN_KEYS),),
     "sharegpt_preference": (("conversations", _TURN_KEYS), ("chosen", _TURN_KEYS), ("rejected", _TURN_KEYS)),
+    "openai_dpo": (
+        ("input", {"messages", "tools", "parallel_tool_calls"}),
+        ("input.messages", _MESSAGE_KEYS),
+        ("preferred_output", _MESSAGE_KEYS),
+        ("non_preferred_output", _MESSAGE_KEYS),
+    ),
+    "kto": (
+        ("messages", _MESSAGE_KEYS),
+        ("conversations", _TURN_KEYS),
+        ("prompt", _MESSAGE_KEYS),
+        ("completion", _MESSAGE_KEYS),
+    ),
 }
 
 
@@ -488,7 +623,9 @@ def unused_keys(fmt: str, record: dict[str, Any]) -> list[str]:
     used = set(FORMAT_KEYS.get(fmt, ())) | set(OPTIONAL_KEYS.get(fmt, ()))
     found = [key for key in record if key not in used]
     for key, keys in _MESSAGE_FIELDS.get(fmt, ()):
-        value = record.get(key)
+        value: Any = record
+        for part in key.split("."):  # "input.messages": record["input"]["messages"]
+            value = value.get(part) if isinstance(value, dict) else None
         items = [value] if isinstance(value, dict) else value if isinstance(value, list) else []
         for i, m in enumerate(items):
             if isinstance(m, dict):
@@ -600,9 +737,10 @@ def _kind(value: Any) -> str:
 
 
 def detect_format(record: dict[str, Any]) -> str | None:
-    """The format a record's keys identify (the first in `FORMAT_KEYS` whose keys it has), or None."""
+    """The format a record's keys identify (the first in `FORMAT_KEYS` whose keys it has, and whose
+    `DETECT_WHEN` rule, if any, holds), or None."""
     for name, keys in FORMAT_KEYS.items():
-        if all(k in record for k in keys):
+        if all(k in record for k in keys) and DETECT_WHEN.get(name, lambda r: True)(record):
             return name
     return None
 

@@ -1,4 +1,5 @@
-"""What a task's data must carry, by the task table's `data` kind: labels, or preference pairs; and
+"""What a task's data must carry, by the task table's `data` kind: labels, preference pairs, or
+unpaired feedback (a rated answer: desirable or not), and for the latter both kinds in training; and
 what every task needs of a row, whatever its kind: a prompt before the first answer it learns.
 
 The run session checks every split against its task's kind before a model loads, and evaluation
@@ -15,14 +16,20 @@ from tunekit.errors import DataError
 _NEEDS = {
     "labels": (
         "no label",
-        "classification ({text, label}; map other column names with data.columns) or chat with a label",
+        "classification ({text, label}; map other column names with data.columns) or chat with a label "
+        "(a conversation with a true/false label reads as kto feedback: set data.format: chat to read "
+        "true/false as class labels)",
     ),
     "pairs": (
         "no rejected answer",
-        "preference ({prompt, chosen, rejected}), sharegpt_preference or anthropic_hh",
+        "preference ({prompt, chosen, rejected}), sharegpt_preference, openai_dpo or anthropic_hh",
+    ),
+    "unpaired": (
+        "no desirable/undesirable label",
+        "kto ({messages, label: true|false}, or {prompt, completion, label: true|false})",
     ),
 }
-_NOUN = {"labels": "labels", "pairs": "preference pairs"}
+_NOUN = {"labels": "labels", "pairs": "preference pairs", "unpaired": "rated answers (kto feedback)"}
 NO_PROMPT = "no_prompt"  # the problem kind of an untrainable row
 
 
@@ -48,7 +55,9 @@ def untrainable(ex: Example) -> str | None:
 
 def require(kind: str, examples: list[Example], split: str, task: str) -> None:
     """Every example of `split` can be trained on (`untrainable`) and carries what `kind` needs
-    ("conversations": anything does), else a DataError listing each row that does not, with the fix."""
+    ("conversations": anything does), else a DataError listing each row that does not, with the fix.
+    An "unpaired" train split must hold both desirable and undesirable answers (a DataError with the
+    counts otherwise)."""
     bad = [(ex, why) for ex in examples if (why := untrainable(ex))]
     if bad:
         raise DataError(
@@ -58,16 +67,39 @@ def require(kind: str, examples: list[Example], split: str, task: str) -> None:
     if kind not in _NEEDS:
         return
     lacking = [ex for ex in examples if _lacks(kind, ex)]
-    if not lacking:
-        return
-    what, formats = _NEEDS[kind]
-    ex = lacking[0]
-    raise DataError(
-        [f"{e.where}: {what}" for e in lacking],
-        header=f"data: {ex.source} has no {_NOUN[kind]}: {len(lacking)} of {len(examples)} {split} examples "
-        f"(format {ex.format or 'unknown'}); task: {task} needs {_NOUN[kind]}: use {formats}",
-    )
+    if lacking:
+        what, formats = _NEEDS[kind]
+        ex = lacking[0]
+        raise DataError(
+            [f"{e.where}: {what}" for e in lacking],
+            header=f"data: {ex.source} has no {_NOUN[kind]}: {len(lacking)} of {len(examples)} {split} "
+            f"examples (format {ex.format or 'unknown'}); task: {task} needs {_NOUN[kind]}: use {formats}",
+        )
+    if kind == "unpaired" and split == "train":
+        _both_kinds(examples, task)
 
 
 def _lacks(kind: str, ex: Example) -> bool:
+    if kind == "unpaired":
+        return ex.desirable is None
     return ex.label is None if kind == "labels" else ex.rejected is None
+
+
+def feedback_counts(examples: list[Example]) -> tuple[int, int]:
+    """(desirable, undesirable) answers among `examples` (rows without feedback count in neither)."""
+    good = sum(ex.desirable is True for ex in examples)
+    return good, sum(ex.desirable is False for ex in examples)
+
+
+def _both_kinds(examples: list[Example], task: str) -> None:
+    """KTO learns from the contrast of both kinds: with one alone, its loss only pushes every answer
+    up (or down) against a KL estimate from the same answers, and learns no preference."""
+    good, bad = feedback_counts(examples)
+    if good and bad:
+        return
+    missing = "undesirable (label false)" if good else "desirable (label true)"
+    raise DataError(
+        [f"{examples[0].source}: {good} desirable and {bad} undesirable answers in the train split"],
+        header=f"data: task: {task} needs both desirable and undesirable answers to train on; add "
+        f"{missing} examples",
+    )

@@ -32,7 +32,7 @@ def split_examples(
 ) -> dict[str, list[Example]]:
     """Split into train/validation/test by `ratios`, the same way every time for a given `seed`.
 
-    Stratified by `Example.label` when every example has one. Examples with the same
+    Stratified by `Example.label` when every example has one (or by `Example.desirable`, KTO feedback). Examples with the same
     `content_hash()` go to the same split, so an exact duplicate never sits on both sides.
     """
     shares = _check_ratios(ratios)
@@ -64,11 +64,13 @@ def _check_ratios(ratios: Sequence[float]) -> list[Fraction]:
 
 
 def _strata(examples: Sequence[Example]) -> list[list[Group]]:
-    """Groups of equal content, per label (sorted by label) when every example has one, else one stratum."""
-    stratify = bool(examples) and all(e.label is not None for e in examples)
+    """Groups of equal content, per label (sorted by label) when every example has one (KTO feedback:
+    per desirable/undesirable, so each split gets its share of both), else one stratum."""
+    by_label = bool(examples) and all(e.label is not None for e in examples)
+    by_feedback = bool(examples) and all(e.desirable is not None for e in examples)
     strata: dict[str, dict[str, Group]] = {}
     for i, example in enumerate(examples):
-        key = example.label if stratify else ""
+        key = example.label if by_label else str(example.desirable) if by_feedback else ""
         strata.setdefault(key, {}).setdefault(example.content_hash(), []).append(i)
     return [list(strata[key].values()) for key in sorted(strata)]
 

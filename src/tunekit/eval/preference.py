@@ -10,6 +10,14 @@
   rl run's reward stage; for dpo it is `rl.reward_model` of the config or the `reward_model`
   argument, and without one the report says the win rate was not measured.
 
+- kto: on held-out rated answers, the policy against the base model (its reference). Reward
+  accuracy: the share of answers whose implied reward beta * log(policy / reference) has the sign
+  of their rating (> 0 desirable, < 0 undesirable; the reference's, all 0, count as wrong); the KL
+  estimate (mean log-ratio on mismatched prompt/answer pairs) and the mean reward of each kind.
+- orpo: reference-free, so the policy against the base model it started from, both scored alike:
+  preference accuracy (the log odds ratio of chosen over rejected, from per-token mean log-probs,
+  is > 0), the mean log odds ratio, and the NLL of the chosen answers.
+
 Writes report.json (`task_metric`, `n_test`, `contenders`), report.md and predictions.json.
 """
 
@@ -89,12 +97,22 @@ def evaluate_rl(
     )
 
 
-def _evaluate(run_dir, data, quiet: bool, score) -> dict:
-    """Score the test pairs with `score(run_dir, cfg, examples) -> (report, rows)`; write report.json,
-    report.md and predictions.json."""
+def evaluate_kto(run_dir: str | Path, data: str | Path | None = None, quiet: bool = False) -> dict:
+    """task: kto: the policy against the base model (its reference in training), on rated answers."""
+    return _evaluate(run_dir, data, quiet, lambda d, cfg, ex: _kto_report(d, cfg, ex), kind="unpaired")
+
+
+def evaluate_orpo(run_dir: str | Path, data: str | Path | None = None, quiet: bool = False) -> dict:
+    """task: orpo: the policy against the base model it started from, on the test pairs' log odds."""
+    return _evaluate(run_dir, data, quiet, lambda d, cfg, ex: _orpo_report(d, cfg, ex))
+
+
+def _evaluate(run_dir, data, quiet: bool, score, kind: str = "pairs") -> dict:
+    """Score the test pairs (kind "pairs"; or rated answers, "unpaired") with `score(run_dir, cfg,
+    examples) -> (report, rows)`; write report.json, report.md and predictions.json."""
     run_dir = Path(run_dir)
     cfg = load_run_config(run_dir)
-    examples = _test_pairs(run_dir, cfg, data)
+    examples = _test_pairs(run_dir, cfg, data, kind)
     t0 = time.perf_counter()
     report, rows = score(run_dir, cfg, examples)
     report = {
@@ -112,7 +130,7 @@ def _evaluate(run_dir, data, quiet: bool, score) -> dict:
     return report
 
 
-def _test_pairs(run_dir: Path, cfg, data) -> list[Example]:
+def _test_pairs(run_dir: Path, cfg, data, kind: str = "pairs") -> list[Example]:
     from tunekit.data import load_examples
 
     if data is not None:
@@ -122,7 +140,7 @@ def _test_pairs(run_dir: Path, cfg, data) -> list[Example]:
     examples = examples[: cfg.eval.max_examples] if cfg.eval.max_examples else examples
     if not examples:
         raise TunekitError(f"{run_dir}: the test split is empty; pass --data FILE or set data.split")
-    require("pairs", examples, "test", cfg.task)
+    require(kind, examples, "test", cfg.task)
     return examples
 
 
@@ -141,6 +159,7 @@ def _read_pair_split(run_dir: Path, name: str) -> list[Example]:
                 Example(
                     messages=tuple(Message(**m) for m in row["messages"]),
                     rejected=tuple(Message(**m) for m in row["rejected"]) if "rejected" in row else None,
+                    desirable=row.get("desirable"),
                     source=str(path),
                     line=i,
                     format="chat",
@@ -326,6 +345,93 @@ def _win_rate(cfg, model, tokenizer, is_adapter, examples, ev: _PolicyEval, rows
 
 
 # ---------------------------------------------------------------------------------------------
+# task: kto and orpo
+
+
+def _kto_report(run_dir: Path, cfg, examples: list[Example]) -> tuple[dict, list[dict]]:
+    """Reward accuracy, KL estimate and mean rewards of the policy and of its reference (the base)."""
+    from tunekit.train.recipes.kto import (
+        KtoWeights,
+        compute_reference_logps,
+        prompt_and_answer,
+        rated_metrics,
+        score_rated,
+        tokenize_rated,
+    )
+
+    model, tokenizer, is_adapter = load_trained(run_dir)
+    pad, bs = tokenizer.pad_token_id, cfg.eval.batch_size
+    w = KtoWeights(cfg.kto.beta, cfg.kto.desirable_weight, cfg.kto.undesirable_weight)
+    items = tokenize_rated(tokenizer, examples, cfg.train.max_length, "test")
+    with _base_reference(cfg)(model, is_adapter) as ref:
+        compute_reference_logps(ref, items, pad, bs)
+    logps, kl_logps = score_rated(model, items, pad, bs)
+    ref_logps = [it.ref for it in items]
+    contenders = {}
+    for name, (lp, kl) in {
+        "reference": (ref_logps, [it.ref_kl for it in items]),
+        "policy": (logps, kl_logps),
+    }.items():
+        m = rated_metrics(items, lp, kl, w)
+        contenders[name] = {"reward_accuracy": m.pop("accuracy"), "kto_loss": m.pop("loss")} | m
+        contenders[name] |= _mean_logps(items, lp)
+    rows = []
+    for ex, it, lp, q in zip(examples, items, logps, ref_logps, strict=True):
+        prompt, answer = prompt_and_answer(ex)
+        rows.append(
+            {"source": ex.where, "prompt": prompt[-1].content if prompt else "", "answer": answer[-1].content,
+             "desirable": it.desirable, "reward": w.beta * (lp - q)}
+        )  # fmt: skip
+    note = (
+        f"Reference: base model. reward_accuracy: the share of answers whose implied reward beta * "
+        f"log(policy / reference) (beta {w.beta}) has the sign of their rating (> 0 desirable, < 0 "
+        "undesirable); kl: the mean log-ratio on mismatched prompt/answer pairs (KTO's reference point)."
+    )
+    report = {"task_metric": "reward_accuracy", "beta": w.beta, "unit": "rated answers", "metric_note": note}
+    return report | {"contenders": contenders, "reference_model": "base model"}, rows
+
+
+def _mean_logps(items, logps: list[float]) -> dict[str, float]:
+    """Mean summed log-prob of the desirable and of the undesirable answers (a kind absent: left out)."""
+    out = {}
+    for key, flag in (("logp_desirable", True), ("logp_undesirable", False)):
+        chosen = [lp for it, lp in zip(items, logps, strict=True) if it.desirable is flag]
+        if chosen:
+            out[key] = sum(chosen) / len(chosen)
+    return out
+
+
+def _orpo_report(run_dir: Path, cfg, examples: list[Example]) -> tuple[dict, list[dict]]:
+    """Preference accuracy of the log odds ratio, its mean and the chosen NLL, for base and policy."""
+    from tunekit.train.recipes.orpo import score_pairs
+
+    model, tokenizer, is_adapter = load_trained(run_dir)
+    pad, bs, beta = tokenizer.pad_token_id, cfg.eval.batch_size, cfg.orpo.beta
+    pairs = tokenize_pairs(tokenizer, examples, cfg.train.max_length, "test")
+    with _base_reference(cfg)(model, is_adapter) as base:
+        base_metrics, base_odds = score_pairs(base, pairs, pad, beta, bs)
+    policy_metrics, policy_odds = score_pairs(model, pairs, pad, beta, bs)
+    contenders = {
+        name: {"preference_accuracy": m["accuracy"], "log_odds_ratio": m["log_odds"], "nll_chosen": m["nll"],
+               "orpo_loss": m["loss"], "logp_chosen": m["logp_chosen"], "logp_rejected": m["logp_rejected"]}
+        for name, m in (("base", base_metrics), ("policy", policy_metrics))
+    }  # fmt: skip
+    rows = [
+        {"source": ex.where, "prompt": ex.pair()[0][-1].content, "chosen": ex.target,
+         "rejected": ex.rejected[-1].content, "base_log_odds": b, "policy_log_odds": p}
+        for ex, b, p in zip(examples, base_odds, policy_odds, strict=True)
+    ]  # fmt: skip
+    note = (
+        "Reference-free: the policy against the base model it started from, both scored alike. "
+        "preference_accuracy: how often the log odds ratio log(odds(chosen) / odds(rejected)), from "
+        "each answer's per-token mean log-prob, is above 0; nll_chosen: per chosen-answer token; "
+        "logp_*: per-token means."
+    )
+    report = {"task_metric": "preference_accuracy", "beta": beta, "metric_note": note}
+    return report | {"contenders": contenders, "reference_model": "base model"}, rows
+
+
+# ---------------------------------------------------------------------------------------------
 # Report
 
 
@@ -338,7 +444,8 @@ def _write_markdown(run_dir: Path, report: dict, rows: list[dict], show: int) ->
     c = report["contenders"]
     parts = [
         "# Evaluation report\n",
-        f"Task `{report['task']}`, held-out test: {report['n_test']} preference pairs from `{report['test_data']}`.\n",
+        f"Task `{report['task']}`, held-out test: {report['n_test']} {report.get('unit', 'preference pairs')} "
+        f"from `{report['test_data']}`.\n",
         f"Task metric **{tm}**: "
         + ", ".join(f"{name} {m[tm]:.3f}" for name, m in c.items() if m.get(tm) is not None)
         + ".\n",
@@ -346,7 +453,9 @@ def _write_markdown(run_dir: Path, report: dict, rows: list[dict], show: int) ->
     ]
     if report.get("win_rate_note"):
         parts.append(f"_{report['win_rate_note']}_\n")
-    if "policy" in c:
+    if report.get("metric_note"):
+        parts.append(report["metric_note"] + "\n")
+    elif "policy" in c:
         parts.append(
             f"Reference: {report['reference_model']}. preference_accuracy: how often the implicit reward "
             f"beta * log(policy / reference) (beta {report['beta']}) of the chosen answer beats the rejected one's.\n"
