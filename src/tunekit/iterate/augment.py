@@ -138,10 +138,10 @@ def _run_source(run_dir: Path, model: str | None, max_length: int | None) -> Sou
     from tunekit.tasks import get_task
 
     cfg = load_run_config(run_dir)
-    if get_task(cfg.task).data == "pairs":
+    if get_task(cfg.task).data in ("pairs", "unpaired"):
         raise TunekitError(
             f"{run_dir}: a task: {cfg.task} run; augment drafts input -> output examples "
-            "(conversations or labelled text), not preference pairs"
+            "(conversations or labelled text), not preference pairs or rated answers"
         )
     splits = {s: read_split(run_dir, s) for s in SPLITS}
     if not splits["train"]:
