@@ -81,6 +81,10 @@ def _stats(report: CheckReport) -> None:
         t.add_row(
             "labels", f"{len(labels)} labels; imbalance (largest / smallest) {s['label_imbalance_ratio']}"
         )
+    if "feedback" in s:  # KTO: answers rated each way
+        t.add_row(
+            "ratings", f"{s['feedback']['desirable']} desirable, {s['feedback']['undesirable']} undesirable"
+        )
     e = report.estimate
     if e:
         t.add_row(
