@@ -204,10 +204,17 @@ def few_shot_examples(train: list, k: int, seed: int) -> list:
 
 
 def with_shots(example, shots: list):
-    """`example` with the shots' turns (user, assistant, ...) before its own; its system prompt stays first."""
+    """`example` with the shots' turns (user, assistant, ...) before its own; its system prompt stays
+    first. The shots' answers are part of the prompt (weight 0): the test loss counts the example's
+    own reply only, the same tokens as the zero-shot base's."""
     from dataclasses import replace
 
     system = [m for m in example.messages if m.role == "system"]
-    turns = [m for s in shots for m in s.messages if m.role != "system"]
+    turns = [
+        replace(m, weight=0) if m.role == "assistant" else m
+        for s in shots
+        for m in s.messages
+        if m.role != "system"
+    ]
     rest = [m for m in example.messages if m.role != "system"]
     return replace(example, messages=tuple(system + turns + rest))
