@@ -316,6 +316,8 @@ def trial_rows(study, metric: str) -> list[dict]:
     interrupted = set(study.user_attrs.get("interrupted", []))
     rows = []
     for t in study.get_trials(deepcopy=False):
+        if t.state.name == "WAITING":  # queued (an interrupted trial's values), not run yet
+            continue
         values = t.user_attrs.get("values", {})
         state = "interrupted" if t.number in interrupted else t.state.name.lower()
         rows.append(
