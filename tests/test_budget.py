@@ -160,3 +160,32 @@ def test_rl_refuses_a_budget_naming_the_key(tmp_path):
     with pytest.raises(ConfigError) as e:
         train(cfg, quiet=True)
     assert any(p.startswith("train.time_budget: task: rl") for p in e.value.problems), e.value.problems
+
+
+def test_a_resumed_budgeted_run_keeps_its_plan(tiny_model_dir, chat_file, tmp_path, monkeypatch):
+    """SIGTERM at step 8, after the plan was made at step 5: the resumed run ends at the plan's step 13,
+    validating on the plan's cadence, with the schedule of 13 steps (not the config's 15)."""
+    import signal
+
+    from conftest import signal_on_call
+    from tunekit.errors import Interrupted
+    from tunekit.train.recipes import sft
+
+    real = loop.plan_budget
+    monkeypatch.setattr(
+        loop,
+        "plan_budget",
+        lambda b, e, d, s, v, *a, **kw: real(b, 0.0, d, 10.0, 5.0, *a, **kw | {"ckpt_s": 0.0}),
+    )
+    cfg = _cfg(tiny_model_dir, chat_file, tmp_path, time_budget="100s")
+    with pytest.MonkeyPatch.context() as mp:
+        signal_on_call(mp, sft, "accumulate_gradients", 8, signal.SIGTERM)
+        with pytest.raises(Interrupted):
+            train(cfg, quiet=True)
+    run = train(cfg, quiet=True, resume=True)
+    summary = json.loads((run / "train_summary.json").read_text())
+    assert summary["steps"] == summary["time_budget"]["total_steps"] == 13
+    metrics = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    assert [m["step"] for m in metrics if "val_loss" in m] == [10, 13]
+    lrs = {m["step"]: m["learning_rate"] for m in metrics if "learning_rate" in m}
+    assert lrs[13] == pytest.approx(lr_at(12, 13, 0, 1e-2, "cosine"))
