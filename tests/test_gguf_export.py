@@ -1,5 +1,5 @@
-"""GGUF for the runtimes people use: llama, mistral, qwen2, qwen3 and gemma3, byte-level BPE and
-SentencePiece tokenizers, f16 / q8_0 / q4_0, an Ollama Modelfile; GGUF files as base models.
+"""GGUF for the runtimes people use: llama, mistral, qwen2, qwen3, phi3, gemma2 and gemma3, byte-level
+BPE and SentencePiece tokenizers, f16 / q8_0 / q4_0, an Ollama Modelfile; GGUF files as base models.
 
 Tiny random models (2 layers, hidden 64) of each architecture are built in-process. Without
 llama.cpp the files are checked through transformers' GGUF reader (which un-permutes Q/K and
@@ -11,6 +11,7 @@ continuation, first-token logits within the stated tolerance.
 from __future__ import annotations
 
 import importlib.util
+import re
 import shutil
 from pathlib import Path
 
@@ -127,8 +128,9 @@ def gemma_tokenizer(gemma_dir):
     return tok
 
 
-def tiny_model(arch: str, tokenizer, seed: int = 0):
-    """A 2-layer, hidden-64 random causal LM of `arch` over `tokenizer`'s vocabulary, in eval mode."""
+def tiny_model(arch: str, tokenizer, seed: int = 0, **overrides):
+    """A 2-layer, hidden-64 random causal LM of `arch` over `tokenizer`'s vocabulary, in eval mode;
+    `overrides`: config fields that differ from the tested layout."""
     import transformers as tf
 
     common = dict(
@@ -138,14 +140,19 @@ def tiny_model(arch: str, tokenizer, seed: int = 0):
         pad_token_id=tokenizer.pad_token_id,
     )  # fmt: skip
     configs = {
-        "llama": lambda: tf.LlamaConfig(**common),
-        "mistral": lambda: tf.MistralConfig(**common, sliding_window=None),
-        "qwen2": lambda: tf.Qwen2Config(**common),
-        "qwen3": lambda: tf.Qwen3Config(**common, head_dim=128),  # real Qwen3 head size, != hidden / heads
-        "gemma3": lambda: tf.Gemma3TextConfig(**common, head_dim=256, query_pre_attn_scalar=256, sliding_window=128),
+        "llama": (tf.LlamaConfig, {}),
+        "mistral": (tf.MistralConfig, {"sliding_window": None}),
+        "qwen2": (tf.Qwen2Config, {}),
+        "qwen3": (tf.Qwen3Config, {"head_dim": 128}),  # real Qwen3 head size, != hidden / heads
+        "gemma3": (tf.Gemma3TextConfig, {"head_dim": 256, "query_pre_attn_scalar": 256, "sliding_window": 128}),
+        # Half of each head rotated (Phi-4 mini rotates 3/4), so a wrong rope dimension count shows.
+        "phi3": (tf.Phi3Config, {"partial_rotary_factor": 0.5}),
+        # A window of 8, shorter than the prompts, so llama.cpp's sliding layers are exercised.
+        "gemma2": (tf.Gemma2Config, {"head_dim": 256, "query_pre_attn_scalar": 256, "sliding_window": 8}),
     }  # fmt: skip
+    config_class, fields = configs[arch]
     torch.manual_seed(seed)
-    model = tf.AutoModelForCausalLM.from_config(configs[arch]()).eval()
+    model = tf.AutoModelForCausalLM.from_config(config_class(**common | fields | overrides)).eval()
     with torch.no_grad():  # random norms and biases, so a missing +1 shift or a dropped bias shows
         for p in model.parameters():
             if p.ndim == 1:
@@ -161,6 +168,8 @@ ARCH_TOKENIZERS = [
     ("qwen2", "bpe"),
     ("qwen3", "bpe"),
     ("gemma3", "spm"),
+    ("phi3", "spm"),
+    ("gemma2", "spm"),
 ]
 REAL_TOKENIZERS = [  # real vocabularies make big embeddings: about a minute each
     pytest.param("llama", "smollm", marks=pytest.mark.slow),
@@ -215,6 +224,13 @@ def _hf_logits(model, ids) -> torch.Tensor:
         return model(input_ids=torch.tensor([ids])).logits[0]
 
 
+def _gguf_field(path: Path, key: str):
+    """One scalar metadata value of a GGUF file."""
+    from gguf import GGUFReader
+
+    return GGUFReader(path).fields[key].contents()
+
+
 @pytest.mark.parametrize(("arch", "kind"), ARCH_TOKENIZERS)
 def test_each_architecture_round_trips_through_transformers(arch, kind, request, tmp_path):
     """The f16 file holds the model's weights to the bit (transformers undoes the llama.cpp layout:
@@ -223,13 +239,19 @@ def test_each_architecture_round_trips_through_transformers(arch, kind, request,
     model = tiny_model(arch, tok)
     path = write_gguf(model, tok, tmp_path / "m.gguf", "f16")
     loaded = AutoModelForCausalLM.from_pretrained(tmp_path, gguf_file=path.name, dtype=torch.float32).eval()
+    if arch == "phi3":  # transformers' reader drops rope.dimension_count; llama.cpp reads it (below)
+        assert _gguf_field(path, "phi3.rope.dimension_count") == 8  # half of each 16-value head
+        loaded.config.rope_parameters["partial_rotary_factor"] = 0.5
+        loaded = type(loaded)(loaded.config).eval()
+        loaded.load_state_dict(
+            AutoModelForCausalLM.from_pretrained(tmp_path, gguf_file=path.name).state_dict()
+        )
     ids = _ids(tok, CONVERSATIONS[1])
     want, base = _hf_logits(_f16_rounded(model), ids), _hf_logits(model, ids)
     torch.testing.assert_close(_hf_logits(loaded, ids), want, rtol=1e-4, atol=1e-4)
     assert (want - base).abs().max() < 0.05 * base.std()
-    if (
-        kind == "spm" and arch != "gemma3"
-    ):  # BPE: test_export; transformers reads a gemma3 GGUF as Gemma's own
+    # BPE: test_export; transformers reads a gemma2/gemma3 GGUF's tokenizer as Gemma's own.
+    if kind == "spm" and arch not in ("gemma2", "gemma3"):
         gtok = AutoTokenizer.from_pretrained(tmp_path, gguf_file=path.name)
         # Not TEXTS[1]: transformers' GGUF reader rebuilds the tokenizer without the prefix ▁ before a
         # run of spaces (its own quirk); llama.cpp, the file's real reader, is checked on all texts.
@@ -262,11 +284,45 @@ def test_unsupported_architecture_and_quant_are_clear_errors(tokenizer, tmp_path
     from transformers import GPT2Config, GPT2LMHeadModel
 
     gpt2 = GPT2LMHeadModel(GPT2Config(vocab_size=len(tokenizer), n_embd=32, n_layer=1, n_head=2))
-    with pytest.raises(TunekitError, match="exports gemma3_text, llama, mistral, qwen2, qwen3 .*'gpt2'"):
+    with pytest.raises(
+        TunekitError, match="exports gemma2, gemma3_text, llama, mistral, phi3, qwen2, qwen3 .*'gpt2'"
+    ):
         write_gguf(gpt2, tokenizer, tmp_path / "x.gguf")
     with pytest.raises(TunekitError, match="expected one of f16, q8_0, q4_0"):
         write_gguf(tiny_model("llama", tokenizer), tokenizer, tmp_path / "x.gguf", "q2_k")
     assert not list(tmp_path.iterdir())
+
+
+LONGROPE = {"rope_type": "longrope", "rope_theta": 10000.0, "original_max_position_embeddings": 256,
+            "long_factor": [1.0] * 8, "short_factor": [1.0] * 8}  # fmt: skip
+LLAMA_CPP_DIFFERS = [  # (family, config fields llama.cpp's graph for it would not follow, the error)
+    ("phi3", {"partial_rotary_factor": 1.0, "rope_parameters": LONGROPE}, "rope scaling 'longrope'"),
+    ("gemma2", {"query_pre_attn_scalar": 64}, "query_pre_attn_scalar 64, llama.cpp uses 256"),
+    ("gemma2", {"attn_logit_softcapping": None}, "no attention or final-logit soft-capping"),
+    ("gemma2", {"final_logit_softcapping": None}, "no attention or final-logit soft-capping"),
+    ("gemma2", {"layer_types": ["full_attention", "sliding_attention"]}, "sliding/global layers other"),
+    ("gemma2", {"tie_word_embeddings": False}, "an output head untied from the embedding"),
+]  # fmt: skip
+
+
+@pytest.mark.parametrize(("arch", "fields", "error"), LLAMA_CPP_DIFFERS)
+def test_what_llama_cpp_would_compute_differently_is_refused(arch, fields, error, spm_tok, tmp_path):
+    """No file rather than one llama.cpp runs differently from the trained model; the error names it."""
+    model = tiny_model(arch, spm_tok, **fields)
+    with pytest.raises(TunekitError, match=f"--format gguf: .*{re.escape(error)}.*--format hf"):
+        write_gguf(model, spm_tok, tmp_path / "x.gguf")
+    assert not list(tmp_path.iterdir())
+
+
+def test_phi3_records_its_window_and_warns_that_llama_cpp_ignores_it(spm_tok, tmp_path, capsys):
+    """llama.cpp runs phi3 with full attention (Phi-3 mini 4k's 2047 window included): the file
+    records the window as convert_hf_to_gguf does, and the export warns that long replies differ."""
+    path = write_gguf(tiny_model("phi3", spm_tok, sliding_window=64), spm_tok, tmp_path / "w.gguf")
+    assert _gguf_field(path, "phi3.attention.sliding_window") == 64
+    assert "phi3 sliding_window 64: llama.cpp attends over the whole context" in capsys.readouterr().err
+    path = write_gguf(tiny_model("phi3", spm_tok), spm_tok, tmp_path / "none.gguf")
+    assert _gguf_field(path, "phi3.attention.sliding_window") == 0  # Phi-4: none
+    assert "warning" not in capsys.readouterr().err
 
 
 # --- the Ollama Modelfile ---------------------------------------------------------------------------

@@ -6,10 +6,18 @@ brings the writer, the tensor-name mapping (HF `model.layers.0.self_attn.q_proj.
 llama.cpp's `convert_hf_to_gguf.py` does on top, per architecture (ARCHS):
 
 - llama and mistral (llama.cpp runs both as `llama`): Q and K weights are permuted, since llama.cpp's
-  rope rotates interleaved pairs and HF's rotates halves. qwen2, qwen3 and gemma3 use HF's order.
+  rope rotates interleaved pairs and HF's rotates halves. qwen2, qwen3, phi3, gemma2 and gemma3 use
+  HF's order.
 - qwen2: q/k/v biases; qwen3 and gemma3: per-head q/k norms.
-- gemma3: RMSNorm computes `x * (1 + w)` in HF and `x * w` in llama.cpp, so every norm weight is
-  stored plus one; the embedding's sqrt(hidden) scale is applied by llama.cpp itself (not stored).
+- phi3: the fused `qkv_proj` and `gate_up_proj` are stored as they are (`attn_qkv`, and `ffn_up` of
+  twice the width, which llama.cpp's phi3 graph splits into gate and up as HF does); a partial
+  rotary factor becomes the rope dimension count; the sliding window is recorded, but llama.cpp runs
+  phi3 with full attention (a warning says so, as for mistral); longrope (the 128k variants) is refused.
+- gemma2 and gemma3: RMSNorm computes `x * (1 + w)` in HF and `x * w` in llama.cpp, so every norm
+  weight is stored plus one; the embedding's sqrt(hidden) scale is applied by llama.cpp itself (not
+  stored). gemma2 also has post-attention and post-feedforward norms, and attention and final-logit
+  soft-capping, which llama.cpp always applies (so a config without them is refused, as is one whose
+  query scale, sliding/global layer pattern or untied head llama.cpp's gemma2 graph would not follow).
 - 1-D tensors (norms, biases) stay f32, as llama.cpp expects; 2-D weights are f16, or q8_0 / q4_0
   where a row splits into 32-value blocks (f16 otherwise); a q4_0 file keeps the embedding and the
   output head at q8_0, as llama.cpp's own 4-bit mixes keep them above 4 bits.
@@ -52,6 +60,8 @@ ARCHS: dict[str, Arch] = {
     "mistral": Arch("llama", permute_qk=True),
     "qwen2": Arch("qwen2", permute_qk=False),
     "qwen3": Arch("qwen3", permute_qk=False),
+    "phi3": Arch("phi3", permute_qk=False),
+    "gemma2": Arch("gemma2", permute_qk=False, norm_shift=1.0),
     "gemma3_text": Arch("gemma3", permute_qk=False, norm_shift=1.0),
 }
 
@@ -104,15 +114,24 @@ def _rope(cfg, layer_type: str = "full_attention") -> dict:
     rope = rope.get(layer_type, rope) if isinstance(rope.get(layer_type), dict) else rope
     if rope.get("rope_type", "default") != "default":
         raise TunekitError(
-            f"--format gguf: rope scaling {rope['rope_type']!r} is not supported by this exporter"
+            f"--format gguf: rope scaling {rope['rope_type']!r} is not supported by this exporter. "
+            "Export safetensors (--format hf) and convert with llama.cpp's convert_hf_to_gguf.py."
         )
     return rope
+
+
+def _refuse(cfg, what: str) -> TunekitError:
+    """A model llama.cpp's graph for its family would compute differently: no file, the fallback named."""
+    return TunekitError(
+        f"--format gguf: this {cfg.model_type} model has {what}. Export safetensors (--format hf) instead."
+    )
 
 
 def _write_hparams(writer, cfg, name: str, quant: str) -> None:
     import gguf
 
     head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
+    rope = _rope(cfg)
     writer.add_name(name)
     writer.add_context_length(cfg.max_position_embeddings)
     writer.add_embedding_length(cfg.hidden_size)
@@ -123,29 +142,69 @@ def _write_hparams(writer, cfg, name: str, quant: str) -> None:
     writer.add_key_length(head_dim)
     writer.add_value_length(head_dim)
     writer.add_layer_norm_rms_eps(cfg.rms_norm_eps)
-    writer.add_rope_freq_base(_rope(cfg).get("rope_theta", getattr(cfg, "rope_theta", 10000.0)))
-    writer.add_rope_dimension_count(head_dim)
+    writer.add_rope_freq_base(rope.get("rope_theta", getattr(cfg, "rope_theta", 10000.0)))
+    # A partial rotary factor (Phi-3 configs may set one): llama.cpp, like HF, rotates the first
+    # n_rot values of each head and passes the rest through.
+    writer.add_rope_dimension_count(int(head_dim * rope.get("partial_rotary_factor", 1.0)))
     writer.add_vocab_size(cfg.vocab_size)
-    if cfg.model_type == "gemma3_text":
-        _write_gemma3_hparams(writer, cfg, head_dim)
-    elif _window(cfg) and _window(cfg) < cfg.max_position_embeddings:
-        # llama.cpp's llama/qwen graphs attend over the whole context, as every GGUF of such a model
-        # (Mistral 7B v0.1) does: same outputs up to the window, different past it.
-        from tunekit.console import err
-
-        err.print(
-            f"warning: {cfg.model_type} sliding_window {_window(cfg)}: llama.cpp attends over the whole "
-            "context, so replies longer than the window differ from the trained model"
-        )
+    FAMILY_HPARAMS.get(cfg.model_type, _warn_full_attention)(writer, cfg, head_dim)
     ftype = {"f16": "MOSTLY_F16", "q8_0": "MOSTLY_Q8_0", "q4_0": "MOSTLY_Q4_0"}[quant]
     writer.add_file_type(getattr(gguf.LlamaFileType, ftype))
 
 
+def _warn_full_attention(writer, cfg, head_dim: int) -> None:
+    """llama.cpp's llama/qwen/phi3 graphs attend over the whole context, as every GGUF of such a model
+    (Mistral 7B v0.1, Phi-3 mini 4k) does: same outputs up to the window, different past it."""
+    window = _window(cfg)
+    if window and window < cfg.max_position_embeddings:
+        from tunekit.console import err
+
+        err.print(
+            f"warning: {cfg.model_type} sliding_window {window}: llama.cpp attends over the whole "
+            "context, so replies longer than the window differ from the trained model"
+        )
+
+
 def _window(cfg) -> int | None:
-    """The sliding-attention window a llama/mistral/qwen model uses, or None."""
+    """The sliding-attention window a llama/mistral/qwen/phi3 model uses, or None."""
     if not getattr(cfg, "use_sliding_window", True):
         return None
     return getattr(cfg, "sliding_window", None)
+
+
+def _write_phi3_hparams(writer, cfg, head_dim: int) -> None:
+    """Phi-3 / Phi-4: llama.cpp's phi3 graph sizes the heads as hidden / heads; the window is written
+    as convert_hf_to_gguf writes it (0: none), though llama.cpp runs phi3 without one."""
+    if head_dim * cfg.num_attention_heads != cfg.hidden_size:
+        raise _refuse(cfg, f"head_dim {head_dim} x {cfg.num_attention_heads} heads != hidden_size")
+    original = getattr(cfg, "original_max_position_embeddings", None) or cfg.max_position_embeddings
+    writer.add_rope_scaling_orig_ctx_len(original)
+    writer.add_sliding_window(_window(cfg) or 0)
+    _warn_full_attention(writer, cfg, head_dim)
+
+
+def gemma2_layer_types(n_layers: int) -> list[str]:
+    """The layers llama.cpp's gemma2 graph slides over: every other one, starting with the first."""
+    return ["sliding_attention" if i % 2 == 0 else "full_attention" for i in range(n_layers)]
+
+
+def _write_gemma2_hparams(writer, cfg, head_dim: int) -> None:
+    """Gemma 2: llama.cpp's gemma2 graph always soft-caps attention and final logits, alternates the
+    sliding and global layers itself, scales queries by 1/sqrt(head_dim) (1/sqrt(hidden / heads) for
+    the 46-layer 27B) and reads the output head from the embedding."""
+    query_scale = cfg.hidden_size // cfg.num_attention_heads if cfg.num_hidden_layers == 46 else head_dim
+    if cfg.query_pre_attn_scalar != query_scale:
+        raise _refuse(cfg, f"query_pre_attn_scalar {cfg.query_pre_attn_scalar}, llama.cpp uses {query_scale}")
+    if not cfg.attn_logit_softcapping or not cfg.final_logit_softcapping:
+        raise _refuse(cfg, "no attention or final-logit soft-capping, which llama.cpp always applies")
+    if list(cfg.layer_types) != gemma2_layer_types(cfg.num_hidden_layers):
+        raise _refuse(cfg, "sliding/global layers other than llama.cpp's alternation (layer 0 sliding)")
+    if not cfg.tie_word_embeddings:
+        raise _refuse(cfg, "an output head untied from the embedding, which llama.cpp's gemma2 ignores")
+    writer.add_attn_logit_softcapping(cfg.attn_logit_softcapping)
+    writer.add_final_logit_softcapping(cfg.final_logit_softcapping)
+    # No window: one as long as the context (llama.cpp's default, 4096, would bite past it).
+    writer.add_sliding_window(cfg.sliding_window or cfg.max_position_embeddings)
 
 
 def _write_gemma3_hparams(writer, cfg, head_dim: int) -> None:
@@ -163,6 +222,15 @@ def _write_gemma3_hparams(writer, cfg, head_dim: int) -> None:
     writer.add_sliding_window(cfg.sliding_window)
     writer.add_sliding_window_pattern([t == "sliding_attention" for t in cfg.layer_types])
     writer.add_rope_freq_base_swa(_rope(cfg, "sliding_attention").get("rope_theta", 10000.0))
+
+
+# HF model_type -> what its llama.cpp graph reads beyond the common hparams (default: the warning
+# that llama.cpp attends over the whole context).
+FAMILY_HPARAMS = {
+    "phi3": _write_phi3_hparams,
+    "gemma2": _write_gemma2_hparams,
+    "gemma3_text": _write_gemma3_hparams,
+}
 
 
 def _write_tensors(writer, model, cfg, arch: Arch, quant: str) -> None:
