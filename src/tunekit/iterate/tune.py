@@ -118,8 +118,12 @@ def tune(
         storage=f"sqlite:///{(out_dir / 'study.db').resolve()}",
         load_if_exists=True,
         direction=direction,
-        sampler=optuna.samplers.TPESampler(seed=cfg.train.seed),
         pruner=optuna.pruners.MedianPruner(n_startup_trials=2, n_warmup_steps=0),
+    )
+    # Seeded by train.seed and the trials so far: a resumed study draws new values, not the first
+    # trials' again. A third of the trials (2 to 10) are drawn at random before TPE models the rest.
+    study.sampler = optuna.samplers.TPESampler(
+        seed=cfg.train.seed + len(study.trials), n_startup_trials=max(2, min(10, trials // 3))
     )
     _claim(study, cfg, out_dir, metric)
     _requeue_interrupted(study, quiet)
@@ -137,8 +141,8 @@ def tune(
     write_tables(rows, out_dir, metric)
     best = _best(study, rows)
     best_config = write_best(raw, best, out_dir, metric, len(rows)) if best else None
-    if not quiet:
-        print_trials(rows, metric)
+    if not quiet and rows:
+        print_trials(rows)
     if best is None:
         console.print(f"[yellow]tune: no trial completed; see {out_dir / 'trials.md'}")
     elif not quiet:
@@ -355,6 +359,13 @@ def _fmt(v: Any) -> str:
     return str(v)
 
 
+def markdown_table(rows: list[dict]) -> list[str]:
+    """The trials as a Markdown table's lines, values rounded for reading."""
+    head = list(rows[0])
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    return lines + ["| " + " | ".join(_fmt(r[k]).replace("|", "/") for k in head) + " |" for r in rows]
+
+
 def write_tables(rows: list[dict], out_dir: Path, metric: str) -> None:
     """DIR/trials.csv (every value in full) and DIR/trials.md (rounded, for reading)."""
     if not rows:
@@ -363,10 +374,9 @@ def write_tables(rows: list[dict], out_dir: Path, metric: str) -> None:
         writer = csv.DictWriter(f, fieldnames=list(rows[0]))
         writer.writeheader()
         writer.writerows(rows)
-    head = list(rows[0])
-    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
-    lines += ["| " + " | ".join(_fmt(r[k]).replace("|", "/") for k in head) + " |" for r in rows]
-    (out_dir / "trials.md").write_text(f"# tunekit tune: {metric}\n\n" + "\n".join(lines) + "\n")
+    (out_dir / "trials.md").write_text(
+        f"# tunekit tune: {metric}\n\n" + "\n".join(markdown_table(rows)) + "\n"
+    )
 
 
 def write_best(raw: dict, best: dict, out_dir: Path, metric: str, n_trials: int) -> Path:
@@ -387,12 +397,7 @@ def write_best(raw: dict, best: dict, out_dir: Path, metric: str, n_trials: int)
     return path
 
 
-def print_trials(rows: list[dict], metric: str) -> None:
-    from rich.table import Table
-
-    table = Table(title=f"tunekit tune: {metric}")
-    for key in rows[0]:
-        table.add_column(key, justify="right" if key not in ("state", "method", "note") else "left")
-    for r in rows:
-        table.add_row(*(_fmt(v) for v in r.values()))
-    out.print(table)
+def print_trials(rows: list[dict]) -> None:
+    """The table on stdout, as Markdown: whole lines in a log, however narrow the terminal."""
+    for line in markdown_table(rows):
+        out.print(line, markup=False, highlight=False)
