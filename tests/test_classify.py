@@ -171,3 +171,36 @@ def test_banking77_classifier_beats_chance_by_far(tmp_path):
     report = evaluate(run_dir, quiet=True)
     assert report["n_test"] == 100
     assert report["contenders"]["finetuned"]["accuracy"] > 0.4  # chance is 0.05
+
+
+def test_early_stopping_judges_a_classifier_by_accuracy_higher_is_better():
+    from tunekit.train.loop import EarlyStopping
+
+    w = torch.nn.Parameter(torch.zeros(2))
+    stop = EarlyStopping([w], patience=2, metric="val_accuracy")
+    # accuracy rises while the loss rises too (confident mistakes on a few): accuracy decides
+    stop.update(1, {"val_loss": 0.5, "val_accuracy": 0.6}, 0.4)
+    with torch.no_grad():
+        w += 1  # the weights of step 2, the best by accuracy
+    stop.update(2, {"val_loss": 0.7, "val_accuracy": 0.8}, 0.3)
+    with torch.no_grad():
+        w += 1
+    stop.update(3, {"val_loss": 0.4, "val_accuracy": 0.7}, 0.2)
+    stop.update(4, {"val_loss": 0.3, "val_accuracy": 0.7}, 0.1)
+    assert stop.best_step == 2 and stop.best == 0.8 and stop.should_stop
+    stop.restore_best()
+    assert w.tolist() == [1.0, 1.0]
+    loss_judged = EarlyStopping([w], patience=2)
+    loss_judged.update(1, {"val_loss": 0.5, "val_accuracy": 0.6}, 0.4)
+    loss_judged.update(2, {"val_loss": 0.7, "val_accuracy": 0.8}, 0.3)
+    assert loss_judged.best_step == 1
+
+
+def test_a_classify_run_keeps_its_best_validation_accuracy(tiny_model_dir, tmp_path):
+    cfg = _cfg(tiny_model_dir, tmp_path, eval_every=1, early_stopping_patience=50)
+    run_dir = train(cfg, quiet=True)
+    summary = json.loads((run_dir / "train_summary.json").read_text())
+    vals = {m["step"]: m["val_accuracy"] for m in read_metrics(run_dir) if "val_accuracy" in m}
+    best = max(vals.values())
+    assert summary["best_validation"] == {"val_accuracy": best}
+    assert summary["best_step"] == min(s for s, v in vals.items() if v == best)

@@ -54,6 +54,9 @@ class Recipe:
     n_tokens: Callable[[dict[str, torch.Tensor]], int] = field(
         default=lambda b: int(b["attention_mask"].sum())
     )
+    # The validation metric that picks the best weights (early stopping keeps them): a classifier is
+    # judged by its accuracy, which can still rise while its loss does (confident mistakes).
+    best_metric: str = "val_loss"
 
 
 @dataclass
@@ -66,8 +69,9 @@ class LoopResult:
     tokens: int
     train_seconds: float
     stopped_early: bool = False  # train.early_stopping_patience ended the run
-    best_step: int | None = None  # lowest validation loss: its weights are kept when stopping early
+    best_step: int | None = None  # best validation (recipe.best_metric): its weights are kept when stopping early
     best_val_loss: float | None = None
+    best_metric: dict[str, float] | None = None  # {recipe.best_metric: its best value}
     budget: dict | None = None  # train.time_budget's plan and outcome (train/budget.py)
 
     @property
@@ -240,7 +244,7 @@ def run_loop(
     step_groups: list[list[int]] = []
     epoch = step = tokens_total = 0
     t_train, loss, last_val = 0.0, float("nan"), {}
-    stopper = EarlyStopping(params, tc.early_stopping_patience)
+    stopper = EarlyStopping(params, tc.early_stopping_patience, recipe.best_metric)
     clock = BudgetClock(tc.time_budget) if tc.time_budget else None
     window: dict[str, float] = {"loss": 0.0, "n": 0, "tokens": 0, "time": 0.0}
     ckpt = latest_checkpoint(run_dir) if resume else None
@@ -375,7 +379,7 @@ def run_loop(
                         f"{k.replace('val_', 'validation ')} {v:.4f}" for k, v in last_val.items()
                     )
                     progress.console.print(f"step {step}: train loss {loss:.4f}, {shown}")
-                if "val_loss" in last_val and stopper.update(step, last_val["val_loss"], loss) and not quiet:
+                if stopper.metric in last_val and stopper.update(step, last_val, loss) and not quiet:
                     progress.console.print(f"[yellow]{stopper.warning}")
                 notify_validation(step, last_val)  # e.g. tunekit tune's pruner, which may end the run
             if record and main:
@@ -421,8 +425,8 @@ def run_loop(
             if stopper.should_stop:
                 if not quiet:
                     progress.console.print(
-                        f"early stopping: no lower validation loss in {tc.early_stopping_patience} "
-                        f"validations; keeping the weights of step {stopper.best_step}"
+                        f"early stopping: no better {stopper.metric.replace('val_', 'validation ')} in "
+                        f"{tc.early_stopping_patience} validations; keeping the weights of step {stopper.best_step}"
                     )
                 break
 
@@ -437,7 +441,8 @@ def run_loop(
         train_seconds=t_train,
         stopped_early=stopper.should_stop,
         best_step=stopper.best_step,
-        best_val_loss=stopper.best,
+        best_val_loss=stopper.best if stopper.metric == "val_loss" else None,
+        best_metric={stopper.metric: stopper.best} if stopper.best is not None else None,
         budget=clock.record(t_train) if clock else None,
     )
 
@@ -451,21 +456,27 @@ class EarlyStopping:
     rising while training loss falls) and warns once. A resumed run starts tracking afresh.
     """
 
-    def __init__(self, params: list[torch.Tensor], patience: int | None):
-        self.params, self.patience = params, patience
+    def __init__(self, params: list[torch.Tensor], patience: int | None, metric: str = "val_loss"):
+        self.params, self.patience, self.metric = params, patience, metric
         self.best, self.best_step, self.bad, self.snapshot = None, None, 0, None
         self.prev: tuple[float, float] | None = None  # (val loss, train loss) at the last validation
         self.warning, self.warned = "", False
 
-    def update(self, step: int, val_loss: float, train_loss: float) -> bool:
+    def better(self, value: float) -> bool:
+        """A loss is better lower; an accuracy (or any other score) higher."""
+        if self.best is None:
+            return True
+        return value < self.best if self.metric.endswith("loss") else value > self.best
+
+    def update(self, step: int, val: dict[str, float], train_loss: float) -> bool:
         """Record a validation; returns True when an overfitting warning should be shown now."""
-        if self.best is None or val_loss < self.best:
-            self.best, self.best_step, self.bad = val_loss, step, 0
+        if self.better(val[self.metric]):
+            self.best, self.best_step, self.bad = val[self.metric], step, 0
             if self.patience:
                 self.snapshot = [p.detach().to("cpu", copy=True) for p in self.params]
         else:
             self.bad += 1
-        show = False
+        show, val_loss = False, val.get("val_loss", float("nan"))
         if self.prev and val_loss > self.prev[0] and train_loss < self.prev[1] and not self.warned:
             self.warning = (
                 f"step {step}: validation loss rose ({self.prev[0]:.4f} -> {val_loss:.4f}) while training "

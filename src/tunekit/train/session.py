@@ -292,6 +292,7 @@ class RunSession:
             "stopped_early": result.stopped_early,
             "best_step": result.best_step,
             "best_val_loss": result.best_val_loss,
+            "best_validation": result.best_metric,
         } | extra
         if getattr(result, "budget", None):
             self.summary["time_budget"] = result.budget  # train.time_budget: the plan and who ended the run

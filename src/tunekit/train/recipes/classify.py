@@ -56,6 +56,7 @@ def train_classify(run: RunSession) -> Path:
         collate=lambda items: collate_labelled(items, pad_id),
         step=cross_entropy_step,
         validate=lambda m, data: validate_labelled(m, data, pad_id, cfg.eval.batch_size),
+        best_metric="val_accuracy",
     )
     run.announce(model, params, len(train), len(val))
     if not quiet:
