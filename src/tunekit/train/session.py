@@ -57,6 +57,10 @@ def train(
     to this config (`config.run_identity`); with `skip_damaged`, from the newest intact one. Without
     `resume`, an output_dir holding an earlier run's checkpoints is refused, unless `overwrite`
     removes that run's outputs first."""
+    from tunekit.train.defaults import resolve_defaults
+
+    # Every rank resolves the same (the choices follow the data alone); the first one says so.
+    cfg = resolve_defaults(cfg, say=console.print if not quiet and distributed.is_main() else None)
     task = get_task(cfg.task)
     problems = check_config(cfg)
     if resume and task.not_resumable:
