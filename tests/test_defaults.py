@@ -10,7 +10,7 @@ from tunekit.train.defaults import CLASSIFY_LR, PATIENCE, resolve_defaults
 
 
 def _labels(tmp_path, n, name="labels.jsonl"):
-    rows = [{"text": f"order {i} is {w}", "label": w} for i, w in zip(range(n), ["late", "broken"] * n)]
+    rows = [{"text": f"order {i} is {w}", "label": w} for i, w in enumerate(["late", "broken"] * (n // 2))]
     return write(tmp_path, name, jsonl(*rows))
 
 

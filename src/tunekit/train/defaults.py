@@ -20,6 +20,7 @@ from __future__ import annotations
 import math
 
 from tunekit.config import Config
+from tunekit.tasks import get_task
 
 # Learning rate of a label head's run, by method: LoRA adapters move slowly and take a high rate; every
 # weight of a full fine-tune, the rate encoders are fine-tuned at.
@@ -49,7 +50,7 @@ def resolve_defaults(cfg: Config, say=None) -> Config:
             "task: classify (text + label data and no task: in the config): a label head scores every "
             "label in one forward pass; task: sft teaches the model to write the label instead"
         )
-    if cfg.task == "classify":
+    if get_task(cfg.task).data == "labels":  # a label head's run
         cfg = _classify_schedule(cfg, _n_train(cfg, n), say)
     return cfg
 
