@@ -139,8 +139,13 @@ def test_a_budgeted_run_keeps_its_plan_and_ends_the_schedule_at_its_last_step(
     assert (run / "adapter" / "adapter_config.json").is_file()
 
 
-def test_the_deadline_stops_the_run_with_a_checkpoint(tiny_model_dir, chat_file, tmp_path):
-    """A budget shorter than one step: the first step's check stops the run, saved and summarised."""
+def test_the_deadline_stops_the_run_with_a_checkpoint(tiny_model_dir, chat_file, tmp_path, monkeypatch):
+    """A plan far too hopeful (a microsecond a step) in a budget shorter than one real step: the
+    deadline check after the first step stops the run, saved and summarised."""
+    real = loop.plan_budget
+    monkeypatch.setattr(
+        loop, "plan_budget", lambda b, e, d, s, v, *a, **kw: real(b, 0.0, d, 1e-6, None, *a, **kw)
+    )
     run = train(_cfg(tiny_model_dir, chat_file, tmp_path, time_budget=0.001), quiet=True)
     summary = json.loads((run / "train_summary.json").read_text())
     assert summary["steps"] == 1 and summary["time_budget"]["ended_training"] is True
@@ -189,3 +194,22 @@ def test_a_resumed_budgeted_run_keeps_its_plan(tiny_model_dir, chat_file, tmp_pa
     assert [m["step"] for m in metrics if "val_loss" in m] == [10, 13]
     lrs = {m["step"]: m["learning_rate"] for m in metrics if "learning_rate" in m}
     assert lrs[13] == pytest.approx(lr_at(12, 13, 0, 1e-2, "cosine"))
+
+
+def test_slow_steps_are_planned_before_the_usual_five():
+    from tunekit.train.budget import BudgetClock
+
+    slow = BudgetClock(100.0, spent_s=9.0)  # one step has taken 9% of the budget
+    slow.timed_step(9.0)
+    assert slow.wants_plan(1, 240)
+    fast = BudgetClock(3600.0)
+    fast.timed_step(0.5)
+    assert not fast.wants_plan(1, 240) and fast.wants_plan(240, 240)
+
+
+def test_a_budget_shorter_than_a_step_plans_what_fits(tiny_model_dir, chat_file, tmp_path):
+    """The first step alone takes longer than the budget: the plan (made at once) is that one step."""
+    run = train(_cfg(tiny_model_dir, chat_file, tmp_path, time_budget=0.001), quiet=True)
+    budget = json.loads((run / "train_summary.json").read_text())["time_budget"]
+    assert budget["total_steps"] == budget["measured_at"] == 1 and budget["cut_by_budget"]
+    assert (run / "adapter" / "adapter_config.json").is_file()

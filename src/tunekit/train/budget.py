@@ -1,6 +1,7 @@
 """The time budget (`train.time_budget`): time the first steps, then plan the run to fit.
 
-    steps 1..k        run as the config planned them, each one timed (k = MEASURE_STEPS)
+    steps 1..k        run as the config planned them, each one timed (k = MEASURE_STEPS, or fewer
+                      when they take more than MEASURE_SHARE of the budget)
     after step k      a validation pass is timed on a sample; `plan_budget` picks the last step and
                       the validation cadence; the loop's learning-rate schedule is rebuilt on the new
                       last step, so cosine or linear decay still reaches its end there
@@ -24,6 +25,7 @@ from contextvars import ContextVar
 from dataclasses import asdict, dataclass
 
 MEASURE_STEPS = 5  # steps timed before planning; the first (allocations, kernel choice, caches) is left out
+MEASURE_SHARE = 0.05  # ... or fewer, once timing them has taken this share of the budget (slow steps)
 EVAL_SHARE = 0.10  # validation passes take at most this share of the budget (the last one always runs)
 MARGIN = 0.03  # share of the budget kept free for step-time jitter
 RECENT = 200  # measurements kept for the medians: recent ones, as the machine's load changes
@@ -181,8 +183,10 @@ class BudgetClock:
             self.step_times.append(seconds)
 
     def wants_plan(self, step: int, total_steps: int) -> bool:
-        """Plan after MEASURE_STEPS steps, or at the config's last step if that comes first."""
-        return self.plan is None and (self.n_steps >= MEASURE_STEPS or step >= total_steps)
+        """Plan after MEASURE_STEPS steps, or sooner: at the config's last step, or once the steps timed
+        have taken MEASURE_SHARE of the budget (steps so slow that waiting for more would spend it)."""
+        slow = self.n_steps >= 1 and self.elapsed() >= MEASURE_SHARE * self.budget_s
+        return self.plan is None and (self.n_steps >= MEASURE_STEPS or step >= total_steps or slow)
 
     def figures(self) -> tuple[float, float | None, float]:
         """(seconds a step, a validation pass, a checkpoint): medians of the recent measurements;
