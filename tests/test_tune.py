@@ -122,3 +122,16 @@ def test_cli_budget_error_names_the_flag(tmp_path, tiny_model_dir, chat_file):
     assert isinstance(r.exception, TunekitError)
     assert str(r.exception).startswith("--budget: 'soon' is not a duration") and "1h30m" in str(r.exception)
     assert not (tmp_path / "s").exists()
+
+
+def test_the_objective_is_the_kept_weights_score():
+    from tunekit.errors import TunekitError
+    from tunekit.iterate.tune import _objective
+
+    last = {"final_validation": {"val_loss": 0.9, "val_accuracy": 0.7}}
+    assert _objective(last, "val_loss") == 0.9 and _objective(last, "val_accuracy") == 0.7
+    stopped = last | {"stopped_early": True, "best_metric": {"val_accuracy": 0.8}, "best_val_loss": None}
+    assert _objective(stopped, "val_accuracy") == 0.8  # early stopping kept the step with accuracy 0.8
+    assert _objective(last | {"stopped_early": True, "best_val_loss": 0.5}, "val_loss") == 0.5
+    with pytest.raises(TunekitError, match="without a finite val_loss"):
+        _objective({"final_validation": {}}, "val_loss")

@@ -281,11 +281,13 @@ def _run_trial(study, raw: dict, cfg: Config, out_dir: Path, metric: str, budget
 
 
 def _objective(summary: dict, metric: str) -> float:
-    """The trial's score: its final validation metric; the best validation loss when early stopping
-    kept the best weights."""
-    if metric == "val_loss" and summary.get("stopped_early") and summary.get("best_val_loss") is not None:
-        return float(summary["best_val_loss"])
+    """The trial's score: its final validation metric, or the best one when early stopping kept the
+    best weights (`best_metric`, or `best_val_loss` in summaries that predate it)."""
     value = (summary.get("final_validation") or {}).get(metric)
+    if summary.get("stopped_early"):
+        best = (summary.get("best_metric") or {}).get(metric)
+        best = best if best is not None else (summary.get("best_val_loss") if metric == "val_loss" else None)
+        value = best if best is not None else value
     if value is None or not math.isfinite(value):
         raise TunekitError(f"the run ended without a finite {metric} (no validation pass finished)")
     return float(value)
