@@ -172,3 +172,73 @@ def test_the_label_a_model_prefers_wins_even_the_longest(tiny):
     finally:
         hook.remove()
     assert got == ["lost_or_stolen_card"] * len(examples)
+
+
+def test_probe_multiple_choice_scored_against_each_question_gives_the_plain_scores(tiny):
+    """Each question's prompt encoded once and its options fed against its cache: the same (sum,
+    count) per option as a full forward per option, so the same answers."""
+    from tunekit.data.tokenize import tokenize_example
+    from tunekit.eval.label_scoring import continuation_logprobs, split_item
+    from tunekit.eval.probe import _qa, load_probe, score_multiple_choice, target_logprobs
+
+    model, tok = tiny
+    questions = load_probe("builtin").multiple_choice[:10]
+    items = [[tokenize_example(tok, _qa(q, opt), 1024) for opt in options] for q, options, _ in questions]
+    plain = [target_logprobs(model, options, tok.pad_token_id, 16) for options in items]
+    prompts = [split_item(options[0])[0] for options in items]
+    replies = [[split_item(it)[1] for it in options] for options in items]
+    fast = continuation_logprobs(model, prompts, replies, tok.pad_token_id, batch_size=3)
+    for f, p in zip(fast, plain, strict=True):
+        assert [n for _, n in f] == [n for _, n in p]
+        assert [s for s, _ in f] == pytest.approx([s for s, _ in p], abs=1e-3)
+    want = [
+        float(max(range(4), key=lambda k, p=p: p[k][0] / p[k][1]) == right)
+        for p, (_, _, right) in zip(plain, questions, strict=True)
+    ]
+    assert score_multiple_choice(model, tok, questions, batch_size=4) == want
+
+
+@pytest.fixture(scope="module")
+def label_run(tiny_model_dir, tmp_path_factory):
+    """A run on classification data (text -> one of four codes), briefly trained on the tiny model."""
+    import json
+
+    from tunekit.config import config_from_dict
+    from tunekit.train.session import train
+
+    tmp = tmp_path_factory.mktemp("label-run")
+    rows = [{"text": f"What is the code for item {i}?", "label": f"CODE-{i % 4}"} for i in range(40)]
+    (tmp / "train.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    cfg = config_from_dict(
+        {
+            "model": str(tiny_model_dir),
+            "task": "sft",  # a generative run on label data (its label set: the training labels)
+            "data": {"train": str(tmp / "train.jsonl")},
+            "lora": {"r": 8, "alpha": 16, "dropout": 0.0},
+            "train": {"max_steps": 3, "learning_rate": 1e-2, "batch_size": 8, "max_length": 64, "seed": 0},
+            "eval": {"max_new_tokens": 6, "probe": None, "few_shot": 2},
+            "output_dir": str(tmp / "run"),
+        }
+    )
+    return train(cfg, quiet=True)
+
+
+def test_eval_scores_labels_and_keeps_the_test_loss(label_run):
+    """`tunekit eval` on label data scores the labels (the report says so, every prediction is a
+    label); --generate generates; the test loss is the same both ways for every contender."""
+    import json
+
+    from tunekit.eval.evaluate import evaluate
+
+    generated = evaluate(label_run, quiet=True, label_scoring=False)
+    scored = evaluate(label_run, quiet=True)
+    assert scored["prediction"]["mode"] == "label_scoring" and scored["prediction"]["candidates"] == 4
+    assert generated["prediction"]["mode"] == "generation"
+    assert "labels scored: 4 candidates" in (label_run / "report.md").read_text()
+    rows = json.loads((label_run / "predictions.json").read_text())
+    codes = {f"CODE-{k}" for k in range(4)}
+    assert all(r[name] in codes for r in rows for name in ("base", "base_few_shot", "finetuned"))
+    for name in ("base", "base_few_shot", "finetuned"):
+        assert scored["contenders"][name]["test_loss"] == pytest.approx(
+            generated["contenders"][name]["test_loss"], rel=1e-4
+        )

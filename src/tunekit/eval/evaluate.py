@@ -55,6 +55,7 @@ def evaluate_generation(
     few_shot: int | None = None,
     probe: str | Path | None = None,
     metrics: list[str] | None = None,
+    label_scoring: bool | None = None,
 ) -> dict:
     """SFT: three contenders on the same held-out prompts, scored against the references.
 
@@ -63,6 +64,11 @@ def evaluate_generation(
     test; then the forgetting probe, the failure triage, and report.json/.md/.html.
     `few_shot` and `probe` override the run config's `eval.few_shot` and `eval.probe`, `metrics`
     its `eval.metrics`; a `module:function` metric is imported only when named in `metrics`.
+
+    Label data (every reference one of `data.labels`, or of the training split's labels) is
+    predicted by label scoring (eval/label_scoring.py): the most likely label as the reply, one
+    forward pass per example, every prediction a valid label; `label_scoring=False` (`tunekit eval
+    --generate`, `eval.label_scoring: false`) generates freely instead. Other data is generated.
     """
     from tunekit.eval.failures import analyze_failures, train_group_counts
     from tunekit.eval.metrics import (
@@ -93,6 +99,12 @@ def evaluate_generation(
 
     model, tokenizer, is_adapter = load_trained(run_dir)
     references = [ex.target for ex in examples]
+    use_labels = cfg.eval.label_scoring if label_scoring is None else label_scoring
+    candidates, why_not = (
+        label_candidates(cfg.data.labels, train_examples, examples)
+        if use_labels
+        else (None, "label scoring turned off (--generate or eval.label_scoring: false)")
+    )
     labels = set(cfg.data.labels or []) or (
         {normalize(ex.target) for ex in [*examples, *train_examples]}
         if all(ex.label is not None for ex in examples)
@@ -112,17 +124,28 @@ def evaluate_generation(
     def n_tokens(text: str) -> int:
         return len(tokenizer(text, add_special_tokens=False)["input_ids"])
 
-    contenders, predictions, per_example, probe_scores = {}, {}, {}, {}
+    contenders, predictions, per_example, probe_scores, modes = {}, {}, {}, {}, {}
     for name in order:
         exs = inputs[name]
         # Few-shot prompts are longer than training's max_length by design: never cut them.
         max_len = cfg.train.max_length if name != "base_few_shot" else 1 << 16
-        tok = [tokenize_example(tokenizer, ex, max_len) for ex in exs]
+        full = [tokenize_example(tokenizer, ex, 1 << 30) for ex in exs]
+        tok = [_cut(it, max_len) for it in full]
         t0 = time.perf_counter()
         with _contender(model, is_adapter, cfg, "base" if name.startswith("base") else name) as m:
-            preds = generate(m, tokenizer, exs, max_new, cfg.eval.batch_size)
-            t_gen = time.perf_counter() - t0
-            logps = target_logprobs(m, tok, tokenizer.pad_token_id, cfg.eval.batch_size)
+            scored, why = (
+                (None, why_not)
+                if candidates is None
+                else (_score_labels(m, tokenizer, exs, full, tok, candidates, cfg.eval.batch_size))
+            )
+            if scored is None:
+                preds = generate(m, tokenizer, exs, max_new, cfg.eval.batch_size)
+                t_gen = time.perf_counter() - t0
+                logps = target_logprobs(m, tok, tokenizer.pad_token_id, cfg.eval.batch_size)
+                modes[name] = {"mode": "generation", "reason": why}
+            else:
+                preds, logps, modes[name] = scored
+                t_gen = time.perf_counter() - t0
             if probe_data is not None and name in ("base", "finetuned"):
                 probe_scores[name] = run_probe(m, tokenizer, probe_data, cfg.eval.batch_size)
         seconds = time.perf_counter() - t0
@@ -143,7 +166,13 @@ def evaluate_generation(
         predictions[name], per_example[name] = preds, scores
         if not quiet:
             shown = ", ".join(f"{m_} {contenders[name][m_]:.3f}" for m_ in (task_metric, "test_loss"))
-            console.print(f"eval {name}: {shown} ({seconds:.0f}s)")
+            how = modes[name]
+            mode = (
+                f"labels scored: {how['candidates']} candidates"
+                if how["mode"] == "label_scoring"
+                else "generated"
+            )
+            console.print(f"eval {name}: {shown} ({seconds:.0f}s, {mode})")
 
     pairs = [("base", "finetuned"), ("base_few_shot", "finetuned"), ("base", "base_few_shot")]
     comparisons = {
@@ -172,6 +201,7 @@ def evaluate_generation(
         "n_test": len(examples),
         "test_data": str(data) if data is not None else str(run_dir / "data" / "test.jsonl"),
         "few_shot": {"k": len(shots), "sources": [s.where for s in shots]},
+        "prediction": prediction_summary(modes),
         "contenders": contenders,
         "comparisons": comparisons,
         "training": training_curves(run_dir),
@@ -218,3 +248,63 @@ def with_shots(example, shots: list):
     ]
     rest = [m for m in example.messages if m.role != "system"]
     return replace(example, messages=tuple(system + turns + rest))
+
+
+def label_candidates(declared, train_examples: list, examples: list) -> tuple[list[str] | None, str]:
+    """(the candidate labels, "") when every test reference is one of a known label set: the
+    declared `data.labels`, else the labels of the training split; (None, why not) otherwise."""
+    if declared:
+        known, source = list(declared), "data.labels"
+    else:
+        known = sorted({ex.target for ex in train_examples if ex.label is not None})
+        source = "the training split's labels"
+    if not known:
+        return None, ""  # free-form data: generation is the only way
+    if any(ex.label is None for ex in examples):
+        return None, ""  # free-form data: generation is the only way
+    outside = sorted({ex.target for ex in examples} - set(known))
+    if outside:
+        shown = ", ".join(repr(x) for x in outside[:3]) + (", ..." if len(outside) > 3 else "")
+        return None, f"{len(outside)} test reference(s) not among {source} ({shown})"
+    return known, ""
+
+
+def _score_labels(model, tokenizer, exs, full, tok, candidates, batch_size: int):
+    """((predictions, (sum, count) of each reference's log-probs, the mode's summary), "") by label
+    scoring, or (None, why not) where it does not apply (`label_scoring_unsupported`). An example
+    that train.max_length cuts keeps the cut test loss the plain path gives it."""
+    from tunekit.eval.label_scoring import Candidates, label_scoring_unsupported, score_labels
+    from tunekit.eval.probe import target_logprobs
+    from tunekit.models.stops import stop_token_ids
+
+    cands = Candidates.build(tokenizer, exs[0], candidates, stop_token_ids(tokenizer, model))
+    why_not = label_scoring_unsupported(model, full, cands)
+    if why_not is not None:
+        return None, why_not
+    got = score_labels(model, full, cands, tokenizer.pad_token_id, batch_size)
+    logps = list(got.reference_logprobs)
+    cut = [i for i, it in enumerate(tok) if it.truncated]
+    redone = target_logprobs(model, [tok[i] for i in cut], tokenizer.pad_token_id, batch_size)
+    for i, lp in zip(cut, redone, strict=True):
+        logps[i] = lp
+    mode = {
+        "mode": "label_scoring",
+        "candidates": len(candidates),
+        "trie_tokens": cands.n_nodes,
+        "expanded_per_example": sum(got.expanded) / len(exs),
+    }
+    return (got.predictions, logps, mode), ""
+
+
+def prediction_summary(modes: dict[str, dict]) -> dict:
+    """How the predictions were made, for report.json/.md: the first contender's mode (label
+    scoring over N candidates, or generation and why), and each contender's."""
+    return next(iter(modes.values()), {"mode": "generation"}) | {"contenders": modes}
+
+
+def _cut(item, max_length: int):
+    """A tokenized example cut to `max_length` tokens, as tokenize_example(..., max_length) gives it."""
+    from tunekit.data.tokenize import TokenizedExample
+
+    cut = max(0, len(item.input_ids) - max_length)
+    return TokenizedExample(item.input_ids[:max_length], item.labels[:max_length], truncated=cut)

@@ -182,23 +182,11 @@ def score_labels(
 
 
 def _encode_prompts(model, batch: list[_Search], cands: Candidates, pad_id: int, prefix):
-    """Step 0: each prompt (after the shared prefix) and its reference's reply but the last token in
-    one forward, rows padded between the prefix and their own tokens so every row ends in the last
-    column. Gives the reference's log-probs (the test loss) and opens the root and the reference's
-    path; returns the batch's KV cache and its (B, S) attention mask, for the search steps."""
-    p = 0 if prefix is None else len(prefix.ids)
-    rows = [s.prompt[p:] + s.reply[:-1] for s in batch]
-    width = max(map(len, rows))
-    ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
-    mask = torch.zeros((len(rows), p + width), dtype=torch.long)
-    mask[:, :p] = 1
-    for b, r in enumerate(rows):
-        ids[b, width - len(r) :] = torch.tensor(r)
-        mask[b, p + width - len(r) :] = 1
-    positions = (mask.cumsum(-1) - 1).clamp(min=0)[:, p:]
+    """Step 0: each prompt and its reference's reply but the last token, in one forward. Gives the
+    reference's log-probs (the test loss) and opens the root and the reference's path; returns the
+    batch's KV cache and attention mask, for the search steps."""
     keep = max(len(s.reply) for s in batch)  # the last `keep` columns hold every row's reply logits
-    start = prefix.cache_for(len(rows)) if prefix is not None else None
-    logp, cache = _forward_logp(model, ids, mask, positions, start, keep)
+    logp, cache, mask = _encode(model, [s.prompt + s.reply[:-1] for s in batch], prefix, pad_id, keep)
     for b, s in enumerate(batch):
         before = logp[b, keep - len(s.reply) :]  # (len(reply), V): the log-probs before each reply token
         s.ref_logp = (float(before.gather(1, torch.tensor(s.reply)[:, None]).sum()), len(s.reply))
@@ -208,10 +196,28 @@ def _encode_prompts(model, batch: list[_Search], cands: Candidates, pad_id: int,
     return cache, mask
 
 
+def _encode(model, rows: list[list[int]], prefix: SharedPrefix | None, pad_id: int, keep: int):
+    """One forward of token rows that all start with `prefix` (its cache copied per row), each padded
+    between the prefix and its own tokens so every row ends in the last column: the log-probs of
+    the last `keep` columns ((B, keep, V), on the CPU), the batch's KV cache and its (B, S) mask."""
+    p = 0 if prefix is None else len(prefix.ids)
+    width = max(len(r) for r in rows) - p
+    ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(rows), p + width), dtype=torch.long)
+    mask[:, :p] = 1
+    for b, r in enumerate(rows):
+        ids[b, width - len(r) + p :] = torch.tensor(r[p:])
+        mask[b, p + width - len(r) + p :] = 1
+    positions = (mask.cumsum(-1) - 1).clamp(min=0)[:, p:]
+    start = prefix.cache_for(len(rows)) if prefix is not None else None
+    logp, cache = _forward_logp(model, ids, mask, positions, start, keep)
+    return logp, cache, mask
+
+
 def _forward_logp(model, ids, mask, positions, cache, keep: int):
     """One forward of `ids` (B, T) after `cache` (None: empty), under the (B, S+T) `mask`: the
     log-softmax of the last `keep` positions ((B, keep, V), on the CPU), and the cache now holding
-    these tokens too."""
+    these tokens too. Only those positions are projected onto the vocabulary."""
     from transformers import DynamicCache
 
     device = model_device(model)
@@ -228,18 +234,62 @@ def _forward_logp(model, ids, mask, positions, cache, keep: int):
     return F.log_softmax(out.logits[:, -keep:].float(), dim=-1).cpu(), cache
 
 
+@dataclass
+class _Row:
+    """Tokens to feed after one row of a batch's cache: `first` is the position of tokens[0], and
+    the cached columns [hide_from, end) are masked out (a reference reply this row does not follow)."""
+
+    b: int
+    tokens: list[int]
+    first: int
+    hide_from: int | None = None
+
+
+def _feed_after(model, cache, mask, rows: list[_Row], pad_id: int, keep: int) -> torch.Tensor:
+    """Each row's tokens after its batch row's cached prompt (the cache rows copied), left-padded to
+    one width: the log-probs of the last `keep` columns, (R, keep, V) on the CPU."""
+    from transformers import DynamicCache
+
+    width = max(len(r.tokens) for r in rows)
+    s0 = mask.shape[1]
+    ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
+    positions = torch.zeros((len(rows), width), dtype=torch.long)
+    row_mask = torch.zeros((len(rows), s0 + width), dtype=torch.long)
+    for k, r in enumerate(rows):
+        n = len(r.tokens)
+        ids[k, width - n :] = torch.tensor(r.tokens)
+        positions[k, width - n :] = torch.arange(r.first, r.first + n)
+        row_mask[k, :s0] = mask[r.b]
+        if r.hide_from is not None:
+            row_mask[k, r.hide_from : s0] = 0
+        row_mask[k, s0 + width - n :] = 1
+    pick = torch.tensor([r.b for r in rows])
+    data = [(layer.keys[pick], layer.values[pick]) for layer in cache.layers]
+    sub = DynamicCache(ddp_cache_data=data, config=getattr(model, "config", None))
+    return _forward_logp(model, ids, row_mask, positions, sub, keep)[0]
+
+
 def _search_step(model, batch: list[_Search], cands, cache, mask, pad_id: int, exhaustive: bool) -> bool:
-    """Open the next paths of every unfinished search (`_Search.to_open`) in forwards of at most
-    EXPAND_PER_STEP rows per example; False when every search is done."""
-    rows: list[tuple[int, Path, int]] = []  # (row of the batch, path, how many of its tokens are cached)
+    """Open the next paths of every unfinished search (`_Search.to_open`), in forwards of at most
+    EXPAND_PER_STEP rows per example. Each path is fed after the part of it the cache holds (its
+    prompt and the part of the reference's reply it shares; the rest of that reply is masked out);
+    False when every search is done."""
+    s0 = mask.shape[1]
+    todo: list[tuple[_Row, Path]] = []
     for b, s in enumerate(batch):
         paths = s.to_open(exhaustive)
         s.expanded += len(paths)
-        rows += [(b, path, min(_shared(path, s.reply), len(path) - 1)) for path in paths]
+        for path in paths:
+            c = min(_shared(path, s.reply), len(path) - 1)
+            hide = s0 - (len(s.reply) - 1) + c  # step 0 fed the reply but its last token, in the last columns
+            todo.append((_Row(b, list(path[c:]), len(s.prompt) + c, hide), path))
     step = EXPAND_PER_STEP * len(batch)
-    for start in range(0, len(rows), step):
-        _open_rows(model, batch, cands, cache, mask, rows[start : start + step], pad_id)
-    return bool(rows)
+    for start in range(0, len(todo), step):
+        chunk = todo[start : start + step]
+        logp = _feed_after(model, cache, mask, [row for row, _ in chunk], pad_id, 1)
+        for k, (row, path) in enumerate(chunk):
+            batch[row.b].open(path, logp[k, 0], cands)
+    return bool(todo)
 
 
 def _shared(path: Path, reply: list[int]) -> int:
@@ -251,30 +301,42 @@ def _shared(path: Path, reply: list[int]) -> int:
     return n
 
 
-def _open_rows(model, batch, cands, cache, mask, rows, pad_id: int) -> None:
-    """Feed each row's path after the part already cached (its prompt and the part of the reference's
-    reply it shares; the rest of that reply is masked out), left-padded to one width; the last
-    column's log-probs score the path's children."""
-    from transformers import DynamicCache
-
-    width = max(len(path) - c for _, path, c in rows)
-    s0 = mask.shape[1]
-    ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
-    positions = torch.zeros((len(rows), width), dtype=torch.long)
-    row_mask = torch.zeros((len(rows), s0 + width), dtype=torch.long)
-    for r, (b, path, c) in enumerate(rows):
-        s, new = batch[b], path[c:]
-        ids[r, width - len(new) :] = torch.tensor(new)
-        positions[r, width - len(new) :] = torch.arange(len(s.prompt) + c, len(s.prompt) + len(path))
-        row_mask[r, :s0] = mask[b]
-        row_mask[r, s0 - (len(s.reply) - 1) + c : s0] = 0  # the reference's reply past the shared part
-        row_mask[r, s0 + width - len(new) :] = 1
-    pick = torch.tensor([b for b, _, _ in rows])
-    data = [(layer.keys[pick], layer.values[pick]) for layer in cache.layers]
-    sub = DynamicCache(ddp_cache_data=data, config=getattr(model, "config", None))
-    logp, _ = _forward_logp(model, ids, row_mask, positions, sub, 1)
-    for r, (b, path, _) in enumerate(rows):
-        batch[b].open(path, logp[r, 0], cands)
+@torch.no_grad()
+def continuation_logprobs(
+    model, prompts: list[list[int]], continuations: list[list[list[int]]], pad_id: int, batch_size: int = 16
+) -> list[list[tuple[float, int]]]:
+    """(sum of log-probs, token count) of each continuation after its prompt (token ids), e.g. the
+    forgetting probe's four options after their question: each prompt is encoded once (and the
+    prompts' shared prefix once for all), its continuations fed against its cache in one forward
+    per batch of prompts, instead of a full forward per (prompt, continuation)."""
+    was_training = model.training
+    model.eval()
+    longest = max(len(p) for p in prompts) + max(len(c) for cs in continuations for c in cs)
+    prefix = SharedPrefix.build(model, prompts, longest)
+    out: list[list[tuple[float, int]]] = [[] for _ in prompts]
+    order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))
+    for start in range(0, len(order), batch_size):
+        idx = order[start : start + batch_size]
+        first, cache, mask = _encode(model, [prompts[i] for i in idx], prefix, pad_id, 1)
+        rows = [
+            _Row(b, c[:-1], len(prompts[i]))
+            for b, i in enumerate(idx)
+            for c in continuations[i]
+            if len(c) > 1
+        ]
+        keep = max((len(r.tokens) for r in rows), default=0)
+        rest = _feed_after(model, cache, mask, rows, pad_id, keep) if rows else None
+        k = 0
+        for b, i in enumerate(idx):
+            for c in continuations[i]:
+                logp = first[b, 0, c[0]].item()
+                if len(c) > 1:
+                    after = rest[k, keep - len(c) + 1 :]  # (len(c) - 1, V): before each later token
+                    logp += float(after.gather(1, torch.tensor(c[1:])[:, None]).sum())
+                    k += 1
+                out[i].append((logp, len(c)))
+    model.train(was_training)
+    return out
 
 
 def label_scoring_unsupported(model, items: list[TokenizedExample], cands: Candidates) -> str | None:

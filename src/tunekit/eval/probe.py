@@ -149,12 +149,34 @@ def _qa(question: str, answer: str) -> Example:
 
 
 def score_multiple_choice(model, tokenizer, questions, batch_size: int = 16) -> list[float]:
-    """1/0 per question: is the right option the most likely reply (mean log-prob per token)?"""
-    items = [tokenize_example(tokenizer, _qa(q, opt), 1024) for q, options, _ in questions for opt in options]
-    scores = target_logprobs(model, items, tokenizer.pad_token_id, batch_size)
+    """1/0 per question: is the right option the most likely reply (mean log-prob per token)?
+
+    Each question's prompt is encoded once and its options scored against its KV cache
+    (`continuation_logprobs`); the scores are those of a full forward per option (the plain path,
+    still taken where a question's options do not share its prompt's tokens or the model's cache
+    cannot be copied)."""
+    from tunekit.eval.generate import prefix_cache_supported
+    from tunekit.eval.label_scoring import continuation_logprobs, split_item
+
+    items = [
+        [tokenize_example(tokenizer, _qa(q, opt), 1024) for opt in options] for q, options, _ in questions
+    ]
+    parts = [[split_item(it) for it in options] for options in items]
+    shared = all(p is not None and p[0] == ps[0][0] for ps in parts for p in ps)
+    longest = max((len(it.input_ids) for options in items for it in options), default=0)
+    if shared and questions and prefix_cache_supported(model, longest):
+        prompts = [ps[0][0] for ps in parts]
+        replies = [[p[1] for p in ps] for ps in parts]
+        scores = continuation_logprobs(model, prompts, replies, tokenizer.pad_token_id, batch_size)
+    else:
+        flat = target_logprobs(
+            model, [it for options in items for it in options], tokenizer.pad_token_id, batch_size
+        )
+        rest = iter(flat)
+        scores = [[next(rest) for _ in options] for options in items]
     out = []
-    for k, (_, options, right) in enumerate(questions):
-        per_token = [s / max(n, 1) for s, n in scores[k * len(options) : (k + 1) * len(options)]]
+    for per_option, (_, options, right) in zip(scores, questions, strict=True):
+        per_token = [s / max(n, 1) for s, n in per_option]
         out.append(float(max(range(len(options)), key=per_token.__getitem__) == right))
     return out
 

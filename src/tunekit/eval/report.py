@@ -101,6 +101,15 @@ def overfitting_warning(train: list[tuple[int, float]], val: list[tuple[int, flo
     )
 
 
+def prediction_line(prediction: dict | None) -> str:
+    """How the predictions were made: `labels scored: 77 candidates` (the most likely label as the
+    reply, eval/label_scoring.py) or greedy decoding, with the reason label scoring did not apply."""
+    if prediction and prediction.get("mode") == "label_scoring":
+        return f"labels scored: {prediction['candidates']} candidates (the most likely label as the reply)"
+    reason = (prediction or {}).get("reason")
+    return "greedy decoding" + (f" ({reason})" if reason else "")
+
+
 def _block(title: str, text: str) -> str:
     return f"**{title}**\n\n```\n{text}\n```\n"
 
@@ -111,8 +120,8 @@ def write_report(run_dir: Path, report: dict) -> None:
     line = " -> ".join(f"{n} {c[n][tm]:.3f}" for n in c)
     parts = [
         "# Evaluation report\n",
-        f"Held-out test: {report['n_test']} examples from `{report['test_data']}`, greedy decoding. "
-        "Brackets: 95% bootstrap confidence intervals.\n",
+        f"Held-out test: {report['n_test']} examples from `{report['test_data']}`, "
+        f"{prediction_line(report.get('prediction'))}. Brackets: 95% bootstrap confidence intervals.\n",
         f"Task metric **{tm}**: {line}.\n",
         comparison_table(report) + "\n",
     ]
