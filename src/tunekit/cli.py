@@ -160,6 +160,14 @@ def eval_(
             "metric). A custom `module:function` metric is imported only when named here."
         ),
     ] = None,
+    label_scoring: Annotated[
+        bool | None,
+        typer.Option(
+            "--label-scoring/--generate",
+            help="Label data: predict the most likely label (default, eval.label_scoring), or generate "
+            "replies freely.",
+        ),
+    ] = None,
     exported: Annotated[
         Path | None,
         typer.Option(
@@ -188,7 +196,13 @@ def eval_(
         err.print(f"report: {run_dir / 'export_parity.json'}")
         return
     report = evaluate(
-        run_dir, data, few_shot=few_shot, probe=probe, reward_model=reward_model, metrics=metric
+        run_dir,
+        data,
+        few_shot=few_shot,
+        probe=probe,
+        reward_model=reward_model,
+        metrics=metric,
+        label_scoring=label_scoring,
     )
     print_contenders(report)
     err.print(f"report: {run_dir / 'report.md'}")

@@ -395,6 +395,12 @@ class EvalConfig(_Strict):
     probe_max_questions: int | None = Field(
         200, gt=0, description="Questions drawn from each probe part (multiple choice, open); null: all."
     )
+    label_scoring: bool = Field(
+        True,
+        description="Label data (every test reference one of data.labels or the training labels): predict "
+        "the most likely label, scored as the reply (one forward pass per example, every prediction a "
+        "valid label); false: free generation (`tunekit eval --generate`).",
+    )
 
 
 class DistributedConfig(_Strict):
