@@ -66,7 +66,7 @@ class BudgetPlan:
     def line(self) -> str:
         """The one line a run prints: what was chosen, and why."""
         text = (
-            f"time budget {format_duration(self.budget_s)}: {self.total_steps:,} steps "
+            f"time budget {format_duration(self.budget_s)}: {self.total_steps:,} step{'s' * (self.total_steps != 1)} "
             f"({self.epochs:.2f} epochs) at {self.step_s:.3g} s/step"
         )
         if self.eval_every is not None:
