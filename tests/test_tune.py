@@ -2,6 +2,7 @@
 resumes, and a failing or interrupted trial is recorded without ending the study."""
 
 import csv
+import json
 from pathlib import Path
 
 import pytest
@@ -135,3 +136,29 @@ def test_the_objective_is_the_kept_weights_score():
     assert _objective(last | {"stopped_early": True, "best_val_loss": 0.5}, "val_loss") == 0.5
     with pytest.raises(TunekitError, match="without a finite val_loss"):
         _objective({"final_validation": {}}, "val_loss")
+
+
+def test_label_data_is_tuned_on_validation_accuracy(tmp_path, tiny_model_dir):
+    """Text + label data with no task: is a classify run (train/defaults.py); tune then maximises the
+    validation accuracy, and the table's objective column says so."""
+    words = {"late": "delay", "broken": "damage", "refund": "money"}
+    rows = [
+        {"text": f"order {i} is about {w}", "label": words[w]}
+        for i in range(24)
+        for w in [list(words)[i % 3]]
+    ]
+    (tmp_path / "labels.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    config = tmp_path / "classify.yaml"
+    config.write_text(
+        yaml.safe_dump(
+            {
+                "model": str(tiny_model_dir),
+                "data": {"train": str(tmp_path / "labels.jsonl")},
+                "train": {"epochs": 1, "batch_size": 4, "max_length": 32},
+                "output_dir": str(tmp_path / "run"),
+            }
+        )
+    )
+    result = tune(config, 2, tmp_path / "study", quiet=True)
+    assert "val_accuracy" in result.trials[0] and 0 <= result.best["val_accuracy"] <= 1
+    assert (tmp_path / "study" / "trials.md").read_text().startswith("# tunekit tune: val_accuracy")

@@ -154,10 +154,13 @@ def tune(
 
 
 def _read_config(config: Path) -> tuple[dict, Config]:
-    """The config file as written (best.yaml starts from it) and as validated."""
+    """The config file as written (best.yaml starts from it) and as a run resolves it: validated, with
+    the keys it leaves open chosen from the data (train/defaults.py: e.g. task: classify and its
+    learning rate for label data), so the search centres on what a plain `tunekit train` would run."""
     from tunekit.config import load_config
+    from tunekit.train.defaults import resolve_defaults
 
-    cfg = load_config(config)  # names every problem of a bad config
+    cfg = resolve_defaults(load_config(config))  # load_config names every problem of a bad config
     return yaml.safe_load(Path(config).read_text(encoding="utf-8")), cfg
 
 
