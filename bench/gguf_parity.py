@@ -29,7 +29,7 @@ def _models():
     from tunekit.models import load_model, load_tokenizer, resolve_model
 
     spm, bpe = spm_tokenizer(), bpe_tokenizer()
-    for arch, tok in (("llama", spm), ("mistral", spm), ("qwen2", bpe), ("qwen3", bpe), ("gemma3", spm)):
+    for arch, tok in (("llama", spm), ("mistral", spm), ("qwen2", bpe), ("qwen3", bpe), ("gemma3", spm), ("phi3", spm), ("gemma2", spm)):
         yield (
             f"{arch} (tiny random, {'SentencePiece' if tok is spm else 'byte-level BPE'})",
             tiny_model(arch, tok),
