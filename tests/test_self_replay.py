@@ -153,12 +153,17 @@ def test_cache_key_changes_with_model_template_prompts_and_settings(
     assert cache_path(other_model, tokenizer, PROMPTS, replay, quantized=False) != before
 
 
+@pytest.mark.parametrize("method, data", [("lora", "chat"), ("full", "classification")])
 def test_training_mixes_the_ratio_of_finished_answers_into_train_only(
-    tiny_model_dir, tokenizer, chat_file, prompts_file, tmp_path, home, monkeypatch
+    tiny_model_dir, tokenizer, chat_file, prompts_file, tmp_path, home, monkeypatch, method, data
 ):
     from tunekit.train.session import train
 
+    if data == "classification":  # classification as generation: text -> label rows, task sft
+        rows = [{"text": f"order {i} is about {w}", "label": w} for i, w in enumerate(["cats", "dogs"] * 12)]
+        chat_file = write(tmp_path, "labels.jsonl", jsonl(*rows))
     cfg = self_cfg(tiny_model_dir, chat_file, prompts_file, tmp_path, ratio=0.5)
+    cfg.method = method
     # A real model finishes most answers; the random tiny one never does, so the cache is written
     # here as a finished generation would leave it (one answer cut off, which must not be replayed).
     path = cache_path(tiny_model_dir, tokenizer, PROMPTS, cfg.data.replay, False)

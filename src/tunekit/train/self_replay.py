@@ -88,7 +88,7 @@ def self_replay_pool(
                 f"(once; at most {replay.max_new_tokens} tokens each)"
             )
         t0 = time.perf_counter()
-        rows = generate_answers(cfg, tokenizer, model_path, prompts)
+        rows = generate_answers(cfg, tokenizer, model_path, prompts, quiet)
         atomic_write_jsonl(path, rows)
         seconds = time.perf_counter() - t0
     distributed.barrier()
@@ -121,7 +121,9 @@ def model_identity(model_path: Path) -> dict:
     return {"path": str(folder), "files": [[f.name, f.stat().st_size, f.stat().st_mtime_ns] for f in files]}
 
 
-def generate_answers(cfg: Config, tokenizer, model_path: Path, prompts: list[str]) -> list[dict]:
+def generate_answers(
+    cfg: Config, tokenizer, model_path: Path, prompts: list[str], quiet: bool = True
+) -> list[dict]:
     """The plain base model's greedy answer to each prompt: {prompt, answer, finished} rows in prompt
     order. The model is loaded as training loads it (4-bit for qlora), without adapters or speed
     pieces, and freed afterwards, so training's peak memory does not add to it."""
@@ -130,7 +132,17 @@ def generate_answers(cfg: Config, tokenizer, model_path: Path, prompts: list[str
     model = load_base(model_path, cfg.method, dtype=frozen_base_dtype(cfg))
     fit_vocabulary(model, tokenizer, quiet=True)  # a template's added turn tokens need their rows
     try:
-        return answer(model, tokenizer, prompts, cfg.data.replay.max_new_tokens, cfg.eval.batch_size)
+        t0 = time.perf_counter()
+
+        def progress(done: int) -> None:
+            if not quiet:
+                console.print(
+                    f"replay: self: {done}/{len(prompts)} answered ({time.perf_counter() - t0:.0f}s)"
+                )
+
+        return answer(
+            model, tokenizer, prompts, cfg.data.replay.max_new_tokens, cfg.eval.batch_size, progress
+        )
     finally:
         del model
         gc.collect()
@@ -138,16 +150,28 @@ def generate_answers(cfg: Config, tokenizer, model_path: Path, prompts: list[str
             torch.cuda.empty_cache()
 
 
-def answer(model, tokenizer, prompts: list[str], max_new_tokens: int, batch_size: int) -> list[dict]:
+def answer(
+    model, tokenizer, prompts: list[str], max_new_tokens: int, batch_size: int, progress=None
+) -> list[dict]:
     """Greedy answers of `model` to single-turn `prompts`, stopping where eval, serve and chat stop
-    (models/stops.py); `finished` says whether the answer ended with a stop token in time."""
+    (models/stops.py); `finished` says whether the answer ended with a stop token in time.
+    `progress(n_done)` is called after each chunk of a few batches (a CPU takes minutes for all)."""
     from tunekit.eval.generate import generate_ids
 
     model.eval()
     examples = [Example(messages=(Message("user", p), Message("assistant", ""))) for p in prompts]
     rendered = [render_prompt(tokenizer, ex) for ex in examples]
     stops = stop_token_ids(tokenizer, model)
-    rows = generate_ids(model, tokenizer, rendered, max_new_tokens, batch_size, stops)
+    # Shortest first, in chunks of 4 batches: batches pad little, and progress shows between chunks.
+    order = sorted(range(len(prompts)), key=lambda i: len(rendered[i]))
+    rows: list[list[int]] = [[] for _ in prompts]
+    for start in range(0, len(order), 4 * batch_size):
+        idx = order[start : start + 4 * batch_size]
+        got = generate_ids(model, tokenizer, [rendered[i] for i in idx], max_new_tokens, batch_size, stops)
+        for i, ids in zip(idx, got, strict=True):
+            rows[i] = ids
+        if progress is not None:
+            progress(start + len(idx))
     return [
         {
             "prompt": p,
