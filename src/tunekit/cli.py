@@ -423,9 +423,10 @@ def estimate(
     from tunekit.config import load_config
     from tunekit.estimate.training import estimate_report, print_estimate
     from tunekit.io import atomic_write_json
+    from tunekit.train.defaults import resolve_defaults
 
     report = estimate_report(
-        load_config(config, set_ or []),
+        resolve_defaults(load_config(config, set_ or [])),  # the run `tunekit train` would start
         model_size=model_size,
         compare_sizes=compare_sizes,
         measure=measure,
