@@ -242,3 +242,28 @@ def test_eval_scores_labels_and_keeps_the_test_loss(label_run):
         assert scored["contenders"][name]["test_loss"] == pytest.approx(
             generated["contenders"][name]["test_loss"], rel=1e-4
         )
+
+
+@pytest.mark.parametrize("budget", [None, 3])
+def test_the_prediction_does_not_depend_on_the_reference(tiny, budget):
+    """The reference's path is computed with the prompt, but the search reads it only when it gets
+    there: the same prompts with other references give the same predictions, exact or budgeted
+    (a budget of 3 nodes: most searches settle for the greedy descent)."""
+    from dataclasses import replace
+
+    from tunekit.eval.label_scoring import score_labels
+
+    model, tok = tiny
+    examples = _labelled(6)
+    cands, items = _setup(model, tok, examples)
+    runs = []
+    for shift in (0, 1, 4):
+        others = [
+            replace(ex, messages=(*ex.prompt, Message("assistant", LABELS[(k + shift) % len(LABELS)])))
+            for k, ex in enumerate(examples)
+        ]
+        _, items = _setup(model, tok, others)
+        runs.append(score_labels(model, items, cands, tok.pad_token_id, batch_size=3, budget=budget))
+    assert runs[0].predictions == runs[1].predictions == runs[2].predictions
+    if budget is not None:
+        assert not all(runs[0].exact)  # the budget did cut searches short

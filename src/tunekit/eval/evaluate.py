@@ -273,7 +273,12 @@ def _score_labels(model, tokenizer, exs, full, tok, candidates, batch_size: int)
     """((predictions, (sum, count) of each reference's log-probs, the mode's summary), "") by label
     scoring, or (None, why not) where it does not apply (`label_scoring_unsupported`). An example
     that train.max_length cuts keeps the cut test loss the plain path gives it."""
-    from tunekit.eval.label_scoring import Candidates, label_scoring_unsupported, score_labels
+    from tunekit.eval.label_scoring import (
+        SEARCH_BUDGET,
+        Candidates,
+        label_scoring_unsupported,
+        score_labels,
+    )
     from tunekit.eval.probe import target_logprobs
     from tunekit.models.stops import stop_token_ids
 
@@ -281,7 +286,7 @@ def _score_labels(model, tokenizer, exs, full, tok, candidates, batch_size: int)
     why_not = label_scoring_unsupported(model, full, cands)
     if why_not is not None:
         return None, why_not
-    got = score_labels(model, full, cands, tokenizer.pad_token_id, batch_size)
+    got = score_labels(model, full, cands, tokenizer.pad_token_id, batch_size, budget=SEARCH_BUDGET)
     logps = list(got.reference_logprobs)
     cut = [i for i, it in enumerate(tok) if it.truncated]
     redone = target_logprobs(model, [tok[i] for i in cut], tokenizer.pad_token_id, batch_size)
@@ -292,6 +297,7 @@ def _score_labels(model, tokenizer, exs, full, tok, candidates, batch_size: int)
         "candidates": len(candidates),
         "trie_tokens": cands.n_nodes,
         "expanded_per_example": sum(got.expanded) / len(exs),
+        "exact_share": sum(got.exact) / len(exs),  # searches that ended within SEARCH_BUDGET
     }
     return (got.predictions, logps, mode), ""
 

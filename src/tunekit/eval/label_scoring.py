@@ -19,7 +19,8 @@ the path grows, since every log-probability is <= 0, so a best-first search that
 likely unexpanded node and stops when the best item is a complete label has found the argmax over
 all labels, without scoring most of them. The reference's own path is computed with the prompt in
 the same forward (it gives the test loss too, so no second pass), and a confident model's search
-then ends at once. Each example's prompt is encoded once, its shared prefix (system prompt, few-shot
+then ends at once; an unsure one would open most of the trie, so past SEARCH_BUDGET nodes the
+search settles for a greedy descent (the report counts the exact searches). Each example's prompt is encoded once, its shared prefix (system prompt, few-shot
 shots) once for all examples (eval/generate.py `SharedPrefix`); a search step feeds only each
 expanded node's tokens after the part of its path that the reference path already put in the cache.
 """
@@ -39,6 +40,11 @@ from tunekit.models.device import autocast, model_device
 
 Path = tuple[int, ...]
 EXPAND_PER_STEP = 4  # nodes an example expands per search step: fewer forwards vs. wasted expansions
+# Trie nodes an example's search may open before it settles for a greedy descent. A model that
+# knows the task finishes the exact search at once; an untrained one spreads its probability over
+# the labels and would open most of the trie (77 banking77 labels: 380 nodes, about 10x the cost of
+# the prompt), so past this the prediction is the best label the descent finds (`exact` says which).
+SEARCH_BUDGET = 16
 
 
 @dataclass
@@ -100,27 +106,35 @@ class LabelScores:
     predictions: list[str]
     reference_logprobs: list[tuple[float, int]]
     expanded: list[int]
+    exact: list[bool]  # the search finished within its budget: the prediction is the exact argmax
     all_scores: list[list[tuple[float, int]]] | None = None
 
 
 @dataclass
 class _Search:
-    """One example's best-first search over the trie."""
+    """One example's best-first search over the trie. It runs as if it did not know the reference:
+    the reference's path, computed at step 0, is only read when the search reaches it, so the
+    prediction never depends on which label is right."""
 
     prompt: list[int]
     reply: list[int]  # the reference's reply tokens (through ChatML's trailing newline)
+    budget: int | None  # nodes it may open before it settles for a greedy descent; None: exact
     score: dict[Path, float] = field(default_factory=dict)  # the sum of log-probs along each path
     opened: set[Path] = field(default_factory=set)  # paths whose children are scored
+    known: dict[Path, list[float]] = field(default_factory=dict)  # the reference path's children, from step 0
     heap: list[tuple[float, int, Path]] = field(default_factory=list)  # (-score, 0 complete | 1 not, path)
     ref_logp: tuple[float, int] = (0.0, 0)
-    expanded: int = 0  # nodes opened by search steps (the reference's path is not counted)
+    n_opened: int = 0
+    expanded: int = 0  # nodes opened by a forward of their own (what the search cost)
+    dive: Path | None = None  # past the budget: the node the greedy descent is at
+    exact: bool = True
 
-    def open(self, path: Path, logp: torch.Tensor, cands: Candidates) -> None:
-        """Score `path`'s children from the next-token log-probs after it ((V,), on the CPU)."""
+    def open(self, path: Path, child_logps: list[float], cands: Candidates) -> None:
+        """Score `path`'s children from their log-probs after it (in `cands.children[path]` order)."""
         self.opened.add(path)
-        tokens = cands.children.get(path, [])
+        self.n_opened += 1
         base = self.score.get(path, 0.0)
-        for t, lp in zip(tokens, logp[tokens].tolist(), strict=True):
+        for t, lp in zip(cands.children[path], child_logps, strict=True):
             child = (*path, t)
             self.score[child] = base + lp
             if child in cands.complete:
@@ -128,24 +142,53 @@ class _Search:
             if child in cands.children:
                 heapq.heappush(self.heap, (-(base + lp), 1, child))
 
-    def to_open(self, exhaustive: bool) -> list[Path]:
-        """The paths to open next: the best EXPAND_PER_STEP unopened ones while no complete label
-        beats them all (then the search is done: [] ); `exhaustive`: every unopened one."""
+    def to_open(self, cands: Candidates, exhaustive: bool) -> tuple[list[Path], bool]:
+        """One round of the search: (the paths it opens that need a forward, whether it is done).
+        Best-first: the best EXPAND_PER_STEP unopened paths while no complete label beats them all,
+        which makes the first complete label on top the exact argmax. Past the budget: a greedy
+        descent from the best unopened path (each round its best child) to a complete label.
+        `exhaustive`: every unopened path. The reference path's nodes open without a forward, but
+        count as any other, so the rounds are the same whatever the reference."""
         if exhaustive:
-            out = [path for _, more, path in self.heap if more and path not in self.opened]
+            pending = [p for _, more, p in self.heap if more and p not in self.opened]
             self.heap = [item for item in self.heap if not item[1]]
             heapq.heapify(self.heap)
-            return out
+        elif self.dive is not None:
+            pending = self._descend(cands)
+        else:
+            pending = self._best_unopened()
+        for p in pending:
+            if p in self.known:
+                self.open(p, self.known.pop(p), cands)
+        return [p for p in pending if p not in self.opened], not pending
+
+    def _best_unopened(self) -> list[Path]:
         out: list[Path] = []
         while self.heap and self.heap[0][1] and len(out) < EXPAND_PER_STEP:
+            if self.budget is not None and self.n_opened + len(out) >= self.budget:
+                if not out:  # settle: descend greedily from the best unopened path
+                    self.exact = False
+                    self.dive = heapq.heappop(self.heap)[2]
+                    return [self.dive]
+                break
             path = heapq.heappop(self.heap)[2]
             if path not in self.opened:
                 out.append(path)
         return out
 
+    def _descend(self, cands: Candidates) -> list[Path]:
+        """The descent's next node: the best child of the node it is at, [] once that is a label."""
+        if self.dive not in self.opened:
+            return [self.dive]
+        best = max(((*self.dive, t) for t in cands.children[self.dive]), key=self.score.__getitem__)
+        if best in cands.complete:
+            return []
+        self.dive = best
+        return [best]
+
     def best(self, cands: Candidates) -> str:
-        """The label of the best complete item: once the search is done, the heap's top."""
-        return cands.labels[cands.complete[self.heap[0][2]]]
+        """The best complete label scored (once the exact search is done, the heap's top)."""
+        return cands.labels[cands.complete[min(item for item in self.heap if not item[1])[2]]]
 
 
 @torch.no_grad()
@@ -156,14 +199,16 @@ def score_labels(
     pad_id: int,
     batch_size: int = 16,
     exhaustive: bool = False,
+    budget: int | None = None,
 ) -> LabelScores:
     """The most likely label of `cands` for each untruncated tokenized example (its prompt, then the
-    reference's reply, as `split_item` reads it), by the exact best-first search in the module's
-    docstring; `exhaustive`: every label's score too (the search runs until the trie is spent).
+    reference's reply, as `split_item` reads it), by the best-first search in the module's
+    docstring: exact, or with `budget`, exact where it opens at most that many trie nodes, else the
+    best label a greedy descent finds. `exhaustive`: every label's score too (the whole trie).
     Check `label_scoring_unsupported` first."""
     was_training = model.training
     model.eval()
-    searches = [_Search(*split_item(it)) for it in items]
+    searches = [_Search(*split_item(it), budget=budget) for it in items]
     longest = max(len(s.prompt) + len(s.reply) for s in searches) + max(map(len, cands.seqs))
     prefix = SharedPrefix.build(model, [s.prompt for s in searches], longest)
     order = sorted(range(len(items)), key=lambda i: len(searches[i].prompt))
@@ -174,7 +219,10 @@ def score_labels(
             pass
     model.train(was_training)
     scores = LabelScores(
-        [s.best(cands) for s in searches], [s.ref_logp for s in searches], [s.expanded for s in searches]
+        [s.best(cands) for s in searches],
+        [s.ref_logp for s in searches],
+        [s.expanded for s in searches],
+        exact=[s.exact for s in searches],
     )
     if exhaustive:
         scores.all_scores = [[(s.score[q], len(q)) for q in cands.seqs] for s in searches]
@@ -183,16 +231,18 @@ def score_labels(
 
 def _encode_prompts(model, batch: list[_Search], cands: Candidates, pad_id: int, prefix):
     """Step 0: each prompt and its reference's reply but the last token, in one forward. Gives the
-    reference's log-probs (the test loss) and opens the root and the reference's path; returns the
-    batch's KV cache and attention mask, for the search steps."""
+    reference's log-probs (the test loss), opens the root and keeps the reference path's children
+    for when the search reaches them; returns the batch's KV cache and attention mask."""
     keep = max(len(s.reply) for s in batch)  # the last `keep` columns hold every row's reply logits
     logp, cache, mask = _encode(model, [s.prompt + s.reply[:-1] for s in batch], prefix, pad_id, keep)
     for b, s in enumerate(batch):
         before = logp[b, keep - len(s.reply) :]  # (len(reply), V): the log-probs before each reply token
         s.ref_logp = (float(before.gather(1, torch.tensor(s.reply)[:, None]).sum()), len(s.reply))
         for d in range(len(s.reply)):
-            if tuple(s.reply[:d]) in cands.children:
-                s.open(tuple(s.reply[:d]), before[d], cands)
+            path = tuple(s.reply[:d])
+            if path in cands.children:
+                s.known[path] = before[d, cands.children[path]].tolist()
+        s.open((), s.known.pop(()), cands)
     return cache, mask
 
 
@@ -276,8 +326,10 @@ def _search_step(model, batch: list[_Search], cands, cache, mask, pad_id: int, e
     False when every search is done."""
     s0 = mask.shape[1]
     todo: list[tuple[_Row, Path]] = []
+    busy = False
     for b, s in enumerate(batch):
-        paths = s.to_open(exhaustive)
+        paths, done = s.to_open(cands, exhaustive)
+        busy |= not done
         s.expanded += len(paths)
         for path in paths:
             c = min(_shared(path, s.reply), len(path) - 1)
@@ -288,8 +340,8 @@ def _search_step(model, batch: list[_Search], cands, cache, mask, pad_id: int, e
         chunk = todo[start : start + step]
         logp = _feed_after(model, cache, mask, [row for row, _ in chunk], pad_id, 1)
         for k, (row, path) in enumerate(chunk):
-            batch[row.b].open(path, logp[k, 0], cands)
-    return bool(todo)
+            batch[row.b].open(path, logp[k, 0, cands.children[path]].tolist(), cands)
+    return busy
 
 
 def _shared(path: Path, reply: list[int]) -> int:
