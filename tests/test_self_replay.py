@@ -181,3 +181,9 @@ def test_training_mixes_the_ratio_of_finished_answers_into_train_only(
     picked = self_replay.replay_for_training(cfg, tokenizer, tiny_model_dir, n_train, quiet=True)
     assert len(picked) == round(0.5 * n_train)
     assert {ex.target for ex in picked} <= {"ANSWER 0", "ANSWER 1", "ANSWER 2"}  # never the cut one
+
+
+def test_a_damaged_cache_is_a_clear_error(tmp_path):
+    bad = write(tmp_path, "cache.jsonl", jsonl({"prompt": "p", "answer": "a", "finished": True}) + "{oops\n")
+    with pytest.raises(DataError, match=r"cache.jsonl:2: not a self-replay cache row"):
+        pool_from_cache(bad)

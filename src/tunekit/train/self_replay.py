@@ -33,6 +33,7 @@ from tunekit.console import err as console
 from tunekit.data.example import Example, Message
 from tunekit.data.replay import general_prompts_path, read_prompts, replay_examples
 from tunekit.data.tokenize import render_prompt
+from tunekit.errors import DataError
 from tunekit.io import atomic_write_jsonl
 from tunekit.models.load import tunekit_home
 from tunekit.models.stops import before_stop, reply_text, stop_token_ids
@@ -186,8 +187,16 @@ def pool_from_cache(path: Path) -> list[Example]:
     """The cached answers that finished and are not empty, as single-turn examples."""
     pool = []
     for line_no, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
-        row = json.loads(line)
-        if row["finished"] and row["answer"]:
+        try:
+            row = json.loads(line)
+            keep = bool(row["finished"] and row["answer"])
+        except (json.JSONDecodeError, KeyError, TypeError):
+            raise DataError(
+                [f"{path}:{line_no}: not a self-replay cache row ({line[:60]!r})"],
+                header="data.replay: self: the cached answers are damaged; delete the file and they are "
+                "generated again",
+            ) from None
+        if keep:
             msgs = (Message("user", row["prompt"]), Message("assistant", row["answer"]))
             pool.append(Example(messages=msgs, source=str(path), line=line_no, format="self-replay"))
     return pool
