@@ -49,9 +49,9 @@ def one_at_a_time(model, tokenizer, examples, max_new: int) -> tuple[list[str], 
     import torch
 
     from tunekit.data.tokenize import render_prompt
-    from tunekit.eval.generate import _stop_ids
+    from tunekit.models.stops import stop_token_ids
 
-    stops = _stop_ids(model, tokenizer)
+    stops = stop_token_ids(tokenizer, model)
     texts, n_tokens = [], 0
     t0 = time.perf_counter()
     with torch.no_grad():

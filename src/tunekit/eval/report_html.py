@@ -12,6 +12,7 @@ import html
 import io
 from pathlib import Path
 
+from tunekit.eval.report import prediction_line
 from tunekit.io import atomic_write_text
 
 COLORS = {"base": "#9e9e9e", "base_few_shot": "#ffb74d", "finetuned": "#1e88e5"}
@@ -143,7 +144,8 @@ def render_html(report: dict) -> str:
         f"<style>{CSS}</style></head><body>",
         "<h1>Evaluation report</h1>",
         f"<p>Held-out test: {report['n_test']} examples from <code>{html.escape(report['test_data'])}</code>, "
-        f"greedy decoding; task metric <b>{html.escape(tm)}</b>. Brackets are 95% bootstrap confidence "
+        f"{html.escape(prediction_line(report.get('prediction')))}; task metric <b>{html.escape(tm)}</b>. "
+        "Brackets are 95% bootstrap confidence "
         "intervals.</p>",
     ]
     training = report.get("training", {})
