@@ -47,6 +47,7 @@ def test_what_the_user_wrote_stands(tmp_path):
     assert full.train.learning_rate == CLASSIFY_LR["full"]
     # asking for replay (an sft feature) keeps generation
     assert resolve_defaults(_cfg(f, data={"train": str(f), "replay": "self"})).task == "sft"
+    assert resolve_defaults(_cfg(f, data={"train": str(f), "replay": False})).task == "classify"
 
 
 def test_chat_data_and_unreadable_files_are_left_alone(tmp_path, chat_file):

@@ -43,7 +43,7 @@ def resolve_defaults(cfg: Config, say=None) -> Config:
         return cfg  # unreadable: the data check that follows names the problem
     n_labelled, n = rows
     # data.replay is sft's: a config that asks for it means generation.
-    asks_sft = "replay" in cfg.data.model_fields_set
+    asks_sft = "replay" in cfg.data.model_fields_set and cfg.data.replay is not None
     if "task" not in cfg.model_fields_set and not asks_sft and n and n_labelled == n:
         cfg = cfg.model_copy(update={"task": "classify"})
         say(
