@@ -97,7 +97,10 @@ def test_train_classify_end_to_end_reload_and_eval(tiny_model_dir, tmp_path):
     index = {lab: i for i, lab in enumerate(labels)}
     val = encode_all(tok, load_examples(tmp_path / "val.jsonl"), index, 32, "validation", True)
     again = validate_labelled(model, val, tok.pad_token_id, 4)
-    assert again["val_loss"] == pytest.approx(metrics[-1]["val_loss"], abs=1e-5)
+    # the saved weights are the best validation's (train/defaults.py turns early stopping on)
+    best = json.loads((run_dir / "train_summary.json").read_text())["best_step"]
+    kept = next(m for m in metrics if m["step"] == best and "val_loss" in m)
+    assert again["val_loss"] == pytest.approx(kept["val_loss"], abs=1e-5)
 
     report = evaluate(run_dir, quiet=True)  # dispatches to eval/classify.py by the run's task
     f = report["contenders"]["finetuned"]
@@ -190,6 +193,11 @@ def test_early_stopping_judges_a_classifier_by_accuracy_higher_is_better():
     assert stop.best_step == 2 and stop.best == 0.8 and stop.should_stop
     stop.restore_best()
     assert w.tolist() == [1.0, 1.0]
+    # at an equal accuracy the lower validation loss is better
+    stop.update(5, {"val_loss": 0.6, "val_accuracy": 0.8}, 0.1)
+    assert stop.best_step == 5 and stop.bad == 0
+    stop.update(6, {"val_loss": 0.65, "val_accuracy": 0.8}, 0.1)
+    assert stop.best_step == 5 and stop.bad == 1
     loss_judged = EarlyStopping([w], patience=2)
     loss_judged.update(1, {"val_loss": 0.5, "val_accuracy": 0.6}, 0.4)
     loss_judged.update(2, {"val_loss": 0.7, "val_accuracy": 0.8}, 0.3)
@@ -200,7 +208,9 @@ def test_a_classify_run_keeps_its_best_validation_accuracy(tiny_model_dir, tmp_p
     cfg = _cfg(tiny_model_dir, tmp_path, eval_every=1, early_stopping_patience=50)
     run_dir = train(cfg, quiet=True)
     summary = json.loads((run_dir / "train_summary.json").read_text())
-    vals = {m["step"]: m["val_accuracy"] for m in read_metrics(run_dir) if "val_accuracy" in m}
-    best = max(vals.values())
-    assert summary["best_validation"] == {"val_accuracy": best}
-    assert summary["best_step"] == min(s for s, v in vals.items() if v == best)
+    vals = {
+        m["step"]: (m["val_accuracy"], -m["val_loss"]) for m in read_metrics(run_dir) if "val_accuracy" in m
+    }
+    best_step = max(vals, key=lambda s: (vals[s], -s))  # the first step of the best (accuracy, -loss)
+    assert summary["best_validation"] == {"val_accuracy": vals[best_step][0]}
+    assert summary["best_step"] == best_step

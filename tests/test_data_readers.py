@@ -224,10 +224,13 @@ def test_chat_with_weights_and_label(tmp_path):
         ],
         "label": True,
     }
-    [ex] = load_examples(write(tmp_path, "chat.jsonl", jsonl(row)))
+    path = write(tmp_path, "chat.jsonl", jsonl(row))
+    [ex] = load_examples(path, format="chat")  # a boolean label on a conversation reads as kto by default
     assert [m.weight for m in ex.messages] == [1, 1, 0, 1, 1]
     assert ex.messages[2] == Message("assistant", "Hello!", 0)
     assert (ex.target, ex.label, ex.format) == ("4", "true", "chat")
+    [rated] = load_examples(path)
+    assert (rated.format, rated.desirable, rated.label) == ("kto", True, None)
 
 
 def test_chat_bad_rows(tmp_path):

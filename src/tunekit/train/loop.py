@@ -459,19 +459,26 @@ class EarlyStopping:
     def __init__(self, params: list[torch.Tensor], patience: int | None, metric: str = "val_loss"):
         self.params, self.patience, self.metric = params, patience, metric
         self.best, self.best_step, self.bad, self.snapshot = None, None, 0, None
+        self.best_loss = math.inf  # the validation loss at the best step (breaks ties of a score)
         self.prev: tuple[float, float] | None = None  # (val loss, train loss) at the last validation
         self.warning, self.warned = "", False
 
-    def better(self, value: float) -> bool:
-        """A loss is better lower; an accuracy (or any other score) higher."""
+    def better(self, val: dict[str, float]) -> bool:
+        """A loss is better lower; an accuracy (or any other score) higher, and at an equal score the
+        lower validation loss wins (a classifier that is as often right but surer of it)."""
         if self.best is None:
             return True
-        return value < self.best if self.metric.endswith("loss") else value > self.best
+        value = val[self.metric]
+        if self.metric.endswith("loss"):
+            return value < self.best
+        tie_break = val.get("val_loss", math.inf) < self.best_loss
+        return value > self.best or (value == self.best and tie_break)
 
     def update(self, step: int, val: dict[str, float], train_loss: float) -> bool:
         """Record a validation; returns True when an overfitting warning should be shown now."""
-        if self.better(val[self.metric]):
+        if self.better(val):
             self.best, self.best_step, self.bad = val[self.metric], step, 0
+            self.best_loss = val.get("val_loss", math.inf)
             if self.patience:
                 self.snapshot = [p.detach().to("cpu", copy=True) for p in self.params]
         else:
