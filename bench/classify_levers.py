@@ -28,7 +28,12 @@ SHARED = Path(__file__).resolve().parents[1].parent / "shared" / "data"
 LEVERS: dict[str, dict] = {
     # The generative default: teach the model to write the label (evaluated by label scoring where
     # tunekit eval does it, else by generation).
-    "sft-lora": {"task": "sft", "method": "lora", "train": {"learning_rate": 2.0e-4, "batch_size": 16}},
+    # (128 tokens: the chat template and its system prompt come before the text)
+    "sft-lora": {
+        "task": "sft",
+        "method": "lora",
+        "train": {"learning_rate": 2.0e-4, "batch_size": 16, "max_length": 128},
+    },
     # A label head (one output per label) on LoRA-adapted layers, the head trained in full.
     "head-lora": {"task": "classify", "method": "lora", "train": {"learning_rate": 1.0e-3, "batch_size": 16}},
     "head-lora-r64": {
