@@ -243,6 +243,20 @@ def compute_reference_logps(ref, pairs: list[Pair], pad_id: int, batch_size: int
     ref.train(was_training)
 
 
+def precompute_reference(
+    model, items: list, compute, pad_id: int, batch_size: int, noun: str, quiet: bool
+) -> float:
+    """`compute(ref, items, pad_id, batch_size)` (a task's compute_reference_logps) with `model` as its
+    own reference (see `reference`), before training; says how long it took and returns the seconds."""
+    t0 = time.perf_counter()
+    with reference(model) as ref:
+        compute(ref, items, pad_id, batch_size)
+    seconds = time.perf_counter() - t0
+    if not quiet:
+        console.print(f"reference log-probs of {len(items)} {noun} in {seconds:.0f}s")
+    return seconds
+
+
 # ---------------------------------------------------------------------------------------------
 # The recipe
 
@@ -262,14 +276,9 @@ def train_dpo(run: RunSession) -> Path:
         raise TunekitError("data.train: no preference pair has answer tokens within train.max_length")
     pad_id = tokenizer.pad_token_id
 
-    t_ref = time.perf_counter()
-    with reference(model) as ref:
-        compute_reference_logps(ref, train_pairs + val_pairs, pad_id, cfg.eval.batch_size)
-    ref_seconds = time.perf_counter() - t_ref
-    if not quiet:
-        console.print(
-            f"reference log-probs of {len(train_pairs) + len(val_pairs)} pairs in {ref_seconds:.0f}s"
-        )
+    ref_seconds = precompute_reference(
+        model, train_pairs + val_pairs, compute_reference_logps, pad_id, cfg.eval.batch_size, "pairs", quiet
+    )
 
     recipe = Recipe(
         train=train_pairs,

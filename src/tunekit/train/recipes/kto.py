@@ -29,7 +29,6 @@ computed once, batched and without gradients.
 
 from __future__ import annotations
 
-import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -47,7 +46,7 @@ from tunekit.tasks import Task
 from tunekit.train import distributed
 from tunekit.train.batching import collate, sequential_batches
 from tunekit.train.loop import Recipe, run_loop
-from tunekit.train.recipes.dpo import _prompt_and_answer, reference, sequence_logps
+from tunekit.train.recipes.dpo import _prompt_and_answer, precompute_reference, sequence_logps
 from tunekit.train.setup import build_model, save_trained
 
 if TYPE_CHECKING:
@@ -278,14 +277,9 @@ def train_kto(run: RunSession) -> Path:
     _check_balance(train_items, w, quiet or not distributed.is_main())
     pad_id = tokenizer.pad_token_id
 
-    t_ref = time.perf_counter()
-    with reference(model) as ref:
-        compute_reference_logps(ref, train_items + val_items, pad_id, cfg.eval.batch_size)
-    ref_seconds = time.perf_counter() - t_ref
-    if not quiet:
-        console.print(
-            f"reference log-probs of {len(train_items) + len(val_items)} answers in {ref_seconds:.0f}s"
-        )
+    ref_seconds = precompute_reference(
+        model, train_items + val_items, compute_reference_logps, pad_id, cfg.eval.batch_size, "answers", quiet
+    )
 
     recipe = Recipe(
         train=train_items,
