@@ -401,6 +401,35 @@ class EvalConfig(_Strict):
         "the most likely label, scored as the reply (one forward pass per example, every prediction a "
         "valid label); false: free generation (`tunekit eval --generate`).",
     )
+    # The verdict (eval/verdict.py): prompting or fine-tuning, priced.
+    price_per_hour: float = Field(
+        2.0,
+        ge=0,
+        description="Price of one hour of the hardware that trains and serves (default 2.0, about a rented "
+        "24 GB GPU): the run's training cost is its wall time x this; serving too when "
+        "price_per_1k_tokens is null (measured seconds per request x this).",
+    )
+    price_per_1k_tokens: float | None = Field(
+        None,
+        ge=0,
+        description="Serving price per 1,000 tokens (prompt + completion, as measured on the test set); "
+        "null: serving is priced per hour (price_per_hour).",
+    )
+    verdict_margin: float = Field(
+        0.02,
+        ge=0,
+        description="The verdict's margin in the task metric's units (0.02: 2 points of accuracy): a gain "
+        "below it is not worth fine-tuning, and prompting whose 95% CI lies within it is as good.",
+    )
+    verdict_alpha: float = Field(
+        0.05, gt=0, lt=1, description="The verdict's significance level for the paired test."
+    )
+    expected_requests: int | None = Field(
+        None,
+        gt=0,
+        description="Requests you expect to serve: where prompting is as good, fine-tuning is still "
+        "recommended when it pays back (break-even volume) before this many; null: not considered.",
+    )
 
 
 class DistributedConfig(_Strict):

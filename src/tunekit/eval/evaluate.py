@@ -82,6 +82,7 @@ def evaluate_generation(
     from tunekit.eval.report import training_curves
     from tunekit.eval.report_html import write_report_html
     from tunekit.eval.stats import paired_difference, ratio_ci
+    from tunekit.eval.verdict import run_verdict
 
     cfg = load_run_config(run_dir)
     chosen = metrics_to_score(cfg.eval.metrics, metrics, run_dir / "config.yaml")  # before any model loads
@@ -217,6 +218,7 @@ def evaluate_generation(
         }
     if probe_scores:
         report["forgetting"] = forgetting_report(probe_data, probe_scores["base"], probe_scores["finetuned"])
+    report["verdict"] = run_verdict(run_dir, report, cfg.eval)  # prompting or fine-tuning, priced
     atomic_write_json(run_dir / "report.json", report)
     write_report(run_dir, report)
     write_report_html(run_dir, report)

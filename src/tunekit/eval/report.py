@@ -135,6 +135,10 @@ def write_report(run_dir: Path, report: dict) -> None:
                 f"| {d['p_value']:.3g}{sig} | {d['test']} |"
             )
         parts.append("")
+    if report.get("verdict"):
+        from tunekit.eval.verdict import verdict_lines
+
+        parts += verdict_lines(report["verdict"])
     warning = report.get("training", {}).get("overfitting_warning")
     if warning:
         parts.append(f"> **Warning:** {warning}\n")

@@ -1,6 +1,6 @@
 """report.html: one self-contained page (no network) a person opens in a browser.
 
-Sections: loss curves, the contender comparison (with 95% CIs), the confusion matrix, the
+Sections: loss curves, the contender comparison (with 95% CIs), the verdict, the confusion matrix, the
 forgetting probe and the failure list. Plots are drawn by matplotlib (Agg, no display) and
 embedded as base64 PNG data URIs; the styles are inline; nothing is fetched.
 """
@@ -132,6 +132,55 @@ pre{white-space:pre-wrap;margin:0} img{max-width:100%}
 """
 
 
+def verdict_html(v: dict) -> list[str]:
+    """The verdict section (eval/verdict.py): the recommendation, the pricing, each contender's
+    quality, tokens, latency and cost per 1,000 requests."""
+    from tunekit.eval.verdict import format_count
+
+    pricing, t, even = v["pricing"], v["training"], v["break_even_requests"]
+    priced = (
+        f"{pricing['price_per_1k_tokens']:g} per 1,000 tokens"
+        if pricing["per"] == "1k_tokens"
+        else f"{pricing['price_per_hour']:g} per hardware hour x measured seconds per request"
+    )
+    trained = (
+        f"{t['cost']:.4g} ({t['seconds']:.0f} s)" if t["seconds"] is not None else "unknown (priced as 0)"
+    )
+    th = v["thresholds"]
+    rows = [
+        [
+            n,
+            ("-" if r["quality"] is None else f"{r['quality']:.3f}")
+            + (f" [{r['ci_low']:.3f}, {r['ci_high']:.3f}]" if r["ci_low"] is not None else ""),
+            f"{r['prompt_tokens']:.1f}",
+            f"{r['completion_tokens']:.1f}",
+            f"{r['latency_s']:.4f}",
+            f"{r['cost_per_1k_requests']:.4g}",
+        ]
+        for n, r in v["contenders"].items()
+    ]
+    return [
+        "<section id='verdict'><h2>Verdict</h2>",
+        f"<p class='verdict'><b>{html.escape(v['recommendation'])}</b></p>",
+        f"<p>Serving priced at {html.escape(priced)}; training cost {html.escape(trained)}; break-even "
+        f"against {html.escape(v['prompting'])}: "
+        + (f"{format_count(even)} requests" if even is not None else "never (no saving per request)")
+        + f". Margin {th['margin']:g}, alpha {th['alpha']:g} (eval.verdict_margin, eval.verdict_alpha).</p>",
+        _table(
+            [
+                "contender",
+                f"{v['metric']} [95% CI]",
+                "prompt tokens",
+                "completion tokens",
+                "s per request",
+                "cost per 1,000 requests",
+            ],
+            rows,
+        ),  # fmt: skip
+        "</section>",
+    ]
+
+
 def render_html(report: dict) -> str:
     """The page as a string (see write_report_html)."""
     from tunekit.eval.report import metric_names
@@ -191,6 +240,8 @@ def render_html(report: dict) -> str:
             )
         )
     s.append("</section>")
+    if report.get("verdict"):
+        s += verdict_html(report["verdict"])
 
     s.append("<section id='confusion-matrix'><h2>Confusion matrix</h2>")
     cms = report.get("confusion_matrix")
