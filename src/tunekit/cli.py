@@ -367,6 +367,31 @@ def data_augment(
     print_summary(result)
 
 
+@data_app.command("ratings")
+def data_ratings(
+    run: Annotated[str, typer.Argument(help="The rated run: id, name or folder (tunekit runs lists them).")],
+    out: Annotated[
+        Path | None, typer.Option(help="Write the preference pairs here (JSONL: prompt, chosen, rejected).")
+    ] = None,
+    comparison: Annotated[
+        str | None, typer.Option(help="Which rated comparison, e.g. base_few_shot|finetuned (when several).")
+    ] = None,
+) -> None:
+    """Turn the ratings given in `tunekit ui` into preference pairs (for task: reward or dpo); report
+    the human win rate with its CI and the inter-rater agreement (Cohen's or Fleiss' kappa)."""
+    from tunekit.data.ratings import export_ratings, print_ratings_report
+    from tunekit.io import check_output
+    from tunekit.runs import registry
+
+    found = registry.get_run(run)
+    if found is None:
+        raise TunekitError(f"tunekit data ratings {run}: no such run (give an id, a name or a run folder)")
+    if out is not None:
+        check_output(out, "--out")
+    report = export_ratings(registry.get_ratings(found["id"]), comparison, out, found["name"])
+    print_ratings_report(report)
+
+
 def _columns(column: list[str] | None) -> dict[str, str] | None:
     column = column or []
     bad = [c for c in column if "=" not in c]

@@ -44,6 +44,18 @@ CREATE TABLE IF NOT EXISTS artifacts (
   created REAL NOT NULL,
   UNIQUE(run_id, path)
 );
+CREATE TABLE IF NOT EXISTS ratings (
+  run_id INTEGER NOT NULL REFERENCES runs(id) ON DELETE CASCADE,
+  comparison TEXT NOT NULL,        -- what is compared: "base_few_shot|finetuned", "finetuned|run:/dir/B"
+  item TEXT NOT NULL,              -- the pair: a hash of its prompt and both replies
+  rater TEXT NOT NULL,
+  verdict TEXT NOT NULL,           -- first | second | tie | both_bad (first, second: the comparison's order)
+  first_shown_as TEXT NOT NULL,    -- A | B: where the rater saw `first` (for position bias)
+  comment TEXT NOT NULL,
+  pair TEXT NOT NULL,              -- JSON: prompt, reference, both names and replies (export needs no file)
+  created REAL NOT NULL, updated REAL NOT NULL,
+  UNIQUE(run_id, comparison, item, rater)
+);
 """
 
 _warned = False
@@ -240,6 +252,44 @@ def _run_dict(row) -> dict:
     d = {k: row[k] for k in row.keys() if k != "config"}  # noqa: SIM118 (iterating a Row gives values)
     d["summary"] = json.loads(row["summary"]) if row["summary"] else None
     return d
+
+
+# --- human ratings (`tunekit ui`'s rating view, `tunekit data ratings`) --------------------------
+# Not `_safely`: a rating that was not stored must be reported to the rater, never swallowed.
+
+
+def save_rating(
+    run_id: int,
+    comparison: str,
+    item: str,
+    rater: str,
+    verdict: str,
+    first_shown_as: str,
+    comment: str,
+    pair: dict,
+) -> None:
+    """One rater's verdict on one pair; rating the same pair again replaces the verdict."""
+    now = time.time()
+    with closing(connect()) as con, con:
+        con.execute(
+            "INSERT INTO ratings (run_id, comparison, item, rater, verdict, first_shown_as, comment, pair, "
+            "created, updated) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?) "
+            "ON CONFLICT(run_id, comparison, item, rater) DO UPDATE SET verdict=excluded.verdict, "
+            "first_shown_as=excluded.first_shown_as, comment=excluded.comment, updated=excluded.updated",
+            (run_id, comparison, item, rater, verdict, first_shown_as, comment, json.dumps(pair), now, now),
+        )
+
+
+def get_ratings(run_id: int, comparison: str | None = None) -> list[dict]:
+    """A run's ratings (of one comparison, or all), oldest first, each with its pair parsed."""
+    if not registry_path().is_file():
+        return []
+    query, args = "SELECT * FROM ratings WHERE run_id = ?", [run_id]
+    if comparison is not None:
+        query, args = query + " AND comparison = ?", [*args, comparison]
+    with closing(connect()) as con:
+        rows = con.execute(query + " ORDER BY created, rowid", args).fetchall()
+    return [{k: row[k] for k in row.keys()} | {"pair": json.loads(row["pair"])} for row in rows]  # noqa: SIM118
 
 
 # --- display (`tunekit runs`) --------------------------------------------------------------------

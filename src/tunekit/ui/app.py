@@ -9,6 +9,16 @@ outside) and the JSON it reads:
     GET /api/runs/{id}/metrics?after=N its metrics records past step N (the page polls this while
                                        a run is training: live progress)
 
+and the rating view (static/rate.html, `/rate#run=ID`): people compare two replies to a held-out
+prompt, blind, and their verdicts go to the registry (`tunekit data ratings` makes them data):
+
+    GET  /api/runs/{id}/rating?rater=NAME&comparison=C   the pairs of comparison C (eval/pairs.py)
+                                       in NAME's order, as A and B in NAME's order, with NAME's verdicts
+    POST /api/runs/{id}/ratings        {rater, comparison, item, verdict: A|B|tie|both_bad, comment}
+
+A write (POST) must be JSON, and a browser's Origin, when sent, must be the page's own: a page on
+another site can neither send JSON here without a CORS preflight (refused) nor pass the Origin check.
+
 Safe by default. Bound to a loopback address (the default 127.0.0.1), it answers only requests whose
 Host header names a loopback address or the bound name: a web page on another site cannot read your
 runs by pointing its own domain name at 127.0.0.1 (DNS rebinding). Bound to any other address it
@@ -59,7 +69,43 @@ def create_ui_app(host: str = "127.0.0.1", api_key: str | None = None):
     def metrics(run_id: int, after: int = -1):
         return registry.get_metrics(run_id, after)
 
+    rate_page = resources.files("tunekit.ui").joinpath("static/rate.html").read_text(encoding="utf-8")
+
+    @app.get("/rate", response_class=HTMLResponse)
+    def rate():
+        return rate_page
+
+    @app.get("/api/runs/{run_id}/rating")
+    def rating(run_id: int, rater: str = "", comparison: str = ""):
+        from tunekit.ui.rating import rating_view
+
+        return _user_errors(rating_view, _run_or_404(run_id), rater, comparison)
+
+    @app.post("/api/runs/{run_id}/ratings")
+    def rate_pair(run_id: int, body: dict):
+        from tunekit.ui.rating import store_rating
+
+        return _user_errors(store_rating, _run_or_404(run_id), body)
+
+    def _run_or_404(run_id: int) -> dict:
+        found = registry.get_run(run_id)
+        if found is None:
+            raise HTTPException(404, f"no run {run_id}")
+        return found
+
     return app
+
+
+def _user_errors(fn, *args):
+    """fn(*args), a user's mistake (TunekitError) answered 400 with its message."""
+    from fastapi import HTTPException
+
+    from tunekit.errors import TunekitError
+
+    try:
+        return fn(*args)
+    except TunekitError as e:
+        raise HTTPException(400, str(e)) from None
 
 
 def read_report(run_dir: Path) -> dict | None:
@@ -128,6 +174,8 @@ def _guard(app, host: str, api_key: str | None) -> None:
                 f"{request.headers.get('host', '(none)')!r}: open http://{host}:PORT/ on this machine.",
                 status_code=403,
             )
+        if request.method not in ("GET", "HEAD") and (refused := _write_refused(request)):
+            return PlainTextResponse(refused, status_code=403)
         if api_key is None:
             return await call_next(request)
         if not hmac.compare_digest(key_given(request).encode(), api_key.encode()):
@@ -143,6 +191,18 @@ def _guard(app, host: str, api_key: str | None) -> None:
             response = await call_next(request)
         response.set_cookie(KEY_COOKIE, api_key, httponly=True, samesite="lax")
         return response
+
+
+def _write_refused(request) -> str | None:
+    """Why a write is refused (None: allowed). Cross-site request forgery: a page on another site may
+    POST to this address, but only a form or text body, never JSON (that needs a CORS preflight,
+    which this app never grants), and its browser names its own site in Origin."""
+    if request.headers.get("content-type", "").split(";")[0].strip().lower() != "application/json":
+        return "tunekit ui takes writes as JSON only (Content-Type: application/json)"
+    origin = request.headers.get("origin")
+    if origin is not None and origin.partition("://")[2] != request.headers.get("host", ""):
+        return f"tunekit ui refuses a write from another site (Origin {origin!r})"
+    return None
 
 
 def serve_ui(host: str = "127.0.0.1", port: int = 8765, api_key: str | None = None) -> None:
