@@ -1,0 +1,156 @@
+"""The rating view in a real headless Chromium (Playwright + Debian's chromium), end to end: a tiny
+run trained and evaluated, ten pairs rated by keyboard, the page reloaded with every verdict kept,
+the ratings exported as preference pairs, and a tiny reward model trained on them."""
+
+import json
+import shutil
+
+import pytest
+from typer.testing import CliRunner
+
+from conftest import running
+from tunekit.config import config_from_dict
+from tunekit.runs import registry
+from tunekit.ui.app import create_ui_app
+
+pytest.importorskip("uvicorn")
+KEYS = ["1", "2", "1", "2", "3", "4", "1", "2", "a", "b"]  # 8 decisive, a tie, a both-bad
+
+
+def _chromium() -> str:
+    for name in ("chromium", "chromium-browser", "google-chrome"):
+        if path := shutil.which(name):
+            return path
+    pytest.skip("no chromium found: install Debian's (apt-get install chromium) to run the dashboard tests")
+
+
+@pytest.fixture(scope="module")
+def evaluated(tiny_model_dir, tmp_path_factory):
+    """A registry with one trained and evaluated run (16 held-out prompts), served by the dashboard."""
+    from tunekit.eval.evaluate import evaluate
+    from tunekit.train.session import train
+
+    folder = tmp_path_factory.mktemp("rate")
+
+    def chat(i: int) -> dict:
+        return {
+            "messages": [
+                {"role": "user", "content": f"item {i}?"},
+                {"role": "assistant", "content": f"C-{i % 3}"},
+            ]
+        }
+
+    (folder / "train.jsonl").write_text("".join(json.dumps(chat(i)) + "\n" for i in range(20)))
+    (folder / "test.jsonl").write_text("".join(json.dumps(chat(i)) + "\n" for i in range(100, 116)))
+    cfg = {
+        "model": str(tiny_model_dir),
+        "data": {"train": str(folder / "train.jsonl"), "test": str(folder / "test.jsonl")},
+        "lora": {"r": 4, "alpha": 8, "dropout": 0.0},
+        "train": {"max_steps": 8, "learning_rate": 2e-2, "batch_size": 4, "max_length": 64},
+        "eval": {"max_new_tokens": 6, "probe": "none", "label_scoring": False},
+        "output_dir": str(folder / "tickets"),
+    }
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("TUNEKIT_HOME", str(folder / "home"))
+        run_dir = train(config_from_dict(cfg), quiet=True)
+        evaluate(run_dir, quiet=True)
+        with running(create_ui_app()) as url:
+            yield url, registry.get_run("tickets"), folder
+
+
+@pytest.fixture(scope="module")
+def page(evaluated):
+    sync_api = pytest.importorskip("playwright.sync_api")
+    with sync_api.sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=_chromium(), args=["--no-sandbox"])
+        page = browser.new_page(viewport={"width": 1280, "height": 800})
+        yield page
+        browser.close()
+
+
+def _progress(page) -> str:
+    return page.locator("#progress-text").inner_text()
+
+
+def test_rate_ten_pairs_by_keyboard_reload_and_find_them_kept(evaluated, page, tmp_path):
+    url, run, _ = evaluated
+    page.goto(f"{url}/#run={run['id']}")
+    page.click("#rate-link")  # the dashboard links each evaluated run to its rating view
+    page.wait_for_url(f"**/rate#run={run['id']}")
+    page.fill("#rater", "ana")
+    page.press("#rater", "Enter")  # leaving the name field loads that rater's pairs
+    page.wait_for_selector("#rating:not([hidden])")
+    total = int(_progress(page).split("/")[1].split()[0])
+    assert total >= 10, _progress(page)
+    seen = []
+    for k, key in enumerate(KEYS, 1):
+        seen.append((page.locator("#prompt").inner_text(), page.locator("#reply-a").inner_text()))
+        if k == 3:  # a comment typed in the box: its keys do not rate anything
+            page.click("#comment")
+            page.keyboard.type("a b 1 2")
+            page.keyboard.press("Escape")
+            assert _progress(page).startswith("2 /")
+        page.keyboard.press(key)
+        page.wait_for_function(
+            f"() => document.querySelector('#progress-text').innerText.startsWith('{k} /')"
+        )
+    assert len({p for p, _ in seen}) == 10  # each key rated the next pair, none twice
+    shot = tmp_path / "rating-view.png"
+    page.screenshot(path=str(shot))
+    assert shot.stat().st_size > 10_000
+
+    page.reload()  # the name comes back from the browser, the verdicts from the registry
+    page.wait_for_selector("#rating:not([hidden])")
+    assert page.locator("#rater").input_value() == "ana"
+    assert _progress(page).startswith(f"10 / {total}")
+    assert page.locator("#position").inner_text() == f"11 of {total}"  # resumes at the first unrated
+    page.keyboard.press("k")  # back to the tenth: its verdict (b: B is better) is shown
+    assert page.locator("#pick-B").get_attribute("class") == "on"
+    for _ in range(7):
+        page.keyboard.press("k")
+    assert page.locator("#comment").input_value() == "a b 1 2"
+    stored = registry.get_ratings(run["id"])
+    assert len(stored) == 10 and {r["rater"] for r in stored} == {"ana"}
+    verdicts = [r["verdict"] for r in stored]
+    assert verdicts.count("tie") == 1 and verdicts.count("both_bad") == 1
+    assert [r["comment"] for r in stored].count("a b 1 2") == 1
+
+
+def test_export_the_ratings_and_train_a_reward_model_on_them(evaluated, page, tmp_path):
+    from tunekit.cli import app
+    from tunekit.data import load_examples
+    from tunekit.train.session import train
+
+    url, run, _ = evaluated
+    if len(registry.get_ratings(run["id"])) < 10:
+        pytest.skip("needs the ratings of the test above")
+    out = tmp_path / "pairs.jsonl"
+    r = CliRunner().invoke(app, ["data", "ratings", str(run["id"]), "--out", str(out)])
+    assert r.exit_code == 0, r.output
+    assert "preference pairs: 8" in r.output and "1 ties, 1 both bad" in r.output
+    assert "one rater only" in r.output
+    pairs = load_examples(out)
+    assert len(pairs) == 8 and all(ex.rejected for ex in pairs)
+    replies = {(ex.target, ex.rejected[0].content) for ex in pairs}
+    stored = {
+        (
+            r["pair"][r["verdict"]]["reply"],
+            r["pair"]["second" if r["verdict"] == "first" else "first"]["reply"],
+        )
+        for r in registry.get_ratings(run["id"])
+        if r["verdict"] in ("first", "second")
+    }
+    assert replies == stored  # chosen is what the rater picked, whichever side it was shown on
+
+    cfg = {
+        "model": str(registry.get_run(run["id"])["config"]["model"]),
+        "task": "reward",
+        "data": {"train": str(out), "validation": str(out), "test": str(out)},
+        "lora": {"r": 4, "alpha": 8, "dropout": 0.0},
+        "train": {"max_steps": 4, "learning_rate": 5e-3, "batch_size": 4, "max_length": 64},
+        "output_dir": str(tmp_path / "reward"),
+    }
+    run_dir = train(config_from_dict(cfg), quiet=True)
+    summary = json.loads((run_dir / "train_summary.json").read_text())
+    assert summary["task"] == "reward" and summary["steps"] == 4
+    assert json.loads((run_dir / "data" / "manifest.json").read_text())["counts"]["train"] == 8
