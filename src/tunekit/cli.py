@@ -69,6 +69,13 @@ def train(
     node_rank: Annotated[int, typer.Option(help="This machine's index, 0 .. nnodes-1.")] = 0,
     master_addr: Annotated[str, typer.Option(help="Address of the node with rank 0.")] = "127.0.0.1",
     master_port: Annotated[int | None, typer.Option(help="Free port on that node.")] = None,
+    seeds: Annotated[
+        int,
+        typer.Option(
+            help="Train this many runs differing only in train.seed (seed, seed+1, ...) into OUT-seedN beside "
+            "output_dir OUT, with the group in OUT/seeds.json; `tunekit eval OUT` reports the spread."
+        ),
+    ] = 1,
 ) -> None:
     """Fine-tune a model as CONFIG says; writes the run directory. The data is checked first."""
     from tunekit.config import load_config
@@ -79,6 +86,19 @@ def train(
     # Quoted: '' or '90' reach the config as text, so an empty budget is an error, not "no budget".
     overrides += [f"train.time_budget={json.dumps(time_budget)}"] if time_budget is not None else []
     cfg = load_config(config, overrides)  # a bad config fails here, once, before any worker starts
+    if seeds != 1:
+        from tunekit.train.seeds import train_seeds
+
+        if nproc > 1 or nnodes > 1:
+            raise TunekitError(
+                "--seeds trains its runs one after another in this process: drop --nproc/--nnodes"
+            )
+        group = train_seeds(
+            cfg, seeds, allow_data_errors=allow_data_errors, resume=resume, overwrite=overwrite,
+            skip_damaged=skip_damaged,
+        )  # fmt: skip
+        err.print(f"seed group: {group / 'seeds.json'}; evaluate it with `tunekit eval {group}`")
+        return
     if (nproc > 1 or nnodes > 1) and not distributed.launched():
         distributed.check_supported(cfg)
         argv = ["train", str(config), *(a for o in overrides for a in ("--set", o))]
@@ -148,7 +168,11 @@ def eval_(
         typer.Option(help="Forgetting probe: builtin, an MMLU-style CSV or folder, a JSONL, or none."),
     ] = None,
     compare: Annotated[
-        tuple[Path, Path] | None, typer.Option(help="Show what changed between two evaluated runs: A B.")
+        tuple[Path, Path] | None,
+        typer.Option(
+            help="Show what changed between two evaluated runs (or seed groups, weighed against the "
+            "between-seed variance): A B."
+        ),
     ] = None,
     reward_model: Annotated[
         Path | None, typer.Option(help="dpo runs: a `task: reward` run dir, for the reward model's win rate.")
@@ -175,12 +199,35 @@ def eval_(
             "compare it with the trained model (paired test; writes export_parity.json)."
         ),
     ] = None,
+    judge: Annotated[
+        str | None,
+        typer.Option(
+            help="An LLM judges the evaluated replies pairwise, both ways round (base few-shot vs fine-tuned; "
+            "with --compare A B: A vs B): a local model spec, or with --judge-url the endpoint's model name. "
+            "Writes judge.json; compares with the ratings given in `tunekit ui`."
+        ),
+    ] = None,
+    judge_url: Annotated[
+        str | None,
+        typer.Option(
+            help="An OpenAI-compatible endpoint for --judge, e.g. http://127.0.0.1:8000/v1 (key from "
+            "$TUNEKIT_JUDGE_API_KEY or $OPENAI_API_KEY)."
+        ),
+    ] = None,
+    rubric: Annotated[
+        Path | None,
+        typer.Option(help="The judge's instructions: a text file with {prompt}, {a}, {b} (and {reference})."),
+    ] = None,
+    judge_max_tokens: Annotated[int, typer.Option(help="Longest judge reply, in tokens.")] = 512,
 ) -> None:
     """Compare the base (zero- and few-shot) and the fine-tuned model on held-out examples, with the
     forgetting probe; writes report.json, report.md and report.html."""
     from tunekit.eval.evaluate import evaluate
     from tunekit.eval.report import print_contenders
 
+    if judge is not None or judge_url is not None or rubric is not None:
+        _judge(run_dir, compare, judge, judge_url, rubric, judge_max_tokens)
+        return
     if compare is not None:
         from tunekit.console import out
         from tunekit.eval.compare import compare_runs, print_changes
@@ -189,6 +236,18 @@ def eval_(
         return
     if run_dir is None:
         raise TunekitError("give a run directory (tunekit eval runs/NAME) or --compare RUN_A RUN_B")
+    from tunekit.train.seeds import is_group
+
+    if is_group(run_dir):  # `tunekit train --seeds K`'s group: every run, and the spread across seeds
+        from tunekit.eval.seeds import evaluate_group, print_seed_summary
+
+        if exported is not None:
+            raise TunekitError(f"--exported checks one exported run: give one of {run_dir}'s runs")
+        options = {"few_shot": few_shot, "probe": probe, "reward_model": reward_model}
+        options |= {"metrics": metric, "label_scoring": label_scoring}
+        print_seed_summary(evaluate_group(run_dir, data, **options))
+        err.print(f"report: {run_dir / 'seeds_report.md'}")
+        return
     if exported is not None:
         from tunekit.eval.exported import evaluate_exported
 
@@ -206,6 +265,26 @@ def eval_(
     )
     print_contenders(report)
     err.print(f"report: {run_dir / 'report.md'}")
+
+
+def _judge(run_dir, compare, judge, judge_url, rubric, max_tokens) -> None:
+    """`tunekit eval RUN --judge MODEL` (or `--compare A B --judge MODEL`)."""
+    from tunekit.eval.judge import EndpointJudge, LocalJudge, judge_run, load_rubric, print_judge_report
+    from tunekit.eval.pairs import RUN_PREFIX
+
+    if judge is None:
+        raise TunekitError("--judge-url and --rubric go with --judge MODEL (the model that judges)")
+    if compare is not None:
+        run_dir, comparison = compare[0], RUN_PREFIX + str(Path(compare[1]).resolve())
+    elif run_dir is None:
+        raise TunekitError("give a run directory (tunekit eval runs/NAME --judge MODEL) or --compare A B")
+    else:
+        comparison = None
+    text = load_rubric(rubric)  # a bad rubric fails before a model loads
+    model = EndpointJudge(judge_url, judge, max_tokens) if judge_url else LocalJudge(judge, max_tokens)
+    report = judge_run(run_dir, model, text, comparison, str(rubric) if rubric else "default")
+    print_judge_report(report)
+    err.print(f"report: {Path(run_dir) / 'judge.json'}")
 
 
 @data_app.command("split")

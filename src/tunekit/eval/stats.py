@@ -113,3 +113,85 @@ def paired_difference(
         "test": "mcnemar_exact" if binary else "paired_permutation",
         "significant": bool(p < 0.05),
     }
+
+
+# ---------------------------------------------------------------------------------------------
+# Training noise: the same config trained with K seeds (`tunekit train --seeds K`)
+
+
+def spread(values: Sequence[float]) -> dict[str, float | int]:
+    """mean, std (sample, n - 1; 0 for one value), min and max of a figure across seeds."""
+    v = np.asarray(values, dtype=float)
+    return {
+        "n": int(v.size),
+        "mean": float(v.mean()),
+        "std": float(v.std(ddof=1)) if v.size > 1 else 0.0,
+        "min": float(v.min()),
+        "max": float(v.max()),
+    }
+
+
+def t_sf2(t: float, df: int) -> float:
+    """Two-sided p-value P(|T| >= |t|) of Student's t with integer `df` degrees of freedom.
+
+    Exact closed forms (Abramowitz & Stegun 26.7.3, 26.7.4) with theta = atan(|t| / sqrt(df)):
+    A = P(|T| < |t|) is sin(theta) (1 + 1/2 cos^2 + 1*3/(2*4) cos^4 + ... up to cos^(df-2)) for
+    even df, and 2/pi (theta + sin(theta) cos(theta) (1 + 2/3 cos^2 + ... up to cos^(df-3))) for odd
+    df (only 2/pi theta for df 1). The degrees of freedom here are seeds, a handful: the sums are short.
+    """
+    if df < 1:
+        raise ValueError(f"t test needs df >= 1, got {df}")
+    theta = math.atan(abs(t) / math.sqrt(df))
+    s, c2 = math.sin(theta), math.cos(theta) ** 2
+    term, total = 1.0, 1.0
+    if df % 2 == 0:
+        for j in range(2, df, 2):  # terms cos^j: (j - 1)!! / j!!
+            term *= c2 * (j - 1) / j
+            total += term
+        a = s * total
+    else:
+        for j in range(3, df, 2):  # terms cos^(j - 1): (j - 1)!! / j!!
+            term *= c2 * (j - 1) / j
+            total += term
+        a = 2 / math.pi * (theta + (s * math.cos(theta) * total if df > 1 else 0.0))
+    return min(1.0, max(0.0, 1.0 - a))
+
+
+def t_critical(df: int, level: float = 0.95) -> float:
+    """The t with two-sided p-value 1 - level at `df` (2.776 for df 4 at 95%), by bisection."""
+    lo, hi = 0.0, 1e6
+    for _ in range(200):
+        mid = (lo + hi) / 2
+        lo, hi = (mid, hi) if t_sf2(mid, df) > 1 - level else (lo, mid)
+    return (lo + hi) / 2
+
+
+def between_seeds(a: Sequence[float], b: Sequence[float], alpha: float = 0.05) -> dict | None:
+    """mean(b) - mean(a) of a figure measured once per seed on each side, against the training
+    noise: Student's two-sample t test with the pooled between-seed variance (both sides trained
+    the same way, so they share one noise level; a side of one run adds no degree of freedom).
+    None when neither side has two seeds (no noise measured)."""
+    x, y = np.asarray(a, dtype=float), np.asarray(b, dtype=float)
+    df = x.size + y.size - 2
+    if df < 1:
+        return None
+    ss = ((x - x.mean()) ** 2).sum() + ((y - y.mean()) ** 2).sum()
+    pooled_std = math.sqrt(ss / df)
+    se = pooled_std * math.sqrt(1 / x.size + 1 / y.size)
+    d = float(y.mean() - x.mean())
+    if se == 0:  # no spread at all: any difference is beyond noise, none is within it
+        p = 1.0 if d == 0 else 0.0
+        half = 0.0
+    else:
+        p = t_sf2(d / se, df)
+        half = t_critical(df, 1 - alpha) * se
+    return {
+        "difference": d,
+        "ci_low": d - half,
+        "ci_high": d + half,
+        "p_value": p,
+        "df": df,
+        "pooled_std": pooled_std,
+        "test": "pooled_t",
+        "significant": bool(p < alpha),
+    }
