@@ -267,3 +267,18 @@ def train_to_answer(model_dir: Path, out: Path, answer: str, question: str = "qu
         "output_dir": str(out),
     }
     return train(config_from_dict(config | cfg), quiet=True)
+
+
+def varied_length_questions(n: int):
+    """`n` one-turn Examples whose prompts differ a lot in length, so batches need padding."""
+    from tunekit.data.example import Example, Message
+
+    return [
+        Example(
+            messages=(
+                Message("user", "word " * (1 + 7 * (i % 5)) + f"question {i}"),
+                Message("assistant", "x"),
+            )
+        )
+        for i in range(n)
+    ]

@@ -7,6 +7,7 @@ from __future__ import annotations
 import pytest
 import torch
 
+from conftest import varied_length_questions
 from tunekit.data.example import Example, Message
 from tunekit.data.tokenize import render_prompt
 from tunekit.eval.evaluate import with_shots
@@ -21,24 +22,11 @@ def tiny(tiny_model_dir):
     return load_model(tiny_model_dir).eval(), load_tokenizer(tiny_model_dir)
 
 
-def _questions(n: int) -> list[Example]:
-    # Prompts of very different lengths, so batches need padding.
-    return [
-        Example(
-            messages=(
-                Message("user", "word " * (1 + 7 * (i % 5)) + f"question {i}"),
-                Message("assistant", "x"),
-            )
-        )
-        for i in range(n)
-    ]
-
-
 def test_shared_prefix_generation_gives_the_plain_replies(tiny):
     """Zero-shot and few-shot prompts: the prefix's cache reused by every batch, rows padded in the
     middle, gives the same greedy tokens as plain left-padded batches."""
     model, tok = tiny
-    examples = _questions(7)
+    examples = varied_length_questions(7)
     shots = [
         Example(messages=(Message("user", f"shot {k} " * 5), Message("assistant", f"answer {k}")))
         for k in range(3)

@@ -4,30 +4,17 @@ from __future__ import annotations
 
 import torch
 
-from tunekit.data.example import Example, Message
+from conftest import varied_length_questions
 from tunekit.data.tokenize import render_prompt
 from tunekit.eval.generate import generate
 from tunekit.models.stops import stop_token_ids
-
-
-def _examples(n: int) -> list[Example]:
-    # Prompts of very different lengths, so batches need left padding.
-    return [
-        Example(
-            messages=(
-                Message("user", "word " * (1 + 7 * (i % 5)) + f"question {i}"),
-                Message("assistant", "x"),
-            )
-        )
-        for i in range(n)
-    ]
 
 
 def test_batched_equals_one_at_a_time_in_input_order(tiny_model_dir):
     from tunekit.models import load_model, load_tokenizer
 
     tok, model = load_tokenizer(tiny_model_dir), load_model(tiny_model_dir)
-    examples = _examples(7)
+    examples = varied_length_questions(7)
     batched = generate(model, tok, examples, max_new_tokens=6, batch_size=3)
     assert len(set(batched)) == len(batched)  # all different: a mixed-up order would show
     stops = stop_token_ids(tok, model)
