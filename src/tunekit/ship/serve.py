@@ -435,9 +435,11 @@ def create_app(
     api_key: str | None = None,
     default_max_tokens: int = 256,
     max_body_bytes: int = int(DEFAULT_MAX_BODY_MB * 2**20),
+    fine_tuning=None,
 ):
     """The FastAPI app over loaded models (tests and `serve` both build it here).
-    `app.state.turns.close()` begins a shutdown (serve does it on SIGTERM and Ctrl-C)."""
+    `app.state.turns.close()` begins a shutdown (serve does it on SIGTERM and Ctrl-C).
+    `fine_tuning` (ship/ft_jobs.FineTuning) adds the files and fine-tuning jobs API and its worker."""
     from fastapi import FastAPI
     from fastapi.responses import JSONResponse, Response, StreamingResponse
     from starlette.exceptions import HTTPException
@@ -462,9 +464,13 @@ def create_app(
 
     @contextlib.asynccontextmanager
     async def lifespan(app):
+        if fine_tuning is not None:
+            fine_tuning.start()
         yield
         turns.close()
         pool.shutdown(wait=False, cancel_futures=True)
+        if fine_tuning is not None:  # the running job checkpoints, to resume when the server restarts
+            await asyncio.to_thread(fine_tuning.stop)
 
     app = FastAPI(
         title="tunekit", docs_url=None, redoc_url=None, default_response_class=JSON, lifespan=lifespan
@@ -631,6 +637,8 @@ def create_app(
         return app.openapi_schema
 
     app.openapi = openapi
+    if fine_tuning is not None:
+        fine_tuning.attach(app, served, limits)
     return app
 
 
