@@ -199,6 +199,14 @@ def eval_(
             "compare it with the trained model (paired test; writes export_parity.json)."
         ),
     ] = None,
+    gate: Annotated[
+        bool,
+        typer.Option(
+            help="With --compare OLD NEW: is NEW fit to replace OLD? Non-inferior on OLD's test set and the "
+            "probe (margin eval.gate_margin), better on NEW's test set; paired tests; writes NEW/gate.json "
+            "and exits 1 when NEW is not fit."
+        ),
+    ] = False,
     judge: Annotated[
         str | None,
         typer.Option(
@@ -228,6 +236,18 @@ def eval_(
     if judge is not None or judge_url is not None or rubric is not None:
         _judge(run_dir, compare, judge, judge_url, rubric, judge_max_tokens)
         return
+    if gate:
+        if compare is None:
+            raise TunekitError(
+                "--gate judges a retrained run against the one it replaces: --compare OLD NEW --gate"
+            )
+        from tunekit.console import out
+        from tunekit.eval.gate import gate as run_gate
+        from tunekit.eval.gate import print_gate
+
+        result = run_gate(*compare)
+        print_gate(result, out)
+        raise typer.Exit(0 if result["fit"] else 1)
     if compare is not None:
         from tunekit.console import out
         from tunekit.eval.compare import compare_runs, print_changes

@@ -430,6 +430,13 @@ class EvalConfig(_Strict):
         description="Requests you expect to serve: where prompting is as good, fine-tuning is still "
         "recommended when it pays back (break-even volume) before this many; null: not considered.",
     )
+    gate_margin: float = Field(
+        0.02,
+        ge=0,
+        description="`tunekit eval --compare OLD NEW --gate`: NEW may be worse than OLD on the old test set "
+        "and on the probe by less than this (the 95% CI's lower end stays above -gate_margin), in the "
+        "task metric's units.",
+    )
 
 
 class DistributedConfig(_Strict):
