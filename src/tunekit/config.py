@@ -253,21 +253,87 @@ class OrpoConfig(_Strict):
     )
 
 
+class GraderConfig(_Strict):
+    """One entry of `rl.graders` (train/graders.py): a score of each sampled completion against the
+    example's reference answer. Only the fields of its `type` may be set."""
+
+    type: Literal[
+        "exact", "label", "numeric", "regex", "json_valid", "json_fields", "similarity", "python", "openai"
+    ]
+    weight: float = Field(1.0, gt=0, description="Its weight in the weighted mean of the graders' scores.")
+    name: str | None = Field(
+        None, description="Its name in metrics; null: the OpenAI spec's name, else the type."
+    )
+    ignore_case: bool = Field(False, description="exact: compare case-insensitively.")
+    tolerance: float = Field(1e-6, ge=0, description="numeric: allowed difference, relative beyond 1.")
+    pattern: str | None = Field(
+        None, description="regex: a Python regular expression searched in the completion."
+    )
+    json_schema: Path | dict[str, Any] | None = Field(
+        None, description="json_valid: a JSON schema (inline, or a .json file) the completion must satisfy."
+    )
+    metric: str = Field(
+        "fuzzy_match", description="similarity: fuzzy_match, bleu, gleu, rouge_1..rouge_5, rouge_l."
+    )
+    function: str | None = Field(
+        None, description="python: module:function, called as f(completion, reference)."
+    )
+    spec: dict[str, Any] | None = Field(
+        None, description="openai: OpenAI's grader JSON (string_check, text_similarity, score_model, multi)."
+    )
+
+    @model_validator(mode="after")
+    def _fields_of_its_type(self) -> GraderConfig:
+        from tunekit.train.graders import check_entry  # light: re, json, ast
+
+        check_entry(self.model_dump(exclude_defaults=True) | {"type": self.type})
+        return self
+
+
 class RlConfig(_Strict):
-    """Policy optimisation against a reward model (`task: rl`), the last stage of classic RLHF.
+    """Policy optimisation against a reward model (`task: rl`), the last stage of classic RLHF, or
+    against programmable graders (`graders`).
 
     With `policy` and `reward_model` left null the run chains all three stages in one run
-    directory: SFT on the preferred responses, a reward model on the pairs, then RL.
+    directory: SFT on the preferred responses, a reward model on the pairs, then RL. With `graders`
+    no reward model is trained: the reward is the graders' weighted score of each completion
+    against the example's reference answer, and the data may be conversations or pairs.
     """
 
     algorithm: Literal["grpo", "rloo"] = Field("grpo", description="TRL's on-policy trainer to use.")
     policy: Path | None = Field(None, description="Run dir of an SFT run to start from; null: train one.")
     reward_model: Path | None = Field(None, description="Run dir of a `task: reward` run; null: train one.")
+    graders: list[GraderConfig] | None = Field(
+        None,
+        description="Reward from graders instead of a reward model: each completion's weighted score against "
+        "the reference (a conversation's last assistant message, or a pair's chosen answer).",
+    )
+    grader_timeout: float = Field(
+        5.0, gt=0, description="Seconds one grader may take on one completion; past it the sample scores 0."
+    )
     kl_coef: float = Field(0.05, ge=0, description="Weight of the KL penalty to the reference policy.")
     num_generations: int = Field(4, ge=2, description="Completions sampled per prompt.")
     max_new_tokens: int = Field(48, gt=0, description="Length limit of each sampled completion.")
     temperature: float = Field(1.0, gt=0, description="Sampling temperature for the completions.")
     max_prompts: int | None = Field(None, gt=0, description="Use only the first N training prompts.")
+
+    @model_validator(mode="after")
+    def _graders_or_reward_model(self) -> RlConfig:
+        if self.graders is None:
+            return self
+        if not self.graders:
+            raise ValueError("rl.graders: an empty list; give one grader or more, or null for a reward model")
+        if self.reward_model is not None:
+            raise ValueError(
+                "rl.reward_model: not used with rl.graders (they are the reward); drop one of them"
+            )
+        from tunekit.train.graders import entry_name
+
+        names = [entry_name(g.model_dump(exclude_defaults=True) | {"type": g.type}) for g in self.graders]
+        if len(set(names)) < len(names):
+            dup = next(n for n in names if names.count(n) > 1)
+            raise ValueError(f"rl.graders: two graders are named {dup!r}; give each a distinct `name`")
+        return self
 
 
 class TrainConfig(_Strict):

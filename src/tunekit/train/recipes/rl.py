@@ -16,6 +16,14 @@ as the SFT adapter itself (trained on, not merged), and TRL keeps a frozen copy 
 the KL reference; for method full TRL loads the SFT model a second time as the reference. TRL's
 logs become our metrics.jsonl records (reward, kl, loss per step). Every stage reads the same
 `train` section.
+
+With `rl.graders` (train/graders.py) there is no reward stage: the reward of a completion is the
+graders' weighted score against the example's reference answer (a conversation row's last
+assistant message, or a pair's chosen answer), so the data may be plain conversations. A grader
+that fails on a sample scores it 0; the failures are counted in metrics.jsonl
+(`grader_failure_rate`) and listed, with the example, in train_summary.json (`grader_failures`).
+`tunekit eval` then scores greedy answers of the policy and of the policy RL started from with the
+same graders on the test split, with a paired test of the difference.
 """
 
 from __future__ import annotations
@@ -29,12 +37,14 @@ import torch
 
 from tunekit.config import Config
 from tunekit.console import err as console
+from tunekit.data.needs import require
 from tunekit.data.tokenize import render
-from tunekit.errors import ConfigError, TunekitError
+from tunekit.errors import ConfigError, DataError, TunekitError
 from tunekit.models import resolve_model
 from tunekit.models.device import default_device
 from tunekit.runs.directory import append_metrics, load_run_config, read_metrics
 from tunekit.tasks import Task
+from tunekit.train.graders import GraderSpecError, Scorer, build_scorer
 from tunekit.train.loop import LoopResult
 from tunekit.train.setup import ADAPTER_DIR, MODEL_DIR, load_trained, save_trained
 
@@ -53,6 +63,7 @@ TRL_METRICS = {
     "completions/mean_length": "completion_length",
     "completions/clipped_ratio": "completion_clipped_ratio",
 }
+GRADER_METRICS = ("graders/", "grader_failure_rate")  # rl.graders' own logs (grader_reward), kept as named
 
 
 def stage_dirs(cfg: Config, run_dir: Path) -> tuple[Path, Path]:
@@ -67,30 +78,39 @@ def train_rl(run: RunSession) -> Path:
     """Run the RLHF pipeline as `cfg.rl` says (SFT and reward stages where not given, then RL);
     returns the run directory, which holds the final policy and train_summary.json."""
     cfg, splits, run_dir, quiet = run.cfg, run.splits, run.dir, run.quiet
+    graded = cfg.rl.graders is not None
+    if not graded:  # the reward stage and the evaluation read rejected answers (see TASK below)
+        for name, examples in splits.items():
+            require("pairs", examples, name, TASK.name)
+    scorer = build_graders(cfg) if graded else None
     policy_dir, reward_dir = stage_dirs(cfg, run_dir)
     stages: dict[str, dict] = {}
     if cfg.rl.policy is None:
         stages["sft"] = _run_stage(cfg, "sft", policy_dir, quiet, run.allow_data_errors)
-    if cfg.rl.reward_model is None:
+    if not graded and cfg.rl.reward_model is None:
         stages["reward"] = _run_stage(cfg, "reward", reward_dir, quiet, run.allow_data_errors)
     _check_stage(policy_dir, "rl.policy", ("sft",))
-    _check_stage(reward_dir, "rl.reward_model", ("reward",))
+    if not graded:
+        _check_stage(reward_dir, "rl.reward_model", ("reward",))
 
     model, tokenizer, params = load_policy(policy_dir, cfg)
     max_prompt_tokens = cfg.train.max_length - cfg.rl.max_new_tokens
-    prompts, too_long = rl_prompts(splits["train"], cfg.rl.max_prompts, tokenizer, max_prompt_tokens)
+    rows, too_long = rl_prompts(splits["train"], cfg.rl.max_prompts, tokenizer, max_prompt_tokens, graded)
     if too_long and not quiet:
         console.print(
             f"[yellow]RL: {too_long} prompt(s) longer than {max_prompt_tokens} tokens left out "
             "(train.max_length - rl.max_new_tokens); raise train.max_length to keep them[/]"
         )
-    from tunekit.train.recipes.reward import load_reward_model
+    if scorer is not None:
+        reward = grader_reward(scorer)
+    else:
+        from tunekit.train.recipes.reward import load_reward_model
 
-    reward_model, reward_tokenizer = load_reward_model(reward_dir)
-    run.announce(model, params, len(prompts), 0)
+        reward_model, reward_tokenizer = load_reward_model(reward_dir)
+        reward = reward_fn(reward_model, reward_tokenizer, cfg.eval.batch_size)
+    run.announce(model, params, len(rows), 0)
 
-    reward = reward_fn(reward_model, reward_tokenizer, cfg.eval.batch_size)
-    trainer = _trainer(cfg, run_dir, model, tokenizer, prompts, reward, quiet)
+    trainer = _trainer(cfg, run_dir, model, tokenizer, rows, reward, quiet)
     t_train = time.perf_counter()
     trainer.train()
     train_seconds = time.perf_counter() - t_train
@@ -114,16 +134,27 @@ def train_rl(run: RunSession) -> Path:
     )
     stages["rl"] = {
         "algorithm": cfg.rl.algorithm,
-        "prompts": len(prompts),
+        "prompts": len(rows),
         "prompts_too_long": too_long,
         "max_prompt_tokens": max_prompt_tokens,
         "seconds": train_seconds,
     }
+    graders = (
+        {"graders": [name for name, _, _ in scorer.graders], "grader_failures": scorer.report()}
+        if scorer
+        else {}
+    )
+    if scorer and scorer.examples and not quiet:
+        first = scorer.examples[0]
+        console.print(
+            f"[yellow]graders: {scorer.report()['failed']} of {scorer.calls} grader calls failed and scored 0 "
+            f"(train_summary.json grader_failures); first: {first['where']} {first['grader']}: {first['error']}[/]"
+        )
     run.finish(
         result, model_path=resolve_model(cfg.model), params=params, saved=saved,
-        policy_start=str(policy_dir), reward_model=str(reward_dir), stages=stages,
+        policy_start=str(policy_dir), reward_model=None if graded else str(reward_dir), stages=stages,
         final_reward=last.get("reward"), final_kl=last.get("kl"),
-        first_reward=next((r["reward"] for r in logged if "reward" in r), None),
+        first_reward=next((r["reward"] for r in logged if "reward" in r), None), **graders,
     )  # fmt: skip
     return run_dir
 
@@ -158,8 +189,14 @@ def _check_stage(run_dir: Path, key: str, tasks: tuple[str, ...]) -> None:
 # Stage 3: RL
 
 
-def rl_prompts(examples, max_prompts: int | None, tokenizer=None, max_prompt_tokens: int | None = None):
-    """The distinct prompts of the train pairs, in order, as chat messages (TRL's conversational form).
+def rl_prompts(
+    examples, max_prompts: int | None, tokenizer=None, max_prompt_tokens: int | None = None, references=False
+):
+    """The distinct prompts of the train examples, in order, as rows {"prompt": chat messages} (TRL's
+    conversational form). With `references` (rl.graders) a row is a prompt and its reference answer,
+    {"prompt", "reference", "index", "where"}: the last assistant message of a conversation, or the
+    chosen answer of a pair; TRL passes the other columns to the reward function, so a grader failure
+    names its example (the index in the train split, and file:line).
 
     TRL's GRPO and RLOO do not truncate prompts, and a prompt of thousands of tokens times
     rl.num_generations samples is what runs a CPU out of memory (LLaMA-Factory's demo pairs go to
@@ -167,10 +204,14 @@ def rl_prompts(examples, max_prompts: int | None, tokenizer=None, max_prompt_tok
     `max_prompt_tokens` (train.max_length - rl.max_new_tokens) are left out of RL, and counted.
     Returns (prompts, the number left out as too long)."""
     seen, out, too_long = set(), [], 0
-    for ex in examples:
-        messages = ex.pair()[0]
+    for index, ex in enumerate(examples):
+        messages = ex.pair()[0] if not references or ex.rejected else ex.prompt
         prompt = [{"role": m.role, "content": m.content} for m in messages]
-        key = json.dumps(prompt)
+        row: dict = {"prompt": prompt}
+        if references:
+            _require_answers([ex])
+            row |= {"reference": ex.target, "index": index, "where": ex.where}
+        key = json.dumps(row["prompt"] if not references else [prompt, row["reference"]])
         if key in seen:
             continue
         seen.add(key)
@@ -179,7 +220,7 @@ def rl_prompts(examples, max_prompts: int | None, tokenizer=None, max_prompt_tok
             if len(tokenizer(text, add_special_tokens=False)["input_ids"]) > max_prompt_tokens:
                 too_long += 1
                 continue
-        out.append(prompt)
+        out.append(row)
         if max_prompts and len(out) == max_prompts:
             break
     if not out:
@@ -189,6 +230,17 @@ def rl_prompts(examples, max_prompts: int | None, tokenizer=None, max_prompt_tok
                "rl.max_new_tokens); raise train.max_length" if too_long else "")
         )  # fmt: skip
     return out, too_long
+
+
+def _require_answers(examples) -> None:
+    """Graders score against each row's reference: its last message must be the assistant's answer."""
+    bad = [ex.where for ex in examples if not ex.messages or ex.messages[-1].role != "assistant"]
+    if bad:
+        raise DataError(
+            [f"{where}: the row does not end with an assistant answer" for where in bad],
+            header="rl.graders score completions against each example's reference answer (its last assistant "
+            "message)",
+        )
 
 
 def load_policy(policy_dir: Path, cfg: Config):
@@ -222,7 +274,42 @@ def reward_fn(reward_model, reward_tokenizer, batch_size: int = 16):
     return reward_model_score
 
 
-def _trainer(cfg: Config, run_dir: Path, model, tokenizer, prompts, reward, quiet: bool):
+def build_graders(cfg: Config) -> Scorer:
+    """rl.graders as one Scorer; a schema file that cannot be read or a python grader that cannot be
+    imported is a ConfigError naming its key."""
+    entries = [g.model_dump(exclude_defaults=True) | {"type": g.type} for g in cfg.rl.graders or []]
+    try:
+        return build_scorer(entries, cfg.rl.grader_timeout)
+    except GraderSpecError as e:
+        raise ConfigError([str(e)]) from None
+
+
+def grader_reward(scorer: Scorer):
+    """TRL's reward-function interface around the graders: each completion's combined score against
+    its row's reference. Each grader's mean and the share of failed grader calls go to TRL's logs
+    (`log_metric`, averaged over a logging step), hence metrics.jsonl."""
+
+    def graders_score(prompts, completions, reference, index, where, log_metric=None, **_) -> list[float]:
+        calls, failed = scorer.calls, sum(scorer.failures.values())
+        totals, sums = [], dict.fromkeys((name for name, _, _ in scorer.graders), 0.0)
+        for completion, ref, i, w in zip(completions, reference, index, where, strict=True):
+            text = completion[-1]["content"] if isinstance(completion, list) else completion
+            total, each = scorer.score(text, {"reference": ref}, i, w)
+            totals.append(total)
+            for name, value in each.items():
+                sums[name] += value
+        if log_metric is not None:
+            for name, value in sums.items():
+                log_metric(f"graders/{name}", value / len(totals))
+            log_metric(
+                "grader_failure_rate", (sum(scorer.failures.values()) - failed) / (scorer.calls - calls)
+            )
+        return totals
+
+    return graders_score
+
+
+def _trainer(cfg: Config, run_dir: Path, model, tokenizer, rows, reward, quiet: bool):
     """TRL's GRPO or RLOO trainer as our config says. Each optimizer step samples
     train.batch_size prompts x rl.num_generations completions per micro-batch."""
     from datasets import Dataset
@@ -273,6 +360,7 @@ def _trainer(cfg: Config, run_dir: Path, model, tokenizer, prompts, reward, quie
 
         def on_log(self, args, state, control, logs=None, **kwargs):
             record = {ours: logs[theirs] for theirs, ours in TRL_METRICS.items() if logs and theirs in logs}
+            record |= {k: v for k, v in (logs or {}).items() if k.startswith(GRADER_METRICS)}
             if not record:
                 return
             record = {"step": state.global_step, "epoch": round(state.epoch or 0.0, 4)} | record
@@ -287,7 +375,7 @@ def _trainer(cfg: Config, run_dir: Path, model, tokenizer, prompts, reward, quie
         model=model,
         reward_funcs=[reward],
         args=args,
-        train_dataset=Dataset.from_list([{"prompt": p} for p in prompts]),
+        train_dataset=Dataset.from_list(rows),
         processing_class=tokenizer,
         callbacks=[ToMetrics()],
     )
@@ -296,21 +384,137 @@ def _trainer(cfg: Config, run_dir: Path, model, tokenizer, prompts, reward, quie
 
 
 def check_rl_config(cfg: Config) -> list[str]:
-    """The room a prompt needs: rl.max_new_tokens must leave some of train.max_length."""
+    """The room a prompt needs: rl.max_new_tokens must leave some of train.max_length; and
+    rl.graders must build (schema files read, python graders imported) before the run starts."""
+    problems = []
     if cfg.rl.max_new_tokens >= cfg.train.max_length:
-        return [
+        problems.append(
             f"rl.max_new_tokens: {cfg.rl.max_new_tokens} leaves no room for the prompt in "
             f"train.max_length: {cfg.train.max_length}; raise train.max_length or lower rl.max_new_tokens"
-        ]
-    return []
+        )
+    if cfg.rl.graders is not None:
+        try:
+            build_graders(cfg)
+        except ConfigError as e:
+            problems += e.problems
+    return problems
+
+
+# ---------------------------------------------------------------------------------------------
+# Evaluation
+
+
+def evaluate(run_dir: str | Path, data=None, quiet: bool = False, reward_model=None) -> dict:
+    """`tunekit eval` of an rl run: with a reward model, eval/preference.py's (win rate, preference
+    accuracy on the test pairs); with rl.graders, `evaluate_graded`."""
+    cfg = load_run_config(Path(run_dir))
+    if cfg.rl.graders is None:
+        from tunekit.eval.preference import evaluate_rl
+
+        return evaluate_rl(run_dir, data, quiet=quiet, reward_model=reward_model)
+    if reward_model is not None:
+        raise TunekitError(
+            f"--reward-model: {run_dir} was trained against rl.graders, which score it; drop it"
+        )
+    return evaluate_graded(Path(run_dir), cfg, data, quiet)
+
+
+def evaluate_graded(run_dir: Path, cfg: Config, data=None, quiet: bool = False) -> dict:
+    """The policy against the policy RL started from, on the test split (or `data`): greedy answers
+    of each, scored by the run's graders against the references; the mean score with its 95%
+    bootstrap CI, each grader's mean, and the paired difference (policy - start) with its CI and
+    p-value (eval/stats.py: exact McNemar for 0/1 scores, else a sign-flip permutation test).
+    Writes report.json (task_metric grader_score), report.md and predictions.json."""
+    from tunekit.data import load_examples
+    from tunekit.eval.generate import generate
+    from tunekit.eval.report import comparison_table
+    from tunekit.eval.stats import mean_ci, paired_difference
+    from tunekit.io import atomic_write_json, atomic_write_text
+    from tunekit.runs.directory import read_split
+
+    t0 = time.perf_counter()
+    examples = (
+        load_examples(data, format=cfg.data.format, columns=cfg.data.columns or None)
+        if data is not None
+        else read_split(run_dir, "test")
+    )
+    examples = examples[: cfg.eval.max_examples] if cfg.eval.max_examples else examples
+    if not examples:
+        raise TunekitError(f"{run_dir}: the test split is empty; pass --data FILE or set data.split")
+    _require_answers(examples)
+    asks = examples
+    scorer = build_graders(cfg)
+    start, _ = stage_dirs(cfg, run_dir)
+    max_new = cfg.eval.max_new_tokens or cfg.rl.max_new_tokens
+    answers = {}
+    model, tokenizer, is_adapter = load_trained(run_dir)
+    answers["policy"] = generate(model, tokenizer, asks, max_new, cfg.eval.batch_size)
+    if is_adapter:
+        model.load_adapter(start / ADAPTER_DIR, adapter_name="start")
+        model.set_adapter("start")
+        answers["start"] = generate(model, tokenizer, asks, max_new, cfg.eval.batch_size)
+    else:
+        del model
+        answers["start"] = generate(load_trained(start)[0], tokenizer, asks, max_new, cfg.eval.batch_size)
+
+    scores: dict[str, list[float]] = {}
+    contenders: dict[str, dict] = {}
+    predictions = [{"source": ex.where, "reference": ex.target} for ex in asks]
+    for name in ("start", "policy"):
+        each_sum: dict[str, float] = {}
+        scores[name] = []
+        for i, (ex, answer) in enumerate(zip(asks, answers[name], strict=True)):
+            total, each = scorer.score(answer, {"reference": ex.target}, i, ex.where)
+            scores[name].append(total)
+            predictions[i] |= {f"{name}_answer": answer, f"{name}_score": total}
+            for g, v in each.items():
+                each_sum[g] = each_sum.get(g, 0.0) + v
+        mean, lo, hi = mean_ci(scores[name])
+        contenders[name] = {"grader_score": mean, "grader_score_ci_low": lo, "grader_score_ci_high": hi}
+        contenders[name] |= {f"grader/{g}": v / len(asks) for g, v in each_sum.items()}
+    report = {
+        "task": cfg.task,
+        "task_metric": "grader_score",
+        "n_test": len(asks),
+        "test_data": str(data) if data is not None else str(run_dir / "data" / "test.jsonl"),
+        "seconds": time.perf_counter() - t0,
+        "unit": "examples",
+        "start_model": str(start),
+        "graders": [name for name, _, _ in scorer.graders],
+        "contenders": contenders,
+        "paired": paired_difference(scores["start"], scores["policy"]),
+        "grader_failures": scorer.report(),
+    }
+    atomic_write_json(run_dir / "report.json", report)
+    atomic_write_json(run_dir / "predictions.json", predictions)
+    p = report["paired"]
+    atomic_write_text(
+        run_dir / "report.md",
+        f"# Evaluation report\n\nTask `rl` with graders ({', '.join(report['graders'])}), held-out test: "
+        f"{len(asks)} examples from `{report['test_data']}`. start: the policy RL started from ({start}).\n\n"
+        + comparison_table(report)
+        + f"\n\npolicy - start: {p['difference']:+.4f} [{p['ci_low']:+.4f}, {p['ci_high']:+.4f}], "
+        f"p = {p['p_value']:.3g} ({p['test']}).\n",
+    )
+    if not quiet:
+        console.print(
+            f"eval rl (graders): grader_score start {contenders['start']['grader_score']:.3f}, policy "
+            f"{contenders['policy']['grader_score']:.3f}; difference {p['difference']:+.3f}, p = {p['p_value']:.3g} "
+            f"({report['seconds']:.0f}s)"
+        )
+    return report
 
 
 TASK = Task(
     name="rl",
-    summary="the classic RLHF pipeline: SFT, a reward model, then GRPO/RLOO against it",
-    data="pairs",
+    summary="RL (GRPO/RLOO): SFT, then against a reward model trained on pairs, or against rl.graders",
+    # "conversations", as every row with an answer can be RL's: with rl.graders a prompt and its
+    # reference answer is all it needs, and a pair is such a row (prompt + chosen) too. The reward
+    # model route needs rejected answers as well; the table holds one kind per task, so train_rl checks
+    # "pairs" itself when rl.graders is not set (before any stage runs) and its evaluation reads pairs.
+    data="conversations",
     recipe=train_rl,
-    evaluation="tunekit.eval.preference:evaluate_rl",
+    evaluation="tunekit.train.recipes.rl:evaluate",
     generative=True,
     eval_options=("reward_model",),
     multi_process=False,
