@@ -256,7 +256,8 @@ def test_chat_bad_rows(tmp_path):
         f"{path}:3: messages[1].weight: must be 0 (no loss on this turn) or 1, found 2",
         f"{path}:4: messages: every assistant message has weight 0, so nothing is learned; set one to 1",
         f"{path}:5: messages[2].role: the last message must be the assistant's answer, found 'user'",
-        f"{path}:6: messages[0].role: unknown role 'tool'; use one of system, user, assistant",
+        f"{path}:6: messages[0].role: a tool result with no call before it; a tool result follows the "
+        "assistant turn whose call it answers",
         f"{path}:7: messages[0].content: must be a non-empty string, found '  '",
         f"{path}:8: messages: must be a non-empty list of {{role, content}} objects, found a list",
         f"{path}:9: messages[1].weight: must be 0 (no loss on this turn) or 1, found True",

@@ -167,6 +167,12 @@ class DataConfig(_Strict):
     labels: list[str] | None = Field(
         None, description="The declared label set; a label outside it is a data error."
     )
+    reasoning: Literal["train", "mask", "drop"] = Field(
+        "train",
+        description="Reasoning traces (`reasoning_content`, or a <think> block opening an assistant turn): "
+        "train (the thinking carries loss like the answer), mask (kept in the context, no loss), or drop "
+        "(removed). Evaluation scores the answer after the thinking either way.",
+    )
     split: tuple[float, float, float] = Field(
         (0.8, 0.1, 0.1), description="train/validation/test ratios used when files are omitted."
     )
@@ -209,6 +215,15 @@ class DataConfig(_Strict):
             raise ValueError(
                 f"data.streaming reads the train file one JSON Lines row at a time, and {self.train} is not "
                 "a .jsonl file; convert it to JSON Lines (one JSON object per line), or turn data.streaming off"
+            )
+        return self
+
+    @model_validator(mode="after")
+    def _streaming_trains_reasoning(self) -> DataConfig:
+        if self.streaming and self.reasoning != "train":
+            raise ValueError(
+                f"data.reasoning: {self.reasoning} is not supported with data.streaming yet (the streamed "
+                "train split is written row by row as read); use data.reasoning: train, or turn data.streaming off"
             )
         return self
 

@@ -6,7 +6,9 @@
 Per row: the reader's and normalizer's errors (invalid JSON, missing fields, unknown roles, ...,
 and rows no task can train on: no prompt before the first answer, e.g. raw `text` rows), plus
 warnings (no system or user message, longer than max_length, a very short target, control
-characters, a key given twice, a key the format does not use). KTO feedback: a data set rated only one
+characters, a key given twice, a key the format does not use). Tool calls are checked against the
+row's declared tools as each row is read (data/tools.py: invalid JSON arguments, an unknown function,
+a missing required argument, ... each an error naming the file, line and field). KTO feedback: a data set rated only one
 way, and one answer rated both ways, are warnings. Per file: no rows at all is an error. Per file: exact and near duplicates. Across files: leakage (the same or nearly the
 same example in two files, e.g. train and test). Statistics: turns, tokens with the model's
 tokenizer, labels. Every row is accounted for: kept + rejected == total.
@@ -179,8 +181,10 @@ def example_text(ex: Example) -> str:
     """One string per example for duplicate detection: every user and assistant turn, the rejected
     answer included. System prompts are left out: a data set usually repeats one in every row, and
     a long shared prompt would make every short example a near duplicate of every other."""
+    from tunekit.data.tools import reply_text
+
     turns = list(ex.messages) + list(ex.rejected or ())
-    return "\n".join(m.content for m in turns if m.role != "system")
+    return "\n".join(reply_text(m) for m in turns if m.role != "system")  # tool calls count as text
 
 
 def feedback_warnings(examples: list[Example]) -> list[Problem]:
@@ -260,18 +264,16 @@ def find_leakage(a: FileCheck, b: FileCheck, threshold: float) -> list[dict[str,
 
 def token_lengths(tokenizer, examples: Sequence[Example]) -> list[int]:
     """Tokens per example as training would see them: the chat template, then the tokenizer in batch."""
+    from tunekit.data.tokenize import render
+
     if not examples:
         return []
-    texts = tokenizer.apply_chat_template([[_msg(m) for m in e.messages] for e in examples], tokenize=False)
+    texts = [render(tokenizer, e.messages, tools=e.tools) for e in examples]
     backend = getattr(tokenizer, "backend_tokenizer", None)
     if hasattr(backend, "encode_batch_fast"):
         # The Rust tokenizer without offsets or Python-side conversion: about 1.6x faster here.
         return [len(enc) for enc in backend.encode_batch_fast(texts, add_special_tokens=False)]
     return [len(ids) for ids in tokenizer(texts, add_special_tokens=False)["input_ids"]]
-
-
-def _msg(m) -> dict[str, str]:
-    return {"role": m.role, "content": m.content}
 
 
 def _summary(values: Sequence[float]) -> dict[str, float]:
@@ -296,6 +298,17 @@ def compute_stats(examples: list[Example], lengths: list[int] | None) -> dict[st
     if lengths is not None:
         stats["tokens_per_example"] = _summary(lengths)
         stats["total_tokens"] = sum(lengths)
+    calls = [c.name for e in examples for m in e.messages for c in m.tool_calls]
+    if calls or any(e.tools for e in examples):  # tool use: how much of it, which functions
+        stats["tool_calls"] = {
+            "examples_with_tools": sum(bool(e.tools) for e in examples),
+            "examples_with_calls": sum(any(m.tool_calls for m in e.messages) for e in examples),
+            "calls": len(calls),
+            "functions_called": len(set(calls)),
+        }
+    thinking = sum(bool(m.reasoning) for e in examples for m in e.messages)
+    if thinking:
+        stats["reasoning_turns"] = thinking
     good, bad = feedback_counts(examples)
     if good or bad:  # KTO feedback: how many answers are rated each way
         stats["feedback"] = {"desirable": good, "undesirable": bad}

@@ -4,6 +4,11 @@ Everything downstream of the readers (tokenization, splitting, evaluation) reads
 A row such as {"prompt": "2+2=", "completion": "4"} becomes
 
     Example(messages=(Message("user", "2+2="), Message("assistant", "4")), source="x.jsonl", line=1)
+
+Tool use and reasoning live on the messages: an assistant turn may carry `tool_calls` (and empty
+content), a `tool` turn holds a call's result, `Example.tools` the declared functions (OpenAI's
+JSON-schema definitions), and an assistant turn's `reasoning` its thinking (OpenAI's
+`reasoning_content`, or a `<think>` block taken out of the content), so `content` is always the answer.
 """
 
 from __future__ import annotations
@@ -14,8 +19,27 @@ from typing import Any, Literal
 
 import xxhash
 
-Role = Literal["system", "user", "assistant"]
-ROLES: tuple[str, ...] = ("system", "user", "assistant")
+Role = Literal["system", "user", "assistant", "tool"]
+ROLES: tuple[str, ...] = ("system", "user", "assistant", "tool")
+
+
+@dataclass(frozen=True)
+class ToolCall:
+    """One function call an assistant turn makes: the name and the arguments as JSON object text
+    (a string, so a Message stays hashable; `args` parses it)."""
+
+    name: str
+    arguments: str = "{}"
+    id: str = ""
+
+    @property
+    def args(self) -> dict[str, Any]:
+        return json.loads(self.arguments)
+
+    def to_dict(self) -> dict[str, Any]:
+        """OpenAI's shape: {id?, type: function, function: {name, arguments (a JSON string)}}."""
+        d: dict[str, Any] = {"id": self.id} if self.id else {}
+        return d | {"type": "function", "function": {"name": self.name, "arguments": self.arguments}}
 
 
 @dataclass(frozen=True)
@@ -25,6 +49,29 @@ class Message:
     # OpenAI's per-message weight: 0 excludes an assistant turn from the loss. Only assistant
     # turns carry loss at all, so the weight of other roles is ignored.
     weight: int = 1
+    tool_calls: tuple[ToolCall, ...] = ()  # assistant turns: the functions it calls
+    tool_call_id: str = ""  # tool turns: the call this result answers
+    name: str = ""  # tool turns: the function that produced it
+    reasoning: str = ""  # assistant turns: the thinking before the answer (data/reasoning.py)
+    # 0: the reasoning stays in the context but carries no loss (`data.reasoning: mask`).
+    reasoning_weight: int = 1
+
+    def to_dict(self) -> dict[str, Any]:
+        """The canonical JSON form of one message (OpenAI chat, fields at their defaults left out)."""
+        d: dict[str, Any] = {"role": self.role, "content": self.content}
+        if self.weight != 1:
+            d["weight"] = self.weight
+        if self.tool_calls:
+            d["tool_calls"] = [c.to_dict() for c in self.tool_calls]
+        if self.tool_call_id:
+            d["tool_call_id"] = self.tool_call_id
+        if self.name:
+            d["name"] = self.name
+        if self.reasoning:
+            d["reasoning_content"] = self.reasoning
+            if self.reasoning_weight != 1:
+                d["reasoning_weight"] = self.reasoning_weight
+        return d
 
 
 @dataclass(frozen=True)
@@ -43,6 +90,9 @@ class Example:
     # Unpaired preference feedback (KTO): whether the final assistant turn(s) after the prompt are a
     # desirable (True) or undesirable (False) answer to it; None for every other kind of row.
     desirable: bool | None = None
+    # The functions the conversation may call, each an OpenAI tool definition
+    # {"type": "function", "function": {"name", "description", "parameters"}}.
+    tools: tuple[dict[str, Any], ...] = field(default=(), hash=False)
     source: str = ""  # the file it came from
     line: int = 0  # 1-based line in that file where the row starts (CSV: the physical line)
     format: str = ""  # the detected or given input format, e.g. "chat", "alpaca"
@@ -55,8 +105,11 @@ class Example:
 
     @property
     def target(self) -> str:
-        """The final assistant turn: what a model should answer."""
-        return self.messages[-1].content
+        """The final assistant turn's answer: what a model should reply, its thinking left out and
+        its tool calls written as `<tool_call>` blocks (data/tools.py `reply_text`)."""
+        from tunekit.data.tools import reply_text
+
+        return reply_text(self.messages[-1])
 
     @property
     def where(self) -> str:
@@ -80,16 +133,13 @@ class Example:
 
     def to_dict(self) -> dict[str, Any]:
         """The canonical JSON form (OpenAI chat, plus `label`, `rejected` and `desirable` when set)."""
-        d: dict[str, Any] = {
-            "messages": [
-                {"role": m.role, "content": m.content} | ({} if m.weight == 1 else {"weight": m.weight})
-                for m in self.messages
-            ]
-        }
+        d: dict[str, Any] = {"messages": [m.to_dict() for m in self.messages]}
+        if self.tools:
+            d["tools"] = list(self.tools)
         if self.label is not None:
             d["label"] = self.label
         if self.rejected is not None:
-            d["rejected"] = [{"role": m.role, "content": m.content} for m in self.rejected]
+            d["rejected"] = [m.to_dict() for m in self.rejected]
         if self.desirable is not None:
             d["desirable"] = self.desirable
         return d

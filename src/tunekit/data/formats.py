@@ -15,8 +15,10 @@ identify each, in detection order:
     kto                  {"messages": [{"role": "user", "content": "2+2?"}, {"role": "assistant", "content": "4"}],
                           "label": true}   (or {"prompt": "2+2?", "completion": "5", "label": false}, TRL's form)
     sharegpt             {"conversations": [{"from": "human", "value": "2+2?"}, {"from": "gpt", "value": "4"}]}
+                         (plus "tools" and function_call / observation turns, as glaive and LLaMA-Factory)
     chat                 {"messages": [{"role": "user", "content": "2+2?"}, {"role": "assistant", "content": "4"}]}
-                         (plus "rejected": [{"role": "assistant", ...}] in tunekit's canonical pair form)
+                         (plus "rejected": [{"role": "assistant", ...}] in tunekit's canonical pair form;
+                         "tools", assistant "tool_calls", "tool" turns and "reasoning_content" as OpenAI's)
     prompt_completion    {"prompt": "2+2=", "completion": "4"}
     alpaca               {"instruction": "Add the numbers.", "input": "2, 2", "output": "4"}
     classification       {"text": "Where is my card?", "label": "card_arrival"}
@@ -28,7 +30,10 @@ function added to `FORMATS` (and its keys to `FORMAT_KEYS` to be auto-detected).
 
 Problem kinds raised here: missing_field, wrong_type, empty_content, unknown_role, no_target,
 ends_not_assistant, consecutive_roles, invalid_weight, prompt_mismatch, bad_label, format_mismatch,
-unsupported_field, invalid_utf8 (bad_label also for a kto label that is not true/false); and one
+unsupported_field, invalid_utf8 (bad_label also for a kto label that is not true/false); for tool use
+(data/tools.py) invalid_tools, invalid_tool_call, unknown_tool, missing_argument, unknown_argument,
+wrong_argument_type, orphan_tool_result; for reasoning (data/reasoning.py) unclosed_thinking,
+duplicate_reasoning; and one
 warning, unused_key: a key the format does not read (e.g. `system` on a prompt_completion row), whose
 value would otherwise vanish without a word.
 """
@@ -43,9 +48,11 @@ from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
+from tunekit.data import tools as tool_calls
 from tunekit.data.example import ROLES, Example, Message
 from tunekit.data.problems import Problem
 from tunekit.data.readers import Record, read_records
+from tunekit.data.reasoning import split_thinking
 from tunekit.errors import DataError, TunekitError
 
 DETECT_SAMPLE = 100  # a file's format is the most common one among its first records
@@ -69,10 +76,13 @@ _STRING_OR_MESSAGES = "a non-empty string, or " + _MESSAGES
 
 
 def chat(record: dict[str, Any]) -> Example:
-    """OpenAI chat: `messages` of {role, content, weight?}, ending with an assistant turn; `label` kept."""
+    """OpenAI chat: `messages` of {role, content, weight?}, ending with an assistant turn; `label` kept.
+    Tool use as OpenAI writes it: `tools`, assistant `tool_calls`, `tool` turns (checked against the
+    tools); reasoning as `reasoning_content` or a `<think>` block."""
     turns = _message_list(record["messages"], "messages")
     _check_conversation(turns, [f"messages[{i}].role" for i in range(len(turns))], "messages")
-    _no_tools(record)
+    tools = _tools(record, "tools", "functions")
+    _check_calls(turns, tools, lambda i, j, n: f"messages[{i}].tool_calls[{j}].function")
     label = record.get("label")
     # `rejected`: the canonical form of a preference pair, as run directories store their splits.
     rejected = tuple(_message_list(record["rejected"], "rejected")) if "rejected" in record else None
@@ -83,7 +93,17 @@ def chat(record: dict[str, Any]) -> Example:
         label=None if label is None else _label(label, "label"),
         rejected=rejected,
         desirable=desirable,
+        tools=tools,
     )
+
+
+def chat_prompt(messages: Any, tools: Any = None) -> tuple[list[Message], tuple[dict[str, Any], ...]]:
+    """The turns and declared tools of an OpenAI chat prompt (a request, before its answer), read
+    and checked by the rules of `chat`; a FieldError names the wrong field."""
+    turns = _message_list(messages, "messages")
+    declared = _tools({"tools": tools}, "tools")
+    _check_calls(turns, declared, lambda i, j, n: f"messages[{i}].tool_calls[{j}].function")
+    return turns, declared
 
 
 def _message_list(value: Any, field: str, expected: str = _MESSAGES) -> list[Message]:
@@ -101,9 +121,38 @@ def _message(m: Any, field: str) -> Message:
         raise FieldError(
             f"{field}.role", "unknown_role", f"unknown role {role!r}; use one of {', '.join(ROLES)}"
         )
-    content = _text(_required(m, "content", field), f"{field}.content")
+    if role == "tool":
+        return Message(
+            "tool",
+            _tool_result(_required(m, "content", field), f"{field}.content"),
+            tool_call_id=_optional_text(m, "tool_call_id", field),
+            name=_optional_text(m, "name", field),
+        )
+    calls: tuple = ()
+    if role != "assistant" and m.get("tool_calls"):
+        raise FieldError(
+            f"{field}.tool_calls", "invalid_tool_call", f"only assistant turns call tools, not {role} turns"
+        )
+    if m.get("tool_calls"):
+        value = m["tool_calls"]
+        if not isinstance(value, list):
+            raise FieldError(
+                f"{field}.tool_calls", "invalid_tool_call", f"must be a list of calls, found {_kind(value)}"
+            )
+        calls = tuple(tool_calls.parse_call(c, f"{field}.tool_calls[{j}]") for j, c in enumerate(value))
+    if calls and m.get("content") in (None, ""):  # OpenAI: a turn that only calls has no content
+        content, reasoning = "", _optional_text(m, "reasoning_content", field)
+    elif role == "assistant":
+        content, reasoning = _answer(_required(m, "content", field), m, field)
+    else:
+        content, reasoning = _text(_required(m, "content", field), f"{field}.content"), ""
+    message = Message(role, content, tool_calls=calls, reasoning=reasoning)
+    if reasoning and "reasoning_weight" in m:  # the canonical form of data.reasoning: mask
+        message = replace(
+            message, reasoning_weight=_weight(m["reasoning_weight"], f"{field}.reasoning_weight")
+        )
     if "weight" not in m:
-        return Message(role, content)
+        return message
     weight = m["weight"]
     if role != "assistant":
         raise FieldError(
@@ -111,12 +160,42 @@ def _message(m: Any, field: str) -> Message:
             "invalid_weight",
             f"only assistant messages take a weight; remove it from this {role} message",
         )
+    return replace(message, weight=_weight(weight, f"{field}.weight"))
+
+
+def _weight(weight: Any, field: str) -> int:
     # bool is an int in Python; `true` is not a weight.
     if isinstance(weight, bool) or weight not in (0, 1):
+        raise FieldError(field, "invalid_weight", f"must be 0 (no loss on this turn) or 1, found {weight!r}")
+    return int(weight)
+
+
+def _answer(value: Any, m: dict[str, Any], field: str, key: str = "content") -> tuple[str, str]:
+    """(content, reasoning) of an assistant turn whose text is `value` (at `field`.`key`):
+    `reasoning_content`, or a `<think>` block taken out of the text (data/reasoning.py); both at
+    once is an error."""
+    reasoning, content = split_thinking(_text(value, f"{field}.{key}"), f"{field}.{key}")
+    given = _optional_text(m, "reasoning_content", field)
+    if reasoning and given:
         raise FieldError(
-            f"{field}.weight", "invalid_weight", f"must be 0 (no loss on this turn) or 1, found {weight!r}"
+            f"{field}.reasoning_content",
+            "duplicate_reasoning",
+            "the content opens with a <think> block too; give the reasoning once, in one of the two",
         )
-    return Message(role, content, int(weight))
+    if reasoning and not content:
+        raise FieldError(f"{field}.{key}", "empty_content", "holds reasoning but no answer after </think>")
+    return content, reasoning or given
+
+
+def _tool_result(value: Any, field: str) -> str:
+    """A tool turn's content: any string (a function may return nothing), or JSON kept as its text."""
+    if isinstance(value, (dict, list)):
+        import json
+
+        return json.dumps(value, ensure_ascii=False)
+    if not isinstance(value, str):
+        raise FieldError(field, "wrong_type", f"must be the tool's output as a string, found {_kind(value)}")
+    return _unicode(value, field)
 
 
 def _check_conversation(
@@ -128,8 +207,15 @@ def _check_conversation(
     `names[i]` the role as the file spells it (ShareGPT's "human" for user), for the messages.
     """
     names = names or [m.role for m in turns]
-    for i in range(1, len(turns)):
-        if turns[i].role == turns[i - 1].role:
+    for i in range(len(turns)):
+        if turns[i].role == "tool" and not (i and (turns[i - 1].role == "tool" or turns[i - 1].tool_calls)):
+            after = f"after a {names[i - 1]!r} turn that calls no tool" if i else "with no call before it"
+            raise FieldError(
+                fields[i],
+                "orphan_tool_result",
+                f"a tool result {after}; a tool result follows the assistant turn whose call it answers",
+            )
+        if i and turns[i].role == turns[i - 1].role and turns[i].role != "tool":  # parallel calls' results
             # Chat templates (Llama 2, Mistral, Gemma, ...) refuse such conversations, and in the rest
             # the second turn reads as if nobody answered the first.
             raise FieldError(
@@ -154,10 +240,36 @@ def _check_conversation(
         )
 
 
-def _no_tools(record: dict[str, Any], prefix: str = "") -> None:
-    """Tool definitions are not supported yet. Dropping them would be wrong, not just lossy: the
-    answers may rely on them (calling a tool, or declining what no tool can do), so the row is an error.
-    Checked after the turns, so a row with tool turns reports those (`unknown_role`) first."""
+def _tools(record: dict[str, Any], *keys: str) -> tuple[dict[str, Any], ...]:
+    """The row's tool definitions, from the first of `keys` it has (OpenAI's `tools`, or the older
+    `functions`)."""
+    for key in keys:
+        found = tool_calls.tool_definitions(record.get(key), key)
+        if found:
+            return found
+    return ()
+
+
+def _check_calls(turns: Sequence[Message], tools, call_field: Callable[[int, int, int], str]) -> None:
+    """Every call of every turn fits the declared tools; `call_field(i, j, n)` names call j of the
+    n calls of turn i, for the error."""
+    for i, m in enumerate(turns):
+        for j, call in enumerate(m.tool_calls):
+            tool_calls.check_call(call, tools, call_field(i, j, len(m.tool_calls)))
+
+
+def _no_tools(record: dict[str, Any], prefix: str = "", turns: Sequence[Message] = ()) -> None:
+    """Preference and feedback rows with tool use are not supported yet. Dropping the tools would be
+    wrong, not just lossy: the answers may rely on them (calling a tool, or declining what no tool
+    can do), so the row is an error."""
+    for i, m in enumerate(turns):
+        if m.role == "tool" or m.tool_calls:
+            raise FieldError(
+                f"{prefix}turn {i + 1}",
+                "unsupported_field",
+                "tool calls in preference or feedback data are not supported yet (sft data takes "
+                "them: chat or sharegpt rows); remove the row",
+            )
     for key in ("tools", "functions"):
         value = record.get(key)
         if not value or (isinstance(value, str) and value.strip() in ("", "[]")):  # none, or "[]"
@@ -165,8 +277,8 @@ def _no_tools(record: dict[str, Any], prefix: str = "") -> None:
         raise FieldError(
             prefix + key,
             "unsupported_field",
-            "tool definitions are not supported yet, and the answers in this row may rely on them; "
-            "remove the row (or the tools, if no answer depends on them)",
+            "tool definitions in preference or feedback data are not supported yet, and the answers "
+            "in this row may rely on them; remove the row (or the tools, if no answer depends on them)",
         )
 
 
@@ -181,17 +293,24 @@ SHAREGPT_ROLES: dict[str, str] = {
     "model": "assistant",
     "system": "system",
 }
-# LLaMA-Factory's tool-use turns. No `Message` role holds them yet, and mapping them onto
-# user/assistant would teach the model to speak tool output as plain text: each is an error.
-_TOOL_ROLES = ("function_call", "observation", "tool", "function")
+# LLaMA-Factory's tool-use turns: a call (an assistant turn with tool_calls) and a tool's result.
+_CALL_ROLES = ("function_call",)
+_RESULT_ROLES = ("observation", "tool", "function")
 
 
 def sharegpt(record: dict[str, Any]) -> Example:
-    """ShareGPT: `conversations` of {from, value} (human/gpt/system), optional top-level `system`."""
+    """ShareGPT: `conversations` of {from, value} (human/gpt/system), optional top-level `system`;
+    tool use as LLaMA-Factory writes it: `tools` (JSON text), function_call and observation turns."""
     turns, fields, names = _sharegpt_turns(record, "conversations")
     _check_conversation(turns, fields, "conversations", names)
-    _no_tools(record)
-    return Example(messages=tuple(turns))
+    tools = _tools(record, "tools", "functions")
+
+    def call_field(i: int, j: int, n: int) -> str:
+        value = fields[i].removesuffix(".from") + ".value"
+        return f"{value}[{j}]" if n > 1 else value
+
+    _check_calls(turns, tools, call_field)
+    return Example(messages=tuple(turns), tools=tools)
 
 
 def _sharegpt_turns(record: dict[str, Any], key: str) -> tuple[list[Message], list[str], list[str]]:
@@ -222,15 +341,24 @@ def _sharegpt_turn(turn: Any, field: str) -> tuple[Message, str]:
     name = _required(turn, "from", field)
     if not isinstance(name, str):
         raise FieldError(f"{field}.from", "wrong_type", f"must be a string, found {_kind(name)}")
+    value = _required(turn, "value", field)
+    if name in _CALL_ROLES:
+        calls = tool_calls.parse_call_text(_text(value, f"{field}.value"), f"{field}.value")
+        return Message("assistant", "", tool_calls=calls), name
+    if name in _RESULT_ROLES:
+        return Message("tool", _tool_result(value, f"{field}.value")), name
     if name not in SHAREGPT_ROLES:
-        tools = "; tool turns are not supported yet, so remove this row" if name in _TOOL_ROLES else ""
         raise FieldError(
             f"{field}.from",
             "unknown_role",
-            f"unknown role {name!r}; use one of human/user, gpt/assistant/model, system{tools}",
+            f"unknown role {name!r}; use one of human/user, gpt/assistant/model, system, "
+            "function_call, observation",
         )
-    content = _text(_required(turn, "value", field), f"{field}.value")
-    return Message(SHAREGPT_ROLES[name], content), name  # type: ignore[arg-type]  # a Role by construction
+    role = SHAREGPT_ROLES[name]
+    if role == "assistant":
+        content, reasoning = _answer(value, {}, field, "value")
+        return Message("assistant", content, reasoning=reasoning), name
+    return Message(role, _text(value, f"{field}.value")), name  # type: ignore[arg-type]  # a Role by construction
 
 
 def sharegpt_preference(record: dict[str, Any]) -> Example:
@@ -248,7 +376,7 @@ def sharegpt_preference(record: dict[str, Any]) -> Example:
             )
         _check_conversation([*prompt, answer], [*fields, f"{key}.from"], key, [*names, name])
         answers.append(answer)
-    _no_tools(record)
+    _no_tools(record, turns=[*prompt, *answers])
     return Example(messages=(*prompt, answers[0]), rejected=(answers[1],))
 
 
@@ -268,6 +396,7 @@ def preference(record: dict[str, Any]) -> Example:
         answer, answer_fields = _preference_answer(record[key], key, prompt)
         _check_conversation([*prompt, *answer], [*fields, *answer_fields], key)
         answers.append(answer)
+    _no_tools({}, turns=[*prompt, *answers[0], *answers[1]])
     return Example(messages=(*prompt, *answers[0]), rejected=tuple(answers[1]))
 
 
@@ -343,7 +472,7 @@ def openai_dpo(record: dict[str, Any]) -> Example:
         answer_fields = [f"{key}[{i}].role" for i in range(len(answer))]
         _check_conversation([*prompt, *answer], [*fields, *answer_fields], key)
         answers.append(answer)
-    _no_tools(source, "input.")
+    _no_tools(source, "input.", [*prompt, *answers[0], *answers[1]])
     return Example(messages=(*prompt, *answers[0]), rejected=tuple(answers[1]))
 
 
@@ -390,7 +519,7 @@ def kto(record: dict[str, Any]) -> Example:
         answer, answer_fields = _preference_answer(record["completion"], "completion", prompt)
         turns = [*prompt, *answer]
         _check_conversation(turns, [*fields, *answer_fields], "completion")
-    _no_tools(record)
+    _no_tools(record, turns=turns)
     return Example(messages=tuple(turns), desirable=desirable)
 
 
@@ -596,8 +725,25 @@ OPTIONAL_KEYS: dict[str, tuple[str, ...]] = {
 }
 # The keys read inside each message of a list field, by format: other keys (a chat message's `name`,
 # a ShareGPT turn's `weight`) are reported too.
-_MESSAGE_KEYS = {"role", "content", "weight"}
+_MESSAGE_KEYS = {
+    "role",
+    "content",
+    "weight",
+    "tool_calls",
+    "tool_call_id",
+    "name",
+    "reasoning_content",
+    "reasoning_weight",
+}
 _TURN_KEYS = {"from", "value"}
+# Message keys read only on turns of these roles (a user message's `name` is not read).
+_ROLE_KEYS: dict[str, tuple[str, ...]] = {
+    "tool_calls": ("assistant",),
+    "reasoning_content": ("assistant",),
+    "reasoning_weight": ("assistant",),
+    "tool_call_id": ("tool",),
+    "name": ("tool",),
+}
 _MESSAGE_FIELDS: dict[str, tuple[tuple[str, set[str]], ...]] = {
     "chat": (("messages", _MESSAGE_KEYS), ("rejected", _MESSAGE_KEYS)),
     "preference": (("prompt", _MESSAGE_KEYS), ("chosen", _MESSAGE_KEYS), ("rejected", _MESSAGE_KEYS)),
@@ -630,7 +776,10 @@ def unused_keys(fmt: str, record: dict[str, Any]) -> list[str]:
         for i, m in enumerate(items):
             if isinstance(m, dict):
                 where = key if isinstance(value, dict) else f"{key}[{i}]"
-                found += [f"{where}.{k}" for k in m if k not in keys]
+                role = m.get("role")
+                found += [
+                    f"{where}.{k}" for k in m if k not in keys or role not in _ROLE_KEYS.get(k, (role,))
+                ]
     return found
 
 
@@ -684,13 +833,15 @@ def _text(value: Any, field: str) -> str:
     return _unicode(value, field)
 
 
-def _optional_text(record: dict[str, Any], key: str) -> str:
+def _optional_text(record: dict[str, Any], key: str, within: str = "") -> str:
+    """`record[key]` as text, "" when absent; `within` is the field holding `record`, for errors."""
+    field = f"{within}.{key}" if within else key
     value = record.get(key)
     if value is None:
         return ""
     if not isinstance(value, str):
-        raise FieldError(key, "wrong_type", f"must be a string when present, found {_kind(value)}")
-    return _unicode(value, key)
+        raise FieldError(field, "wrong_type", f"must be a string when present, found {_kind(value)}")
+    return _unicode(value, field)
 
 
 def _unicode(value: str, field: str) -> str:

@@ -13,6 +13,7 @@ from contextlib import contextmanager
 from pathlib import Path
 
 from tunekit.console import err as console
+from tunekit.data.reasoning import reply_with_reasoning, strip_thinking
 from tunekit.data.tokenize import render_prompt, tokenize_example
 from tunekit.eval.generate import generate
 from tunekit.eval.metrics import normalize
@@ -113,8 +114,10 @@ def evaluate_generation(
     )
     metric_specs = chosen or default_metrics(references, labels is not None)
     task_metric = resolve_metric(metric_specs[0]).name
+    # Room for the longest reference reply, its reasoning included (a model trained to think writes it first).
     max_new = cfg.eval.max_new_tokens or 16 + max(
-        len(tokenizer(r, add_special_tokens=False)["input_ids"]) for r in references
+        len(tokenizer(reply_with_reasoning(ex.messages[-1]), add_special_tokens=False)["input_ids"])
+        for ex in examples
     )
     shots = few_shot_examples(train_examples, k, cfg.train.seed)
     inputs = {"base": examples, "finetuned": examples}
@@ -192,7 +195,7 @@ def evaluate_generation(
         row |= {"label": ex.label} if ex.label is not None else {}
         for name in order:
             row[name] = predictions[name][i]
-            row[f"{name}_correct"] = normalize(predictions[name][i]) == normalize(ex.target)
+            row[f"{name}_correct"] = normalize(strip_thinking(predictions[name][i])) == normalize(ex.target)
             if task_metric in per_example[name]:
                 row[f"{name}_score"] = per_example[name][task_metric][i]
         rows.append(row)

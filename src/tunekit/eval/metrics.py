@@ -7,6 +7,11 @@ float, e.g. macro-F1, BLEU), so the interval comes from recomputing it on resamp
 same shape, e.g. `eval.metrics: [exact_match, mypkg.metrics:keyword_recall]`. A `module:function` is
 code to import, so evaluation takes it only from the user (`tunekit eval RUN --metric mypkg:fn`,
 `evaluate(run, metrics=[...])`), never from a run directory's config alone: see `metrics_to_score`.
+
+Every metric scores the final answer: a `<think>` block is stripped from predictions and references
+first (data/reasoning.py). Tool calls (data/tools.py) are scored by the tool_call_* metrics, which
+read the `<tool_call>` blocks (or a bare JSON call) of each reply; where the references hold calls,
+the text metrics score the text outside the calls.
 """
 
 from __future__ import annotations
@@ -19,6 +24,8 @@ from dataclasses import dataclass
 from importlib import import_module
 from pathlib import Path
 
+from tunekit.data.reasoning import strip_thinking
+from tunekit.data.tools import ParsedCall, parse_reply
 from tunekit.errors import ConfigError
 
 
@@ -97,6 +104,58 @@ def rouge_l(predictions: Sequence[str], references: Sequence[str]) -> list[float
 
 
 # ---------------------------------------------------------------------------------------------
+# Tool calls: per example; an example whose reference makes no call scores 1 when the reply makes none
+
+
+def _calls(text: str) -> list[ParsedCall]:
+    return parse_reply(text)[1]
+
+
+def _call_key(call: ParsedCall) -> str:
+    """A call compared as JSON: its name and its arguments (key order and spacing do not matter)."""
+    return json.dumps([call.name, call.arguments], sort_keys=True)
+
+
+def tool_call_match(predictions: Sequence[str], references: Sequence[str]) -> list[float]:
+    """1 where the reply makes the reference's calls: the same functions with arguments equal as
+    JSON, in any order (parallel calls), and no other call."""
+    out = []
+    for p, r in zip(predictions, references, strict=True):
+        got, want = _calls(p), _calls(r)
+        ok = all(c.valid for c in got) and Counter(map(_call_key, got)) == Counter(map(_call_key, want))
+        out.append(float(ok))
+    return out
+
+
+def tool_call_name(predictions: Sequence[str], references: Sequence[str]) -> list[float]:
+    """1 where the reply calls the reference's functions (by name, in any order), whatever the arguments."""
+    return [
+        float(Counter(c.name for c in _calls(p)) == Counter(c.name for c in _calls(r)))
+        for p, r in zip(predictions, references, strict=True)
+    ]
+
+
+def tool_call_valid(predictions: Sequence[str], references: Sequence[str]) -> list[float]:
+    """1 where each call of the reply is valid JSON {name, arguments: object}, and the reply makes
+    a call if the reference does (a missing call is not a valid one)."""
+    out = []
+    for p, r in zip(predictions, references, strict=True):
+        got, want = _calls(p), _calls(r)
+        out.append(float(all(c.valid for c in got) and (bool(got) or not want)))
+    return out
+
+
+def has_calls(reference: str) -> bool:
+    """A reference that makes a tool call (`Example.target` writes calls as `<tool_call>` blocks)."""
+    return "<tool_call>" in reference
+
+
+def text_part(reply: str) -> str:
+    """The text of a reply outside its tool calls."""
+    return parse_reply(reply)[0]
+
+
+# ---------------------------------------------------------------------------------------------
 # Corpus metrics: (predictions, references) -> one float
 
 
@@ -129,6 +188,7 @@ class Metric:
     name: str
     fn: Callable[[Sequence[str], Sequence[str]], list[float] | float]
     per_example: bool
+    calls: bool = False  # reads the replies' tool calls (else, on tool data, the text outside them)
 
 
 METRICS: dict[str, Metric] = {
@@ -142,8 +202,12 @@ METRICS: dict[str, Metric] = {
         Metric("rouge_l", rouge_l, True),
         Metric("macro_f1", macro_f1, False),
         Metric("bleu", bleu, False),
+        Metric("tool_call_match", tool_call_match, True, calls=True),
+        Metric("tool_call_name", tool_call_name, True, calls=True),
+        Metric("tool_call_valid", tool_call_valid, True, calls=True),
     )
 }
+TOOL_METRICS = ["tool_call_match", "tool_call_name", "tool_call_valid"]
 
 
 def resolve_metric(spec: str) -> Metric:
@@ -200,7 +264,17 @@ def metrics_to_score(
 
 
 def default_metrics(references: Sequence[str], is_classification: bool) -> list[str]:
-    """Metrics that fit the references; the first is the report's task metric."""
+    """Metrics that fit the references; the first is the report's task metric. References with tool
+    calls add the tool_call_* metrics: first where every reference calls, else beside the text's."""
+    references = [strip_thinking(r) for r in references]
+    if any(has_calls(r) for r in references):
+        texts = [text_part(r) for r in references]
+        text = _text_defaults(texts) if any(texts) else []
+        return TOOL_METRICS + text if all(map(has_calls, references)) else text + TOOL_METRICS
+    return _text_defaults(references, is_classification)
+
+
+def _text_defaults(references: Sequence[str], is_classification: bool = False) -> list[str]:
     if is_classification:
         return ["accuracy", "macro_f1"]
     if references and all(isinstance(parse_json(r), dict) for r in references):
@@ -235,11 +309,18 @@ def score_metrics(
     and the per-example scores of the metrics that have them (for paired tests)."""
     from tunekit.eval.stats import bootstrap_ci, mean_ci
 
-    preds, refs = list(predictions), list(references)
+    answers = [strip_thinking(p) for p in predictions]  # the final answer only
+    full_refs = [strip_thinking(r) for r in references]
+    calls = any(has_calls(r) for r in full_refs)
     values: dict[str, float] = {}
     per_example: dict[str, list[float]] = {}
     for spec in specs:
         m = resolve_metric(spec)
+        preds, refs = (
+            (answers, full_refs)
+            if m.calls or not calls
+            else ([text_part(p) for p in answers], [text_part(r) for r in full_refs])
+        )
         result = m.fn(preds, refs)
         if isinstance(result, list | tuple) or hasattr(result, "tolist"):
             scores = [float(x) for x in result]
@@ -252,7 +333,9 @@ def score_metrics(
         else:
             value = float(result)
             lo, hi = bootstrap_ci(
-                lambda idx, m=m: float(m.fn([preds[i] for i in idx], [refs[i] for i in idx])),
+                lambda idx, m=m, preds=preds, refs=refs: float(
+                    m.fn([preds[i] for i in idx], [refs[i] for i in idx])
+                ),
                 len(refs),
                 n_boot=200 if m.name == "bleu" else 1000,
             )

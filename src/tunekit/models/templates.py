@@ -76,12 +76,60 @@ _CHATML = (
 )
 CHATML = _j(*_CHATML, "{% endif %}")
 
-# Qwen3: ChatML, plus its thinking switch: `enable_thinking=False` at inference opens the reply with an
-# empty think block. `<think>` blocks in assistant content are kept as written in every turn (Qwen3's
-# own template drops them from turns before the last user message, so those turns render differently
-# depending on what follows, and their loss spans could not be found).
+# Qwen 2.5 and 3: ChatML with tool use and Qwen3's thinking switch. Given `tools`, a system turn lists
+# them (after the conversation's own system message, if any) and says how to call them; an assistant
+# turn writes each call as a `<tool_call>` block after its content; a run of `tool` turns becomes one
+# user turn of `<tool_response>` blocks, as Qwen's own template does (and as data/tokenize.py's
+# fallback writes tool use for templates without it, so both give the same text). At inference
+# `enable_thinking=False` opens the reply with an empty think block. `<think>` blocks in assistant
+# content are kept as written in every turn (Qwen3's own template drops them from turns before the
+# last user message, so those turns render differently depending on what follows, and their loss
+# spans could not be found).
+_QWEN_TOOLS = (
+    "\\n\\n# Tools\\n\\nYou may call one or more functions to assist with the user query.\\n\\n"
+    "You are provided with function signatures within <tools></tools> XML tags:\\n<tools>"
+)
+_QWEN_CALL_HOW = (
+    "\\n</tools>\\n\\nFor each function call, return a json object with function name and arguments "
+    'within <tool_call></tool_call> XML tags:\\n<tool_call>\\n{\\"name\\": <function-name>, '
+    '\\"arguments\\": <args-json-object>}\\n</tool_call>'
+)
 QWEN = _j(
-    *_CHATML,
+    "{% set ns = namespace(turns=0) %}",
+    "{% set skip_first = tools and messages and messages[0]['role'] == 'system' %}",
+    "{% if tools %}",
+    "{{ '<|im_start|>system\\n' + (messages[0]['content'] if skip_first else '') }}",
+    "{{ ('" + _QWEN_TOOLS + "' if skip_first else '" + _QWEN_TOOLS[4:] + "') }}",
+    "{% for t in tools %}{{ '\\n' + (t | tojson) }}{% endfor %}",
+    "{{ '" + _QWEN_CALL_HOW + "<|im_end|>' }}",
+    "{% set ns.turns = 1 %}",
+    "{% endif %}",
+    "{% for m in messages %}",
+    "{% if not (skip_first and loop.first) %}",
+    "{% if m['role'] == 'tool' %}",
+    "{% if loop.first or messages[loop.index0 - 1]['role'] != 'tool' %}",
+    "{% if ns.turns %}{{ '\\n' }}{% endif %}{{ '<|im_start|>user' }}",
+    "{% endif %}",
+    "{{ '\\n<tool_response>\\n' + m['content'] + '\\n</tool_response>' }}",
+    "{% if loop.last or messages[loop.index0 + 1]['role'] != 'tool' %}{{ '<|im_end|>' }}{% endif %}",
+    "{% else %}",
+    "{% if ns.turns %}{{ '\\n' }}{% endif %}",
+    "{{ '<|im_start|>' + m['role'] + '\\n' + (m['content'] or '') }}",
+    "{% for c in m['tool_calls'] or [] %}",
+    "{% set f = c['function'] if c['function'] is defined else c %}",
+    "{% if m['content'] or not loop.first %}{{ '\\n' }}{% endif %}",
+    "{{ '<tool_call>\\n{\"name\": \"' + f['name'] + '\", \"arguments\": ' }}",
+    "{{ f['arguments'] if f['arguments'] is string else (f['arguments'] | tojson) }}",
+    "{{ '}\\n</tool_call>' }}",
+    "{% endfor %}",
+    "{{ '<|im_end|>' }}",
+    "{% endif %}",
+    "{% set ns.turns = ns.turns + 1 %}",
+    "{% endif %}",
+    "{% endfor %}",
+    "{% if add_generation_prompt %}",
+    "{% if ns.turns %}{{ '\\n' }}{% endif %}",
+    "{{ '<|im_start|>assistant\\n' }}",
     "{% if enable_thinking is defined and enable_thinking is false %}{{ '<think>\\n\\n</think>\\n\\n' }}{% endif %}",
     "{% endif %}",
 )
@@ -159,7 +207,9 @@ COMPLETION = _j(
 
 BUILTINS: dict[str, Builtin] = {
     "chatml": Builtin(CHATML, ("<|im_start|>", "<|im_end|>"), "ChatML: <|im_start|>role ... <|im_end|>"),
-    "qwen": Builtin(QWEN, ("<|im_start|>", "<|im_end|>"), "ChatML with Qwen3's <think> switch"),
+    "qwen": Builtin(
+        QWEN, ("<|im_start|>", "<|im_end|>"), "ChatML with Qwen's tool calls and Qwen3's <think> switch"
+    ),
     "llama3": Builtin(
         LLAMA3,
         ("<|start_header_id|>", "<|end_header_id|>", "<|eot_id|>"),

@@ -116,10 +116,16 @@ def prepare_splits(cfg: Config, run_dir: Path, allow_errors: bool = False) -> di
         return _prepare_streaming(cfg, run_dir, allow_errors)
 
     def load(path: Path) -> list[Example]:
+        from tunekit.data.reasoning import apply_reasoning
+
         if not allow_errors:
-            return load_examples(path, format=d.format, columns=d.columns or None)
+            return apply_reasoning(
+                load_examples(path, format=d.format, columns=d.columns or None), d.reasoning
+            )
         # --allow-data-errors: train on the rows that read; the check printed the others.
-        return read_examples(path, format=d.format, columns=d.columns or None)[0]
+        return apply_reasoning(
+            read_examples(path, format=d.format, columns=d.columns or None)[0], d.reasoning
+        )
 
     train = load(d.train)
     splits: dict[str, list[Example]] = {"validation": [], "test": []}

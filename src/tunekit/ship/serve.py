@@ -39,7 +39,16 @@ from pathlib import Path
 from typing import Annotated, Literal
 
 from fastapi import Request
-from pydantic import AfterValidator, BaseModel, ConfigDict, Discriminator, Field, Tag, ValidationError
+from pydantic import (
+    AfterValidator,
+    BaseModel,
+    ConfigDict,
+    Discriminator,
+    Field,
+    Tag,
+    ValidationError,
+    field_validator,
+)
 
 from tunekit.errors import TunekitError
 
@@ -141,11 +150,29 @@ class ContentPart(BaseModel):
 
 
 class ChatMessage(BaseModel):
-    role: Literal["system", "user", "assistant"]
-    content: _text_or(list[ContentPart])
+    role: Literal["system", "user", "assistant", "tool"]
+    tool_calls: list[dict] | None = None  # OpenAI's, on assistant turns (read by data/formats.py)
+    tool_call_id: Text | None = None
+    name: Text | None = None
+    # Checked after the fields above: null only on an assistant turn that calls tools.
+    content: _text_or(list[ContentPart]) | None = Field(None, validate_default=True)
+
+    @field_validator("content")
+    @classmethod
+    def _content_unless_calling(cls, v, info):
+        if v is None and not (info.data.get("role") == "assistant" and info.data.get("tool_calls")):
+            raise ValueError("Field required (null only on an assistant turn with tool_calls)")
+        return v
 
     def text(self) -> str:
+        if self.content is None:
+            return ""
         return self.content if isinstance(self.content, str) else "".join(p.text for p in self.content)
+
+    def as_dict(self) -> dict:
+        """The message as the chat template gets it: role and text, and the tool fields it has."""
+        extra = self.model_dump(include={"tool_calls", "tool_call_id", "name"}, exclude_none=True)
+        return {"role": self.role, "content": self.text()} | extra
 
 
 class ChatRequest(BaseModel):
@@ -153,6 +180,9 @@ class ChatRequest(BaseModel):
 
     model: Text
     messages: list[ChatMessage] = Field(min_length=1)
+    tools: list[dict] | None = (
+        None  # OpenAI's function definitions: rendered as training did (data/tokenize.py)
+    )
     temperature: Number = Field(1.0, ge=0.0, le=2.0)
     top_p: Number = Field(1.0, gt=0.0, le=1.0)
     max_tokens: int | None = Field(None, strict=True, ge=1, le=2**31 - 1)
@@ -230,17 +260,23 @@ class _Limits:
             self.longest_token = None
 
 
-def _prompt(s: Served, limits: _Limits, messages: list[dict], max_tokens: int | None, default: int):
+def _prompt(
+    s: Served, limits: _Limits, messages: list[dict], max_tokens: int | None, default: int, tools=None
+):
     """(prompt ids, max_tokens) for a request, or an APIError (400) when it cannot fit the context.
 
     A prompt of n characters is at least n / longest_token tokens for the tokenizers chat models
     use (byte-level BPE, SentencePiece): each token covers at most its own length. So only its
     first longest_token * (context + 1) characters are tokenized when it is longer: if those alone
     exceed the context, the whole cannot fit."""
+    from tunekit.data.tokenize import render_request
     from tunekit.ship.generation import encode, render_prompt
 
     try:
-        text = render_prompt(s.tokenizer, messages)
+        if tools or any(m.get("tool_calls") or m["role"] == "tool" for m in messages):
+            text = render_request(s.tokenizer, messages, tools)  # tool use as training wrote it
+        else:
+            text = render_prompt(s.tokenizer, messages)
     except TunekitError as e:
         raise APIError(400, str(e), "invalid_request_error", "messages") from None
     limit = limits.context
@@ -522,7 +558,7 @@ def create_app(
         req = await in_thread(_parse, await request.body())
         s = _find(served, req.model)
         stop = [req.stop] if isinstance(req.stop, str) else (req.stop or [])
-        messages = [{"role": m.role, "content": m.text()} for m in req.messages]
+        messages = [m.as_dict() for m in req.messages]
         asked = req.max_completion_tokens or req.max_tokens
         cid, created = f"chatcmpl-{uuid.uuid4().hex}", int(time.time())
 
@@ -530,7 +566,9 @@ def create_app(
             """Tokenize (off the event loop), then wait for the model's turn and start generating."""
             from tunekit.ship.generation import Generation
 
-            ids, max_tokens = await in_thread(_prompt, s, limits[s.name], messages, asked, default_max_tokens)
+            ids, max_tokens = await in_thread(
+                _prompt, s, limits[s.name], messages, asked, default_max_tokens, req.tools
+            )
 
             def begin(on_done):
                 if s.adapter is not None:
@@ -545,6 +583,8 @@ def create_app(
         if not req.stream:
 
             async def answer():
+                from tunekit.data.tools import openai_reply
+
                 gen = await start()
                 try:
                     text = await in_thread("".join, gen.pieces)
@@ -554,13 +594,15 @@ def create_app(
                     gen.cancel()  # a no-op once finished; stops it when this request is cancelled
                 if gen.reply.finish_reason == "cancelled":  # by a shutdown
                     raise failed(RuntimeError("the generation was cancelled"))
-                message = {"role": "assistant", "content": text}
+                message, finish = {"role": "assistant", "content": text}, gen.reply.finish_reason
+                if req.tools:  # the reply's calls in OpenAI's shape (data/tools.py)
+                    message, finish = openai_reply(text, finish)
                 return {
                     "id": cid,
                     "object": "chat.completion",
                     "created": created,
                     "model": s.name,
-                    "choices": [{"index": 0, "message": message, "finish_reason": gen.reply.finish_reason}],
+                    "choices": [{"index": 0, "message": message, "finish_reason": finish}],
                     "usage": _usage(gen.reply),
                 }
 
