@@ -178,3 +178,14 @@ def test_verdict_config_keys_are_checked():
         config_from_dict(base | {"eval": {"verdict_alpha": 1.5}})
     with pytest.raises(ConfigError, match="eval.price_per_hour"):
         config_from_dict(base | {"eval": {"price_per_hour": -1}})
+
+
+def test_the_terminal_table_ends_with_the_verdict():
+    from tunekit.console import out
+    from tunekit.eval.report import print_contenders
+
+    report = _report() | {"n_test": 40}
+    report["verdict"] = verdict(report, 1800, 2.0, 0.002)
+    with out.capture() as captured:
+        print_contenders(report)
+    assert "verdict: fine-tune: +0.64 accuracy over few-shot prompting (p < 0.001)" in captured.get()

@@ -47,7 +47,7 @@ def comparison_table(report: dict) -> str:
 
 
 def print_contenders(report: dict) -> None:
-    """The contenders' table on the terminal (`tunekit eval`, `tunekit quickstart`)."""
+    """The contenders' table on the terminal (`tunekit eval`, `tunekit quickstart`), and the verdict."""
     from rich.table import Table
 
     from tunekit.console import out
@@ -60,6 +60,8 @@ def print_contenders(report: dict) -> None:
     for r in rows:
         table.add_row(*r)
     out.print(table)
+    if report.get("verdict"):
+        out.print(f"verdict: {report['verdict']['recommendation']}", markup=False)
 
 
 def training_curves(run_dir: Path) -> dict:
