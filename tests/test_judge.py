@@ -151,7 +151,10 @@ def b_sayer(tiny_family_dir, tmp_path_factory):
     question = "Which answer is better, code of item {i}? A: maybe {i} B: C-{i}"  # the judge's prompts
     with pytest.MonkeyPatch.context() as mp:
         mp.setenv("TUNEKIT_HOME", str(folder / "home"))
-        return train_to_answer(tiny_family_dir("llama"), folder / "bsayer", "[[B]]", question=question)
+        steps = {"max_steps": 12, "learning_rate": 3e-2, "batch_size": 4, "max_length": 64, "seed": 0}
+        return train_to_answer(
+            tiny_family_dir("llama"), folder / "bsayer", "[[B]]", question=question, train=steps
+        )
 
 
 def test_a_positional_judge_behind_a_real_endpoint_is_cancelled_by_the_swap(
