@@ -4,11 +4,18 @@ tiny model (supervised and DPO), poll to success, read events and checkpoints, c
 model, cancel a job mid-run, and restart the server mid-job and see the job finish from its
 checkpoint. Each job trains for real, in its own process."""
 
+import os
+import signal
+import subprocess
+import sys
 import time
+from contextlib import contextmanager
+from pathlib import Path
 
 import pytest
+import yaml
 
-from conftest import jsonl, make_tiny, running
+from conftest import free_port, jsonl, make_tiny, running
 from tunekit.ship.ft_jobs import FineTuning
 from tunekit.ship.serve import create_app
 
@@ -210,29 +217,97 @@ def test_cancel_stops_a_running_job_and_a_queued_one(server, base, chat_file):
         jobs.cancel(running_job.id)
 
 
-def test_a_restarted_server_resumes_the_running_job_and_keeps_the_queue(server, base, chat_file):
-    jobs = server.client.fine_tuning.jobs
-    method = {"type": "supervised", "supervised": {"hyperparameters": {"n_epochs": 4}}}
-    first = jobs.create(model=str(base), training_file=chat_file.id, method=method)
-    second = jobs.create(
-        model=str(base), training_file=chat_file.id, suffix="next", hyperparameters={"n_epochs": 1}
-    )
-    deadline = time.time() + 120
-    while not jobs.checkpoints.list(first.id).data and time.time() < deadline:
-        time.sleep(0.2)
-    server.stop()  # SIGTERM to the job: it checkpoints and stays running
-    server.start()
-    jobs = server.client.fine_tuning.jobs
-    assert jobs.retrieve(first.id).status == "running" and jobs.retrieve(second.id).status == "queued"
-    done = wait(server.client, first.id, ("succeeded", "failed"))
-    assert done.status == "succeeded", done.error
-    messages = [e.message for e in jobs.list_events(first.id, limit=100)]
-    resumed = [
-        m
-        for m in messages
-        if m.startswith("The server restarted: the job resumes from its checkpoint at step")
+@contextmanager
+def cli_server(home: Path, args: list[str], log: Path, key: str = "k3y"):
+    """`tunekit serve --enable-fine-tuning ARGS` in its own process; yields (process, openai client)."""
+    port = free_port()
+    env = os.environ | {"TUNEKIT_HOME": str(home), "TUNEKIT_API_KEY": key, "PYTHONUNBUFFERED": "1"}
+    cmd = [sys.executable, "-m", "tunekit", "serve", "--enable-fine-tuning", "--port", str(port), *args]
+    with log.open("a") as out:
+        proc = subprocess.Popen(cmd, env=env, stdout=out, stderr=subprocess.STDOUT)
+    client = openai.OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key=key, max_retries=0)
+    try:
+        deadline = time.time() + 120
+        while True:
+            try:
+                client.models.list()
+                break
+            except openai.APIConnectionError:
+                assert proc.poll() is None, log.read_text()
+                assert time.time() < deadline, "the server did not start"
+                time.sleep(0.3)
+        yield proc, client
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+        proc.wait(30)
+
+
+def test_fine_tune_config_keys_a_job_sets_are_refused(tmp_path):
+    config = tmp_path / "jobs.yaml"
+    config.write_text("model: smollm2-135m-instruct\ntrain: {max_lenght: 64}\n")
+    cmd = [
+        sys.executable,
+        "-m",
+        "tunekit",
+        "serve",
+        "--enable-fine-tuning",
+        "--fine-tune-config",
+        str(config),
     ]
-    assert resumed, messages
-    steps = [int(m.split()[1].split("/")[0]) for m in messages if m.startswith("Step ")]
-    assert sorted(steps) == list(range(1, 25)), "every step reported once, none repeated after the resume"
-    assert wait(server.client, second.id, ("succeeded", "failed")).status == "succeeded"
+    done = subprocess.run(
+        cmd, capture_output=True, text=True, env=os.environ | {"TUNEKIT_HOME": str(tmp_path)}
+    )
+    assert done.returncode != 0 and "model: set by each job" in done.stderr, done.stderr
+
+
+def test_a_restarted_server_resumes_the_running_job_and_keeps_the_queue(base, tmp_path):
+    """SIGTERM to `tunekit serve`: the job checkpoints and the server exits; started again, the server
+    resumes the job from that checkpoint, then runs the job queued behind it."""
+    home, log = tmp_path / "home", tmp_path / "serve.log"
+    config = tmp_path / "jobs.yaml"
+    config.write_text(yaml.safe_dump(DEFAULTS | {"train": DEFAULTS["train"] | {"save_steps": 2}}))
+    data = tmp_path / "ok.jsonl"
+    data.write_text(
+        jsonl(
+            *[
+                {"messages": [{"role": "user", "content": f"q{i}?"}, {"role": "assistant", "content": "OK"}]}
+                for i in range(24)
+            ]
+        )
+    )
+    args = ["--fine-tune-config", str(config)]
+    with cli_server(home, args, log) as (proc, client):
+        with pytest.raises(openai.AuthenticationError):  # the key guards the jobs API too
+            openai.OpenAI(
+                base_url=str(client.base_url), api_key="wrong", max_retries=0
+            ).fine_tuning.jobs.list()
+        with data.open("rb") as f:
+            uploaded = client.files.create(file=f, purpose="fine-tune")
+        first = client.fine_tuning.jobs.create(
+            model=str(base), training_file=uploaded.id, hyperparameters={"n_epochs": 4}
+        )
+        second = client.fine_tuning.jobs.create(
+            model=str(base), training_file=uploaded.id, hyperparameters={"n_epochs": 1}
+        )
+        deadline = time.time() + 120
+        while not client.fine_tuning.jobs.checkpoints.list(first.id).data and time.time() < deadline:
+            time.sleep(0.2)
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(90) != 0
+    job_log = home / "fine_tuning" / "jobs" / f"{first.id}.log"
+    assert "SIGTERM: stopping after this step, with a checkpoint" in job_log.read_text()
+    with cli_server(home, args, log) as (proc, client):
+        jobs = client.fine_tuning.jobs
+        assert jobs.retrieve(first.id).status == "running" and jobs.retrieve(second.id).status == "queued"
+        done = wait(client, first.id, ("succeeded", "failed"))
+        assert done.status == "succeeded", done.error
+        messages = [e.message for e in jobs.list_events(first.id, limit=100)]
+        assert any(
+            m.startswith("The server restarted: the job resumes from its checkpoint at step")
+            for m in messages
+        )
+        steps = [int(m.split()[1].split("/")[0]) for m in messages if m.startswith("Step ")]
+        assert sorted(steps) == list(range(1, 25)), "every step reported once, none repeated after the resume"
+        assert wait(client, second.id, ("succeeded", "failed")).status == "succeeded"
+        assert done.fine_tuned_model in [m.id for m in client.models.list()]

@@ -593,7 +593,12 @@ def export_(
 
 @app.command()
 def serve(
-    run_dirs: Annotated[list[Path], typer.Argument(help="Run directories to serve (model = folder name).")],
+    run_dirs: Annotated[
+        list[Path] | None,
+        typer.Argument(
+            help="Run directories to serve (model = folder name); none with --enable-fine-tuning."
+        ),
+    ] = None,
     port: Annotated[int, typer.Option(help="Port.")] = 8000,
     host: Annotated[str, typer.Option(help="Interface to bind (0.0.0.0: the network).")] = "127.0.0.1",
     api_key: Annotated[
@@ -609,6 +614,20 @@ def serve(
         float | None,
         typer.Option(help="Largest request body in MB (default 4); bigger ones get 413 unread."),
     ] = None,
+    enable_fine_tuning: Annotated[
+        bool,
+        typer.Option(
+            help="Also serve OpenAI's files and fine-tuning jobs API (/v1/files, /v1/fine_tuning/jobs): jobs "
+            "train one at a time beside the server, and each fine-tuned model is served as ft:BASE:SUFFIX:ID."
+        ),
+    ] = False,
+    fine_tune_config: Annotated[
+        Path | None,
+        typer.Option(
+            help="YAML of config keys every fine-tuning job trains with besides what the job sets (e.g. "
+            "method, lora, train.max_length, train.save_steps); not model, task, data or output_dir."
+        ),
+    ] = None,
 ) -> None:
     """An OpenAI-compatible server (/v1/models, /v1/chat/completions) for one or more fine-tunes."""
     import os
@@ -617,7 +636,10 @@ def serve(
 
     if api_key is None:  # click skips an empty variable; set but empty is a mistake, refused by serve
         api_key = os.environ.get("TUNEKIT_API_KEY")
-    run_server(run_dirs, host=host, port=port, api_key=api_key, max_body_mb=max_body_mb)
+    run_server(
+        run_dirs or [], host=host, port=port, api_key=api_key, max_body_mb=max_body_mb,
+        enable_fine_tuning=enable_fine_tuning, fine_tune_config=fine_tune_config,
+    )  # fmt: skip
 
 
 @app.command()

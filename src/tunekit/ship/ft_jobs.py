@@ -176,6 +176,41 @@ def job_config(
     return raw
 
 
+JOB_KEYS = ("model", "task", "data", "output_dir")  # what each job sets itself
+
+
+def read_defaults(path: Path | None) -> dict:
+    """The keys every job trains with (`--fine-tune-config YAML`), checked now, not at the first job."""
+    import yaml
+
+    from tunekit.config import config_from_dict
+    from tunekit.errors import ConfigError
+
+    if path is None:
+        return {}
+    source = f"--fine-tune-config {path}"
+    try:
+        raw = yaml.safe_load(Path(path).read_text(encoding="utf-8"))
+    except (OSError, yaml.YAMLError) as e:
+        raise ConfigError([f"cannot read it: {e}"], source) from None
+    raw = {} if raw is None else raw
+    if not isinstance(raw, dict):
+        raise ConfigError(
+            [f"the top level must be a mapping of config keys, got {type(raw).__name__}"], source
+        )
+    taken = [k for k in JOB_KEYS if k in raw]
+    if taken:
+        raise ConfigError(
+            [
+                f"{k}: set by each job (model, training and validation files), not by the server; drop it"
+                for k in taken
+            ],
+            source,
+        )
+    config_from_dict(raw | {"data": {"train": "every-job.jsonl"}}, source=source)  # names and types
+    return raw
+
+
 def check_file(file_id: str, param: str, task: str) -> Path:
     """The stored path of an uploaded file the job can train on, or a 400 saying why not."""
     from tunekit.data import read_examples

@@ -710,8 +710,12 @@ def serve(
     port: int = 8000,
     api_key: str | None = None,
     max_body_mb: float | None = None,
+    enable_fine_tuning: bool = False,
+    fine_tune_config: Path | None = None,
 ) -> None:
-    """Load the runs and serve them until SIGTERM or Ctrl-C. After Ctrl-C the exit status is 130;
+    """Load the runs and serve them until SIGTERM or Ctrl-C. `enable_fine_tuning` adds OpenAI's
+    files and fine-tuning jobs API (ship/ft_jobs.py), its jobs trained with `fine_tune_config`'s keys.
+    After Ctrl-C the exit status is 130;
     SIGTERM ends the process by that signal once the server has stopped, as uvicorn does."""
     import uvicorn
 
@@ -746,13 +750,22 @@ def serve(
             await super().serve(sockets)
 
     try:
-        served = load_models(run_dirs)
-        app = create_app(served, api_key, max_body_bytes=int(max_body_mb * 2**20))
+        fine_tuning = None
+        if fine_tune_config is not None and not enable_fine_tuning:
+            raise TunekitError("--fine-tune-config is for fine-tuning jobs: give --enable-fine-tuning too")
+        if enable_fine_tuning:
+            from tunekit.ship.ft_jobs import FineTuning, read_defaults
+
+            fine_tuning = FineTuning(read_defaults(fine_tune_config))
+        # With the jobs API on, a server may start with no model: it serves what its jobs train.
+        served = load_models(run_dirs) if run_dirs or fine_tuning is None else {}
+        app = create_app(served, api_key, max_body_bytes=int(max_body_mb * 2**20), fine_tuning=fine_tuning)
         config = uvicorn.Config(
             app, host=host, port=port, log_level="warning", timeout_graceful_shutdown=SHUTDOWN_GRACE_S
         )
         key = " (every request needs the API key)" if api_key else ""
-        err.print(f"serving {', '.join(served)} at http://{host}:{port}/v1{key}")
+        jobs = " and the fine-tuning API" if fine_tuning is not None else ""
+        err.print(f"serving {', '.join(served) or 'no model yet'}{jobs} at http://{host}:{port}/v1{key}")
         Server(config).run()
     except KeyboardInterrupt:
         err.print("stopped")
