@@ -102,8 +102,8 @@ def test_prompts_too_long_for_max_length_are_left_out_and_counted(tiny_model_dir
 
     examples = [pair("short one"), pair("word " * 400), pair("short two"), pair("short one")]
     prompts, too_long = rl_prompts(examples, None, tok, max_prompt_tokens=40)
-    assert [p[0]["content"] for p in prompts] == ["short one", "short two"] and too_long == 1
-    assert rl_prompts(examples, 1, tok, 40) == ([[{"role": "user", "content": "short one"}]], 0)
+    assert [p["prompt"][0]["content"] for p in prompts] == ["short one", "short two"] and too_long == 1
+    assert rl_prompts(examples, 1, tok, 40) == ([{"prompt": [{"role": "user", "content": "short one"}]}], 0)
     with pytest.raises(TunekitError, match="all 1 are longer than 5 tokens.*raise train.max_length"):
         rl_prompts(examples[1:2], None, tok, max_prompt_tokens=5)
 

@@ -371,7 +371,6 @@ _BINARY = {
     ast.Mult: operator.mul,
     ast.Div: operator.truediv,
     ast.Pow: operator.pow,
-    ast.BitXor: operator.pow,
 }
 _UNARY = {ast.USub: operator.neg, ast.UAdd: operator.pos}
 _FUNCTIONS: dict[str, Callable[..., float]] = {
@@ -394,8 +393,11 @@ def formula(
     walking its syntax tree: no Python code from the spec ever runs."""
     if not isinstance(text, str) or not text.strip():
         raise GraderSpecError(f"{key}: a formula string, e.g. '0.5 * a + 0.5 * b'")
+    # `^` is written as `**` before parsing: Python's `^` (xor) binds looser than + and *, a power
+    # tighter. A formula holds no strings, so the swap cannot change anything else.
+    source = text.strip().replace("^", "**")
     try:
-        tree = ast.parse(text.strip(), mode="eval")
+        tree = ast.parse(source, mode="eval")
     except SyntaxError as e:
         raise GraderSpecError(f"{key}: {text!r} is not a formula ({e.msg})") from None
     for node in ast.walk(tree):
@@ -414,7 +416,7 @@ def formula(
             ok = isinstance(node.func, ast.Name) and node.func.id in _FUNCTIONS and not node.keywords
         if not ok:
             raise GraderSpecError(
-                f"{key}: {ast.get_source_segment(text.strip(), node) or type(node).__name__!r} is not allowed; "
+                f"{key}: {ast.get_source_segment(source, node) or type(node).__name__!r} is not allowed; "
                 "a formula holds numbers, grader names, + - * / ^ and min max abs floor ceil exp sqrt log"
             )
 
