@@ -679,6 +679,9 @@ def create_app(
         return app.openapi_schema
 
     app.openapi = openapi
+    from tunekit.ship import completions  # POST /v1/completions: raw prompts, logprobs, echo
+
+    completions.add_routes(app, served, limits, turns, in_thread)
     if fine_tuning is not None:
         fine_tuning.attach(app, served, limits)
     return app
