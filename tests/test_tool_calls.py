@@ -152,6 +152,8 @@ def test_the_data_check_reports_a_bad_call_and_counts_the_calls(tmp_path, defaul
     assert report.exit_code == 1 and (report.kept, report.rejected) == (1, 1)
     [error] = report.errors
     assert (error.line, error.field) == (2, "messages[1].tool_calls[0].function.arguments.city")
+    # The tools are written into a system turn: no warning that the default system prompt is used.
+    assert not [w for w in report.warnings if w.kind == "no_system"]
     assert report.stats["tool_calls"] == {
         "examples_with_tools": 1,
         "examples_with_calls": 1,

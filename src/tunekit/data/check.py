@@ -160,7 +160,8 @@ def row_warnings(ex: Example, n_tokens: int | None, max_length: int) -> list[Pro
         w.append(Problem(ex.source, ex.line, field, kind, msg, "warning"))
 
     conversational = ex.format in ("chat", "sharegpt")
-    if conversational and "system" not in roles:
+    # Declared tools are written into a system turn (data/tokenize.py), which replaces the default one.
+    if conversational and "system" not in roles and not ex.tools:
         warn("messages", "no_system", "no system message; the model's default system prompt will be used")
     if ex.format != "text" and "user" not in roles:
         warn("messages", "no_user", "no user message: the model learns to answer nothing")

@@ -81,6 +81,15 @@ def _stats(report: CheckReport) -> None:
         t.add_row(
             "labels", f"{len(labels)} labels; imbalance (largest / smallest) {s['label_imbalance_ratio']}"
         )
+    if "tool_calls" in s:  # tool use (data/tools.py)
+        tc = s["tool_calls"]
+        t.add_row(
+            "tool calls",
+            f"{tc['calls']} calls of {tc['functions_called']} functions in {tc['examples_with_calls']} examples; "
+            f"{tc['examples_with_tools']} examples declare tools",
+        )
+    if "reasoning_turns" in s:
+        t.add_row("reasoning", f"{s['reasoning_turns']} assistant turns think first (data.reasoning)")
     if "feedback" in s:  # KTO: answers rated each way
         t.add_row(
             "ratings", f"{s['feedback']['desirable']} desirable, {s['feedback']['undesirable']} undesirable"
