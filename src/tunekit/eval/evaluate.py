@@ -135,8 +135,8 @@ def evaluate_generation(
         max_len = cfg.train.max_length if name != "base_few_shot" else 1 << 16
         full = [tokenize_example(tokenizer, ex, 1 << 30) for ex in exs]
         tok = [_cut(it, max_len) for it in full]
-        t0 = time.perf_counter()
         with _contender(model, is_adapter, cfg, "base" if name.startswith("base") else name) as m:
+            t0 = time.perf_counter()  # after a full fine-tune's base has loaded: latency is answering only
             scored, why = (
                 (None, why_not)
                 if candidates is None
