@@ -135,7 +135,9 @@ BAD_CALLS = {
 def test_a_bad_tool_call_is_an_error_naming_file_line_and_field(tmp_path, case):
     row, kind, field, text = BAD_CALLS[case]
     good = glaive_row() if "conversations" in row else openai_row()
-    path = write(tmp_path, "calls.jsonl", jsonl(good, row))  # a good row of the same format first: line 2 is bad
+    path = write(
+        tmp_path, "calls.jsonl", jsonl(good, row)
+    )  # a good row of the same format first: line 2 is bad
     examples, problems = read_examples(path)
     assert [e.line for e in examples] == [1]
     [problem] = problems
@@ -326,7 +328,7 @@ def tool_run(tiny_model_dir, tmp_path_factory):
         return train(config_from_dict(config), quiet=True)
 
 
-def test_a_model_trained_on_calls_is_scored_on_them(tool_run):
+def test_a_model_trained_on_calls_is_scored_on_them(tool_run, tmp_path):
     from tunekit.eval.evaluate import evaluate
 
     report = evaluate(tool_run, quiet=True)
@@ -334,6 +336,26 @@ def test_a_model_trained_on_calls_is_scored_on_them(tool_run):
     assert report["metrics"][:3] == ["tool_call_match", "tool_call_name", "tool_call_valid"]
     assert report["contenders"]["finetuned"]["tool_call_match"] == 1.0
     assert report["contenders"]["base"]["tool_call_match"] == 0.0
+    # Conversations whose call comes before their last turn (glaive's shape) are scored at the call too.
+    rows = [glaive_row() for _ in range(3)]
+    for i, r in enumerate(rows):
+        r["conversations"][0]["value"] = f"Weather {30 + i}?"
+    report = evaluate(tool_run, data=write(tmp_path, "glaive.jsonl", jsonl(*rows)), quiet=True)
+    assert report["n_test"] == 6 and report["metrics"][0] == "exact_match"  # 3 answers + 3 calls
+    assert {"tool_call_match", "tool_call_name", "tool_call_valid"} <= set(report["contenders"]["finetuned"])
+    predictions = json.loads((tool_run / "predictions.json").read_text())
+    at_calls = [p for p in predictions if "<tool_call>" in p["reference"]]
+    assert len(at_calls) == 3
+    assert all(parse_reply(p["finetuned"])[1][0].arguments == {"city": "Paris"} for p in at_calls)
+
+
+def test_each_call_before_the_last_turn_is_one_more_test_example(tmp_path):
+    from tunekit.data.tools import with_call_points
+
+    [ex] = load_examples(write(tmp_path, "g.jsonl", jsonl(glaive_row())))
+    whole, at_call = with_call_points([ex])
+    assert whole is ex and at_call.target == call_text(ToolCall("get_weather", '{"city": "Paris"}'))
+    assert [m.role for m in at_call.messages] == ["user", "assistant"] and at_call.tools == ex.tools
 
 
 def test_the_server_returns_the_call_in_openais_shape(tool_run):

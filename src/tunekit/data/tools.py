@@ -32,10 +32,10 @@ from __future__ import annotations
 
 import json
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
-from tunekit.data.example import Message, ToolCall
+from tunekit.data.example import Example, Message, ToolCall
 
 # The text that tells a model without its own tool template which functions it has (Qwen 2.5's words).
 TOOLS_PREAMBLE = (
@@ -319,3 +319,17 @@ def openai_reply(text: str, finish_reason: str) -> tuple[dict[str, Any], str]:
     ]
     message = {"role": "assistant", "content": content or None, "tool_calls": shaped}
     return message, "tool_calls" if finish_reason == "stop" else finish_reason
+
+
+def with_call_points(examples: list[Example]) -> list[Example]:
+    """`examples`, each followed by one example per call it makes before its last turn: the
+    conversation up to and including that call (what a model must answer at that point). Evaluation
+    scores the last assistant turn of each example, so without these a glaive-style conversation
+    (question, call, result, answer) would never score its call."""
+    out = []
+    for ex in examples:
+        out.append(ex)
+        for i, m in enumerate(ex.messages[:-1]):
+            if m.role == "assistant" and m.tool_calls and m.weight:
+                out.append(replace(ex, messages=ex.messages[: i + 1]))
+    return out

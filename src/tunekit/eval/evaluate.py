@@ -15,6 +15,7 @@ from pathlib import Path
 from tunekit.console import err as console
 from tunekit.data.reasoning import reply_with_reasoning, strip_thinking
 from tunekit.data.tokenize import render_prompt, tokenize_example
+from tunekit.data.tools import with_call_points
 from tunekit.eval.generate import generate
 from tunekit.eval.metrics import normalize
 from tunekit.eval.report import write_report
@@ -96,7 +97,8 @@ def evaluate_generation(
     probe_data = (
         load_probe(probe_spec, cfg.eval.probe_max_questions, seed=cfg.train.seed) if probe_spec else None
     )
-    examples = load_test_examples(run_dir, cfg, data)
+    # A conversation's tool calls before its last turn are scored too (data/tools.py `with_call_points`).
+    examples = with_call_points(load_test_examples(run_dir, cfg, data))
     train_examples = read_split(run_dir, "train")
 
     model, tokenizer, is_adapter = load_trained(run_dir)
