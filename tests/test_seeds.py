@@ -216,3 +216,17 @@ def test_train_seeds_eval_the_group_and_compare(tiny_model_dir, chat_file, tmp_p
     r = runner.invoke(app, ["eval", "--compare", str(tmp_path / "out"), str(tmp_path / "out-seed1")])
     assert r.exit_code == 0, r.output
     assert "2 seeds" in r.output and "training noise" in r.output.replace("\n", " ")
+
+
+def test_cli_seeds_refuses_one_seed_and_several_processes(tmp_path):
+    from typer.testing import CliRunner
+
+    from tunekit.cli import app
+
+    config = tmp_path / "cfg.yaml"
+    config.write_text(f"data: {{train: {tmp_path / 'x.jsonl'}}}\noutput_dir: {tmp_path / 'out'}\n")
+    r = CliRunner().invoke(app, ["train", str(config), "--seeds", "0"])
+    assert isinstance(r.exception, ConfigError) and "--seeds 0: give 2 or more" in str(r.exception)
+    r = CliRunner().invoke(app, ["train", str(config), "--seeds", "2", "--nproc", "2"])
+    assert isinstance(r.exception, TunekitError) and "drop --nproc" in str(r.exception)
+    assert not (tmp_path / "out").exists()
