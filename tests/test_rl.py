@@ -165,7 +165,12 @@ def test_example_rl_graders_trains_on_a_tiny_model_and_reports_failing_graders(
     assert [m["step"] for m in metrics] == [1, 2]
     names = ["json_fields", "json_valid", "similarity", "flaky"]
     for m in metrics:
-        assert {"reward", "grader_failure_rate", *(f"graders/{n}" for n in names)} <= set(m)
+        assert {
+            "reward",
+            "frac_reward_zero_std",
+            "grader_failure_rate",
+            *(f"graders/{n}" for n in names),
+        } <= set(m)
         assert 0 <= m["reward"] <= 1
     summary = json.loads((run / "train_summary.json").read_text())
     assert summary["graders"] == names and summary["reward_model"] is None

@@ -56,6 +56,8 @@ TRL_METRICS = {
     "loss": "loss",
     "reward": "reward",
     "reward_std": "reward_std",
+    # the share of prompts whose completions all scored alike: they teach GRPO nothing (zero advantage)
+    "frac_reward_zero_std": "frac_reward_zero_std",
     "kl": "kl",
     "entropy": "entropy",
     "learning_rate": "learning_rate",
