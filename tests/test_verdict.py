@@ -9,6 +9,7 @@ from tunekit.eval.verdict import (
     break_even_requests,
     cost_per_1k_requests,
     format_count,
+    payback,
     recommend,
     training_cost,
     verdict,
@@ -147,8 +148,19 @@ def test_verdict_of_a_report_by_hand():
     h = verdict(_report(), train_seconds=1800, price_per_hour=2.0)
     assert h["pricing"]["per"] == "hour"
     assert h["break_even_requests"] == pytest.approx(1.0 / ((0.2 - 0.05) / 3600 * 2.0))
-    # no training summary: the training cost is unknown, priced as 0, so it pays back at once
-    assert verdict(_report(), None, 2.0, 0.002)["break_even_requests"] == 0.0
+    # no training summary: the training cost is unknown (priced as 0), and the line says so
+    unknown = verdict(_report(), None, 2.0, 0.002)
+    assert unknown["break_even_requests"] == 0.0 and unknown["training"]["seconds"] is None
+    assert unknown["recommendation"].endswith(
+        "cheaper per request (its training cost is unknown: no train_summary.json)"
+    )
+
+
+def test_payback_phrase():
+    assert payback(None) == "never cheaper per request than prompting"
+    assert payback(0.2) == "cheaper after 1 request"
+    assert payback(12345) == "cheaper after 12,000 requests"
+    assert "unknown" in payback(0.0, train_cost_known=False)
 
 
 def test_verdict_without_few_shot_judges_against_zero_shot():

@@ -67,6 +67,16 @@ def format_count(n: float) -> str:
     return f"{int(float(f'{max(n, 1):.2g}')):,}"
 
 
+def payback(break_even: float | None, train_cost_known: bool = True) -> str:
+    """When the fine-tuned model pays back its training, as the recommendation says it."""
+    if break_even is None:
+        return "never cheaper per request than prompting"
+    if not train_cost_known:
+        return "cheaper per request (its training cost is unknown: no train_summary.json)"
+    n = format_count(break_even)
+    return f"cheaper after {n} request{'' if n == '1' else 's'}"
+
+
 def recommend(
     difference: dict | None,
     metric: str,
@@ -76,16 +86,13 @@ def recommend(
     alpha: float,
     expected_requests: int | None = None,
     n_test: int | None = None,
+    train_cost_known: bool = True,
 ) -> tuple[str, str]:
     """(choice, one line) from the paired difference fine-tuned - prompting (`difference`:
     difference, ci_low, ci_high, p_value), by the rules in this module's docstring. The choice is
     "fine-tune", "keep prompting" or "inconclusive"."""
     who = "few-shot prompting" if prompting == "base_few_shot" else "zero-shot prompting"
-    pays = (
-        f"cheaper after {format_count(break_even)} requests"
-        if break_even is not None
-        else "never cheaper per request than prompting"
-    )
+    pays = payback(break_even, train_cost_known)
     if difference is None:
         return "inconclusive", (
             f"inconclusive: {metric} has no per-example scores, so no paired test against {who}; "
@@ -98,7 +105,8 @@ def recommend(
     if d < 0 and p < alpha:
         return "keep prompting", f"keep prompting: {who} is better by {-d:.2f} {metric} ({format_p(p)})"
     if -margin <= lo and hi <= margin:
-        if expected_requests is not None and break_even is not None and break_even < expected_requests:
+        known = expected_requests is not None and break_even is not None and train_cost_known
+        if known and break_even < expected_requests:
             return "fine-tune", (
                 f"fine-tune: {who} is within {points} ({d:+.2f} {metric}, 95% CI [{lo:+.2f}, {hi:+.2f}]) "
                 f"but the fine-tuned model is {pays}, fewer than the {expected_requests:,} expected"
@@ -146,7 +154,15 @@ def verdict(
     diff = report.get("comparisons", {}).get(f"finetuned_vs_{prompting}")
     diff = diff if diff and diff.get("metric") == tm else None
     choice, line = recommend(
-        diff, tm, prompting, even, margin, alpha, expected_requests, report.get("n_test")
+        diff,
+        tm,
+        prompting,
+        even,
+        margin,
+        alpha,
+        expected_requests,
+        report.get("n_test"),
+        train_seconds is not None,
     )
     return {
         "metric": tm,
