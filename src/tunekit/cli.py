@@ -491,6 +491,43 @@ def data_ratings(
     print_ratings_report(report)
 
 
+@data_app.command("curve")
+def data_curve(
+    config: Annotated[Path, typer.Argument(help="YAML config file: the recipe trained at each size.")],
+    fractions: Annotated[
+        str, typer.Option(help="Shares of the train split to train on, nested (each holds the smaller).")
+    ] = "0.125,0.25,0.5,1",
+    budget: Annotated[
+        str | None,
+        typer.Option(help="Training time for all sizes together (each its share by size): 90s, 60m, 2h."),
+    ] = None,
+    out: Annotated[
+        Path | None,
+        typer.Option(
+            help="Folder for the runs and curve.json (default runs/curve-CONFIG); the same one resumes."
+        ),
+    ] = None,
+    set_: Annotated[
+        list[str] | None, typer.Option("--set", help="Override a key: --set train.epochs=2")
+    ] = None,
+) -> None:
+    """How much more data would help: train on nested subsets, fit a learning curve overall and per
+    label or JSON field, say where more examples help most, and the test set's power."""
+    from tunekit.config import load_config, parse_duration
+    from tunekit.console import out as stdout
+    from tunekit.iterate.curve import parse_fractions, print_curve, run_curve
+
+    try:
+        budget_s = parse_duration(budget) if budget is not None else None
+    except ValueError as e:
+        raise TunekitError(f"--budget: {e}") from None
+    shares = parse_fractions(fractions)
+    cfg = load_config(config, set_ or [])
+    folder = out or Path("runs") / f"curve-{config.stem}"
+    print_curve(run_curve(cfg, folder, shares, budget_s), stdout)
+    err.print(f"report: {folder / 'curve.md'}")
+
+
 def _columns(column: list[str] | None) -> dict[str, str] | None:
     column = column or []
     bad = [c for c in column if "=" not in c]
