@@ -20,7 +20,7 @@ def _cfg(task: str, **over):
 @pytest.mark.parametrize("name", list(ROWS))
 def test_every_row_is_declared_in_its_own_file(name):
     task = get_task(name)
-    assert task.name == name and task.data in ("conversations", "labels", "pairs", "unpaired")
+    assert task.name == name and task.data in ("conversations", "labels", "pairs", "unpaired", "documents")
     assert inspect.getmodule(task.recipe).__name__ == ROWS[name]  # the recipe lives in the task's file
     module, func = task.evaluation.split(":")
     evaluate = getattr(import_module(module), func)
@@ -57,6 +57,7 @@ def test_an_eval_option_the_task_does_not_take_is_an_error_naming_the_tasks_that
 
 def test_what_the_table_says_about_outputs_and_processes():
     generative = {n for n in ROWS if get_task(n).generative}
-    assert generative == {"sft", "dpo", "kto", "orpo", "rl"}  # classifiers and reward models have no LM head
-    assert [n for n in ROWS if not get_task(n).multi_process] == ["rl"]
+    # classifiers and reward models have no LM head
+    assert generative == {"sft", "dpo", "kto", "orpo", "rl", "pretrain"}
+    assert [n for n in ROWS if not get_task(n).multi_process] == ["rl", "pretrain"]
     assert [n for n in ROWS if get_task(n).not_resumable] == ["rl"]

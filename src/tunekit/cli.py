@@ -377,9 +377,10 @@ def data_check(
         check_output(write_clean, "--write-clean", folder=True)
     if config is not None:
         from tunekit.config import load_config
+        from tunekit.tasks import get_task
 
         cfg = load_config(config)
-        report = check_config(cfg)
+        report = check_config(cfg, get_task(cfg.task).data)
         if estimate:
             from tunekit.estimate.training import estimate_checked
 

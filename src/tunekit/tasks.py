@@ -32,10 +32,11 @@ ROWS: dict[str, str] = {
     "kto": "tunekit.train.recipes.kto",
     "orpo": "tunekit.train.recipes.orpo",
     "rl": "tunekit.train.recipes.rl",
+    "pretrain": "tunekit.train.recipes.pretrain",
 }
 
 # The data a task reads, as the canonical Example carries it.
-DataKind = Literal["conversations", "labels", "pairs", "unpaired"]
+DataKind = Literal["conversations", "labels", "pairs", "unpaired", "documents"]
 
 
 @dataclass(frozen=True)
@@ -45,7 +46,7 @@ class Task:
     name: str
     summary: str  # one line, for `--help` and errors
     # conversations (any chat format), labels (text + label), pairs (chosen/rejected), unpaired (one
-    # answer rated desirable or undesirable: KTO feedback)
+    # answer rated desirable or undesirable: KTO feedback), documents (raw `text` rows)
     data: DataKind
     recipe: Callable[[Any], Path]  # train(run: RunSession) -> the run directory
     evaluation: str  # "module:function" with (run_dir, data=None, quiet=False, **options) -> report

@@ -26,6 +26,7 @@ from typing import Any
 
 from tunekit.data.example import Example
 from tunekit.data.needs import NO_PROMPT, feedback_counts, untrainable
+from tunekit.data.packing import document_ids, document_text
 from tunekit.data.problems import Problem
 from tunekit.errors import TunekitError
 
@@ -100,8 +101,12 @@ class CheckReport:
         }
 
 
-def read_file(path: str | Path, format: str, columns: Mapping[str, str] | None, labels) -> FileCheck:
-    """Read and normalize one file, keeping every problem; a file that cannot be read is noted."""
+def read_file(
+    path: str | Path, format: str, columns: Mapping[str, str] | None, labels, kind: str = "conversations"
+) -> FileCheck:
+    """Read and normalize one file, keeping every problem; a file that cannot be read is noted. `kind`
+    is the data the task trains on (tasks.py: conversations, ..., documents), which decides the
+    rows it cannot train on (needs.untrainable)."""
     from tunekit.data.formats import read_examples
 
     fc = FileCheck(str(path))
@@ -113,17 +118,17 @@ def read_file(path: str | Path, format: str, columns: Mapping[str, str] | None, 
     if labels:
         fc.examples, bad = _check_labels(fc.examples, set(labels))
         fc.problems += bad
-    fc.examples, bad = _check_trainable(fc.examples)
+    fc.examples, bad = _check_trainable(fc.examples, kind)
     fc.problems = sorted(fc.problems + bad, key=lambda p: p.line)
     if not fc.examples and not fc.rejected_lines:
         fc.problems.insert(0, _empty(fc.path))
     return fc
 
 
-def _check_trainable(examples: list[Example]) -> tuple[list[Example], list[Problem]]:
+def _check_trainable(examples: list[Example], kind: str) -> tuple[list[Example], list[Problem]]:
     kept, bad = [], []
     for ex in examples:
-        why = untrainable(ex)
+        why = untrainable(ex, kind)
         if why:
             bad.append(Problem(ex.source, ex.line, "messages", NO_PROMPT, why))
         else:
@@ -330,11 +335,14 @@ def check_data(
     max_length: int = 512,
     near_threshold: float = 0.8,
     chat_template: str | None = None,
+    kind: str = "conversations",
 ) -> CheckReport:
     """Check `files` (e.g. train, validation, test): rows, duplicates within each, leakage between them.
     With a model, the chat template (`chat_template`: see models/templates.py) must render every kind
-    of conversation in the data with a correct loss mask (data/tokenize.py `check_template`)."""
-    checks = [read_file(p, format, columns, labels) for p in files]
+    of conversation in the data with a correct loss mask (data/tokenize.py `check_template`).
+    kind "documents" (task: pretrain): raw text, counted without the template and never cut (a long
+    document is split into chunks: data/packing.py), so no too_long warning."""
+    checks = [read_file(p, format, columns, labels, kind) for p in files]
     examples = [e for fc in checks for e in fc.examples]
     lengths = None
     if model is not None and examples:
@@ -342,12 +350,14 @@ def check_data(
         from tunekit.models import load_tokenizer, resolve_model
 
         tokenizer = load_tokenizer(resolve_model(model), chat_template)
-        check_template(tokenizer, examples)
-        lengths = token_lengths(tokenizer, examples)
+        if kind == "documents":
+            lengths = [len(document_ids(tokenizer, document_text(e))) for e in examples]
+        else:
+            check_template(tokenizer, examples)
+            lengths = token_lengths(tokenizer, examples)
+    cut = lengths if lengths and kind != "documents" else None
     warnings = [
-        w
-        for k, ex in enumerate(examples)
-        for w in row_warnings(ex, lengths[k] if lengths else None, max_length)
+        w for k, ex in enumerate(examples) for w in row_warnings(ex, cut[k] if cut else None, max_length)
     ]
     warnings += [p for fc in checks for p in fc.problems if p.severity == "warning"]
     warnings += feedback_warnings(examples)
@@ -357,13 +367,14 @@ def check_data(
     ]
     stats = compute_stats(examples, lengths)
     stats["max_length"] = max_length
-    if lengths:
-        stats["over_max_length"] = sum(n > max_length for n in lengths)
+    if cut:
+        stats["over_max_length"] = sum(n > max_length for n in cut)
     return CheckReport(checks, warnings, duplicates, leakage, stats, token_lengths=lengths)
 
 
-def check_config(cfg) -> CheckReport:
-    """Check the data a config trains on, with its model, max_length and label set."""
+def check_config(cfg, kind: str = "conversations") -> CheckReport:
+    """Check the data a config trains on, with its model, max_length and label set; `kind`: the data
+    its task trains on (tasks.py)."""
     d = cfg.data
     files = [p for p in (d.train, d.validation, d.test) if p is not None]
     report = check_data(
@@ -374,6 +385,7 @@ def check_config(cfg) -> CheckReport:
         model=cfg.model,
         max_length=cfg.train.max_length,
         chat_template=cfg.chat_template,
+        kind=kind,
     )
     return report
 

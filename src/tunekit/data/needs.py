@@ -10,6 +10,7 @@ data check` rejects the rows no task can train on (`untrainable`) with the same 
 from __future__ import annotations
 
 from tunekit.data.example import Example
+from tunekit.data.packing import document_text
 from tunekit.errors import DataError
 
 # kind -> (what a row lacks, the formats that carry it)
@@ -33,19 +34,28 @@ _NOUN = {"labels": "labels", "pairs": "preference pairs", "unpaired": "rated ans
 NO_PROMPT = "no_prompt"  # the problem kind of an untrainable row
 
 
-def untrainable(ex: Example) -> str | None:
-    """Why no task can train on `ex`, or None. Training finds an answer's tokens by rendering the
-    conversation up to it through the chat template, so an answer that carries loss needs a turn
-    before it; a row that starts with one (a `text` row, or a chat row of one assistant message)
-    has nothing to render."""
+def untrainable(ex: Example, kind: str = "conversations") -> str | None:
+    """Why a task whose data is `kind` cannot train on `ex`, or None. Raw text is what the
+    "documents" kind (task: pretrain) trains on, and all it trains on. Every other kind finds an
+    answer's tokens by rendering the conversation up to it through the chat template, so an answer
+    that carries loss needs a turn before it; a row that starts with one (a `text` row, or a chat
+    row of one assistant message) has nothing to render."""
+    if kind == "documents":
+        if document_text(ex) is not None:
+            return None
+        return (
+            f'task: pretrain trains on raw text, one document a row ({{"text": ...}}), and this row is '
+            f"{ex.format or 'a conversation'} data; give text rows (data.format: text), or train a task "
+            "that reads conversations (task: sft)"
+        )
     first = ex.messages[0] if ex.messages else None
     if first is None or first.role != "assistant" or first.weight == 0:
         return None
     if ex.format == "text":
         return (
-            "a text row is raw text with no prompt, and training on raw text (continued pre-training) "
-            "is not supported yet; give each row a prompt and its answer (prompt_completion, chat, ...), "
-            "or, if another column holds a label, map it: data.columns / --column label=COLUMN"
+            "a text row is raw text with no prompt: train on raw text with task: pretrain (continued "
+            "pre-training); for the other tasks give each row a prompt and its answer (prompt_completion, "
+            "chat, ...), or, if another column holds a label, map it: data.columns / --column label=COLUMN"
         )
     return (
         "the conversation starts with the assistant's answer, with nothing before it to answer, so no "
@@ -55,10 +65,10 @@ def untrainable(ex: Example) -> str | None:
 
 def require(kind: str, examples: list[Example], split: str, task: str) -> None:
     """Every example of `split` can be trained on (`untrainable`) and carries what `kind` needs
-    ("conversations": anything does), else a DataError listing each row that does not, with the fix.
+    ("conversations": anything does; "documents": raw text), else a DataError listing each row that does not, with the fix.
     An "unpaired" train split must hold both desirable and undesirable answers (a DataError with the
     counts otherwise)."""
-    bad = [(ex, why) for ex in examples if (why := untrainable(ex))]
+    bad = [(ex, why) for ex in examples if (why := untrainable(ex, kind))]
     if bad:
         raise DataError(
             [f"{ex.where}: {why}" for ex, why in bad],

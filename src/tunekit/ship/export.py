@@ -135,6 +135,10 @@ def check_gguf(run_dir: Path, cfg, tokenizer, path: Path, parity: bool) -> list[
         examples = load_test_examples(run_dir, cfg)
     except TunekitError:  # no held-out split: nothing to check against
         return []
+    if not any(ex.prompt for ex in examples):
+        # Raw text (task: pretrain): documents, no prompts for the template to render or the model to answer.
+        console.print("the held-out documents have no prompts: no prompt check or parity gate for this run")
+        return []
     if parity and importlib.util.find_spec("llama_cpp") is not None:
         console.print(f"parity gate: the {len(examples)} test prompts through llama.cpp on {path.name}")
         try:

@@ -102,17 +102,27 @@ def target_states(
     return hidden[:, :-1][keep], head
 
 
-def loss_sum(model, input_ids, attention_mask, labels, chunk: int | None = None) -> tuple[torch.Tensor, int]:
+def loss_sum(
+    model, input_ids, attention_mask, labels, chunk: int | None = None, **packed
+) -> tuple[torch.Tensor, int]:
     """Summed cross-entropy over target tokens, and their count. Inputs are (B, T), on any device:
     they move to the model's, and the forward runs under `autocast` (bf16 on CUDA, fp32 on CPU).
     chunk (`train.loss_chunk_tokens`): project and take the loss gradient that many target tokens at
-    a time (ChunkedLinearCrossEntropy), where the head allows it."""
+    a time (ChunkedLinearCrossEntropy), where the head allows it. packed: rows of several documents
+    (task: pretrain, data/packing.py), with attention_mask None: their position ids (and segments)
+    go to the forward as they are."""
     device = model_device(model)
-    input_ids, attention_mask, labels = input_ids.to(device), attention_mask.to(device), labels.to(device)
-    extra = {}
-    if padding_free.enabled(model) and not attention_mask.all() and padding_free.right_padded(attention_mask):
-        input_ids, positions, labels, bounds = padding_free.pack(input_ids, attention_mask, labels)
-        attention_mask, extra = None, {"position_ids": positions, "tunekit_segments": bounds}
+    input_ids, labels = input_ids.to(device), labels.to(device)
+    extra = {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in packed.items()}
+    if attention_mask is not None:  # None: packed rows, whose attention follows their position ids
+        attention_mask = attention_mask.to(device)
+        if (
+            padding_free.enabled(model)
+            and not attention_mask.all()
+            and padding_free.right_padded(attention_mask)
+        ):
+            input_ids, positions, labels, bounds = padding_free.pack(input_ids, attention_mask, labels)
+            attention_mask, extra = None, {"position_ids": positions, "tunekit_segments": bounds}
     targets = labels[:, 1:]  # (B, T-1): the token each position predicts
     keep = targets != IGNORE_INDEX
     n = int(keep.sum())

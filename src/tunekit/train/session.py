@@ -322,7 +322,7 @@ def check_before_training(cfg: Config, allow_data_errors: bool, quiet: bool) -> 
 
     if cfg.data.streaming:
         return check_streaming(cfg, allow_data_errors, quiet)
-    report = check_data(cfg)
+    report = check_data(cfg, get_task(cfg.task).data)
     unreadable = [f.unreadable for f in report.files if f.unreadable]
     if unreadable:
         raise TunekitError(unreadable[0])
