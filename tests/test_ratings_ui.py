@@ -154,3 +154,70 @@ def test_export_the_ratings_and_train_a_reward_model_on_them(evaluated, page, tm
     summary = json.loads((run_dir / "train_summary.json").read_text())
     assert summary["task"] == "reward" and summary["steps"] == 4
     assert json.loads((run_dir / "data" / "manifest.json").read_text())["counts"]["train"] == 8
+
+
+# ---------------------------------------------------------------------------------------------
+# Training started and stopped from the page
+
+
+def test_start_a_training_run_from_the_page_follow_it_and_stop_it(evaluated, page):
+    """The run's own config with edited keys, started from the dashboard; its live progress; Stop
+    sends SIGTERM: the run finishes its step, saves a checkpoint and is marked interrupted."""
+    import time
+
+    url, run, folder = evaluated
+    page.goto(f"{url}/#run={run['id']}")
+    page.wait_for_selector("#title >> text=tickets")
+    assert page.locator("#launch-set").input_value().startswith("output_dir=")
+    page.fill("#launch-set", "train.max_stepz=3")  # a typo: refused before anything starts
+    page.click("#launch")
+    page.wait_for_selector("#launch-msg >> text=not started")
+    assert "max_steps" in page.locator("#launch-msg").inner_text()  # the nearest valid key
+    assert _get_jobs(url) == []
+    out = folder / "launched"
+    page.fill("#launch-set", f"output_dir={out}\ntrain.max_steps=2000\ntrain.save_steps=1000")
+    page.click("#launch")
+    page.wait_for_selector("#launch-msg >> text=started")
+    # the page follows the new run once it registers, with its live step count
+    page.wait_for_selector("#title >> text=launched", timeout=180_000)
+    deadline = time.time() + 180
+    while (registry.get_run(str(out)) or {}).get("step", 0) < 2 and time.time() < deadline:
+        time.sleep(0.5)
+    assert registry.get_run(str(out))["status"] == "running"
+    page.wait_for_function(
+        "() => parseFloat(document.querySelector('#progress-bar').style.width) > 0", timeout=30_000
+    )
+    page.click("#jobs button.stop")
+    page.wait_for_selector("#jobs li >> text=exited", timeout=120_000)
+    stopped = registry.get_run(str(out))
+    assert stopped["status"] == "interrupted" and stopped["step"] < 2000
+    assert "SIGTERM" in _get_jobs(url)[0]["log"]
+    assert list((out / "checkpoints").glob("step-*")), "SIGTERM saves a checkpoint to resume from"
+    page.fill("#launch-set", f"output_dir={out}")  # the folder now holds a run: refused
+    page.click("#launch")
+    page.wait_for_selector("#launch-msg >> text=holds an earlier run")
+
+
+def _get_jobs(url: str) -> list:
+    import urllib.request
+
+    with urllib.request.urlopen(f"{url}/api/jobs", timeout=30) as r:
+        return json.loads(r.read())
+
+
+def test_a_network_bind_without_a_key_starts_no_training(tmp_path, monkeypatch):
+    import urllib.error
+    import urllib.request
+
+    monkeypatch.setenv("TUNEKIT_HOME", str(tmp_path))
+    body = json.dumps({"source": {"config": "x.yaml"}, "set": []}).encode()
+    with running(create_ui_app("0.0.0.0")) as url:
+        req = urllib.request.Request(f"{url}/api/train", body, {"Content-Type": "application/json"})
+        with pytest.raises(urllib.error.HTTPError) as e:
+            urllib.request.urlopen(req, timeout=30)
+        assert e.value.code == 403 and b"--api-key" in e.value.read()
+    with running(create_ui_app()) as url:
+        req = urllib.request.Request(f"{url}/api/train", body, {"Content-Type": "application/json"})
+        with pytest.raises(urllib.error.HTTPError) as e:
+            urllib.request.urlopen(req, timeout=30)
+        assert e.value.code == 400 and b"no such file" in e.value.read()

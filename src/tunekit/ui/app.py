@@ -16,6 +16,12 @@ prompt, blind, and their verdicts go to the registry (`tunekit data ratings` mak
                                        in NAME's order, as A and B in NAME's order, with NAME's verdicts
     POST /api/runs/{id}/ratings        {rater, comparison, item, verdict: A|B|tie|both_bad, comment}
 
+and training started from the page (ui/launch.py): the run's progress then shows as any run's.
+
+    POST /api/train                    {source: {run: ID} | {config: PATH}, set: ["KEY=VALUE", ...]}
+    GET  /api/jobs                     the runs this dashboard started: pid, status, log tail
+    POST /api/jobs/{id}/stop           SIGTERM: the run stops after its step, with a checkpoint
+
 A write (POST) must be JSON, and a browser's Origin, when sent, must be the page's own: a page on
 another site can neither send JSON here without a CORS preflight (refused) nor pass the Origin check.
 
@@ -86,6 +92,32 @@ def create_ui_app(host: str = "127.0.0.1", api_key: str | None = None):
         from tunekit.ui.rating import store_rating
 
         return _user_errors(store_rating, _run_or_404(run_id), body)
+
+    from tunekit.ui.launch import Jobs
+
+    jobs = Jobs(registry.registry_path().parent / "ui-jobs")
+    # Starting processes from a page: only where the Host check or a key guards it.
+    may_launch = is_loopback(host) or api_key is not None
+
+    @app.get("/api/jobs")
+    def list_jobs():
+        return jobs.list()
+
+    @app.post("/api/train")
+    def start_training(body: dict):
+        if not may_launch:
+            raise HTTPException(403, "tunekit ui on a network address starts training only with --api-key")
+        overrides = body.get("set") or []
+        if not isinstance(overrides, list):
+            raise HTTPException(400, "`set` is a list of KEY=VALUE strings")
+        return _user_errors(jobs.start, body.get("source") or {}, [str(o) for o in overrides])
+
+    @app.post("/api/jobs/{job_id}/stop")
+    def stop_job(job_id: int):
+        try:
+            return jobs.stop(job_id)
+        except KeyError:
+            raise HTTPException(404, f"no job {job_id} started by this dashboard") from None
 
     def _run_or_404(run_id: int) -> dict:
         found = registry.get_run(run_id)
