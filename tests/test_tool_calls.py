@@ -12,7 +12,7 @@ from conftest import jsonl, shared_data, write
 from tunekit.data import load_examples, read_examples
 from tunekit.data.example import Example, Message, ToolCall
 from tunekit.data.tokenize import IGNORE_INDEX, render_prompt, supports_tools, tokenize_example
-from tunekit.data.tools import call_text, openai_reply, parse_reply
+from tunekit.data.tools import openai_reply, parse_reply
 from tunekit.eval.metrics import default_metrics, score_metrics
 from tunekit.models import load_tokenizer
 
@@ -243,12 +243,12 @@ def test_parallel_calls_and_their_results(default_model_dir):
     t = tokenize_example(tok, ex, 1024)
     text = tok.decode(t.input_ids)
     assert "<tool_response>\n20\n</tool_response>\n<tool_response>\n25\n</tool_response><|im_end|>" in text
-    blocks = "\n".join(call_text(c) for c in calls)
+    blocks = "\n".join(c.block for c in calls)
     assert loss_text(tok, t) == f"Let me look.\n{blocks}<|im_end|>|20 and 25.<|im_end|>"
 
 
 def test_tool_call_metrics():
-    ref = call_text(ToolCall("get_weather", '{"city": "Paris", "days": 2}'))
+    ref = ToolCall("get_weather", '{"city": "Paris", "days": 2}').block
     preds = [
         '<tool_call>\n{"arguments": {"days": 2, "city": "Paris"}, "name": "get_weather"}\n</tool_call>',  # equal as JSON
         '<tool_call>\n{"name": "get_weather", "arguments": {"city": "Rome", "days": 2}}\n</tool_call>',  # wrong args
@@ -266,7 +266,7 @@ def test_tool_call_metrics():
 
 
 def test_tool_data_gets_tool_metrics_beside_the_text_metrics():
-    call = call_text(ToolCall("f", "{}"))
+    call = ToolCall("f", "{}").block
     assert default_metrics([call, call], False)[0] == "tool_call_match"  # every reference calls
     assert default_metrics([call, "Fine."], False) == [
         "exact_match",
@@ -354,7 +354,7 @@ def test_each_call_before_the_last_turn_is_one_more_test_example(tmp_path):
 
     [ex] = load_examples(write(tmp_path, "g.jsonl", jsonl(glaive_row())))
     whole, at_call = with_call_points([ex])
-    assert whole is ex and at_call.target == call_text(ToolCall("get_weather", '{"city": "Paris"}'))
+    assert whole is ex and at_call.target == ToolCall("get_weather", '{"city": "Paris"}').block
     assert [m.role for m in at_call.messages] == ["user", "assistant"] and at_call.tools == ex.tools
 
 

@@ -187,10 +187,8 @@ def example_text(ex: Example) -> str:
     """One string per example for duplicate detection: every user and assistant turn, the rejected
     answer included. System prompts are left out: a data set usually repeats one in every row, and
     a long shared prompt would make every short example a near duplicate of every other."""
-    from tunekit.data.tools import reply_text
-
     turns = list(ex.messages) + list(ex.rejected or ())
-    return "\n".join(reply_text(m) for m in turns if m.role != "system")  # tool calls count as text
+    return "\n".join(m.reply for m in turns if m.role != "system")  # tool calls count as text
 
 
 def feedback_warnings(examples: list[Example]) -> list[Problem]:

@@ -36,6 +36,13 @@ class ToolCall:
     def args(self) -> dict[str, Any]:
         return json.loads(self.arguments)
 
+    @property
+    def block(self) -> str:
+        """The call as text, in Hermes' and Qwen's form (data/tools.py), as a model trained through the
+        fallback rendering writes it: <tool_call>\\n{"name": ..., "arguments": {...}}\\n</tool_call>."""
+        body = json.dumps({"name": self.name, "arguments": self.args}, ensure_ascii=False)
+        return f"<tool_call>\n{body}\n</tool_call>"
+
     def to_dict(self) -> dict[str, Any]:
         """OpenAI's shape: {id?, type: function, function: {name, arguments (a JSON string)}}."""
         d: dict[str, Any] = {"id": self.id} if self.id else {}
@@ -55,6 +62,11 @@ class Message:
     reasoning: str = ""  # assistant turns: the thinking before the answer (data/reasoning.py)
     # 0: the reasoning stays in the context but carries no loss (`data.reasoning: mask`).
     reasoning_weight: int = 1
+
+    @property
+    def reply(self) -> str:
+        """The turn's answer as text: its content, then each tool call as a `<tool_call>` block."""
+        return "\n".join([self.content] * bool(self.content) + [c.block for c in self.tool_calls])
 
     def to_dict(self) -> dict[str, Any]:
         """The canonical JSON form of one message (OpenAI chat, fields at their defaults left out)."""
@@ -106,10 +118,8 @@ class Example:
     @property
     def target(self) -> str:
         """The final assistant turn's answer: what a model should reply, its thinking left out and
-        its tool calls written as `<tool_call>` blocks (data/tools.py `reply_text`)."""
-        from tunekit.data.tools import reply_text
-
-        return reply_text(self.messages[-1])
+        its tool calls written as `<tool_call>` blocks (`Message.reply`)."""
+        return self.messages[-1].reply
 
     @property
     def where(self) -> str:

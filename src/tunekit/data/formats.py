@@ -50,23 +50,13 @@ from typing import Any
 
 from tunekit.data import tools as tool_calls
 from tunekit.data.example import ROLES, Example, Message
-from tunekit.data.problems import Problem
+from tunekit.data.problems import FieldError, Problem
+from tunekit.data.problems import describe as _kind
 from tunekit.data.readers import Record, read_records
 from tunekit.data.reasoning import split_thinking
 from tunekit.errors import DataError, TunekitError
 
 DETECT_SAMPLE = 100  # a file's format is the most common one among its first records
-
-
-class FieldError(ValueError):
-    """One field of one record is wrong; the loader adds the file and line.
-
-    `kind` is the stable machine-readable name of the problem (see `Problem.kind`).
-    """
-
-    def __init__(self, field: str, kind: str, message: str):
-        super().__init__(f"{field}: {message}")
-        self.field, self.kind, self.message = field, kind, message
 
 
 # ---- chat ---------------------------------------------------------------------------------------
@@ -870,18 +860,6 @@ def _label(value: Any, field: str) -> str:
             field, "bad_label", f"must be a non-empty string or an integer, found {_kind(value)}"
         )
     return _unicode(value, field)
-
-
-def _kind(value: Any) -> str:
-    if isinstance(value, str):
-        return repr(value) if len(value) <= 20 else "a string"
-    if value is None:
-        return "null"
-    if isinstance(value, bool):
-        return "true" if value else "false"
-    if isinstance(value, (int, float)):
-        return f"the number {value}"
-    return {list: "a list", dict: "an object"}.get(type(value), type(value).__name__)
 
 
 # ---- detection and loading ----------------------------------------------------------------------

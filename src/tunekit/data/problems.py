@@ -25,3 +25,27 @@ class Problem:
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
+
+
+class FieldError(ValueError):
+    """One field of one record is wrong; the loader adds the file and line (as a `Problem`).
+
+    `kind` is the stable machine-readable name of the problem (see `Problem.kind`).
+    """
+
+    def __init__(self, field: str, kind: str, message: str):
+        super().__init__(f"{field}: {message}")
+        self.field, self.kind, self.message = field, kind, message
+
+
+def describe(value: Any) -> str:
+    """A JSON value as an error message names it: 'Hi', a string, null, true, the number 2, a list."""
+    if isinstance(value, str):
+        return repr(value) if len(value) <= 20 else "a string"
+    if value is None:
+        return "null"
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, (int, float)):
+        return f"the number {value}"
+    return {list: "a list", dict: "an object"}.get(type(value), type(value).__name__)

@@ -24,6 +24,7 @@ from __future__ import annotations
 from dataclasses import replace
 
 from tunekit.data.example import Example, Message
+from tunekit.data.problems import FieldError
 
 REASONING_MODES = ("train", "mask", "drop")
 OPEN, CLOSE = "<think>", "</think>"
@@ -34,8 +35,6 @@ def split_thinking(content: str, field: str) -> tuple[str, str]:
     may be left out, as when a template's prompt writes it) taken out; ("", content) without one."""
     if CLOSE not in content:
         if OPEN in content:
-            from tunekit.data.formats import FieldError  # formats imports this module
-
             raise FieldError(
                 field,
                 "unclosed_thinking",
@@ -53,9 +52,7 @@ def think_block(reasoning: str) -> str:
 
 def reply_with_reasoning(message: Message) -> str:
     """An assistant turn as a model trained on it writes it: its `<think>` block, then its answer."""
-    from tunekit.data.tools import reply_text
-
-    return (think_block(message.reasoning) if message.reasoning else "") + reply_text(message)
+    return (think_block(message.reasoning) if message.reasoning else "") + message.reply
 
 
 def strip_thinking(text: str) -> str:

@@ -18,7 +18,7 @@ object, its function declared, every `required` argument present, no argument ou
 when the schema sets `additionalProperties: false`, and each argument of the JSON type (and `enum`)
 its property declares. Nested schemas are not validated below the first level.
 
-The text form (`call_text`) is Hermes' and Qwen's, which many small models already know:
+The text form (`ToolCall.block`) is Hermes' and Qwen's, which many small models already know:
 
     <tool_call>
     {"name": "get_rate", "arguments": {"from": "USD", "to": "EUR"}}
@@ -35,7 +35,9 @@ import re
 from dataclasses import dataclass, replace
 from typing import Any
 
-from tunekit.data.example import Example, Message, ToolCall
+from tunekit.data.example import Example, ToolCall
+from tunekit.data.problems import FieldError
+from tunekit.data.problems import describe as _kind
 
 # The text that tells a model without its own tool template which functions it has (Qwen 2.5's words).
 TOOLS_PREAMBLE = (
@@ -57,26 +59,16 @@ _JSON_TYPES: dict[str, tuple[type, ...]] = {
 _CALL_BLOCK = re.compile(r"<tool_call>\s*(.*?)\s*(?:</tool_call>|$)", re.S)
 
 
-def _error(field: str, kind: str, message: str):
-    from tunekit.data.formats import FieldError  # formats imports this module
-
-    return FieldError(field, kind, message)
-
-
-def _kind(value: Any) -> str:
-    from tunekit.data.formats import _kind as kind
-
-    return kind(value)
-
-
 def _json(text: str, field: str, kind: str, fix: str) -> Any:
     """`text` parsed as JSON, or a FieldError of `kind` saying where it breaks and `fix`."""
     try:
         return json.loads(text)
     except json.JSONDecodeError as e:
-        raise _error(field, kind, f"is not valid JSON ({e.msg} at character {e.pos + 1}); {fix}") from None
+        raise FieldError(
+            field, kind, f"is not valid JSON ({e.msg} at character {e.pos + 1}); {fix}"
+        ) from None
     except (RecursionError, ValueError) as e:  # nested too deeply; an integer too long to convert
-        raise _error(field, kind, f"is not valid JSON ({type(e).__name__}); {fix}") from None
+        raise FieldError(field, kind, f"is not valid JSON ({type(e).__name__}); {fix}") from None
 
 
 # ---- definitions --------------------------------------------------------------------------------
@@ -90,33 +82,35 @@ def tool_definitions(value: Any, field: str) -> tuple[dict[str, Any], ...]:
     if isinstance(value, str):
         value = _json(value, field, "invalid_tools", "write the definitions as a JSON list")
     if not isinstance(value, list):
-        raise _error(field, "invalid_tools", f"must be a list of tool definitions, found {_kind(value)}")
+        raise FieldError(field, "invalid_tools", f"must be a list of tool definitions, found {_kind(value)}")
     tools, names = [], set()
     for i, tool in enumerate(value):
         where = f"{field}[{i}]"
         if not isinstance(tool, dict):
-            raise _error(
+            raise FieldError(
                 where, "invalid_tools", f"must be an object {{name, parameters}}, found {_kind(tool)}"
             )
         fn = tool.get("function", tool) if tool.get("type", "function") == "function" else None
         if not isinstance(fn, dict):
-            raise _error(
+            raise FieldError(
                 where, "invalid_tools", f"only function tools are supported, found type {tool.get('type')!r}"
             )
         name = fn.get("name")
         if not isinstance(name, str) or not name.strip():
-            raise _error(
+            raise FieldError(
                 f"{where}.name", "invalid_tools", f"must be the function's name, found {_kind(name)}"
             )
         if name in names:
-            raise _error(f"{where}.name", "invalid_tools", f"{name!r} is declared twice; keep one definition")
+            raise FieldError(
+                f"{where}.name", "invalid_tools", f"{name!r} is declared twice; keep one definition"
+            )
         names.add(name)
         params = fn.get("parameters", {"type": "object", "properties": {}})
         required = params.get("required", []) if isinstance(params, dict) else None
         props = params.get("properties", {}) if isinstance(params, dict) else None
         names_ok = isinstance(required, list) and all(isinstance(r, str) for r in required)
         if not (names_ok and isinstance(props, dict)):
-            raise _error(
+            raise FieldError(
                 f"{where}.parameters",
                 "invalid_tools",
                 "must be a JSON schema object {type: object, properties, required: [names]}",
@@ -137,15 +131,17 @@ def parse_call(value: Any, field: str) -> ToolCall:
     """One call: OpenAI's {id?, type?, function: {name, arguments}} or glaive's {name, arguments},
     the arguments a JSON object or its text."""
     if not isinstance(value, dict):
-        raise _error(
+        raise FieldError(
             field, "invalid_tool_call", f"must be an object {{name, arguments}}, found {_kind(value)}"
         )
     fn, where = (value["function"], f"{field}.function") if "function" in value else (value, field)
     if not isinstance(fn, dict):
-        raise _error(where, "invalid_tool_call", f"must be an object {{name, arguments}}, found {_kind(fn)}")
+        raise FieldError(
+            where, "invalid_tool_call", f"must be an object {{name, arguments}}, found {_kind(fn)}"
+        )
     name = fn.get("name")
     if not isinstance(name, str) or not name.strip():
-        raise _error(
+        raise FieldError(
             f"{where}.name", "invalid_tool_call", f"must be the called function's name, found {_kind(name)}"
         )
     args = fn.get("arguments", fn.get("parameters", {}))
@@ -154,7 +150,9 @@ def parse_call(value: Any, field: str) -> ToolCall:
     if isinstance(args, str):  # empty text: no arguments
         args = {}
     if not isinstance(args, dict):
-        raise _error(f"{where}.arguments", "invalid_tool_call", f"must be a JSON object, found {_kind(args)}")
+        raise FieldError(
+            f"{where}.arguments", "invalid_tool_call", f"must be a JSON object, found {_kind(args)}"
+        )
     call_id = value.get("id") or ""
     return ToolCall(name, json.dumps(args, ensure_ascii=False), str(call_id))
 
@@ -164,7 +162,7 @@ def parse_call_text(text: str, field: str) -> tuple[ToolCall, ...]:
     value = _json(text, field, "invalid_tool_call", 'write {"name": ..., "arguments": {...}}')
     calls = value if isinstance(value, list) else [value]
     if not calls:
-        raise _error(field, "invalid_tool_call", "is an empty list of calls; write at least one call")
+        raise FieldError(field, "invalid_tool_call", "is an empty list of calls; write at least one call")
     return tuple(
         parse_call(c, f"{field}[{i}]" if isinstance(value, list) else field) for i, c in enumerate(calls)
     )
@@ -174,13 +172,13 @@ def check_call(call: ToolCall, tools: tuple[dict[str, Any], ...], field: str) ->
     """Raise a FieldError naming `field` when `call` does not fit the declared `tools`."""
     schemas = _schemas(tools)
     if not schemas:
-        raise _error(
+        raise FieldError(
             f"{field}.name",
             "unknown_tool",
             f"calls {call.name!r} but the row declares no tools; add its definition to `tools`",
         )
     if call.name not in schemas:
-        raise _error(
+        raise FieldError(
             f"{field}.name",
             "unknown_tool",
             f"calls {call.name!r}, which is not among the declared tools ({', '.join(schemas)})",
@@ -189,7 +187,7 @@ def check_call(call: ToolCall, tools: tuple[dict[str, Any], ...], field: str) ->
     props = schema.get("properties") or {}
     for name in schema.get("required", []):
         if name not in args:
-            raise _error(
+            raise FieldError(
                 f"{field}.arguments.{name}",
                 "missing_argument",
                 f"{call.name} requires argument {name!r}, which this call leaves out",
@@ -197,7 +195,7 @@ def check_call(call: ToolCall, tools: tuple[dict[str, Any], ...], field: str) ->
     for name, value in args.items():
         if name not in props:
             if schema.get("additionalProperties") is False:
-                raise _error(
+                raise FieldError(
                     f"{field}.arguments.{name}",
                     "unknown_argument",
                     f"{call.name} takes no argument {name!r} (it takes: {', '.join(props) or 'none'})",
@@ -205,7 +203,9 @@ def check_call(call: ToolCall, tools: tuple[dict[str, Any], ...], field: str) ->
             continue
         problem = _type_problem(value, props[name])
         if problem:
-            raise _error(f"{field}.arguments.{name}", "wrong_argument_type", f"{call.name}.{name} {problem}")
+            raise FieldError(
+                f"{field}.arguments.{name}", "wrong_argument_type", f"{call.name}.{name} {problem}"
+            )
 
 
 def _type_problem(value: Any, prop: Any) -> str | None:
@@ -229,18 +229,6 @@ def _type_problem(value: Any, prop: Any) -> str | None:
 
 
 # ---- text forms ---------------------------------------------------------------------------------
-
-
-def call_text(call: ToolCall) -> str:
-    """A call as the fallback rendering writes it (and a model trained through it answers)."""
-    body = json.dumps({"name": call.name, "arguments": call.args}, ensure_ascii=False)
-    return f"<tool_call>\n{body}\n</tool_call>"
-
-
-def reply_text(message: Message) -> str:
-    """An assistant turn's answer as text: its content, then each call as a `<tool_call>` block."""
-    parts = [message.content] if message.content else []
-    return "\n".join(parts + [call_text(c) for c in message.tool_calls])
 
 
 def tools_text(tools: tuple[dict[str, Any], ...]) -> str:
