@@ -5,6 +5,7 @@ and `tunekit data ratings` turning them into preference pairs that tunekit reads
 import json
 import math
 import urllib.error
+import urllib.parse
 import urllib.request
 
 import pytest
@@ -326,3 +327,47 @@ def test_cli_ratings_errors_name_the_fix(rated_run, tmp_path):
     assert r.exit_code != 0 and "no ratings yet" in str(r.exception)
     r = CliRunner().invoke(app, ["data", "ratings", "nope"])
     assert "no such run" in str(r.exception)
+
+
+def test_run_against_run_pairs_match_prompts_and_are_offered_on_the_page(rated_run, tmp_path):
+    """`run:/dir/B`: this run's fine-tuned replies against another evaluated run's, on the prompts
+    both were tested on (matched by prompt and reference, as `eval --compare` matches them)."""
+    from tunekit.config import config_from_dict
+    from tunekit.ui.app import create_ui_app
+
+    other = tmp_path / "other"
+    other.mkdir()
+    rows = [
+        {
+            "source": "x",
+            "prompt": f"question {i}?",
+            "reference": f"R{i}",
+            "base": "",
+            "finetuned": f"other {i}",
+        }
+        for i in (1, 2, 3, 9)  # 9 was not in the first run's test set
+    ]
+    rows[0]["finetuned"] = "tuned 1"  # the same reply as the first run's: left out as identical
+    (other / "predictions.json").write_text(json.dumps(rows))
+    (other / "report.json").write_text(json.dumps({"contenders": {"base": {}, "finetuned": {}}}))
+    cfg = config_from_dict(
+        {"model": "m", "data": {"train": str(tmp_path / "d.jsonl")}, "output_dir": str(other)}
+    )
+    registry.register_run(other, cfg)
+    comparison = "run:" + str(other.resolve())
+    pairs, identical = build_pairs(rated_run["run_dir"], comparison)
+    assert identical == 1
+    assert [(p["first"]["reply"], p["second"]["reply"]) for p in pairs] == [
+        ("tuned 2", "other 2"),
+        ("tuned 3", "other 3"),
+    ]
+    assert [p["first"]["name"] for p in pairs] == ["run/finetuned"] * 2 and pairs[0]["second"][
+        "name"
+    ] == "other/finetuned"
+    with running(create_ui_app()) as url:
+        _, view = _get(f"{url}/api/runs/{rated_run['id']}/rating?rater=ana")
+        assert comparison in view["comparisons"]
+        _, view = _get(
+            f"{url}/api/runs/{rated_run['id']}/rating?rater=ana&comparison={urllib.parse.quote(comparison)}"
+        )
+        assert len(view["pairs"]) == 2
