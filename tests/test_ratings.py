@@ -371,3 +371,13 @@ def test_run_against_run_pairs_match_prompts_and_are_offered_on_the_page(rated_r
             f"{url}/api/runs/{rated_run['id']}/rating?rater=ana&comparison={urllib.parse.quote(comparison)}"
         )
         assert len(view["pairs"]) == 2
+
+
+def test_a_run_without_replies_is_refused_with_the_reason(tmp_path):
+    from tunekit.errors import TunekitError
+
+    with pytest.raises(TunekitError, match="run `tunekit eval"):
+        build_pairs(tmp_path, "base|finetuned")
+    (tmp_path / "report.json").write_text("{}")  # e.g. a reward run: evaluated, but no replies
+    with pytest.raises(TunekitError, match=r"no replies \(predictions.json\): only runs that generate"):
+        build_pairs(tmp_path, "base|finetuned")

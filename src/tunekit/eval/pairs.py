@@ -27,6 +27,11 @@ RUN_PREFIX = "run:"
 def read_predictions(run_dir: Path) -> tuple[dict, list[dict]]:
     """(report.json, predictions.json) of an evaluated run, or an error that says to evaluate it."""
     report, preds = run_dir / "report.json", run_dir / "predictions.json"
+    if report.is_file() and not preds.is_file():
+        raise TunekitError(
+            f"{run_dir}: its evaluation wrote no replies (predictions.json): only runs that generate "
+            "replies (task: sft) can be rated or judged"
+        )
     if not (report.is_file() and preds.is_file()):
         raise TunekitError(f"{run_dir}: no report.json/predictions.json; run `tunekit eval {run_dir}` first")
     return json.loads(report.read_text()), json.loads(preds.read_text())
