@@ -719,7 +719,8 @@ def ui(
         ),
     ] = None,
 ) -> None:
-    """A local web dashboard over the run registry: runs, loss curves, reports, live progress."""
+    """A local web dashboard over the run registry: runs, loss curves, reports, live progress; blind
+    rating of replies (/rate), and training started and stopped from the page."""
     import os
 
     from tunekit.ui.app import serve_ui
