@@ -77,8 +77,9 @@ def stage_dirs(cfg: Config, run_dir: Path) -> tuple[Path, Path]:
 
 
 def train_rl(run: RunSession) -> Path:
-    """Run the RLHF pipeline as `cfg.rl` says (SFT and reward stages where not given, then RL);
-    returns the run directory, which holds the final policy and train_summary.json."""
+    """Run the RL pipeline as `cfg.rl` says (the SFT stage where rl.policy is not given, the reward
+    stage where neither rl.reward_model nor rl.graders is, then RL); returns the run directory, which
+    holds the final policy and train_summary.json."""
     cfg, splits, run_dir, quiet = run.cfg, run.splits, run.dir, run.quiet
     graded = cfg.rl.graders is not None
     if not graded:  # the reward stage and the evaluation read rejected answers (see TASK below)
