@@ -145,6 +145,20 @@ def test_a_bad_tool_call_is_an_error_naming_file_line_and_field(tmp_path, case):
     assert str(problem).startswith(f"{path}:2: {field}: ") and text in problem.message
 
 
+def test_preference_and_feedback_rows_with_tool_use_are_refused_by_field(tmp_path):
+    good = openai_row()["messages"]
+    rows = [
+        {"messages": good, "label": True},  # kto
+        {"conversations": glaive_row()["conversations"], "label": False},  # kto, ShareGPT turns
+        {"input": {"messages": good[:3]}, "preferred_output": [good[3]], "non_preferred_output": [good[3]]},
+    ]
+    for i, row in enumerate(rows):
+        _, problems = read_examples(write(tmp_path, f"{i}.jsonl", jsonl(row)))
+        [p] = problems
+        assert p.kind == "unsupported_field" and "turn 2 is a tool call" in p.message, p
+        assert p.field == ["messages", "conversations", "input.messages"][i]
+
+
 def test_the_data_check_reports_a_bad_call_and_counts_the_calls(tmp_path, default_model_dir):
     from tunekit.data.check import check_data
 
@@ -380,6 +394,16 @@ def test_the_server_returns_the_call_in_openais_shape(tool_run):
             model="run", messages=follow, tools=[WEATHER], temperature=0, max_tokens=8
         )
         assert r.choices[0].finish_reason in ("stop", "length", "tool_calls")
+        # Streamed: the call comes as a tool_calls delta, as OpenAI streams one.
+        stream = client.chat.completions.create(
+            model="run", messages=ask, tools=[WEATHER], temperature=0, max_tokens=40, stream=True
+        )
+        chunks = list(stream)
+        [delta] = [c.choices[0].delta.tool_calls for c in chunks if c.choices[0].delta.tool_calls]
+        assert (delta[0].index, delta[0].function.name) == (0, "get_weather")
+        assert json.loads(delta[0].function.arguments) == {"city": "Paris"}
+        assert chunks[-1].choices[0].finish_reason == "tool_calls"
+        assert not "".join(c.choices[0].delta.content or "" for c in chunks)
         # Without `tools` the reply is plain text, as generated.
         r = client.chat.completions.create(model="run", messages=ask, temperature=0, max_tokens=40)
         assert r.choices[0].message.tool_calls is None

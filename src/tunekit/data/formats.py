@@ -248,17 +248,20 @@ def _check_calls(turns: Sequence[Message], tools, call_field: Callable[[int, int
             tool_calls.check_call(call, tools, call_field(i, j, len(m.tool_calls)))
 
 
-def _no_tools(record: dict[str, Any], prefix: str = "", turns: Sequence[Message] = ()) -> None:
+def _no_tools(
+    record: dict[str, Any], prefix: str = "", turns: Sequence[Message] = (), where: str = "messages"
+) -> None:
     """Preference and feedback rows with tool use are not supported yet. Dropping the tools would be
     wrong, not just lossy: the answers may rely on them (calling a tool, or declining what no tool
-    can do), so the row is an error."""
+    can do), so the row is an error. `where` is the field holding `turns`."""
     for i, m in enumerate(turns):
         if m.role == "tool" or m.tool_calls:
             raise FieldError(
-                f"{prefix}turn {i + 1}",
+                prefix + where,
                 "unsupported_field",
-                "tool calls in preference or feedback data are not supported yet (sft data takes "
-                "them: chat or sharegpt rows); remove the row",
+                f"turn {i + 1} is a tool {'call' if m.tool_calls else 'result'}: tool use in preference "
+                "or feedback data is not supported yet (sft data takes it: chat or sharegpt rows); "
+                "remove the row",
             )
     for key in ("tools", "functions"):
         value = record.get(key)
@@ -366,7 +369,7 @@ def sharegpt_preference(record: dict[str, Any]) -> Example:
             )
         _check_conversation([*prompt, answer], [*fields, f"{key}.from"], key, [*names, name])
         answers.append(answer)
-    _no_tools(record, turns=[*prompt, *answers])
+    _no_tools(record, turns=[*prompt, *answers], where="conversations")
     return Example(messages=(*prompt, answers[0]), rejected=(answers[1],))
 
 
@@ -386,7 +389,7 @@ def preference(record: dict[str, Any]) -> Example:
         answer, answer_fields = _preference_answer(record[key], key, prompt)
         _check_conversation([*prompt, *answer], [*fields, *answer_fields], key)
         answers.append(answer)
-    _no_tools({}, turns=[*prompt, *answers[0], *answers[1]])
+    _no_tools({}, turns=[*prompt, *answers[0], *answers[1]], where="prompt")
     return Example(messages=(*prompt, *answers[0]), rejected=tuple(answers[1]))
 
 
@@ -509,7 +512,7 @@ def kto(record: dict[str, Any]) -> Example:
         answer, answer_fields = _preference_answer(record["completion"], "completion", prompt)
         turns = [*prompt, *answer]
         _check_conversation(turns, [*fields, *answer_fields], "completion")
-    _no_tools(record, turns=turns)
+    _no_tools(record, turns=turns, where=shapes[0])
     return Example(messages=tuple(turns), desirable=desirable)
 
 

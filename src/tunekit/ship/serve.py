@@ -630,18 +630,30 @@ def create_app(
             return f"data: {_json(body).decode()}\n\n"
 
         async def events():
+            from tunekit.data.tools import openai_reply
+
             yield chunk({"role": "assistant", "content": ""})
-            piece = first
+            piece, held = first, []  # with `tools`, the reply is held to send its calls as tool_calls
             try:
                 while piece is not None:
-                    yield chunk({"content": piece})
+                    if req.tools:
+                        held.append(piece)
+                    else:
+                        yield chunk({"content": piece})
                     piece = await in_thread(next, gen.pieces, None)
                 if gen.reply.finish_reason == "cancelled":  # by a shutdown
                     raise RuntimeError("the generation was cancelled")
             except Exception as e:  # the status is sent: say it in the stream, as OpenAI does
                 yield f"data: {_json(failed(e).body).decode()}\n\n"
                 return
-            yield chunk({}, gen.reply.finish_reason)
+            finish = gen.reply.finish_reason
+            if req.tools:
+                message, finish = openai_reply("".join(held), finish)
+                if message["content"]:
+                    yield chunk({"content": message["content"]})
+                for i, call in enumerate(message.get("tool_calls", [])):
+                    yield chunk({"tool_calls": [{"index": i} | call]})
+            yield chunk({}, finish)
             yield "data: [DONE]\n\n"
 
         return _Stream(gen, events())
