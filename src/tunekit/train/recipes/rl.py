@@ -23,7 +23,7 @@ assistant message, or a pair's chosen answer), so the data may be plain conversa
 that fails on a sample scores it 0; the failures are counted in metrics.jsonl
 (`grader_failure_rate`) and listed, with the example, in train_summary.json (`grader_failures`).
 `tunekit eval` then scores greedy answers of the policy and of the policy RL started from with the
-same graders on the test split, with a paired test of the difference.
+same graders on the test split, with a paired test of the difference (eval/graded.py).
 """
 
 from __future__ import annotations
@@ -212,7 +212,7 @@ def rl_prompts(
         prompt = [{"role": m.role, "content": m.content} for m in messages]
         row: dict = {"prompt": prompt}
         if references:
-            _require_answers([ex])
+            require_answers([ex])
             row |= {"reference": ex.target, "index": index, "where": ex.where}
         key = json.dumps(row["prompt"] if not references else [prompt, row["reference"]])
         if key in seen:
@@ -235,7 +235,7 @@ def rl_prompts(
     return out, too_long
 
 
-def _require_answers(examples) -> None:
+def require_answers(examples) -> None:
     """Graders score against each row's reference: its last message must be the assistant's answer."""
     bad = [ex.where for ex in examples if not ex.messages or ex.messages[-1].role != "assistant"]
     if bad:
@@ -403,111 +403,6 @@ def check_rl_config(cfg: Config) -> list[str]:
     return problems
 
 
-# ---------------------------------------------------------------------------------------------
-# Evaluation
-
-
-def evaluate(run_dir: str | Path, data=None, quiet: bool = False, reward_model=None) -> dict:
-    """`tunekit eval` of an rl run: with a reward model, eval/preference.py's (win rate, preference
-    accuracy on the test pairs); with rl.graders, `evaluate_graded`."""
-    cfg = load_run_config(Path(run_dir))
-    if cfg.rl.graders is None:
-        from tunekit.eval.preference import evaluate_rl
-
-        return evaluate_rl(run_dir, data, quiet=quiet, reward_model=reward_model)
-    if reward_model is not None:
-        raise TunekitError(
-            f"--reward-model: {run_dir} was trained against rl.graders, which score it; drop it"
-        )
-    return evaluate_graded(Path(run_dir), cfg, data, quiet)
-
-
-def evaluate_graded(run_dir: Path, cfg: Config, data=None, quiet: bool = False) -> dict:
-    """The policy against the policy RL started from, on the test split (or `data`): greedy answers
-    of each, scored by the run's graders against the references; the mean score with its 95%
-    bootstrap CI, each grader's mean, and the paired difference (policy - start) with its CI and
-    p-value (eval/stats.py: exact McNemar for 0/1 scores, else a sign-flip permutation test).
-    Writes report.json (task_metric grader_score), report.md and predictions.json."""
-    from tunekit.data import load_examples
-    from tunekit.eval.generate import generate
-    from tunekit.eval.report import comparison_table
-    from tunekit.eval.stats import mean_ci, paired_difference
-    from tunekit.io import atomic_write_json, atomic_write_text
-    from tunekit.runs.directory import read_split
-
-    t0 = time.perf_counter()
-    examples = (
-        load_examples(data, format=cfg.data.format, columns=cfg.data.columns or None)
-        if data is not None
-        else read_split(run_dir, "test")
-    )
-    examples = examples[: cfg.eval.max_examples] if cfg.eval.max_examples else examples
-    if not examples:
-        raise TunekitError(f"{run_dir}: the test split is empty; pass --data FILE or set data.split")
-    _require_answers(examples)
-    asks = examples
-    scorer = build_graders(cfg)
-    start, _ = stage_dirs(cfg, run_dir)
-    max_new = cfg.eval.max_new_tokens or cfg.rl.max_new_tokens
-    answers = {}
-    model, tokenizer, is_adapter = load_trained(run_dir)
-    answers["policy"] = generate(model, tokenizer, asks, max_new, cfg.eval.batch_size)
-    if is_adapter:
-        model.load_adapter(start / ADAPTER_DIR, adapter_name="start")
-        model.set_adapter("start")
-        answers["start"] = generate(model, tokenizer, asks, max_new, cfg.eval.batch_size)
-    else:
-        del model
-        answers["start"] = generate(load_trained(start)[0], tokenizer, asks, max_new, cfg.eval.batch_size)
-
-    scores: dict[str, list[float]] = {}
-    contenders: dict[str, dict] = {}
-    predictions = [{"source": ex.where, "reference": ex.target} for ex in asks]
-    for name in ("start", "policy"):
-        each_sum: dict[str, float] = {}
-        scores[name] = []
-        for i, (ex, answer) in enumerate(zip(asks, answers[name], strict=True)):
-            total, each = scorer.score(answer, {"reference": ex.target}, i, ex.where)
-            scores[name].append(total)
-            predictions[i] |= {f"{name}_answer": answer, f"{name}_score": total}
-            for g, v in each.items():
-                each_sum[g] = each_sum.get(g, 0.0) + v
-        mean, lo, hi = mean_ci(scores[name])
-        contenders[name] = {"grader_score": mean, "grader_score_ci_low": lo, "grader_score_ci_high": hi}
-        contenders[name] |= {f"grader/{g}": v / len(asks) for g, v in each_sum.items()}
-    report = {
-        "task": cfg.task,
-        "task_metric": "grader_score",
-        "n_test": len(asks),
-        "test_data": str(data) if data is not None else str(run_dir / "data" / "test.jsonl"),
-        "seconds": time.perf_counter() - t0,
-        "unit": "examples",
-        "start_model": str(start),
-        "graders": [name for name, _, _ in scorer.graders],
-        "contenders": contenders,
-        "paired": paired_difference(scores["start"], scores["policy"]),
-        "grader_failures": scorer.report(),
-    }
-    atomic_write_json(run_dir / "report.json", report)
-    atomic_write_json(run_dir / "predictions.json", predictions)
-    p = report["paired"]
-    atomic_write_text(
-        run_dir / "report.md",
-        f"# Evaluation report\n\nTask `rl` with graders ({', '.join(report['graders'])}), held-out test: "
-        f"{len(asks)} examples from `{report['test_data']}`. start: the policy RL started from ({start}).\n\n"
-        + comparison_table(report)
-        + f"\n\npolicy - start: {p['difference']:+.4f} [{p['ci_low']:+.4f}, {p['ci_high']:+.4f}], "
-        f"p = {p['p_value']:.3g} ({p['test']}).\n",
-    )
-    if not quiet:
-        console.print(
-            f"eval rl (graders): grader_score start {contenders['start']['grader_score']:.3f}, policy "
-            f"{contenders['policy']['grader_score']:.3f}; difference {p['difference']:+.3f}, p = {p['p_value']:.3g} "
-            f"({report['seconds']:.0f}s)"
-        )
-    return report
-
-
 TASK = Task(
     name="rl",
     summary="RL (GRPO/RLOO): SFT, then against a reward model trained on pairs, or against rl.graders",
@@ -517,7 +412,7 @@ TASK = Task(
     # "pairs" itself when rl.graders is not set (before any stage runs) and its evaluation reads pairs.
     data="conversations",
     recipe=train_rl,
-    evaluation="tunekit.train.recipes.rl:evaluate",
+    evaluation="tunekit.eval.graded:evaluate_rl_run",
     generative=True,
     eval_options=("reward_model",),
     multi_process=False,
