@@ -26,7 +26,7 @@ from typing import Any
 
 from tunekit.data.example import Example
 from tunekit.data.needs import NO_PROMPT, feedback_counts, untrainable
-from tunekit.data.packing import document_ids, document_text
+from tunekit.data.packing import document_text, documents_ids
 from tunekit.data.problems import Problem
 from tunekit.errors import TunekitError
 
@@ -349,7 +349,7 @@ def check_data(
 
         tokenizer = load_tokenizer(resolve_model(model), chat_template)
         if kind == "documents":
-            lengths = [len(document_ids(tokenizer, document_text(e))) for e in examples]
+            lengths = [len(ids) for ids in documents_ids(tokenizer, [document_text(e) for e in examples])]
         else:
             check_template(tokenizer, examples)
             lengths = token_lengths(tokenizer, examples)

@@ -90,11 +90,19 @@ def document_text(ex: Example) -> str | None:
     return None
 
 
+def documents_ids(tokenizer, texts: list[str]) -> list[list[int]]:
+    """Each document's tokens: the tokenizer's encoding with its own special tokens (a BOS where it
+    adds one), then EOS. One batched call (the Rust tokenizer encodes in parallel); verbose=False:
+    a document longer than the model's context is expected here, as it is cut into chunks."""
+    if not texts:
+        return []
+    eos = [tokenizer.eos_token_id] if tokenizer.eos_token_id is not None else []
+    return [ids + eos for ids in tokenizer(texts, add_special_tokens=True, verbose=False)["input_ids"]]
+
+
 def document_ids(tokenizer, text: str) -> list[int]:
-    """A document's tokens: the tokenizer's encoding with its own special tokens (a BOS where it
-    adds one), then EOS."""
-    ids = tokenizer(text, add_special_tokens=True)["input_ids"]
-    return ids + ([tokenizer.eos_token_id] if tokenizer.eos_token_id is not None else [])
+    """One document's tokens (`documents_ids`)."""
+    return documents_ids(tokenizer, [text])[0]
 
 
 def chunk_document(doc: int, ids: list[int], max_length: int) -> list[Chunk]:
@@ -127,8 +135,7 @@ def pack_chunks(chunks: list[Chunk], max_length: int) -> list[PackedRow]:
 def pack_documents(tokenizer, texts: list[str], max_length: int) -> tuple[list[PackedRow], PackStats]:
     """Tokenize, chunk and pack `texts`; returns the rows and what packing did."""
     chunks, tokens = [], 0
-    for d, text in enumerate(texts):
-        ids = document_ids(tokenizer, text)
+    for d, ids in enumerate(documents_ids(tokenizer, texts)):
         tokens += len(ids)
         chunks += chunk_document(d, ids, max_length)
     rows = pack_chunks(chunks, max_length)

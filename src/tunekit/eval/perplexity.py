@@ -27,7 +27,7 @@ import torch.nn.functional as F
 
 from tunekit.console import err as console
 from tunekit.data.needs import require
-from tunekit.data.packing import Chunk, chunk_document, document_ids, document_text
+from tunekit.data.packing import Chunk, chunk_document, document_text, documents_ids
 from tunekit.data.tokenize import IGNORE_INDEX
 from tunekit.eval.report import comparison_table
 from tunekit.eval.stats import N_BOOT, ratio_ci, sign_flip_p
@@ -51,7 +51,7 @@ def evaluate_perplexity(run_dir: str | Path, data: str | Path | None = None, qui
     require("documents", examples, "test", cfg.task)
     t0 = time.perf_counter()
     model, tokenizer, is_adapter = load_trained(run_dir)
-    docs = [document_ids(tokenizer, document_text(ex)) for ex in examples]
+    docs = documents_ids(tokenizer, [document_text(ex) for ex in examples])
     chunks = [c for d, ids in enumerate(docs) for c in chunk_document(d, ids, cfg.train.max_length)]
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     bs = cfg.eval.batch_size
