@@ -120,3 +120,30 @@ def test_evaluation_scores_the_answer_after_the_thinking():
     assert per["exact_match"] == [1.0, 0.0, 1.0, 0.0]  # a reply cut off inside its thinking has no answer
     assert strip_thinking("<think>x</think>\n\nanswer") == "answer"
     assert strip_thinking("plain answer") == "plain answer"
+
+
+def test_a_model_trained_to_think_is_scored_on_its_answer(tiny_model_dir, tmp_path, monkeypatch):
+    """A tiny model trained (data.reasoning: train) to think, then answer: the predictions hold the
+    thinking, the metric scores the answer after it."""
+    from test_serve import base_that_can_stop
+    from tunekit.eval.evaluate import evaluate
+    from tunekit.train.session import train
+
+    monkeypatch.setenv("TUNEKIT_HOME", str(tmp_path / "home"))
+    rows = [row({"reasoning_content": "Easy.", "content": "FOUR"}) for _ in range(24)]
+    for i, r in enumerate(rows):
+        r["messages"][0]["content"] = f"question {i}?"
+    config = {
+        "model": str(base_that_can_stop(tiny_model_dir, tmp_path)),
+        "data": {"train": str(write(tmp_path, "think.jsonl", jsonl(*rows))), "split": [0.75, 0.0, 0.25]},
+        "lora": {"r": 8, "alpha": 16, "dropout": 0.0},
+        "train": {"max_steps": 40, "learning_rate": 2e-2, "batch_size": 4, "max_length": 64, "seed": 0},
+        "eval": {"probe": None, "few_shot": 0},
+        "output_dir": str(tmp_path / "run"),
+    }
+    run = train(config_from_dict(config), quiet=True)
+    report = evaluate(run, quiet=True)
+    assert report["contenders"]["finetuned"]["exact_match"] == 1.0
+    predictions = json.loads((run / "predictions.json").read_text())
+    assert all(p["finetuned"].startswith("<think>") and p["reference"] == "FOUR" for p in predictions)
+    assert all(p["finetuned_correct"] for p in predictions)
