@@ -39,7 +39,8 @@ from tunekit.data.example import Example, ToolCall
 from tunekit.data.problems import FieldError
 from tunekit.data.problems import describe as _kind
 
-# The text that tells a model without its own tool template which functions it has (Qwen 2.5's words).
+# The text that tells a model without its own tool template which functions it has (Qwen 2.5's words;
+# the built-in qwen template writes the same, see models/templates.py).
 TOOLS_PREAMBLE = (
     "# Tools\n\nYou may call one or more functions to assist with the user query.\n\n"
     "You are provided with function signatures within <tools></tools> XML tags:\n<tools>\n{tools}\n</tools>\n\n"

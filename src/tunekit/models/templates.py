@@ -85,6 +85,8 @@ CHATML = _j(*_CHATML, "{% endif %}")
 # content are kept as written in every turn (Qwen3's own template drops them from turns before the
 # last user message, so those turns render differently depending on what follows, and their loss
 # spans could not be found).
+# The words of data/tools.py's TOOLS_PREAMBLE, split around the tool list (Jinja string escapes);
+# tests/test_tool_calls.py checks that this template and the fallback write the same text.
 _QWEN_TOOLS = (
     "\\n\\n# Tools\\n\\nYou may call one or more functions to assist with the user query.\\n\\n"
     "You are provided with function signatures within <tools></tools> XML tags:\\n<tools>"
