@@ -466,7 +466,8 @@ class EvalConfig(_Strict):
     metrics: list[str] | None = Field(
         None,
         description="Metric names (exact_match, accuracy, macro_f1, numeric_match, rouge_l, bleu, json_valid, "
-        "field_accuracy) or 'module:function' callables; null: chosen from the references.",
+        "field_accuracy, tool_call_match, tool_call_name, tool_call_valid) or 'module:function' callables; "
+        "null: chosen from the references.",
     )
     probe: str | None = Field(
         "builtin",
