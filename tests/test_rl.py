@@ -137,6 +137,7 @@ def grade(completion, reference):
     return 1.0
 '''
 ROOT = Path(__file__).resolve().parents[1]
+TICKET = json.dumps({"intent": "account.login", "priority": "P1", "product": "web_portal"})
 
 
 def test_example_rl_graders_trains_on_a_tiny_model_and_reports_failing_graders(
@@ -206,6 +207,16 @@ def test_example_rl_graders_trains_on_a_tiny_model_and_reports_failing_graders(
     diff = report["contenders"]["policy"]["grader_score"] - report["contenders"]["start"]["grader_score"]
     assert report["paired"]["difference"] == pytest.approx(diff)
     assert 0 <= report["paired"]["p_value"] <= 1
+    # Another file, as `tunekit eval RUN --data FILE`; a reward model has nothing to score here.
+    pairs = tmp_path / "pairs.jsonl"
+    pairs.write_text(
+        json.dumps({"prompt": "Ticket: login fails.", "chosen": TICKET, "rejected": "no"}) + "\n"
+    )
+    other = evaluate(run, data=pairs, quiet=True)
+    assert other["n_test"] == 1 and other["test_data"] == str(pairs)
+    assert json.loads((run / "predictions.json").read_text())[0]["reference"] == TICKET  # the chosen answer
+    with pytest.raises(TunekitError, match="--reward-model: .* was trained against rl.graders"):
+        evaluate(run, reward_model=str(tmp_path), quiet=True)
 
 
 def test_graded_rl_reads_pairs_too_and_scores_against_the_chosen_answer(pairs_file, chat_file):
