@@ -16,6 +16,7 @@ import pytest
 import yaml
 
 from conftest import free_port, jsonl, make_tiny, running
+from tunekit.errors import TunekitError
 from tunekit.ship.ft_jobs import FineTuning
 from tunekit.ship.serve import create_app
 
@@ -114,6 +115,11 @@ def test_files_upload_list_retrieve_content_delete(server, tmp_path):
     assert server.client.files.delete(uploaded.id).deleted
     with pytest.raises(openai.NotFoundError):
         server.client.files.retrieve(uploaded.id)
+
+
+def test_a_second_server_over_the_same_home_is_refused(server):
+    with pytest.raises(TunekitError, match="another `tunekit serve --enable-fine-tuning` runs"):
+        FineTuning(DEFAULTS)
 
 
 def test_bad_jobs_are_openai_style_400s(server, base, chat_file):

@@ -331,9 +331,16 @@ class FineTuning:
 
     def attach(self, app, served: dict[str, Served], limits: dict) -> None:
         """Add the routes; serve every model earlier jobs fine-tuned."""
+        from tunekit.console import err
+
         self.served, self.limits = served, limits
         for job in ft_store.succeeded_jobs():
-            self._publish(job)
+            try:
+                self._publish(job)
+            except Exception as e:  # e.g. its run directory was deleted: serve the others
+                err.print(
+                    f"[yellow]not serving {job['fine_tuned_model']} ({job['run_dir']}): {type(e).__name__}: {e}"
+                )
         _routes(app, self)
 
     def start(self) -> None:

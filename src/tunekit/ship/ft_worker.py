@@ -15,6 +15,7 @@ with SIGKILL leaves it training on alone (see the README's limits).
 
 from __future__ import annotations
 
+import fcntl
 import json
 import signal
 import subprocess
@@ -39,11 +40,27 @@ def _paths(job: dict) -> tuple[Path, Path, Path]:
 
 
 class Worker:
+    """Takes `$TUNEKIT_HOME/fine_tuning/worker.lock` when made, so that two servers over one home
+    never run the same queue (a TunekitError for the second); `stop` lets it go."""
+
     def __init__(self, publish, stop_timeout_s: float = 120.0):
+        from tunekit.errors import TunekitError
+
         self.publish = publish  # publish(job): serve the job's model (FineTuning._publish)
         self.stop_timeout_s = stop_timeout_s
         self._wake, self._stopping = threading.Event(), threading.Event()
         self._thread: threading.Thread | None = None
+        lock = ft_store.home() / "worker.lock"
+        lock.parent.mkdir(parents=True, exist_ok=True)
+        self._lock = lock.open("w")
+        try:
+            fcntl.flock(self._lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            self._lock.close()
+            raise TunekitError(
+                f"another `tunekit serve --enable-fine-tuning` runs the fine-tuning jobs of {lock.parent.parent} "
+                "($TUNEKIT_HOME); stop it, or give this server another TUNEKIT_HOME"
+            ) from None
 
     def start(self) -> None:
         self._thread = threading.Thread(target=self._loop, name="tunekit-fine-tuning", daemon=True)
@@ -58,6 +75,7 @@ class Worker:
         self._wake.set()
         if self._thread is not None:
             self._thread.join(self.stop_timeout_s + 10)
+        self._lock.close()  # closing the file lets the lock go
 
     def _loop(self) -> None:
         while not self._stopping.is_set():
