@@ -175,7 +175,10 @@ def test_the_data_check_reports_a_bad_call_and_counts_the_calls(tmp_path, defaul
         "examples_with_calls": 1,
         "calls": 1,
         "functions_called": 1,
+        "rendering": "the fallback (tools in the system turn, <tool_call> blocks, <tool_response> user turns)",
     }
+    qwen = check_data([path], model=str(default_model_dir), chat_template="qwen")
+    assert qwen.stats["tool_calls"]["rendering"] == "the chat template's own"
 
 
 def test_the_real_glaive_demo_loads_and_its_one_bad_call_is_named(default_model_dir):

@@ -280,6 +280,15 @@ def token_lengths(tokenizer, examples: Sequence[Example]) -> list[int]:
     return [len(ids) for ids in tokenizer(texts, add_special_tokens=False)["input_ids"]]
 
 
+def tool_rendering_of(tokenizer) -> str:
+    """How the tokenizer's chat template writes tool use: by itself, or through the fallback."""
+    from tunekit.data.tokenize import supports_tools
+
+    if supports_tools(tokenizer):
+        return "the chat template's own"
+    return "the fallback (tools in the system turn, <tool_call> blocks, <tool_response> user turns)"
+
+
 def _summary(values: Sequence[float]) -> dict[str, float]:
     if not values:
         return {}
@@ -342,7 +351,7 @@ def check_data(
     document is split into chunks: data/packing.py), so no too_long warning."""
     checks = [read_file(p, format, columns, labels, kind) for p in files]
     examples = [e for fc in checks for e in fc.examples]
-    lengths = None
+    lengths, tool_rendering = None, None
     if model is not None and examples:
         from tunekit.data.tokenize import check_template
         from tunekit.models import load_tokenizer, resolve_model
@@ -353,6 +362,7 @@ def check_data(
         else:
             check_template(tokenizer, examples)
             lengths = token_lengths(tokenizer, examples)
+            tool_rendering = tool_rendering_of(tokenizer)
     cut = lengths if lengths and kind != "documents" else None
     warnings = [
         w for k, ex in enumerate(examples) for w in row_warnings(ex, cut[k] if cut else None, max_length)
@@ -364,6 +374,8 @@ def check_data(
         d for i, a in enumerate(checks) for b in checks[i + 1 :] for d in find_leakage(a, b, near_threshold)
     ]
     stats = compute_stats(examples, lengths)
+    if "tool_calls" in stats and tool_rendering:
+        stats["tool_calls"]["rendering"] = tool_rendering
     stats["max_length"] = max_length
     if cut:
         stats["over_max_length"] = sum(n > max_length for n in cut)

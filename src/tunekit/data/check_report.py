@@ -86,7 +86,8 @@ def _stats(report: CheckReport) -> None:
         t.add_row(
             "tool calls",
             f"{tc['calls']} calls of {tc['functions_called']} functions in {tc['examples_with_calls']} examples; "
-            f"{tc['examples_with_tools']} examples declare tools",
+            f"{tc['examples_with_tools']} examples declare tools"
+            + (f"; rendered by {tc['rendering']}" if "rendering" in tc else ""),
         )
     if "reasoning_turns" in s:
         t.add_row("reasoning", f"{s['reasoning_turns']} assistant turns think first (data.reasoning)")
