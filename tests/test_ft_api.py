@@ -122,6 +122,21 @@ def test_a_second_server_over_the_same_home_is_refused(server):
         FineTuning(DEFAULTS)
 
 
+@pytest.mark.parametrize(
+    ("args", "says"),
+    [
+        ([], "give at least one run directory"),
+        (["--fine-tune-config", "jobs.yaml"], "give --enable-fine-tuning too"),
+    ],
+)
+def test_serve_without_the_jobs_api_needs_a_model_and_takes_no_job_config(args, says, tmp_path):
+    cmd = [sys.executable, "-m", "tunekit", "serve", *args]
+    done = subprocess.run(
+        cmd, capture_output=True, text=True, cwd=tmp_path, env=os.environ | {"TUNEKIT_HOME": str(tmp_path)}
+    )
+    assert done.returncode != 0 and says in done.stderr and "Traceback" not in done.stderr, done.stderr
+
+
 def test_bad_jobs_are_openai_style_400s(server, base, chat_file):
     jobs = server.client.fine_tuning.jobs
     with pytest.raises(openai.BadRequestError) as e:
@@ -166,6 +181,8 @@ def test_supervised_job_trains_and_its_ft_model_is_served(server, base, chat_fil
         },
     )
     assert job.status == "queued" and job.seed == 7 and job.method.type == "supervised"
+    hp = job.hyperparameters  # "auto" reported as what the job trains with (the server's batch_size)
+    assert (hp.n_epochs, hp.batch_size, hp.learning_rate_multiplier) == (5, 4, pytest.approx(10))
     done = wait(client, job.id, ("succeeded", "failed"))
     assert done.status == "succeeded", done.error
     assert done.fine_tuned_model == f"ft:{base.name}:ok:{job.id.removeprefix('ftjob-')[:8]}"

@@ -211,6 +211,24 @@ def read_defaults(path: Path | None) -> dict:
     return raw
 
 
+def resolved(hp: SupervisedHyperparameters, raw: dict, defaults: dict) -> dict:
+    """The job's hyperparameters as OpenAI reports them: "auto" replaced by what the job trains with."""
+    from tunekit.config import TrainConfig, config_from_dict
+
+    cfg = config_from_dict(raw, source="fine-tuning job")
+    base_lr = defaults.get("train", {}).get(
+        "learning_rate", TrainConfig.model_fields["learning_rate"].default
+    )
+    epochs = cfg.train.epochs
+    chosen = {
+        "n_epochs": int(epochs) if float(epochs).is_integer() else epochs,
+        "batch_size": cfg.train.batch_size,
+        "learning_rate_multiplier": cfg.train.learning_rate / base_lr,
+        "beta": cfg.dpo.beta,
+    }
+    return {k: chosen[k] if v == "auto" else v for k, v in hp.model_dump().items()}
+
+
 def check_file(file_id: str, param: str, task: str) -> Path:
     """The stored path of an uploaded file the job can train on, or a 400 saying why not."""
     from tunekit.data import read_examples
@@ -380,7 +398,7 @@ class FineTuning:
         job_id = ft_store.new_id("ftjob-")
         run_dir = ft_store.home() / "jobs" / job_id
         config = job_config(req, kind, hp, seed, files, run_dir, self.defaults)
-        hp_out = hp.model_dump()
+        hp_out = resolved(hp, config, self.defaults)
         request = req.model_dump() | {
             "seed": seed,
             "method": {"type": kind, kind: {"hyperparameters": hp_out}},
