@@ -179,7 +179,7 @@ def corpus(tmp_path_factory) -> dict[str, Path]:
 
 def _config(tiny_model_dir, data: dict[str, Path], out: Path, method: str, task: str = "pretrain", **train):
     t = {"epochs": 4, "learning_rate": 3e-3 if method == "full" else 1e-2, "batch_size": 4,
-         "max_length": 48, "seed": 0, "eval_every": 4} | train  # fmt: skip
+         "max_length": 48, "seed": 0, "eval_every": 10} | train  # fmt: skip
     return config_from_dict(
         {
             "model": str(tiny_model_dir),
