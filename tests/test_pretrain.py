@@ -284,3 +284,16 @@ def test_a_pretrained_model_exports_merges_serves_and_chats(
     )
     run = train(cfg, quiet=True)
     _check_policy_ships(run, caught["logits"], tmp_path, [_base_logits(tiny_model_dir, tokenizer)])
+
+
+def test_the_estimate_profiles_the_packed_rows(tiny_model_dir, tokenizer, corpus, tmp_path):
+    """`tunekit estimate` sizes a pretrain run by the rows it trains on (full max_length rows), not by
+    its documents."""
+    from tunekit.data import load_examples
+    from tunekit.estimate.training import data_profile
+
+    profile = data_profile(_config(tiny_model_dir, corpus, tmp_path / "run", "lora"))
+    texts = [ex.target for ex in load_examples(corpus["train"], format="text")]
+    rows, stats = pack_documents(tokenizer, texts, 48)
+    assert (profile["examples"], profile["max_tokens"]) == (stats.rows, 48)
+    assert profile["target_fraction"] == pytest.approx(stats.targets / sum(len(r.input_ids) for r in rows))

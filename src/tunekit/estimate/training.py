@@ -106,14 +106,21 @@ def estimate_checked(cfg: Config, report, price_per_hour: float | None = None) -
 
 
 def data_profile(cfg: Config) -> dict:
-    """Token lengths and the share of positions carrying loss, from the config's train file."""
+    """Token lengths and the share of positions carrying loss, from the config's train file: its
+    examples as training tokenizes them, or for raw text (task: pretrain) the packed rows it trains on."""
     from tunekit.data import load_examples
-    from tunekit.data.tokenize import tokenize_example
+    from tunekit.data.packing import document_text, pack_documents
+    from tunekit.data.tokenize import TokenizedExample, tokenize_example
     from tunekit.models import load_tokenizer, resolve_model
 
     tok = load_tokenizer(resolve_model(cfg.model), cfg.chat_template)
     examples = load_examples(cfg.data.train, format=cfg.data.format, columns=cfg.data.columns or None)
-    rows = [tokenize_example(tok, ex, cfg.train.max_length) for ex in examples]
+    if get_task(cfg.task).data == "documents":
+        texts = [t for ex in examples if (t := document_text(ex)) is not None]
+        packed, _ = pack_documents(tok, texts, cfg.train.max_length)
+        rows = [TokenizedExample(r.input_ids, r.labels) for r in packed]
+    else:
+        rows = [tokenize_example(tok, ex, cfg.train.max_length) for ex in examples]
     lengths = [len(r.input_ids) for r in rows]
     tokens = sum(lengths)
     return {
