@@ -410,3 +410,22 @@ def test_the_server_returns_the_call_in_openais_shape(tool_run):
         # Without `tools` the reply is plain text, as generated.
         r = client.chat.completions.create(model="run", messages=ask, temperature=0, max_tokens=40)
         assert r.choices[0].message.tool_calls is None
+
+
+@pytest.mark.parametrize("template", [None, "qwen"])
+def test_an_exported_gguf_template_gets_the_same_prompt_as_training(tmp_path, default_model_dir, template):
+    """The export parity check renders the GGUF's template (the same Jinja) from the turns training
+    gave its own: tools, calls and earlier thinking included, the prompts are equal."""
+    from tunekit.eval.exported import _gguf_prompt
+
+    tok = load_tokenizer(default_model_dir, template)
+    row = openai_row()
+    row["messages"][3] |= {"reasoning_content": "The tool said 20."}
+    row["messages"] += [
+        {"role": "user", "content": "And Rome?"},
+        {"role": "assistant", "content": "Ask again."},
+    ]
+    [ex] = load_examples(write(tmp_path, "x.jsonl", jsonl(row)))
+    meta = {"chat_template": tok.chat_template, "bos_token": tok.bos_token, "eos_token": tok.eos_token}
+    assert _gguf_prompt(meta, tok, ex) == render_prompt(tok, ex)
+    assert "<think>\nThe tool said 20.\n</think>" in render_prompt(tok, ex)

@@ -50,14 +50,16 @@ def gguf_chat_meta(path: Path) -> dict:
     }
 
 
-def render_gguf_prompt(meta: dict, messages: list[dict]) -> str:
-    """A conversation rendered by the GGUF's own chat template, as a runtime that reads it does."""
+def render_gguf_prompt(meta: dict, messages: list[dict], tools: list[dict] | None = None) -> str:
+    """A conversation (and its declared `tools`) rendered by the GGUF's own chat template, as a
+    runtime that reads it does."""
     from transformers.utils.chat_template_utils import render_jinja_template
 
     if not meta["chat_template"]:
         raise TunekitError("the GGUF carries no chat template (tokenizer.chat_template); re-export it")
     rendered, _ = render_jinja_template(
         conversations=[messages],
+        tools=tools,
         chat_template=meta["chat_template"],
         add_generation_prompt=True,
         bos_token=meta["bos_token"] or "",
@@ -66,8 +68,13 @@ def render_gguf_prompt(meta: dict, messages: list[dict]) -> str:
     return rendered[0]
 
 
-def _messages(example) -> list[dict]:
-    return [{"role": m.role, "content": m.content} for m in example.prompt]
+def _gguf_prompt(meta: dict, tokenizer, example) -> str:
+    """The example's prompt by the GGUF's template, given the turns training gave its own template
+    (data/tokenize.py `conversation`: reasoning as <think> blocks, tool use native or by the fallback)."""
+    from tunekit.data.tokenize import conversation
+
+    turns, tools, _ = conversation(tokenizer, example.prompt, example.tools)
+    return render_gguf_prompt(meta, turns, tools)
 
 
 def check_prompts(gguf_path: Path, tokenizer, examples) -> list[dict]:
@@ -77,7 +84,7 @@ def check_prompts(gguf_path: Path, tokenizer, examples) -> list[dict]:
     meta = gguf_chat_meta(gguf_path)
     out = []
     for ex in examples:
-        train_text, gguf_text = render_prompt(tokenizer, ex), render_gguf_prompt(meta, _messages(ex))
+        train_text, gguf_text = render_prompt(tokenizer, ex), _gguf_prompt(meta, tokenizer, ex)
         if train_text != gguf_text:
             out.append({"source": ex.where, "training": train_text, "gguf": gguf_text})
     return out
@@ -206,7 +213,7 @@ def evaluate_exported(
     text_mismatch, token_mismatch, gguf_preds = [], 0, []
     t0 = time.perf_counter()
     for ex, want_ids in zip(examples, train_ids, strict=True):
-        gguf_text = render_gguf_prompt(meta, _messages(ex))
+        gguf_text = _gguf_prompt(meta, tokenizer, ex)
         if render_prompt(tokenizer, ex) != gguf_text:
             text_mismatch.append(ex.where)
         ids = runner.tokenize(gguf_text)
