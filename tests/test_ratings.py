@@ -307,7 +307,10 @@ def test_cli_exports_pairs_that_tunekit_reads_and_reports_agreement(rated_run, t
     }
     for rater, vs in verdicts.items():
         for p, v in zip(pairs, vs, strict=True):
-            registry.save_rating(rated_run["id"], "base_few_shot|finetuned", p["item"], rater, v, "A", "", p)
+            shown = "A" if rater == "ana" else "B"  # bo saw every first reply on the right
+            registry.save_rating(
+                rated_run["id"], "base_few_shot|finetuned", p["item"], rater, v, shown, "", p
+            )
     out = tmp_path / "pairs.jsonl"
     r = CliRunner().invoke(app, ["data", "ratings", "run", "--out", str(out)])
     assert r.exit_code == 0, r.output
@@ -316,6 +319,9 @@ def test_cli_exports_pairs_that_tunekit_reads_and_reports_agreement(rated_run, t
     assert "finetuned beat base_few_shot in 1 of 2 decisive pairs" in r.output
     kappa = cohen_kappa(verdicts["ana"], verdicts["bo"])
     assert f"Cohen's kappa {kappa:.3f} over 5 pairs" in r.output
+    # ana (first shown as A) picked second 3 times: B; first once: A. bo (first shown as B) picked
+    # second once: A; first twice: B.
+    assert "raters picked the reply shown as A 2 times, as B 5 times" in r.output
     examples = load_examples(out)
     assert [ex.format for ex in examples] == ["preference", "preference"]
     assert examples[0].target == "tuned 0" and examples[0].rejected[0].content == "base 0"

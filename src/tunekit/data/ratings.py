@@ -154,7 +154,20 @@ def ratings_report(ratings: list[dict]) -> dict:
         "raters": dict(Counter(r["rater"] for r in ratings)),
         "human": win_rate([d for d, _ in decided.values()]),
         "agreement": agreement(ratings),
+        "position": position_counts(ratings),
     }
+
+
+def position_counts(ratings: list[dict]) -> dict[str, int]:
+    """How often raters picked the reply shown as A and as B (position bias: far from even over many
+    pairs, the order influenced them; the A/B coin flip keeps it out of the win rate)."""
+    flip = {"A": "B", "B": "A"}
+    sides = [
+        r["first_shown_as"] if r["verdict"] == "first" else flip[r["first_shown_as"]]
+        for r in ratings
+        if r["verdict"] in ("first", "second") and r.get("first_shown_as") in flip
+    ]
+    return {"A": sides.count("A"), "B": sides.count("B")}
 
 
 def describe_win_rate(w: dict, first: str, second: str) -> str:
@@ -223,6 +236,8 @@ def print_ratings_report(report: dict) -> None:
     out.print(f"{report['comparison']}: {report['ratings']} ratings of {report['pairs']} pairs by {raters}")
     out.print(describe_win_rate(report["human"], report["first"], report["second"]))
     out.print(describe_agreement(report["agreement"]))
+    pos = report["position"]
+    out.print(f"raters picked the reply shown as A {pos['A']} times, as B {pos['B']} times")
     left = report["left_out"]
     where = f" -> {report['out']}" if report["out"] else " (give --out FILE to write them)"
     out.print(
