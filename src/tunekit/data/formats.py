@@ -111,6 +111,12 @@ def _message(m: Any, field: str) -> Message:
         raise FieldError(
             f"{field}.role", "unknown_role", f"unknown role {role!r}; use one of {', '.join(ROLES)}"
         )
+    if role != "assistant" and "weight" in m:
+        raise FieldError(
+            f"{field}.weight",
+            "invalid_weight",
+            f"only assistant messages take a weight; remove it from this {role} message",
+        )
     if role == "tool":
         return Message(
             "tool",
@@ -143,14 +149,7 @@ def _message(m: Any, field: str) -> Message:
         )
     if "weight" not in m:
         return message
-    weight = m["weight"]
-    if role != "assistant":
-        raise FieldError(
-            f"{field}.weight",
-            "invalid_weight",
-            f"only assistant messages take a weight; remove it from this {role} message",
-        )
-    return replace(message, weight=_weight(weight, f"{field}.weight"))
+    return replace(message, weight=_weight(m["weight"], f"{field}.weight"))
 
 
 def _weight(weight: Any, field: str) -> int:
