@@ -11,7 +11,7 @@ the win rate.
 
 The judge is a local model (any `model:` spec, generating greedily here) or any OpenAI-compatible
 endpoint (`--judge-url http://host/v1`, MODEL its model name; the key from $TUNEKIT_JUDGE_API_KEY,
-else $OPENAI_API_KEY). The rubric is a text with {prompt}, {a} and {b} in it (and {reference},
+else $OPENAI_API_KEY; four requests in flight). The rubric is a text with {prompt}, {a} and {b} in it (and {reference},
 optionally); its verdict format is MT-Bench's: `[[A]]`, `[[B]]`, `[[C]]` for a tie.
 """
 
@@ -55,6 +55,7 @@ format: "[[A]]" if assistant A is better, "[[B]]" if assistant B is better, and 
 PLACEHOLDERS = ("{prompt}", "{a}", "{b}")
 VERDICT = re.compile(r"\[\[\s*(A|B|C|tie)\s*\]\]", re.IGNORECASE)
 KEY_VARIABLES = ("TUNEKIT_JUDGE_API_KEY", "OPENAI_API_KEY")
+ENDPOINT_CONCURRENCY = 4
 
 
 def load_rubric(path: str | Path | None) -> str:
@@ -142,7 +143,11 @@ class EndpointJudge:
         self.key = next((os.environ[k] for k in KEY_VARIABLES if os.environ.get(k)), None)
 
     def __call__(self, prompts: list[str]) -> list[str]:
-        return [self._ask(p) for p in prompts]
+        from concurrent.futures import ThreadPoolExecutor
+
+        # A few requests in flight: a served model batches them; replies come back in prompt order.
+        with ThreadPoolExecutor(ENDPOINT_CONCURRENCY) as pool:
+            return list(pool.map(self._ask, prompts))
 
     def _ask(self, prompt: str) -> str:
         body = {
