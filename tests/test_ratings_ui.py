@@ -163,6 +163,8 @@ def test_export_the_ratings_and_train_a_reward_model_on_them(evaluated, page, tm
 def test_start_a_training_run_from_the_page_follow_it_and_stop_it(evaluated, page):
     """The run's own config with edited keys, started from the dashboard; its live progress; Stop
     sends SIGTERM: the run finishes its step, saves a checkpoint and is marked interrupted."""
+    import os
+    import signal
     import time
 
     url, run, folder = evaluated
@@ -178,21 +180,26 @@ def test_start_a_training_run_from_the_page_follow_it_and_stop_it(evaluated, pag
     page.fill("#launch-set", f"output_dir={out}\ntrain.max_steps=2000\ntrain.save_steps=1000")
     page.click("#launch")
     page.wait_for_selector("#launch-msg >> text=started")
-    # the page follows the new run once it registers, with its live step count
-    page.wait_for_selector("#title >> text=launched", timeout=180_000)
-    deadline = time.time() + 180
-    while (registry.get_run(str(out)) or {}).get("step", 0) < 2 and time.time() < deadline:
-        time.sleep(0.5)
-    assert registry.get_run(str(out))["status"] == "running"
-    page.wait_for_function(
-        "() => parseFloat(document.querySelector('#progress-bar').style.width) > 0", timeout=30_000
-    )
-    page.click("#jobs button.stop")
-    page.wait_for_selector("#jobs li >> text=exited", timeout=120_000)
-    stopped = registry.get_run(str(out))
-    assert stopped["status"] == "interrupted" and stopped["step"] < 2000
-    assert "SIGTERM" in _get_jobs(url)[0]["log"]
-    assert list((out / "checkpoints").glob("step-*")), "SIGTERM saves a checkpoint to resume from"
+    try:
+        # the page follows the new run once it registers, with its live step count
+        page.wait_for_selector("#title >> text=launched", timeout=180_000)
+        deadline = time.time() + 180
+        while (registry.get_run(str(out)) or {}).get("step", 0) < 2 and time.time() < deadline:
+            time.sleep(0.5)
+        assert registry.get_run(str(out))["status"] == "running"
+        page.wait_for_function(
+            "() => parseFloat(document.querySelector('#progress-bar').style.width) > 0", timeout=30_000
+        )
+        page.click("#jobs button.stop")
+        page.wait_for_selector("#jobs li >> text=exited", timeout=120_000)
+        stopped = registry.get_run(str(out))
+        assert stopped["status"] == "interrupted" and stopped["step"] < 2000
+        assert "SIGTERM" in _get_jobs(url)[0]["log"]
+        assert list((out / "checkpoints").glob("step-*")), "SIGTERM saves a checkpoint to resume from"
+    finally:  # a failed check must not leave a 2000-step training behind
+        for job in _get_jobs(url):
+            if job["running"]:
+                os.kill(job["pid"], signal.SIGKILL)
     page.fill("#launch-set", f"output_dir={out}")  # the folder now holds a run: refused
     page.click("#launch")
     page.wait_for_selector("#launch-msg >> text=holds an earlier run")
