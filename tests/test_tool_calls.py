@@ -282,6 +282,11 @@ def test_tool_call_metrics():
     assert per == {"tool_call_match": [1.0, 0.0], "tool_call_valid": [1.0, 1.0]}
 
 
+def _has_call(predictions, references):
+    """A user's metric (module:function): 1 where the reply holds a <tool_call> block."""
+    return [float("<tool_call>" in p) for p in predictions]
+
+
 def test_tool_data_gets_tool_metrics_beside_the_text_metrics():
     call = ToolCall("f", "{}").block
     assert default_metrics([call, call], False)[0] == "tool_call_match"  # every reference calls
@@ -294,6 +299,9 @@ def test_tool_data_gets_tool_metrics_beside_the_text_metrics():
     # Text metrics score the text outside the calls.
     values, _ = score_metrics(["exact_match"], [f"Sure.\n{call}", "Fine."], [f"Sure.\n{call}", "Fine."])
     assert values["exact_match"] == 1.0
+    # A user's metric gets whole replies, calls included.
+    values, _ = score_metrics(["test_tool_calls:_has_call"], [f"Sure.\n{call}"], [f"Sure.\n{call}"])
+    assert values["_has_call"] == 1.0
     # Not tool data: a JSON answer with a "name" field is text, not a call.
     assert default_metrics(['{"name": "Bob", "age": 3}'], False) == [
         "exact_match",

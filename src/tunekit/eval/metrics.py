@@ -11,7 +11,7 @@ code to import, so evaluation takes it only from the user (`tunekit eval RUN --m
 Every metric scores the final answer: a `<think>` block is stripped from predictions and references
 first (data/reasoning.py). Tool calls (data/tools.py) are scored by the tool_call_* metrics, which
 read the `<tool_call>` blocks (or a bare JSON call) of each reply; where the references hold calls,
-the text metrics score the text outside the calls.
+tunekit's text metrics score the text outside the calls (a `module:function` metric gets whole replies).
 """
 
 from __future__ import annotations
@@ -188,7 +188,9 @@ class Metric:
     name: str
     fn: Callable[[Sequence[str], Sequence[str]], list[float] | float]
     per_example: bool
-    calls: bool = False  # reads the replies' tool calls (else, on tool data, the text outside them)
+    # Reads whole replies, tool calls included (the tool_call_* metrics, a user's metric); tunekit's
+    # text metrics read, on tool data, the text outside the calls.
+    calls: bool = False
 
 
 METRICS: dict[str, Metric] = {
@@ -228,7 +230,7 @@ def resolve_metric(spec: str) -> Metric:
     if not callable(fn):
         raise ConfigError([f"eval.metrics: {spec!r} is not callable"])
     # Whether it scores examples or the corpus is seen from its first result (see score_metric).
-    return Metric(func, fn, per_example=False)
+    return Metric(func, fn, per_example=False, calls=True)
 
 
 def is_custom(spec: str) -> bool:
