@@ -190,6 +190,8 @@ def test_supervised_job_trains_and_its_ft_model_is_served(server, base, chat_fil
     messages = [e.message for e in client.fine_tuning.jobs.list_events(job.id, limit=100)]
     assert messages[0] == "The job has successfully completed"
     assert "Step 30/30" in " ".join(messages) and "validation loss" in " ".join(messages)
+    saved = [int(m.split()[-1]) for m in messages if m.startswith("Checkpoint created at step")]
+    assert saved[0] == 30 and all(n % 6 == 0 for n in saved)  # save_steps 6
     ckpts = client.fine_tuning.jobs.checkpoints.list(job.id).data
     assert ckpts[0].step_number == 30 and ckpts[0].metrics.train_loss is not None
     assert done.fine_tuned_model in [m.id for m in client.models.list()]
@@ -197,6 +199,10 @@ def test_supervised_job_trains_and_its_ft_model_is_served(server, base, chat_fil
         model=done.fine_tuned_model, messages=ASK, max_tokens=8, temperature=0
     )
     assert reply.choices[0].message.content == "OK"
+    scored = client.completions.create(
+        model=done.fine_tuned_model, prompt="question 3?", max_tokens=0, echo=True, logprobs=1
+    )
+    assert scored.choices[0].text.endswith("question 3?") and scored.choices[0].logprobs.token_logprobs[1] < 0
 
 
 def test_dpo_job_trains_on_openai_preference_rows(server, base, tmp_path):

@@ -25,6 +25,7 @@ import time
 from pathlib import Path
 
 from tunekit.ship import ft_store
+from tunekit.train.checkpoint import list_checkpoints
 
 POLL_S = 0.5
 
@@ -105,14 +106,10 @@ class Worker:
             return
         resume = (run_dir / "data" / "manifest.json").is_file()
         if job["status"] == "running":
-            from tunekit.train.checkpoint import latest_checkpoint
-
-            ckpt = latest_checkpoint(run_dir) if resume else None
-            where = (
-                f"its checkpoint at step {int(ckpt.name.split('-')[-1])}"
-                if ckpt
-                else "the start (no checkpoint yet)"
-            )
+            ckpts = list_checkpoints(run_dir) if resume else []
+            where = "the start (no checkpoint yet)"
+            if ckpts:
+                where = f"its checkpoint at step {int(ckpts[-1].name.split('-')[-1])}"
             ft_store.add_event(job_id, f"The server restarted: the job resumes from {where}")
         else:
             ft_store.update_job(job_id, status="running")
@@ -132,10 +129,12 @@ class Worker:
                 cmd, stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.STDOUT, start_new_session=True
             )
         last = ft_store.last_metric_step(job_id)
+        seen = {c.name for c in list_checkpoints(run_dir)}  # a resumed run's were reported already
         signalled, cancelled, deadline = False, False, 0.0
         while proc.poll() is None:
             self._stopping.wait(POLL_S)
             last = self._metrics(job_id, run_dir, last)
+            seen = _checkpoints(job_id, run_dir, seen)
             if not signalled and (self._stopping.is_set() or ft_store.cancel_requested(job_id)):
                 cancelled = not self._stopping.is_set()
                 proc.send_signal(signal.SIGTERM)  # stops after this step, with a checkpoint
@@ -143,6 +142,7 @@ class Worker:
             elif signalled and time.monotonic() > deadline:
                 proc.kill()
         self._metrics(job_id, run_dir, last)
+        _checkpoints(job_id, run_dir, seen)
         cancelled = cancelled or ft_store.cancel_requested(job_id)
         if proc.returncode != 0 and cancelled:
             ft_store.update_job(job_id, status="cancelled")
@@ -159,7 +159,6 @@ class Worker:
             summary = json.loads((run_dir / "train_summary.json").read_text(encoding="utf-8"))
             name = model_name(job)
             ft_store.update_job(job_id, fine_tuned_model=name, trained_tokens=summary.get("tokens"))
-            ft_store.add_event(job_id, f"Checkpoint created at step {summary.get('steps')}")
             self.publish(ft_store.get_job(job_id))  # served before the status says succeeded
             ft_store.add_event(job_id, f"New fine-tuned model created: {name}")
             ft_store.update_job(job_id, status="succeeded")
@@ -193,6 +192,16 @@ class Worker:
             ft_store.add_event(job_id, text, type="metrics", data=data)
             last = step
         return last
+
+
+def _checkpoints(job_id: str, run_dir: Path, seen: set[str]) -> set[str]:
+    """A "Checkpoint created" event for each checkpoint not seen before (checkpoints written and
+    rotated away between two polls are not reported)."""
+    now = list_checkpoints(run_dir)
+    for c in now:
+        if c.name not in seen:
+            ft_store.add_event(job_id, f"Checkpoint created at step {int(c.name.split('-')[-1])}")
+    return seen | {c.name for c in now}
 
 
 def _total_steps(run_dir: Path) -> int | None:
