@@ -297,3 +297,23 @@ def test_the_estimate_profiles_the_packed_rows(tiny_model_dir, tokenizer, corpus
     rows, stats = pack_documents(tokenizer, texts, 48)
     assert (profile["examples"], profile["max_tokens"]) == (stats.rows, 48)
     assert profile["target_fraction"] == pytest.approx(stats.targets / sum(len(r.input_ids) for r in rows))
+
+
+def test_a_model_whose_mask_ignores_the_position_ids_stops_the_run_before_training(
+    tiny_model_dir, tokenizer, monkeypatch
+):
+    """check_packing runs the run's own model on two packed documents: where the mask does not follow
+    the restarting position ids (here transformers' packed-row detection switched off), it refuses."""
+    import transformers.masking_utils as masking
+
+    from tunekit.errors import TunekitError
+    from tunekit.train.recipes.pretrain import check_packing
+
+    model = load_model(tiny_model_dir).train()
+    check_packing(model, tokenizer.pad_token_id)  # the real mask: no error
+    assert model.training  # left as it was
+    monkeypatch.setattr(masking, "find_packed_sequence_indices", lambda position_ids: None)
+    with pytest.raises(TunekitError, match="attends across the documents"):
+        check_packing(model, tokenizer.pad_token_id)
+    assert enable_padding_free(model)  # the segment kernel does not depend on that mask
+    check_packing(model, tokenizer.pad_token_id)

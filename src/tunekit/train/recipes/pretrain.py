@@ -20,10 +20,12 @@ from typing import TYPE_CHECKING
 import torch
 
 from tunekit.console import err as console
-from tunekit.data.packing import PackedRow, document_text, pack_documents
+from tunekit.data.packing import Chunk, PackedRow, document_text, pack_documents
 from tunekit.data.tokenize import IGNORE_INDEX
 from tunekit.errors import TunekitError
 from tunekit.models import load_tokenizer, resolve_model
+from tunekit.models.device import autocast, model_device
+from tunekit.models.load import unwrap_peft
 from tunekit.tasks import Task
 from tunekit.train import distributed
 from tunekit.train.batching import sequential_batches
@@ -50,6 +52,7 @@ def train_pretrain(run: RunSession) -> Path:
         console.print(train_stats.line("train"))
         console.print(val_stats.line("validation"))
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    check_packing(model, pad_id)
     recipe = Recipe(
         train=train_rows,
         validation=val_rows,
@@ -87,21 +90,58 @@ def collate_rows(rows: list[PackedRow], pad_id: int) -> dict[str, torch.Tensor]:
     return {k: torch.tensor(v) for k, v in out.items()}
 
 
-def packed_loss_sum(
-    model, batch: dict[str, torch.Tensor], chunk: int | None = None
-) -> tuple[torch.Tensor, int]:
-    """Summed loss over a batch of packed rows, and its target count, attention within each segment.
+def packed_inputs(model, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor, dict]:
+    """(input_ids, labels, forward kwargs) of a batch of packed rows, attention within each segment.
 
-    With train.padding_free (train/speed/padding_free.py) the batch's real tokens run as one row,
-    segment by segment; otherwise as (B, T) rows whose restarting position ids make transformers
-    build the block-diagonal causal mask. Both give each document's own logits (tested)."""
+    With train.padding_free (train/speed/padding_free.py) the batch's real tokens run as one (1, N)
+    row, segment by segment; otherwise as (B, T) rows whose restarting position ids make transformers
+    build the block-diagonal causal mask. Both give each document's own logits (tested, and checked
+    on the run's own model by `check_packing`)."""
     ids, labels, positions = batch["input_ids"], batch["labels"], batch["position_ids"]
     if not padding_free.enabled(model):
-        return loss_sum(model, ids, None, labels, chunk, position_ids=positions)
+        return ids, labels, {"position_ids": positions}
     real = batch["real"].bool()
     ids, labels, positions = ids[real][None], labels[real][None], positions[real][None]  # (1, N)
     bounds = (positions[0] == 0).nonzero().flatten().tolist() + [positions.shape[1]]
-    return loss_sum(model, ids, None, labels, chunk, position_ids=positions, tunekit_segments=bounds)
+    return ids, labels, {"position_ids": positions, "tunekit_segments": bounds}
+
+
+def packed_loss_sum(
+    model, batch: dict[str, torch.Tensor], chunk: int | None = None
+) -> tuple[torch.Tensor, int]:
+    """Summed loss over a batch of packed rows (`packed_inputs`), and its target count."""
+    ids, labels, kwargs = packed_inputs(model, batch)
+    return loss_sum(model, ids, None, labels, chunk, **kwargs)
+
+
+@torch.no_grad()
+def check_packing(model, pad_id: int, tolerance: float = 0.05) -> None:
+    """Two short documents packed in one row must give the logits each gives alone, on the run's own
+    model and kernel: its attention honours the restarting position ids. Two small forwards before
+    training, so an architecture whose mask ignores them stops the run (a TunekitError naming the
+    model) rather than training across documents. tolerance: of the logits' largest magnitude,
+    room for bf16 rounding on CUDA; a leak moves them by far more."""
+    first, second = list(range(10, 22)), list(range(30, 37))  # (12 and 7 ordinary token ids)
+    row = PackedRow()
+    row.add(Chunk(0, first, True))
+    row.add(Chunk(1, second, True))
+    was_training, device = model.training, model_device(model)
+    model.eval()
+    with autocast(device):
+        ids, _, kwargs = packed_inputs(model, collate_rows([row], pad_id))
+        kwargs = {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in kwargs.items()}
+        packed = model(input_ids=ids.to(device), use_cache=False, **kwargs).logits[0].float()
+        alone = [model(input_ids=torch.tensor([d], device=device)).logits[0].float() for d in (first, second)]
+    model.train(was_training)
+    want = torch.cat(alone)
+    off = float((packed - want).abs().max())
+    if off > tolerance * float(want.abs().max()):
+        name = type(unwrap_peft(model)).__name__
+        raise TunekitError(
+            f"task: pretrain: {name} attends across the documents of a packed row (logits off by {off:.3g}): "
+            "its attention mask ignores restarting position ids; use a model whose mask follows them "
+            "(transformers' create_causal_mask), or train.padding_free: true on a verified architecture"
+        )
 
 
 def accumulate_gradients(
