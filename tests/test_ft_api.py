@@ -189,6 +189,8 @@ def test_supervised_job_trains_and_its_ft_model_is_served(server, base, chat_fil
     assert done.trained_tokens > 0 and done.finished_at >= done.created_at
     messages = [e.message for e in client.fine_tuning.jobs.list_events(job.id, limit=100)]
     assert messages[0] == "The job has successfully completed"
+    page = client.fine_tuning.jobs.list_events(job.id, limit=7)
+    assert page.has_more and [e.message for e in page] == messages  # the SDK pages on with `after`
     assert "Step 30/30" in " ".join(messages) and "validation loss" in " ".join(messages)
     saved = [int(m.split()[-1]) for m in messages if m.startswith("Checkpoint created at step")]
     assert saved[0] == 30 and all(n % 6 == 0 for n in saved)  # save_steps 6

@@ -24,6 +24,7 @@ import threading
 import time
 from pathlib import Path
 
+from tunekit.console import err
 from tunekit.ship import ft_store
 from tunekit.train.checkpoint import list_checkpoints
 
@@ -80,7 +81,14 @@ class Worker:
 
     def _loop(self) -> None:
         while not self._stopping.is_set():
-            job = ft_store.next_job()
+            try:
+                job = ft_store.next_job()
+            except Exception as e:  # e.g. the registry locked past its timeout: try again soon
+                err.print(
+                    f"[yellow]fine-tuning worker: cannot read the queue ({type(e).__name__}: {e}); retrying"
+                )
+                self._stopping.wait(5.0)
+                continue
             if job is None:
                 self._wake.wait(2.0)
                 self._wake.clear()
