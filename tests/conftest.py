@@ -282,3 +282,13 @@ def varied_length_questions(n: int):
         )
         for i in range(n)
     ]
+
+
+def chromium_path() -> str:
+    """The headless browser for the dashboard and report.html tests; skips, saying how to get one."""
+    import shutil
+
+    for name in ("chromium", "chromium-browser", "google-chrome"):
+        if path := shutil.which(name):
+            return path
+    pytest.skip("no chromium found: install Debian's (apt-get install chromium) to run the browser tests")

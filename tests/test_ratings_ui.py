@@ -3,25 +3,17 @@ run trained and evaluated, ten pairs rated by keyboard, the page reloaded with e
 the ratings exported as preference pairs, and a tiny reward model trained on them."""
 
 import json
-import shutil
 
 import pytest
 from typer.testing import CliRunner
 
-from conftest import running
+from conftest import chromium_path, running
 from tunekit.config import config_from_dict
 from tunekit.runs import registry
 from tunekit.ui.app import create_ui_app
 
 pytest.importorskip("uvicorn")
 KEYS = ["1", "2", "1", "2", "3", "4", "1", "2", "a", "b"]  # 8 decisive, a tie, a both-bad
-
-
-def _chromium() -> str:
-    for name in ("chromium", "chromium-browser", "google-chrome"):
-        if path := shutil.which(name):
-            return path
-    pytest.skip("no chromium found: install Debian's (apt-get install chromium) to run the dashboard tests")
 
 
 @pytest.fixture(scope="module")
@@ -62,7 +54,7 @@ def evaluated(tiny_model_dir, tmp_path_factory):
 def page(evaluated):
     sync_api = pytest.importorskip("playwright.sync_api")
     with sync_api.sync_playwright() as p:
-        browser = p.chromium.launch(executable_path=_chromium(), args=["--no-sandbox"])
+        browser = p.chromium.launch(executable_path=chromium_path(), args=["--no-sandbox"])
         page = browser.new_page(viewport={"width": 1280, "height": 800})
         yield page
         browser.close()

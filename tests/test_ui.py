@@ -6,27 +6,19 @@ rebinding, `--api-key`, and the warning for a non-loopback bind."""
 import http.client
 import io
 import json
-import shutil
 import time
 import urllib.parse
 import urllib.request
 
 import pytest
 
-from conftest import running
+from conftest import chromium_path, running
 from tunekit.config import config_from_dict
 from tunekit.runs import registry
 from tunekit.ui.app import create_ui_app
 
 uvicorn = pytest.importorskip("uvicorn")
 TRAIN_COLOR = (0x1F, 0x77, 0xB4)
-
-
-def _chromium() -> str:
-    for name in ("chromium", "chromium-browser", "google-chrome"):
-        if path := shutil.which(name):
-            return path
-    pytest.skip("no chromium found: install Debian's (apt-get install chromium) to run the dashboard tests")
 
 
 @pytest.fixture(scope="module")
@@ -66,7 +58,7 @@ def dashboard(tiny_model_dir, tmp_path_factory):
 def page(dashboard):
     sync_api = pytest.importorskip("playwright.sync_api")
     with sync_api.sync_playwright() as p:
-        browser = p.chromium.launch(executable_path=_chromium(), args=["--no-sandbox"])
+        browser = p.chromium.launch(executable_path=chromium_path(), args=["--no-sandbox"])
         page = browser.new_page(viewport={"width": 1400, "height": 900})
         yield page
         browser.close()
