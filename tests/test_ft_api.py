@@ -4,6 +4,7 @@ tiny model (supervised and DPO), poll to success, read events and checkpoints, c
 model, cancel a job mid-run, and restart the server mid-job and see the job finish from its
 checkpoint. Each job trains for real, in its own process."""
 
+import json
 import os
 import signal
 import subprocess
@@ -28,6 +29,7 @@ DEFAULTS = {
     "method": "lora",
     "lora": {"r": 8, "alpha": 16, "dropout": 0.0},
     "train": {"learning_rate": 2e-3, "batch_size": 4, "max_length": 64, "save_steps": 6, "warmup_ratio": 0.0},
+    "rl": {"num_generations": 2, "max_new_tokens": 4},
 }
 ASK = [{"role": "user", "content": "question 3?"}]
 
@@ -156,14 +158,14 @@ def test_bad_jobs_are_openai_style_400s(server, base, chat_file):
         "name": "ok",
         "input": "{{sample.output_text}}",
         "reference": "OK",
-        "operation": "eq",
+        "operation": "zz",
     }
     with pytest.raises(openai.BadRequestError) as e:
         jobs.create(
             model=str(base), training_file=chat_file.id,
             method={"type": "reinforcement", "reinforcement": {"grader": grader}},
         )  # fmt: skip
-    assert e.value.body["code"] == "unsupported_method"
+    assert "operation" in e.value.message and e.value.body["param"] == "hyperparameters"
     assert jobs.list().data == []
 
 
@@ -227,6 +229,26 @@ def test_dpo_job_trains_on_openai_preference_rows(server, base, tmp_path):
     assert done.status == "succeeded", done.error
     assert done.method.dpo.hyperparameters.beta == 0.2
     assert done.fine_tuned_model.startswith(f"ft:{base.name}::")
+    reply = server.client.chat.completions.create(model=done.fine_tuned_model, messages=ASK, max_tokens=4)
+    assert reply.model == done.fine_tuned_model
+
+
+def test_reinforcement_job_trains_against_a_string_check_grader(server, base, chat_file):
+    grader = {"type": "string_check", "name": "says_ok", "operation": "eq",
+              "input": "{{sample.output_text}}", "reference": "{{item.reference}}"}  # fmt: skip
+    job = server.client.fine_tuning.jobs.create(
+        model=str(base),
+        training_file=chat_file.id,
+        method={
+            "type": "reinforcement",
+            "reinforcement": {"grader": grader, "hyperparameters": {"n_epochs": 1}},
+        },
+    )
+    done = wait(server.client, job.id, ("succeeded", "failed"))
+    assert done.status == "succeeded", done.error
+    assert done.method.type == "reinforcement" and done.method.reinforcement.grader.type == "string_check"
+    run_dir = Path(os.environ["TUNEKIT_HOME"]) / "fine_tuning" / "jobs" / job.id
+    assert json.loads((run_dir / "train_summary.json").read_text())["task"] == "rl"
     reply = server.client.chat.completions.create(model=done.fine_tuned_model, messages=ASK, max_tokens=4)
     assert reply.model == done.fine_tuned_model
 

@@ -9,12 +9,14 @@
     GET  /v1/fine_tuning/jobs/{id}/checkpoints the run's checkpoints, newest first
 
 A job maps onto a tunekit config: method `supervised` is task sft, `dpo` task dpo (OpenAI's DPO
-rows are a format tunekit reads); `n_epochs` -> train.epochs, `batch_size` -> train.batch_size,
-`learning_rate_multiplier` times the base learning rate -> train.learning_rate, `beta` -> dpo.beta,
-`seed` -> train.seed; "auto" leaves tunekit's default. The server's `--fine-tune-config YAML`
-gives every job's other keys (method lora/full, lora rank, max_length, max_steps, ...). The whole
-training file is trained on (no split); a validation file is validated on. `reinforcement` is
-refused: tunekit's rl task optimises against a trained reward model and takes no grader yet.
+rows are a format tunekit reads), `reinforcement` task rl with its grader as `rl.graders: [{type:
+openai, spec: GRADER}]` (an SFT stage, then GRPO; `{{item.reference}}` is each row's last assistant
+message, the only item field tunekit's graders see). `n_epochs` -> train.epochs, `batch_size` ->
+train.batch_size, `learning_rate_multiplier` times the base learning rate -> train.learning_rate,
+`beta` -> dpo.beta, `seed` -> train.seed; "auto" leaves tunekit's default. The server's
+`--fine-tune-config YAML` gives every job's other keys (method lora/full, lora rank, max_length,
+rl.num_generations, ...). The whole training file is trained on (no split); a validation file is
+validated on. An rl job cannot resume: after a server restart it starts over.
 
 Jobs run one at a time in ft_worker.Worker, each in its own process; the finished model is served
 at once under `ft:BASE:SUFFIX:ID` (ID: the job id's first 8 hex digits).
@@ -37,7 +39,7 @@ from tunekit.ship import ft_store, openai_files
 from tunekit.ship.serve import APIError, Served, _invalid, _Limits
 
 BAD = "invalid_request_error"
-TASKS = {"supervised": "sft", "dpo": "dpo"}
+TASKS = {"supervised": "sft", "dpo": "dpo", "reinforcement": "rl"}
 MAX_LIST = 100  # OpenAI's largest `limit`
 
 Auto = Literal["auto"]
@@ -67,11 +69,16 @@ class _Dpo(_Forbid):
     hyperparameters: DpoHyperparameters = Field(default_factory=DpoHyperparameters)
 
 
+class _Reinforcement(_Forbid):
+    grader: dict  # OpenAI's grader JSON, checked by tunekit's rl.graders (train/graders.py)
+    hyperparameters: SupervisedHyperparameters = Field(default_factory=SupervisedHyperparameters)
+
+
 class Method(_Forbid):
     type: Literal["supervised", "dpo", "reinforcement"]
     supervised: _Supervised | None = None
     dpo: _Dpo | None = None
-    reinforcement: dict | None = None
+    reinforcement: _Reinforcement | None = None
 
 
 class JobRequest(BaseModel):
@@ -115,16 +122,11 @@ def base_name(spec: str) -> str:
 def method_of(req: JobRequest) -> tuple[str, SupervisedHyperparameters]:
     """(method type, its hyperparameters), or a 400 for what tunekit cannot train."""
     method = req.method or Method(type="supervised")
-    if method.type == "reinforcement":
+    if method.type == "reinforcement" and method.reinforcement is None:
         raise APIError(
-            400,
-            "method.type: reinforcement is not supported yet: tunekit's rl task optimises against a trained "
-            "reward model (task: reward) and takes no grader; use supervised or dpo, or train `task: rl` "
-            "with `tunekit train`",
-            BAD,
-            "method.type",
-            "unsupported_method",
-        )
+            400, "method.reinforcement.grader: missing; give the grader that scores each sample", BAD,
+            "method.reinforcement.grader",
+        )  # fmt: skip
     given = getattr(method, method.type)
     if method.type == "supervised" and req.hyperparameters is not None:
         if given is not None and req.method.supervised.hyperparameters.model_fields_set:
@@ -168,6 +170,8 @@ def job_config(
     job = {"model": req.model, "task": TASKS[kind], "data": data, "train": train, "output_dir": str(run_dir)}
     if kind == "dpo" and hp.beta != "auto":
         job["dpo"] = {"beta": hp.beta}
+    if kind == "reinforcement":  # the reference of `{{item.reference}}`: each row's last assistant message
+        job["rl"] = {"graders": [{"type": "openai", "spec": req.method.reinforcement.grader}]}
     raw = _merge(defaults, job)
     try:
         config_from_dict(raw, source="fine-tuning job")
@@ -399,10 +403,10 @@ class FineTuning:
         run_dir = ft_store.home() / "jobs" / job_id
         config = job_config(req, kind, hp, seed, files, run_dir, self.defaults)
         hp_out = resolved(hp, config, self.defaults)
-        request = req.model_dump() | {
-            "seed": seed,
-            "method": {"type": kind, kind: {"hyperparameters": hp_out}},
-        }
+        method = {"type": kind, kind: {"hyperparameters": hp_out}}
+        if kind == "reinforcement":
+            method[kind]["grader"] = req.method.reinforcement.grader
+        request = req.model_dump() | {"seed": seed, "method": method}
         request.pop("hyperparameters")
         ft_store.add_job(job_id, request, config, run_dir, "validating_files")
         ft_store.add_event(job_id, f"Validating training file: {req.training_file}")

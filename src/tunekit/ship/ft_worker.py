@@ -112,7 +112,12 @@ class Worker:
             ft_store.update_job(job_id, status="cancelled")
             ft_store.add_event(job_id, "Job was cancelled")
             return
-        resume = (run_dir / "data" / "manifest.json").is_file()
+        from tunekit.tasks import get_task
+
+        # A task that cannot resume (rl: TRL's own loop) starts over after a restart.
+        resume = (run_dir / "data" / "manifest.json").is_file() and not get_task(
+            job["config"]["task"]
+        ).not_resumable
         if job["status"] == "running":
             ckpts = list_checkpoints(run_dir) if resume else []
             where = "the start (no checkpoint yet)"
