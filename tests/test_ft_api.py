@@ -165,7 +165,7 @@ def test_bad_jobs_are_openai_style_400s(server, base, chat_file):
             model=str(base), training_file=chat_file.id,
             method={"type": "reinforcement", "reinforcement": {"grader": grader}},
         )  # fmt: skip
-    assert "operation" in e.value.message and e.value.body["param"] == "hyperparameters"
+    assert "operation" in e.value.message and e.value.body["param"] == "method.reinforcement.grader"
     assert jobs.list().data == []
 
 

@@ -175,8 +175,9 @@ def job_config(
     raw = _merge(defaults, job)
     try:
         config_from_dict(raw, source="fine-tuning job")
-    except TunekitError as e:
-        raise APIError(400, str(e), BAD, "hyperparameters") from None
+    except TunekitError as e:  # a grader tunekit cannot build, or hyperparameters its config refuses
+        param = "method.reinforcement.grader" if "rl.graders" in str(e) else "hyperparameters"
+        raise APIError(400, str(e), BAD, param) from None
     return raw
 
 
