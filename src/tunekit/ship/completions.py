@@ -23,7 +23,7 @@ import torch
 from fastapi import Request
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
-from tunekit.ship.serve import (
+from tunekit.ship.api import (
     SEED_MAX,
     SEED_MIN,
     APIError,

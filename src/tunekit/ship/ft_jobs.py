@@ -36,7 +36,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from tunekit.errors import TunekitError
 from tunekit.ship import ft_store, openai_files
-from tunekit.ship.serve import APIError, Served, _invalid, _Limits
+from tunekit.ship.api import APIError, Served, _invalid, _Limits
 
 BAD = "invalid_request_error"
 TASKS = {"supervised": "sft", "dpo": "dpo", "reinforcement": "rl"}
@@ -114,11 +114,6 @@ def known_model(spec: str) -> None:
     )
 
 
-def base_name(spec: str) -> str:
-    """The BASE of `ft:BASE:SUFFIX:ID`: an alias as it is, a folder by its name (no ':' either way)."""
-    return Path(spec).name.replace(":", "-") if "/" in spec else spec.replace(":", "-")
-
-
 def method_of(req: JobRequest) -> tuple[str, SupervisedHyperparameters]:
     """(method type, its hyperparameters), or a 400 for what tunekit cannot train."""
     method = req.method or Method(type="supervised")
@@ -168,7 +163,7 @@ def job_config(
     if "validation_file" in files:
         data["validation"] = str(files["validation_file"])
     job = {"model": req.model, "task": TASKS[kind], "data": data, "train": train, "output_dir": str(run_dir)}
-    if kind == "dpo" and hp.beta != "auto":
+    if isinstance(hp, DpoHyperparameters) and hp.beta != "auto":  # OpenAI's dpo method: its beta
         job["dpo"] = {"beta": hp.beta}
     if kind == "reinforcement":  # the reference of `{{item.reference}}`: each row's last assistant message
         job["rl"] = {"graders": [{"type": "openai", "spec": req.method.reinforcement.grader}]}
@@ -293,11 +288,6 @@ def job_object(job: dict) -> dict:
     }
 
 
-def model_name(job: dict) -> str:
-    req = job["request"]
-    return f"ft:{base_name(req['model'])}:{req['suffix'] or ''}:{job['id'].removeprefix('ftjob-')[:8]}"
-
-
 def checkpoints(job: dict) -> list[dict]:
     """The run's checkpoints as OpenAI's checkpoint objects, newest first, with that step's metrics."""
     from tunekit.train.checkpoint import list_checkpoints
@@ -321,7 +311,7 @@ def checkpoints(job: dict) -> list[dict]:
                 "object": "fine_tuning.job.checkpoint",
                 "id": f"ftckpt-{job['id'].removeprefix('ftjob-')}-{step}",
                 "created_at": int(ckpt.stat().st_mtime),
-                "fine_tuned_model_checkpoint": f"{model_name(job)}:ckpt-step-{step}",
+                "fine_tuned_model_checkpoint": f"{ft_store.model_name(job)}:ckpt-step-{step}",
                 "fine_tuning_job_id": job["id"],
                 "step_number": step,
                 "metrics": {

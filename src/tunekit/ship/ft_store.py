@@ -226,3 +226,13 @@ def last_metric_step(job_id: str) -> int:
             (job_id,),
         ).fetchall()
     return json.loads(rows[0]["data"])["step"] if rows else -1
+
+
+def base_name(spec: str) -> str:
+    """The BASE of `ft:BASE:SUFFIX:ID`: an alias as it is, a folder by its name (no ':' either way)."""
+    return Path(spec).name.replace(":", "-") if "/" in spec else spec.replace(":", "-")
+
+
+def model_name(job: dict) -> str:
+    req = job["request"]
+    return f"ft:{base_name(req['model'])}:{req['suffix'] or ''}:{job['id'].removeprefix('ftjob-')[:8]}"

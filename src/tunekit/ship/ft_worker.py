@@ -104,7 +104,6 @@ class Worker:
                 ft_store.add_event(job["id"], f"The job failed: {type(e).__name__}: {e}", level="error")
 
     def _run(self, job: dict) -> None:
-        from tunekit.ship.ft_jobs import model_name
 
         job_id, run_dir = job["id"], Path(job["run_dir"])
         config, error_file, log = _paths(job)
@@ -170,7 +169,7 @@ class Worker:
             ft_store.add_event(job_id, f"The job failed: {error['message']}", level="error")
         else:
             summary = json.loads((run_dir / "train_summary.json").read_text(encoding="utf-8"))
-            name = model_name(job)
+            name = ft_store.model_name(job)
             ft_store.update_job(job_id, fine_tuned_model=name, trained_tokens=summary.get("tokens"))
             self.publish(ft_store.get_job(job_id))  # served before the status says succeeded
             ft_store.add_event(job_id, f"New fine-tuned model created: {name}")

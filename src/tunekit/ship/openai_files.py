@@ -16,7 +16,7 @@ from pathlib import Path
 from fastapi import Request
 
 from tunekit.ship import ft_store
-from tunekit.ship.serve import APIError
+from tunekit.ship.api import APIError
 
 PURPOSE = "fine-tune"
 ERRORS_SHOWN = 5  # problems quoted in a refused upload's message

@@ -34,13 +34,11 @@ import math
 import time
 import uuid
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Annotated, Literal
 
 from fastapi import Request
 from pydantic import (
-    AfterValidator,
     BaseModel,
     ConfigDict,
     Discriminator,
@@ -51,23 +49,23 @@ from pydantic import (
 )
 
 from tunekit.errors import TunekitError
+from tunekit.ship.api import (
+    SEED_MAX,
+    SEED_MIN,
+    APIError,
+    Number,
+    Served,
+    Text,
+    _error,
+    _find,
+    _invalid,
+    _json,
+    _Limits,
+)
 
 DEFAULT_MAX_BODY_MB = 4.0
 SHUTDOWN_GRACE_S = 2.0  # connections still open this long after SIGTERM are dropped
 API_KEY_ENV = "TUNEKIT_API_KEY"
-SEED_MIN, SEED_MAX = -(2**63), 2**64 - 1  # what torch.manual_seed accepts (negatives wrap modulo 2**64)
-
-
-@dataclass
-class Served:
-    """One servable fine-tune: the model it runs on and, for adapter runs, which adapter."""
-
-    name: str
-    run_dir: Path
-    model: object
-    tokenizer: object
-    adapter: str | None
-    created: int
 
 
 def load_models(run_dirs: list[str | Path]) -> dict[str, Served]:
@@ -116,20 +114,6 @@ def _unique(name: str, taken) -> str:
 # "\ud800" escape decodes to a lone surrogate, which no tokenizer can encode).
 
 
-def _unicode(text: str) -> str:
-    try:
-        text.encode("utf-8")
-    except UnicodeEncodeError as e:
-        raise ValueError(
-            f"not valid Unicode: a lone surrogate ({ascii(text[e.start])}) at character {e.start}"
-        ) from None
-    return text
-
-
-Text = Annotated[str, AfterValidator(_unicode)]
-Number = Annotated[float, Field(strict=True, allow_inf_nan=False)]
-
-
 def _text_or_list(value) -> str:
     return "<list>" if isinstance(value, list) else "<text>"
 
@@ -139,9 +123,6 @@ def _text_or(items) -> type:
     the branch, so an error names what is wrong with it, not with the other branch."""
     text, many = Annotated[Text, Tag("<text>")], Annotated[items, Tag("<list>")]
     return Annotated[text | many, Discriminator(_text_or_list)]
-
-
-_BRANCHES = {"<text>", "<list>"}  # taken out of an error's location
 
 
 class ContentPart(BaseModel):
@@ -193,31 +174,8 @@ class ChatRequest(BaseModel):
     seed: int | None = Field(None, strict=True, ge=SEED_MIN, le=SEED_MAX)
 
 
-class APIError(Exception):
-    def __init__(
-        self, status: int, message: str, type: str, param: str | None = None, code: str | None = None
-    ):
-        self.status, self.body = status, _error(message, type, param, code)
-
-
 class _ClientGone(Exception):
     """The client hung up before its answer was ready."""
-
-
-def _error(message: str, type: str, param: str | None = None, code: str | None = None) -> dict:
-    return {"error": {"message": message, "type": type, "param": param, "code": code}}
-
-
-def _json(body: dict) -> bytes:
-    # ensure_ascii: any text (a name with an undecodable byte, a message quoting input) encodes.
-    return json.dumps(body, ensure_ascii=True, separators=(",", ":")).encode()
-
-
-def _invalid(e: ValidationError) -> APIError:
-    first = e.errors(include_url=False)[0]
-    param = ".".join(str(x) for x in first.get("loc", ()) if x not in _BRANCHES) or None
-    message = f"{param}: {first.get('msg')}" if param else str(first.get("msg"))
-    return APIError(400, message, "invalid_request_error", param)
 
 
 def _parse(body: bytes) -> ChatRequest:
@@ -246,18 +204,6 @@ def _parse(body: bytes) -> ChatRequest:
 
 
 # --- the pieces between the socket and the model --------------------------------------------------
-
-
-class _Limits:
-    """A served model's context and its tokenizer's longest token (in characters), to refuse a
-    prompt that cannot fit before tokenizing all of it."""
-
-    def __init__(self, s: Served):
-        self.context = getattr(s.model.config, "max_position_embeddings", None)
-        try:
-            self.longest_token = max(map(len, s.tokenizer.get_vocab()))
-        except Exception:  # a tokenizer without a vocabulary to read: tokenize the whole prompt
-            self.longest_token = None
 
 
 def _prompt(
@@ -697,18 +643,6 @@ def create_app(
     if fine_tuning is not None:
         fine_tuning.attach(app, served, limits)
     return app
-
-
-def _find(served: dict[str, Served], name: str) -> Served:
-    if name not in served:
-        raise APIError(
-            404,
-            f"The model '{name}' does not exist; this server has: {', '.join(served)}",
-            "invalid_request_error",
-            "model",
-            "model_not_found",
-        )
-    return served[name]
 
 
 def _usage(reply) -> dict:
