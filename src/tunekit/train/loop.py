@@ -69,7 +69,8 @@ class LoopResult:
     tokens: int
     train_seconds: float
     stopped_early: bool = False  # train.early_stopping_patience ended the run
-    best_step: int | None = None  # best validation (recipe.best_metric): its weights are kept when stopping early
+    # The best validation (recipe.best_metric): its weights are kept when stopping early.
+    best_step: int | None = None
     best_val_loss: float | None = None
     best_metric: dict[str, float] | None = None  # {recipe.best_metric: its best value}
     budget: dict | None = None  # train.time_budget's plan and outcome (train/budget.py)
