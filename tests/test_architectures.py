@@ -152,7 +152,10 @@ def test_every_speed_piece_equals_the_plain_path(
 
     assert loss == pytest.approx(want_loss, rel=1e-5)
     for a, b in zip(got, want, strict=True):
-        torch.testing.assert_close(a, b, rtol=1e-4, atol=2e-6)
+        # Summed in another order (packed rows, fused kernels), fp32 gradients differ in their last
+        # bits; how many bits depends on the CPU's kernels. So the floor is relative to the tensor's
+        # scale: 1e-4 of its largest gradient, far below what a wrong gradient would be off by.
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=max(2e-6, 1e-4 * b.abs().max().item()))
 
     if states["lean_activations"] == "on":
         without, without_params = _build(
