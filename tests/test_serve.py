@@ -358,22 +358,20 @@ def test_hostile_fields_get_openai_400s_and_the_model_stays_free(served):
         assert model_is_free(app)
 
 
-def test_a_failure_inside_generation_is_an_openai_500_and_frees_the_model(served, monkeypatch):
-    import torch
-
+def test_a_failure_inside_generation_is_an_openai_500_and_frees_the_model(served):
     s, app = served["ok"], create_app(served)
     with running(app) as base:
 
-        def refuse(seed):
-            raise RuntimeError("no seeds today")
+        def refuse(module, args, out):
+            raise RuntimeError("no logits today")
 
-        with monkeypatch.context() as m:  # fails on the generation thread, before the first token
-            m.setattr(torch, "manual_seed", refuse)
+        # fails on the generation thread, in the prompt's forward pass, before the first token
+        with hooked(s.model.get_output_embeddings(), refuse):
             for streamed in (False, True):
                 status, reply = request(base, CHAT, chat(seed=3, stream=streamed), timeout=10)
                 assert status == 500, reply
                 error = assert_openai_error(reply)
-                assert error["type"] == "server_error" and "no seeds today" in error["message"]
+                assert error["type"] == "server_error" and "no logits today" in error["message"]
 
         calls = {"n": 0}
 
@@ -618,7 +616,9 @@ def test_cli_serve_stops_within_seconds_in_the_middle_of_a_stream(signum, endles
     through its body: the stream ends with an error event, the waiting request gets 503, the
     stalled one is dropped after the grace period, and the process is gone within a few seconds."""
     key = {"Authorization": "Bearer s3cret"}
-    with cli_server([endless_run], tmp_path / "log") as (proc, base), ThreadPoolExecutor(1) as pool:
+    # --max-batch 1: the second request waits for its turn (it would otherwise join the stream's batch)
+    server = cli_server([endless_run], tmp_path / "log", "s3cret", "--max-batch", "1")
+    with server as (proc, base), ThreadPoolExecutor(1) as pool:
         assert b"s3cret" not in Path(f"/proc/{proc.pid}/cmdline").read_bytes()
         other = _other_address()
         if other:

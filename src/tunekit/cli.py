@@ -666,6 +666,21 @@ def serve(
             "method, lora, train.max_length, train.save_steps); not model, task, data or output_dir."
         ),
     ] = None,
+    max_batch: Annotated[
+        int,
+        typer.Option(
+            min=1,
+            help="Most replies decoded together in one batch (concurrent requests share forward passes; "
+            "1 answers one at a time).",
+        ),
+    ] = 8,
+    enable_switch: Annotated[
+        bool,
+        typer.Option(
+            help="Let `tunekit switch NAME RUN` (POST /tunekit/switch) serve a name from a new run without "
+            "a restart, once `tunekit eval --compare OLD NEW --gate` found it fit."
+        ),
+    ] = False,
 ) -> None:
     """An OpenAI-compatible server (/v1/models, /v1/chat/completions) for one or more fine-tunes."""
     import os
@@ -676,8 +691,54 @@ def serve(
         api_key = os.environ.get("TUNEKIT_API_KEY")
     run_server(
         run_dirs or [], host=host, port=port, api_key=api_key, max_body_mb=max_body_mb,
-        enable_fine_tuning=enable_fine_tuning, fine_tune_config=fine_tune_config,
+        enable_fine_tuning=enable_fine_tuning, fine_tune_config=fine_tune_config, max_batch=max_batch,
+        enable_switch=enable_switch,
     )  # fmt: skip
+
+
+@app.command()
+def switch(
+    name: Annotated[str, typer.Argument(help="The served name (a model id of the running server).")],
+    run_dir: Annotated[Path, typer.Argument(help="The run to serve under it from now on.")],
+    url: Annotated[
+        str, typer.Option(help="The running `tunekit serve --enable-switch`.")
+    ] = "http://127.0.0.1:8000",
+    force: Annotated[
+        bool,
+        typer.Option(help="Switch without a passing `eval --compare OLD NEW --gate` (said in the answer)."),
+    ] = False,
+) -> None:
+    """Serve NAME from RUN_DIR from now on, without restarting the server: only when RUN_DIR's gate
+    found it fit to replace the run served now (API key from $TUNEKIT_API_KEY)."""
+    import json
+    import os
+    import urllib.error
+    import urllib.request
+
+    from tunekit.console import out
+
+    body = json.dumps({"model": name, "run": str(run_dir.resolve()), "force": force}).encode()
+    headers = {"Content-Type": "application/json"}
+    if os.environ.get("TUNEKIT_API_KEY"):
+        headers["Authorization"] = f"Bearer {os.environ['TUNEKIT_API_KEY']}"
+    request = urllib.request.Request(f"{url.rstrip('/')}/tunekit/switch", data=body, headers=headers)
+    try:
+        with urllib.request.urlopen(request, timeout=600) as r:
+            answer = json.loads(r.read())
+    except urllib.error.HTTPError as e:
+        try:
+            message = json.loads(e.read())["error"]["message"]
+        except (ValueError, KeyError, TypeError):
+            message = f"HTTP {e.code}"
+        raise TunekitError(f"tunekit switch: the server refused: {message}") from None
+    except (urllib.error.URLError, OSError) as e:
+        raise TunekitError(
+            f"tunekit switch: no server at {url} ({getattr(e, 'reason', e)}); start `tunekit serve RUN "
+            "--enable-switch` or give --url"
+        ) from None
+    out.print(
+        f"{answer['model']} now serves {answer['run']} (was {answer['previous_run']}); gate: {answer['gate']}"
+    )
 
 
 @app.command()

@@ -28,6 +28,7 @@ class Served:
     tokenizer: object
     adapter: str | None
     created: int
+    base: tuple[str, str] | None = None  # an adapter's (base model, method): adapters on one share it
 
 
 def _unicode(text: str) -> str:

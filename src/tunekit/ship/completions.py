@@ -5,9 +5,9 @@ and sums the prompt's continuation tokens' logprobs).
 
 A prompt is text (tokenized as the tokenizer does by default: with its BOS token if it adds one) or
 a list of token ids, taken as they are; a list of them is a batch, answered one choice each in
-order. Generation goes through ship/generation.py like chat (stop strings, seeds, sampling); the
-logprobs come from one forward pass over prompt + completion, under the same turn on the model, so
-they are the model's own (not the sampler's) log-probabilities. `top_logprobs` keys are each token
+order. Generation is batched with the chat requests' (ship/batching.py: stop strings, seeds,
+sampling); the logprobs come from one forward pass over prompt + completion, in a turn of its own on
+the model, so they are the model's own (not the sampler's) log-probabilities. `top_logprobs` keys are each token
 decoded on its own; the first prompt token has no logprob (null), as OpenAI's. Not streamed.
 """
 
@@ -102,7 +102,7 @@ def score(model, tokenizer, ids: list[int], top: int) -> dict:
     return {"tokens": pieces, "token_logprobs": token_lp, "top_logprobs": top_lp, "text_offset": offsets}
 
 
-class _Scoring:
+class InTurn:
     """A forward pass run on a thread once it is this request's turn on the model; like a
     Generation, it calls `on_done` (the next request's turn) only when the model is free again."""
 
@@ -129,8 +129,9 @@ class _Scoring:
         """A forward pass is short: it runs to its end."""
 
 
-def add_routes(app, served: dict, limits: dict, turns, in_thread) -> None:
-    """`POST /v1/completions` on `app`, taking turns on the models with the chat requests."""
+def add_routes(app, served: dict, limits: dict, turns, in_thread, start_reply) -> None:
+    """`POST /v1/completions` on `app`: its replies batched with the chat requests' (`start_reply`,
+    serve.py), its scoring passes taking turns on the models with them."""
 
     @app.post("/v1/completions")
     async def completions(request: Request):
@@ -164,7 +165,7 @@ def add_routes(app, served: dict, limits: dict, turns, in_thread) -> None:
                 )
             text, finish, new_ids = "", "length", []
             if req.max_tokens > 0:
-                text, finish, new_ids = await _generate(s, ids, req, stop, turns, in_thread)
+                text, finish, new_ids = await _generate(s, ids, req, stop, start_reply, in_thread)
             choice = {"text": (s.tokenizer.decode(ids) if req.echo else "") + text, "index": index}
             choice["logprobs"] = None
             if req.logprobs is not None:
@@ -173,7 +174,7 @@ def add_routes(app, served: dict, limits: dict, turns, in_thread) -> None:
                 def begin(on_done, scored=scored):
                     if s.adapter is not None:
                         s.model.set_adapter(s.adapter)
-                    return _Scoring(lambda: score(s.model, s.tokenizer, scored, req.logprobs), on_done)
+                    return InTurn(lambda: score(s.model, s.tokenizer, scored, req.logprobs), on_done)
 
                 lp = await (await turns.start(begin)).done
                 if not req.echo:  # only the completion's tokens, offsets from the completion's start
@@ -198,19 +199,9 @@ def add_routes(app, served: dict, limits: dict, turns, in_thread) -> None:
         }
 
 
-async def _generate(s, ids: list[int], req: CompletionRequest, stop, turns, in_thread):
-    """(text, finish_reason, the completion's token ids) for one prompt, generated in its turn."""
-    from tunekit.ship.generation import Generation
-
-    def begin(on_done):
-        if s.adapter is not None:
-            s.model.set_adapter(s.adapter)
-        return Generation(
-            s.model, s.tokenizer, None, req.max_tokens, req.temperature, req.top_p, stop, req.seed,
-            input_ids=torch.tensor([ids]), on_done=on_done,
-        )  # fmt: skip
-
-    gen = await turns.start(begin)
+async def _generate(s, ids: list[int], req: CompletionRequest, stop, start_reply, in_thread):
+    """(text, finish_reason, the completion's token ids) for one prompt, decoded in a batch."""
+    gen = await start_reply(s, ids, req.max_tokens, req.temperature, req.top_p, stop, req.seed)
     try:
         text = await in_thread("".join, gen.pieces)
     except Exception as e:

@@ -92,7 +92,68 @@ def _reply_streamer(tokenizer, stop_ids: list[int]):
     return ReplyStreamer(tokenizer, skip_prompt=True, skip_special_tokens=True)
 
 
-class Generation:
+class _Text:
+    """Reading a reply's text as it decodes, from a streamer that something else fills: a
+    Generation's own worker, or a wave of batched replies (ship/batching.py).
+
+    The producer sets `_new` (the reply's token ids), `_error` and `_interrupted`, then ends the
+    streamer, and sets `_finished` once it is done with the model: the reader waits for that.
+    """
+
+    stops: list[str]
+    stop_ids: list[int]
+    reply: Reply
+
+    def _start_reading(self, tokenizer, stop: list[str] | None, stop_ids: list[int], prompt_tokens: int):
+        self.stops = [s for s in (stop or []) if s]
+        self.stop_ids = stop_ids
+        self._streamer = _reply_streamer(tokenizer, stop_ids)
+        self.reply = Reply(prompt_tokens=prompt_tokens)
+        self._new: list[int] = []
+        self._error: BaseException | None = None
+        self._interrupted = False
+        self._producer: threading.Thread | None = None  # the thread that fills the streamer
+        self._finished = threading.Event()
+        self.pieces: Iterator[str] = self._pieces()
+
+    def cancel(self) -> None:
+        raise NotImplementedError
+
+    def _pieces(self) -> Iterator[str]:
+        stops, text, sent, cut = self.stops, "", 0, None
+        hold = max((len(s) - 1 for s in stops), default=0)  # a tail that could still grow into a stop
+        try:
+            for piece in self._streamer:
+                searched = len(text)
+                text += piece
+                cut = _first_stop(text, stops, max(0, searched - hold))
+                safe = cut if cut is not None else len(text) - hold
+                if safe > sent:
+                    yield text[sent:safe]
+                    sent = safe
+                if cut is not None:
+                    break
+        finally:
+            # Also when the reader stops early (a client hung up) or this generator is finalised by
+            # the garbage collector, possibly on the producer's thread itself: stop generating, and
+            # wait for the producer unless this is it.
+            self.cancel()
+            if threading.current_thread() is not self._producer:
+                self._finished.wait()
+        if self._error is not None:
+            raise self._error
+        end = cut if cut is not None else len(text)
+        if end > sent:
+            yield text[sent:end]
+        self.reply.completion_tokens = len(self._new)
+        ended_on_eos = bool(self._new) and self._new[-1] in self.stop_ids
+        if ended_on_eos or cut is not None:
+            self.reply.finish_reason = "stop"
+        else:
+            self.reply.finish_reason = "cancelled" if self._interrupted else "length"
+
+
+class Generation(_Text):
     """One reply to `messages` (or to the prompt `input_ids`), generated on a worker thread.
 
     Iterate `pieces` for its text as it decodes (stop strings cut, OpenAI's way: not returned);
@@ -119,10 +180,8 @@ class Generation:
 
         device = model_device(model)
         ids = (prompt_ids(tokenizer, messages) if input_ids is None else input_ids).to(device)
-        self.stops = [s for s in (stop or []) if s]
-        self.stop_ids = stop_token_ids(tokenizer, model)
+        self._start_reading(tokenizer, stop, stop_token_ids(tokenizer, model), int(ids.shape[1]))
         self._criteria = _StopWhen(tokenizer, self.stops, ids.shape[1], self.stop_ids)
-        self._streamer = _reply_streamer(tokenizer, self.stop_ids)
         kwargs = {
             "input_ids": ids,
             "attention_mask": torch.ones_like(ids),
@@ -135,14 +194,10 @@ class Generation:
         }
         if temperature > 0:
             kwargs |= {"temperature": temperature, "top_p": top_p, "top_k": 0}
-        self.reply = Reply(prompt_tokens=int(ids.shape[1]))
-        self._out: torch.Tensor | None = None
-        self._error: BaseException | None = None
-        self._worker = threading.Thread(
+        self._producer = threading.Thread(
             target=self._run, args=(model, kwargs, seed, on_done), daemon=True, name="tunekit-generate"
         )
-        self._worker.start()
-        self.pieces: Iterator[str] = self._pieces()
+        self._producer.start()
 
     def cancel(self) -> None:
         """Stop generating at the next token (any thread; the reply then ends where it got to,
@@ -154,49 +209,20 @@ class Generation:
             if seed is not None:
                 torch.manual_seed(seed)
             with torch.no_grad(), autocast(model_device(model)):  # autocast is per thread: enter it here
-                self._out = model.generate(**kwargs).cpu()
+                out = model.generate(**kwargs).cpu()
+            self._new = out[0, self.reply.prompt_tokens :].tolist()
         except BaseException as e:  # raised to the reader, after the text it had
             self._error = e
         finally:
             # End the reader's stream whatever happened (generate ends it too when it returns; a
             # second end-of-stream is never read), then free the model.
+            self._interrupted = self._criteria.interrupted
             self._streamer.text_queue.put(self._streamer.stop_signal)
-            if on_done is not None:
-                on_done()
-
-    def _pieces(self) -> Iterator[str]:
-        stops, text, sent, cut = self.stops, "", 0, None
-        hold = max((len(s) - 1 for s in stops), default=0)  # a tail that could still grow into a stop
-        try:
-            for piece in self._streamer:
-                searched = len(text)
-                text += piece
-                cut = _first_stop(text, stops, max(0, searched - hold))
-                safe = cut if cut is not None else len(text) - hold
-                if safe > sent:
-                    yield text[sent:safe]
-                    sent = safe
-                if cut is not None:
-                    break
-        finally:
-            # Also when the reader stops early (a client hung up) or this generator is finalised by
-            # the garbage collector, possibly on the worker thread itself: stop generating, and
-            # wait for the worker unless this is it.
-            self.cancel()
-            if threading.current_thread() is not self._worker:
-                self._worker.join()
-        if self._error is not None:
-            raise self._error
-        end = cut if cut is not None else len(text)
-        if end > sent:
-            yield text[sent:end]
-        new = self._out[0, self.reply.prompt_tokens :]
-        self.reply.completion_tokens = int(new.shape[0])
-        ended_on_eos = self.reply.completion_tokens > 0 and int(new[-1]) in self.stop_ids
-        if ended_on_eos or cut is not None:
-            self.reply.finish_reason = "stop"
-        else:
-            self.reply.finish_reason = "cancelled" if self._criteria.interrupted else "length"
+            try:
+                if on_done is not None:
+                    on_done()
+            finally:
+                self._finished.set()
 
 
 def stream_reply(

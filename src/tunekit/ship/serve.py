@@ -4,9 +4,10 @@
     POST /v1/chat/completions    streaming (SSE) and not; temperature, top_p, max_tokens, stop, seed
 
 Adapter runs on the same base share one copy of it in memory: each adapter is loaded under its
-run's name and switched per request by the `model` field. Requests take turns on the models, in
-arrival order, one generation at a time (a shared base has one active adapter); a request waits
-for its turn on the event loop, not on a thread, and leaves the line when its client hangs up.
+run's name and chosen per request by the `model` field. Replies that arrive together are decoded
+together, one forward pass per token for all of them, adapters of one base mixed in one batch
+(ship/batching.py); batches and log-likelihood scoring take turns on the models, in arrival order.
+A request waits on the event loop, not on a thread, and leaves the line when its client hangs up.
 Prompts go through each run's own tokenizer and chat template, and replies stop on the stop
 tokens training taught (models/stops.py, the ones `tunekit eval` stops on too).
 
@@ -62,6 +63,7 @@ from tunekit.ship.api import (
     _json,
     _Limits,
 )
+from tunekit.ship.batching import DEFAULT_MAX_BATCH, Batcher
 
 DEFAULT_MAX_BODY_MB = 4.0
 SHUTDOWN_GRACE_S = 2.0  # connections still open this long after SIGTERM are dropped
@@ -69,36 +71,38 @@ API_KEY_ENV = "TUNEKIT_API_KEY"
 
 
 def load_models(run_dirs: list[str | Path]) -> dict[str, Served]:
-    """Load every run; adapter runs on the same base (model and method) share one base model.
+    """Load every run; adapter runs on the same base (model and method) share one base model."""
+    served: dict[str, Served] = {}
+    for run_dir in map(Path, run_dirs):
+        name = _unique(run_dir.resolve().name, served)
+        served[name] = load_run(run_dir, name, served)
+    if not served:
+        raise TunekitError("tunekit serve: give at least one run directory")
+    return served
 
-    Each run loads through train/setup.load_trained, except that a further adapter on a base
-    already in memory is added to that model under its run's name rather than loaded with a copy
-    of the base."""
+
+def load_run(run_dir: Path, name: str, served: dict[str, Served]) -> Served:
+    """One run, to be served as `name`, through train/setup.load_trained; except that an adapter
+    on a base already in `served` is added to that model (under a name of its own) rather than
+    loaded with a copy of the base."""
     from tunekit.models import load_tokenizer, resolve_model
     from tunekit.ship.export import check_generative
     from tunekit.train.setup import load_trained, trained_dir
 
-    served: dict[str, Served] = {}
-    bases: dict[tuple[str, str], object] = {}  # (base model folder, method) -> its PeftModel
-    for run_dir in map(Path, run_dirs):
-        cfg = check_generative(run_dir)
-        name = _unique(run_dir.resolve().name, served)
-        created = int((run_dir / "config.yaml").stat().st_mtime)
-        path, is_adapter = trained_dir(run_dir)
-        if not is_adapter:
-            model, tokenizer, _ = load_trained(run_dir)
-            served[name] = Served(name, run_dir, model, tokenizer, None, created)
-            continue
-        key = (str(resolve_model(cfg.model)), cfg.method)
-        if key not in bases:
-            bases[key], tokenizer, _ = load_trained(run_dir, adapter_name=name)
-        else:
-            bases[key].load_adapter(path, adapter_name=name)
-            tokenizer = load_tokenizer(path)
-        served[name] = Served(name, run_dir, bases[key], tokenizer, name, created)
-    if not served:
-        raise TunekitError("tunekit serve: give at least one run directory")
-    return served
+    cfg = check_generative(run_dir)
+    created = int((run_dir / "config.yaml").stat().st_mtime)
+    path, is_adapter = trained_dir(run_dir)
+    if not is_adapter:
+        model, tokenizer, _ = load_trained(run_dir)
+        return Served(name, run_dir, model, tokenizer, None, created)
+    base = (str(resolve_model(cfg.model)), cfg.method)
+    for other in served.values():
+        if other.base == base:
+            adapter = _unique(name, other.model.peft_config)
+            other.model.load_adapter(path, adapter_name=adapter)
+            return Served(name, run_dir, other.model, load_tokenizer(path), adapter, created, base)
+    model, tokenizer, _ = load_trained(run_dir, adapter_name=name)
+    return Served(name, run_dir, model, tokenizer, name, created, base)
 
 
 def _unique(name: str, taken) -> str:
@@ -274,11 +278,16 @@ class _Turns:
         self.lock = asyncio.Lock()
         self.current = None  # the Generation running now
         self.closing = False
+        self.waiting = 0  # how many wait for their turn (a running batch takes no more rows then)
 
     async def start(self, begin):
         """`begin(on_done)` started with the model to itself: the Generation it returns."""
         loop = asyncio.get_running_loop()
-        await self.lock.acquire()
+        self.waiting += 1
+        try:
+            await self.lock.acquire()
+        finally:
+            self.waiting -= 1
         try:
             if self.closing:
                 raise APIError(
@@ -418,6 +427,8 @@ def create_app(
     default_max_tokens: int = 256,
     max_body_bytes: int = int(DEFAULT_MAX_BODY_MB * 2**20),
     fine_tuning=None,
+    max_batch: int = DEFAULT_MAX_BATCH,
+    enable_switch: bool = False,
 ):
     """The FastAPI app over loaded models (tests and `serve` both build it here).
     `app.state.turns.close()` begins a shutdown (serve does it on SIGTERM and Ctrl-C).
@@ -436,6 +447,15 @@ def create_app(
 
     turns = _Turns()
     limits = {name: _Limits(s) for name, s in served.items()}
+    batchers: dict[object, Batcher] = {}  # one queue per model in memory (adapters share their base's)
+
+    async def start_reply(s: Served, ids: list[int], max_tokens, temperature, top_p, stop, seed):
+        """A reply to the prompt `ids` on `s`, decoded in a batch with whatever else is waiting for
+        the same model (ship/batching.py); returns once it has started."""
+        if s.model not in batchers:
+            batchers[s.model] = Batcher(s.model, turns, max_batch)
+        return await batchers[s.model].reply(s, ids, max_tokens, temperature, top_p, stop, seed)
+
     pool = ThreadPoolExecutor(max_workers=8, thread_name_prefix="tunekit-serve")
 
     async def in_thread(fn, *args):
@@ -457,7 +477,7 @@ def create_app(
     app = FastAPI(
         title="tunekit", docs_url=None, redoc_url=None, default_response_class=JSON, lifespan=lifespan
     )
-    app.state.turns = turns
+    app.state.turns, app.state.batchers = turns, batchers
     # Added last = outermost: the key is checked first, then the body's size.
     app.add_middleware(_LimitBody, max_bytes=max_body_bytes)
     if api_key is not None:
@@ -509,22 +529,13 @@ def create_app(
         cid, created = f"chatcmpl-{uuid.uuid4().hex}", int(time.time())
 
         async def start():
-            """Tokenize (off the event loop), then wait for the model's turn and start generating."""
-            from tunekit.ship.generation import Generation
-
+            """Tokenize (off the event loop), then wait for a wave on the model to take the reply."""
             ids, max_tokens = await in_thread(
                 _prompt, s, limits[s.name], messages, asked, default_max_tokens, req.tools
             )
-
-            def begin(on_done):
-                if s.adapter is not None:
-                    s.model.set_adapter(s.adapter)
-                return Generation(
-                    s.model, s.tokenizer, None, max_tokens, req.temperature, req.top_p, stop, req.seed,
-                    input_ids=ids, on_done=on_done,
-                )  # fmt: skip
-
-            return await turns.start(begin)
+            return await start_reply(
+                s, ids[0].tolist(), max_tokens, req.temperature, req.top_p, stop, req.seed
+            )
 
         if not req.stream:
 
@@ -639,7 +650,33 @@ def create_app(
     app.openapi = openapi
     from tunekit.ship import completions  # POST /v1/completions: raw prompts, logprobs, echo
 
-    completions.add_routes(app, served, limits, turns, in_thread)
+    completions.add_routes(app, served, limits, turns, in_thread, start_reply)
+
+    @app.post("/tunekit/switch")
+    async def switch_model(request: Request):
+        """Serve a name from a new run from now on (ship/switch.py), loaded in a turn of its own."""
+        from tunekit.console import err
+        from tunekit.ship import switch
+
+        if not enable_switch:
+            raise APIError(
+                403, "switching is off: start the server with --enable-switch", "invalid_request_error",
+                code="switch_disabled",
+            )  # fmt: skip
+        req = switch.parse(await request.body())
+        old, new, gate = await in_thread(switch.check, served, req)
+
+        def begin(on_done):
+            return completions.InTurn(lambda: load_run(new, old.name, served), on_done)
+
+        try:
+            s = await (await turns.start(begin)).done
+        except TunekitError as e:
+            raise APIError(400, f"run: {e}", "invalid_request_error", "run") from None
+        body = switch.commit(served, limits, s, old, gate)
+        err.print(f"{s.name} now serves {new} (was {old.run_dir}; gate: {body['gate']})")
+        return body
+
     if fine_tuning is not None:
         fine_tuning.attach(app, served, limits)
     return app
@@ -661,6 +698,8 @@ def serve(
     max_body_mb: float | None = None,
     enable_fine_tuning: bool = False,
     fine_tune_config: Path | None = None,
+    max_batch: int = DEFAULT_MAX_BATCH,
+    enable_switch: bool = False,
 ) -> None:
     """Load the runs and serve them until SIGTERM or Ctrl-C. `enable_fine_tuning` adds OpenAI's
     files and fine-tuning jobs API (ship/ft_jobs.py), its jobs trained with `fine_tune_config`'s keys.
@@ -708,7 +747,10 @@ def serve(
             fine_tuning = FineTuning(read_defaults(fine_tune_config))
         # With the jobs API on, a server may start with no model: it serves what its jobs train.
         served = load_models(run_dirs) if run_dirs or fine_tuning is None else {}
-        app = create_app(served, api_key, max_body_bytes=int(max_body_mb * 2**20), fine_tuning=fine_tuning)
+        app = create_app(
+            served, api_key, max_body_bytes=int(max_body_mb * 2**20), fine_tuning=fine_tuning,
+            max_batch=max_batch, enable_switch=enable_switch,
+        )  # fmt: skip
         config = uvicorn.Config(
             app, host=host, port=port, log_level="warning", timeout_graceful_shutdown=SHUTDOWN_GRACE_S
         )
