@@ -10,7 +10,8 @@ served by the real server (uvicorn on loopback) and driven by the official `open
   concurrent     the same requests from `--clients` clients at once, each sending its share in
                  turn; the server batches what arrives together, both adapters in one batch
 
-Prompts are the demo tickets (shipped in the package), alternating between the two adapters;
+Prompts are the demo tickets (shipped in the package), alternating between the two adapters
+(`--adapters 1`: all to one);
 greedy, max_tokens bounded, so both runs decode the same replies (the script counts how many are
 identical). Throughput is completion tokens per second of wall time (usage.completion_tokens);
 latency is each request's time from send to its whole reply.
@@ -128,6 +129,7 @@ def main() -> None:
     ap.add_argument("--clients", type=int, default=8)
     ap.add_argument("--max-tokens", type=int, default=48)
     ap.add_argument("--max-batch", type=int, default=8, help="the server's --max-batch")
+    ap.add_argument("--adapters", type=int, choices=(1, 2), default=2, help="1: every request to one adapter")
     ap.add_argument("--json", type=Path)
     a = ap.parse_args()
 
@@ -138,7 +140,7 @@ def main() -> None:
     served = served_models()
     app = create_app(served, max_batch=a.max_batch)
     messages = prompts(a.requests)
-    jobs = [("north" if i % 2 == 0 else "south", m) for i, m in enumerate(messages)]
+    jobs = [("north" if i % a.adapters == 0 else "south", m) for i, m in enumerate(messages)]
     with Server(app) as base_url:
         run(base_url, jobs[:2], 2, 4)  # warm up: first-call allocation, kernel selection
         lone = run(base_url, jobs, 1, a.max_tokens)
@@ -149,7 +151,7 @@ def main() -> None:
     same = sum(x == y for x, y in zip(lone.pop("replies"), together.pop("replies"), strict=True))
     res = {
         "model": MODEL,
-        "adapters": 2,
+        "adapters": a.adapters,
         "max_tokens": a.max_tokens,
         "max_batch": a.max_batch,
         "threads": torch.get_num_threads(),
