@@ -113,10 +113,22 @@ def until(condition, timeout: float = 20) -> None:
         time.sleep(0.02)
 
 
-def test_concurrent_requests_decode_in_one_batch_and_answer_as_alone(served):
+@pytest.mark.parametrize("mixing", ["gathered", "peft"])
+def test_concurrent_requests_decode_in_one_batch_and_answer_as_alone(served, mixing, monkeypatch):
     """Requests that arrive while the model is busy join its running batch at the next token (as
-    many as fit; the rest as rows finish), adapters mixed; each reply (streamed or not) is token
-    for token what `generate` gives its prompt alone."""
+    many as fit; the rest as rows finish), adapters mixed (tunekit's gathered LoRA update, or
+    PEFT's `adapter_names` where that cannot run); each reply (streamed or not) is token for token
+    what `generate` gives its prompt alone."""
+    from tunekit.ship import batching
+
+    gathered = []
+    over = batching._GatheredLora.over
+    if mixing == "peft":
+        monkeypatch.setattr(batching._GatheredLora, "over", classmethod(lambda cls, model: None))
+    else:
+        monkeypatch.setattr(
+            batching._GatheredLora, "over", classmethod(lambda cls, model: gathered.append(1) or over(model))
+        )
     want = {(m, q): alone(served[m], q, 12) for m in ("a", "b") for q in QUESTIONS}
     assert len(set(want.values())) > 4  # the adapters and prompts really answer differently
     app = create_app(served)
@@ -140,6 +152,7 @@ def test_concurrent_requests_decode_in_one_batch_and_answer_as_alone(served):
     # The first wave started alone; the others joined it at its next token, as many as fit.
     assert batcher.waves[0] == 1 and batcher.largest == 8, (batcher.waves, batcher.largest)
     assert sum(batcher.waves) + batcher.joined == 1 + len(jobs)
+    assert bool(gathered) == (mixing == "gathered")
     for (m, q, _), (text, tokens) in got.items():
         assert text == want[(m, q)], (m, q)
         assert tokens in (None, 12)  # the random model never stops early: max_tokens it is
