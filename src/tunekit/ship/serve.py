@@ -32,6 +32,7 @@ import contextlib
 import hmac
 import json
 import math
+import signal
 import time
 import uuid
 from concurrent.futures import ThreadPoolExecutor
@@ -728,6 +729,7 @@ def serve(
         loop: asyncio.AbstractEventLoop | None = None
 
         def handle_exit(self, sig, frame):
+            self.stopped_by = sig
             super().handle_exit(sig, frame)
             if self.loop is not None:  # a signal handler only schedules; the loop does the work
                 with contextlib.suppress(RuntimeError):
@@ -757,7 +759,13 @@ def serve(
         key = " (every request needs the API key)" if api_key else ""
         jobs = " and the fine-tuning API" if fine_tuning is not None else ""
         err.print(f"serving {', '.join(served) or 'no model yet'}{jobs} at http://{host}:{port}/v1{key}")
-        Server(config).run()
+        server = Server(config)
+        server.stopped_by = None
+        server.run()
+        # uvicorn re-raises the signal it caught once it has stopped; should that come out as a
+        # plain return (it can, when the grace period ran out), Ctrl-C still exits with 130.
+        if server.stopped_by == signal.SIGINT:
+            raise KeyboardInterrupt
     except KeyboardInterrupt:
         err.print("stopped")
         raise SystemExit(130) from None
