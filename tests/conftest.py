@@ -292,3 +292,36 @@ def chromium_path() -> str:
         if path := shutil.which(name):
             return path
     pytest.skip("no chromium found: install Debian's (apt-get install chromium) to run the browser tests")
+
+
+def train_old_and_new(tiny_model_dir: Path, chat_file: Path, folder: Path, probe) -> tuple[Path, Path]:
+    """OLD, a LoRA run on the chat data; NEW, retrained from OLD on new data (item codes), as
+    `tunekit train CONFIG --from OLD` does; `probe` is both runs' eval.probe. Returns (OLD, NEW)."""
+    import json
+
+    from tunekit.config import config_from_dict
+    from tunekit.train.session import train
+
+    new_data = folder / "new.jsonl"
+    new_data.write_text(
+        "".join(
+            json.dumps({"prompt": f"What is the code for item {i}?", "completion": f"CODE-{i % 4}"}) + "\n"
+            for i in range(24, 48)
+        )
+    )
+
+    def cfg(name: str, data, **train_keys):
+        return config_from_dict(
+            {
+                "model": str(tiny_model_dir),
+                "data": {"train": str(data)},
+                "lora": {"r": 8, "alpha": 16, "dropout": 0.0},
+                "train": {"epochs": 5, "learning_rate": 1e-2, "batch_size": 4, "max_length": 64, "seed": 0}
+                | train_keys,
+                "eval": {"max_new_tokens": 6, "probe": probe},
+                "output_dir": str(folder / name),
+            }
+        )
+
+    old = train(cfg("old", chat_file), quiet=True)
+    return old, train(cfg("new", new_data, init_from=str(old)), quiet=True)

@@ -5,6 +5,7 @@ import json
 
 import pytest
 
+from conftest import train_old_and_new
 from tunekit.eval.gate import better, gate_decision, non_inferior
 
 
@@ -54,37 +55,13 @@ def test_gate_on_a_run_retrained_from_another(home, tiny_model_dir, chat_file, t
     from typer.testing import CliRunner
 
     from tunekit.cli import app
-    from tunekit.config import config_from_dict
     from tunekit.runs import registry
-    from tunekit.train.session import train
 
-    new_data = tmp_path / "new.jsonl"
-    new_data.write_text(
-        "".join(
-            json.dumps({"prompt": f"What is the code for item {i}?", "completion": f"CODE-{i % 4}"}) + "\n"
-            for i in range(24, 48)
-        )
-    )
     probe = tmp_path / "probe.jsonl"
     probe.write_text(
         "".join(json.dumps({"question": f"Say {w}.", "answer": w}) + "\n" for w in ("yes", "no", "ok"))
     )
-
-    def cfg(name: str, data, **train_keys):
-        return config_from_dict(
-            {
-                "model": str(tiny_model_dir),
-                "data": {"train": str(data)},
-                "lora": {"r": 8, "alpha": 16, "dropout": 0.0},
-                "train": {"epochs": 5, "learning_rate": 1e-2, "batch_size": 4, "max_length": 64, "seed": 0}
-                | train_keys,
-                "eval": {"max_new_tokens": 6, "probe": str(probe)},
-                "output_dir": str(tmp_path / name),
-            }
-        )
-
-    old = train(cfg("old", chat_file), quiet=True)
-    new = train(cfg("new", new_data, init_from=str(old)), quiet=True)
+    old, new = train_old_and_new(tiny_model_dir, chat_file, tmp_path, str(probe))
     r = CliRunner().invoke(app, ["eval", "--compare", str(old), str(new), "--gate"])
     result = json.loads((new / "gate.json").read_text())
     assert r.exit_code == (0 if result["fit"] else 1), r.output

@@ -2,11 +2,9 @@
 passing gate against the run served now (or forced, and said so), requests after the switch answer
 from the new run, and `tunekit switch` drives it from the command line."""
 
-import json
-
 import pytest
 
-from conftest import running
+from conftest import running, train_old_and_new
 from test_serve import request
 
 openai = pytest.importorskip("openai")
@@ -27,32 +25,7 @@ def home(tmp_path, monkeypatch):
 @pytest.fixture
 def old_and_new(home, tiny_model_dir, chat_file, tmp_path):
     """OLD trained on the chat data; NEW retrained from it on new data (item codes)."""
-    from tunekit.config import config_from_dict
-    from tunekit.train.session import train
-
-    new_data = tmp_path / "new.jsonl"
-    new_data.write_text(
-        "".join(
-            json.dumps({"prompt": f"What is the code for item {i}?", "completion": f"CODE-{i % 4}"}) + "\n"
-            for i in range(24, 48)
-        )
-    )
-
-    def cfg(name: str, data, **train_keys):
-        return config_from_dict(
-            {
-                "model": str(tiny_model_dir),
-                "data": {"train": str(data)},
-                "lora": {"r": 8, "alpha": 16, "dropout": 0.0},
-                "train": {"epochs": 5, "learning_rate": 1e-2, "batch_size": 4, "max_length": 64, "seed": 0}
-                | train_keys,
-                "eval": {"max_new_tokens": 6, "probe": None},
-                "output_dir": str(tmp_path / name),
-            }
-        )
-
-    old = train(cfg("old", chat_file), quiet=True)
-    return old, train(cfg("new", new_data, init_from=str(old)), quiet=True)
+    return train_old_and_new(tiny_model_dir, chat_file, tmp_path, None)
 
 
 def alone(run_dir) -> str:
