@@ -20,6 +20,7 @@ from tunekit.errors import TunekitError
 from tunekit.iterate.curve import (
     analyse,
     fit_log_linear,
+    guessed_fields,
     mde_paired,
     mde_unpaired,
     nested_order,
@@ -115,6 +116,57 @@ def test_analyse_ranks_the_groups_by_what_a_doubling_gives_the_test_set():
         top["groups"][0]["gain_per_doubling"] == pytest.approx(0.5)
         and top["groups"][0]["predicted_gain"] == 0.0
     )
+
+
+def _records(intents: list[str], priorities: list[str], said: list[tuple[str, str]]) -> list[dict]:
+    rows = []
+    for intent, prio, (i2, p2) in zip(intents, priorities, said, strict=True):
+        ref = json.dumps({"intent": intent, "priority": prio})
+        pred = json.dumps({"intent": i2, "priority": p2})
+        rows.append({"reference": ref, "label": None, "correct": float(ref == pred), "score": 0.0,
+                     "prediction": pred})  # fmt: skip
+    return rows
+
+
+def test_a_field_answered_with_one_value_gets_no_advice():
+    """A model that writes the same priority whatever the ticket (a plateau) is right on that value's
+    tickets only; which value it guesses moves between sizes, so the per-value slopes would point the
+    user at the wrong groups: the field is reported as a guess, its groups get no advice."""
+    intents = ["a", "b"] * 10
+    prios = ["P1"] * 7 + ["P2"] * 7 + ["P3"] * 6  # the most common reference value: 35%
+    sizes = [10, 20, 40]
+    results = []
+    for k, guess in enumerate(["P3", "P1", "P2"]):
+        # intent "a" is learned as the data grows (right on 4, 7, 10 of its 10), intent "b" always;
+        # the priority is `guess` on 15 of 20 tickets and the truth (P3) on the other 5.
+        said = [
+            (intent if (i % 2 == 1 or i // 2 < 4 + 3 * k) else "x", guess if i < 15 else prios[i])
+            for i, intent in enumerate(intents)
+        ]
+        results.append(_records(intents, prios, said))
+    counts = [Counter({"intent=a": n, "intent=b": n, "priority=P1": n, "priority=P2": n,
+                       "priority=P3": n}) for n in sizes]  # fmt: skip
+    a = analyse(sizes, results, counts, "exact_match")
+    (g,) = a["guessed"]
+    assert g["field"] == "priority" and [s["value"] for s in g["sizes"]] == ["P3", "P1", "P2"]
+    assert [s["share"] for s in g["sizes"]] == [1.0, 0.75, 0.75]  # the last 5 are P3 too
+    assert "mostly one guess" in g["advice"] and "more than 35%" in g["advice"]
+    by_name = {e["group"]: e for e in a["groups"]}
+    assert all("advice" not in by_name[f"priority={v}"] for v in ("P1", "P2", "P3"))
+    assert "one guess" in by_name["priority=P1"]["note"]
+    assert all(not t.startswith("priority=") for t in a["targets"])
+    assert "advice" in by_name["intent=a"]  # the field the model does read keeps its advice
+
+    # A spread of predictions as wide as the references' is no guess; neither is a field whose
+    # references are mostly one value (then answering it is what a good model does).
+    assert guessed_fields(_records(intents, prios, list(zip(intents, prios, strict=True)))) == {}
+    skewed = ["P2"] * 16 + ["P1"] * 4
+    assert guessed_fields(_records(intents, skewed, [(i, "P2") for i in intents])) == {}
+    # A classifier answering one label for most inputs is a guess too.
+    labels = ["x", "y", "z", "w"] * 5
+    rows = [{"reference": lab, "label": lab, "correct": float(lab == "x"), "score": 0.0,
+             "prediction": "x"} for lab in labels]  # fmt: skip
+    assert guessed_fields(rows) == {"label": ("x", 1.0, 0.25)}
 
 
 def test_fractions_are_checked():

@@ -18,6 +18,9 @@ held-out test split. From the per-example results:
 - the uncertainty of each slope: a paired bootstrap over the test examples (the same resampled
   examples for every fraction), so a slope the test set cannot tell from zero says so. Training
   noise is not in it: `tunekit train --seeds K` measures that;
+- a field the model answers mostly with one value (at least 70% of the test set, and 1.5 times as
+  often as the most common right value) is reported as a guess at that size, and its groups are
+  left out of the advice: their accuracies follow which value it guesses, not what it learned;
 - the test set's power: the smallest difference in the task metric it can detect between two runs
   (two-sided 5%, power 80%), paired (from the disagreement measured between the two largest runs)
   and unpaired.
@@ -166,6 +169,7 @@ def example_results(run_dir: Path) -> tuple[str, list[dict]]:
                 "label": r.get("label", r["reference"] if "correct" in r else None),
                 "correct": float(bool(correct)),
                 "score": float(r.get("finetuned_score", correct)),
+                "prediction": r.get("finetuned", r.get("predicted")),
             }
         )
     return report.get("task_metric", "accuracy"), out
@@ -181,6 +185,49 @@ def train_groups(examples: Sequence[Example]) -> Counter:
     from tunekit.eval.failures import train_group_counts
 
     return train_group_counts(examples)
+
+
+# A field is a guess at a size when one value is at least GUESS_SHARE of its predictions and at least
+# GUESS_OVER_REFERENCE times the most common value's share of the references: the model writes mostly
+# the same value whatever the input (a small model's plateau, e.g. the most common priority before it
+# learns the cue). Its per-value accuracies then follow which value it guesses at each size, not what
+# it learned, so a slope over them would send the user to grow the wrong groups.
+GUESS_SHARE = 0.7
+GUESS_OVER_REFERENCE = 1.5
+GUESS_MIN_EXAMPLES = 10
+
+
+def _field_values(row: dict, text) -> dict | None:
+    """{field: value} of a reply: the label for label data, the scalar fields of a JSON record."""
+    if text is None:
+        return None
+    if row["label"] is not None:
+        return {"label": str(text)}
+    from tunekit.eval.failures import _fields
+
+    fields = _fields(str(text))
+    if fields is None:
+        return None
+    return {k: v for k, v in fields.items() if isinstance(v, str | int | float | bool)}
+
+
+def guessed_fields(rows: list[dict]) -> dict[str, tuple[str, float, float]]:
+    """{field: (value, share, top reference share)} for each field that one size's model answers with one value (see
+    GUESS_SHARE): the share of the test examples (those whose reference has the field) whose reply
+    gives it that value."""
+    refs = [_field_values(r, r["reference"] if r["label"] is None else r["label"]) for r in rows]
+    preds = [_field_values(r, r.get("prediction")) for r in rows]
+    out = {}
+    for field in {k for ref in refs if ref for k in ref}:
+        said = Counter(str(p[field]) for p in preds if p and field in p)
+        truth = Counter(str(r[field]) for r in refs if r and field in r)
+        n = sum(truth.values())
+        if n < GUESS_MIN_EXAMPLES or not said:
+            continue
+        value, count = said.most_common(1)[0]
+        if count / n >= max(GUESS_SHARE, GUESS_OVER_REFERENCE * max(truth.values()) / n):
+            out[field] = (value, count / n, max(truth.values()) / n)
+    return out
 
 
 # ---------------------------------------------------------------------------------------------
@@ -205,6 +252,14 @@ def analyse(sizes: list[int], results: list[list[dict]], group_counts: list[Coun
             f"[{lo:+.3f}, {hi:+.3f}]" + ("" if lo > 0 else ": the test set cannot tell this from no gain")
         )
 
+    # Fields answered with one value at some size: their groups get no advice (see GUESS_SHARE).
+    guesses: dict[str, list[dict]] = defaultdict(list)
+    for n, rows in zip(sizes, results, strict=True):
+        for field, (value, share, truth) in guessed_fields(rows).items():
+            guesses[field].append(
+                {"train_examples": n, "value": value, "share": share, "reference_share": truth}
+            )
+
     groups: dict[str, list[int]] = defaultdict(list)  # group -> test example indices
     for i, row in enumerate(results[0]):
         for g in group_keys_of(row):
@@ -220,7 +275,11 @@ def analyse(sizes: list[int], results: list[list[dict]], group_counts: list[Coun
             "train_examples": counts[-1],
             "accuracy": [sum(c) / len(c) for c in correct],
         }
-        if fitted is not None:
+        field = "label" if results[0][idx[0]]["label"] is not None else g.split("=", 1)[0]
+        if fitted is not None and field in guesses:
+            entry |= {"gain_per_doubling": fitted[0], "gain_ci_low": fitted[1], "gain_ci_high": fitted[2]}
+            entry["note"] = f"`{field}` is one guess at some sizes: its accuracy follows the guess"
+        elif fitted is not None:
             slope, lo, hi = fitted
             room = 1.0 - entry["accuracy"][-1]
             gain = max(0.0, min(slope, room))  # one more doubling can neither lose nor pass 100%
@@ -239,7 +298,22 @@ def analyse(sizes: list[int], results: list[list[dict]], group_counts: list[Coun
             entry["note"] = "too few training examples at the smaller sizes to fit (a size with none)"
         per_group.append(entry)
     per_group.sort(key=lambda e: -e.get("test_set_gain", -1.0))
-    targets = [e["group"] for e in per_group if e.get("gain_ci_low", 0) > 0][:10]
+    targets = [e["group"] for e in per_group if "advice" in e and e["gain_ci_low"] > 0][:10]
+    not_learned = [
+        {
+            "field": field,
+            "sizes": seen,
+            "advice": f"`{field}` is mostly one guess: the model answers "
+            + ", ".join(f"{s['value']} for {s['share']:.0%}" for s in seen)
+            + " of the test set at "
+            + ", ".join(f"{s['train_examples']:,}" for s in seen)
+            + f" training examples, where no value is right for more than "
+            f"{max(s['reference_share'] for s in seen):.0%}; a recipe that learns it "
+            "(more epochs, another learning rate) may matter more than data, and its groups' "
+            "slopes are left out of the advice",
+        }
+        for field, seen in sorted(guesses.items())
+    ]
 
     last, prev = results[-1], results[-2]
     discordant = sum(a["correct"] != b["correct"] for a, b in zip(last, prev, strict=True)) / n_test
@@ -255,7 +329,7 @@ def analyse(sizes: list[int], results: list[list[dict]], group_counts: list[Coun
         "power 80%): paired on the same examples, with the disagreement measured between the two "
         "largest runs; unpaired, two test sets of this size",
     }
-    return {"curve": curve, "groups": per_group, "targets": targets, "power": power}
+    return {"curve": curve, "groups": per_group, "targets": targets, "power": power, "guessed": not_learned}
 
 
 def run_curve(
@@ -346,6 +420,7 @@ def curve_markdown(a: dict) -> str:
     lines = ["# How much more data would help", "", f"| training examples | {metric} |", "|---|---|"]
     lines += [f"| {pt['train_examples']:,} | {pt[metric]:.3f} |" for pt in c["points"]]
     lines += ["", f"- overall: {c.get('advice', 'no slope could be fitted')}"]
+    lines += [f"- {g['advice']}" for g in a.get("guessed", [])]
     pm = p["mde_paired"]
     lines += [
         f"- test set: {p['test_examples']} examples detect a difference of "
@@ -359,7 +434,7 @@ def curve_markdown(a: dict) -> str:
         accs = " / ".join(f"{x:.2f}" for x in g["accuracy"])
         if "gain_per_doubling" in g:
             gain = f"{g['gain_per_doubling']:+.2f} [{g['gain_ci_low']:+.2f}, {g['gain_ci_high']:+.2f}]"
-            share = f"{g['test_set_gain']:+.3f}"
+            share = f"{g['test_set_gain']:+.3f}" if "test_set_gain" in g else "(a guess)"
         else:
             gain, share = "-", "-"
         lines.append(
@@ -377,6 +452,8 @@ def print_curve(a: dict, out) -> None:
     for pt in c["points"]:
         out.print(f"{pt['train_examples']:>7,} training examples: {metric} {pt[metric]:.3f}")
     out.print(f"overall: {c.get('advice', 'no slope could be fitted')}")
+    for g in a.get("guessed", []):
+        out.print(f"  {g['advice']}")
     for g in [g for g in a["groups"] if "advice" in g][:5]:
         out.print(f"  {g['advice']}")
     pm = p["mde_paired"]
