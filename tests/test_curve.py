@@ -159,14 +159,16 @@ def test_a_field_answered_with_one_value_gets_no_advice():
 
     # A spread of predictions as wide as the references' is no guess; neither is a field whose
     # references are mostly one value (then answering it is what a good model does).
-    assert guessed_fields(_records(intents, prios, list(zip(intents, prios, strict=True)))) == {}
+    assert (
+        guessed_fields(_records(intents, prios, list(zip(intents, prios, strict=True))), "prediction") == {}
+    )
     skewed = ["P2"] * 16 + ["P1"] * 4
-    assert guessed_fields(_records(intents, skewed, [(i, "P2") for i in intents])) == {}
+    assert guessed_fields(_records(intents, skewed, [(i, "P2") for i in intents]), "prediction") == {}
     # A classifier answering one label for most inputs is a guess too.
     labels = ["x", "y", "z", "w"] * 5
     rows = [{"reference": lab, "label": lab, "correct": float(lab == "x"), "score": 0.0,
              "prediction": "x"} for lab in labels]  # fmt: skip
-    assert guessed_fields(rows) == {"label": ("x", 1.0, 0.25)}
+    assert guessed_fields(rows, "prediction") == {"label": ("x", 1.0, 0.25)}
 
 
 def test_fractions_are_checked():

@@ -202,6 +202,24 @@ def test_failures_grouped_by_error_type_and_field():
     assert fa["top_confusions"][0]["confusion"].startswith("priority: P1 -> P2")
     weak = {g["group"]: g for g in fa["weak_groups"]}
     assert weak["priority=P1"]["accuracy"] == 0.5 and weak["priority=P1"]["train_examples"] == 3
+    assert fa["guessed_fields"] == []  # 4 examples are too few to call anything a guess
+
+
+def test_a_field_the_model_always_answers_alike_is_reported_as_a_guess():
+    """The plateau a small model sits on before it reads a field's cue: one value for every ticket."""
+    from collections import Counter
+
+    prios = ["P1", "P2", "P3", "P2"] * 5  # the most common right value: 50%
+    rows = []
+    for i, p in enumerate(prios):
+        ref = json.dumps({"intent": f"i{i % 4}", "priority": p})
+        got = json.dumps({"intent": f"i{i % 4}", "priority": "P2"})
+        rows.append({"source": f"t:{i}", "prompt": "p", "reference": ref, "finetuned": got,
+                     "finetuned_correct": ref == got})  # fmt: skip
+    fa = analyze_failures(rows, None, Counter())
+    (g,) = fa["guessed_fields"]  # the intents are read from the input: no guess
+    assert (g["field"], g["value"], g["share"], g["reference_share"]) == ("priority", "P2", 1.0, 0.5)
+    assert "answers P2 for 100% of the test set" in g["advice"] and "more than 50%" in g["advice"]
 
 
 # ---------------------------------------------------------------------------------------------

@@ -9,7 +9,9 @@ turns the per-example rows of an evaluation into that to-do list:
   ("priority=P1"), since a record's fields act as labels;
 - the most frequent confusions (expected -> got);
 - `weak_groups`: the labels or field values with the lowest accuracy on the test set, with how many
-  training examples they had: where more training examples are needed (`tunekit data augment`).
+  training examples they had: where more training examples are needed (`tunekit data augment`);
+- `guessed_fields`: a field (or the label) the model answers with one value for most of the test set
+  whatever the input: a plateau of training, not a lack of data.
 """
 
 from __future__ import annotations
@@ -50,6 +52,55 @@ def group_keys(reference: str, label: str | None) -> list[str]:
     if ref is not None:
         return [f"{k}={v}" for k, v in ref.items() if isinstance(v, str | int | float | bool)]
     return []
+
+
+# A field is a guess at a size when one value is at least GUESS_SHARE of its predictions and at least
+# GUESS_OVER_REFERENCE times the most common value's share of the references: the model writes mostly
+# the same value whatever the input (a small model's plateau, e.g. the most common priority before it
+# learns the cue). Its per-value accuracies then follow which value it guesses, not what it learned:
+# more examples of the failing values are not the fix (the data curve leaves them out of its advice).
+GUESS_SHARE = 0.7
+GUESS_OVER_REFERENCE = 1.5
+GUESS_MIN_EXAMPLES = 10
+
+
+def _field_values(row: dict, text) -> dict | None:
+    """{field: value} of a reply: the label for label data, the scalar fields of a JSON record."""
+    if text is None:
+        return None
+    if row.get("label") is not None:
+        return {"label": str(text)}
+    fields = _fields(str(text))
+    if fields is None:
+        return None
+    return {k: v for k, v in fields.items() if isinstance(v, str | int | float | bool)}
+
+
+def guessed_fields(rows: list[dict], reply: str) -> dict[str, tuple[str, float, float]]:
+    """{field: (value, share, top reference share)} for each field that a model answers with one value
+    (see GUESS_SHARE): the share of the test examples (those whose reference has the field) whose
+    reply (`row[reply]`) gives it that value, and the most common reference value's share."""
+    refs = [_field_values(r, r["reference"] if r.get("label") is None else r["label"]) for r in rows]
+    preds = [_field_values(r, r.get(reply)) for r in rows]
+    out = {}
+    for field in {k for ref in refs if ref for k in ref}:
+        said = Counter(str(p[field]) for p in preds if p and field in p)
+        truth = Counter(str(r[field]) for r in refs if r and field in r)
+        n = sum(truth.values())
+        if n < GUESS_MIN_EXAMPLES or not said:
+            continue
+        value, count = said.most_common(1)[0]
+        if count / n >= max(GUESS_SHARE, GUESS_OVER_REFERENCE * max(truth.values()) / n):
+            out[field] = (value, count / n, max(truth.values()) / n)
+    return out
+
+
+def guess_advice(field: str, value: str, share: float, reference_share: float) -> str:
+    return (
+        f"`{field}` is one guess: the model answers {value} for {share:.0%} of the test set, where no "
+        f"value is right for more than {reference_share:.0%}; it has not learned to read this field "
+        "from the input yet (more epochs or another learning rate, before more data)"
+    )
 
 
 def analyze_failures(
@@ -98,8 +149,14 @@ def analyze_failures(
                     "got": r[contender],
                 }
             )
+    guessed = [
+        {"field": k, "value": v, "share": share, "reference_share": truth,
+         "advice": guess_advice(k, v, share, truth)}
+        for k, (v, share, truth) in sorted(guessed_fields(rows, contender).items())
+    ]  # fmt: skip
     return {
         "n_failures": len(failures),
+        "guessed_fields": guessed,
         "by_error_type": [
             {"error_type": t, "count": n, "examples": examples_by_type[t]} for t, n in by_type.most_common()
         ],

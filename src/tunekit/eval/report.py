@@ -163,6 +163,9 @@ def write_report(run_dir: Path, report: dict) -> None:
         if fa["top_confusions"]:
             parts.append("\nMost frequent confusions (expected -> got):\n")
             parts += [f"- `{x['confusion']}`: {x['count']}" for x in fa["top_confusions"]]
+        if fa.get("guessed_fields"):
+            parts.append("\nNot learned yet:\n")
+            parts += [f"- {g['advice']}" for g in fa["guessed_fields"]]
         if fa["weak_groups"]:
             parts.append("\nWhere more training examples are needed:\n")
             parts += [f"- {g['advice']}" for g in fa["weak_groups"]]

@@ -175,6 +175,12 @@ def example_results(run_dir: Path) -> tuple[str, list[dict]]:
     return report.get("task_metric", "accuracy"), out
 
 
+def guessed_fields(rows: list[dict], reply: str) -> dict[str, tuple[str, float, float]]:
+    from tunekit.eval.failures import guessed_fields
+
+    return guessed_fields(rows, reply)
+
+
 def group_keys_of(row: dict) -> list[str]:
     from tunekit.eval.failures import group_keys
 
@@ -185,49 +191,6 @@ def train_groups(examples: Sequence[Example]) -> Counter:
     from tunekit.eval.failures import train_group_counts
 
     return train_group_counts(examples)
-
-
-# A field is a guess at a size when one value is at least GUESS_SHARE of its predictions and at least
-# GUESS_OVER_REFERENCE times the most common value's share of the references: the model writes mostly
-# the same value whatever the input (a small model's plateau, e.g. the most common priority before it
-# learns the cue). Its per-value accuracies then follow which value it guesses at each size, not what
-# it learned, so a slope over them would send the user to grow the wrong groups.
-GUESS_SHARE = 0.7
-GUESS_OVER_REFERENCE = 1.5
-GUESS_MIN_EXAMPLES = 10
-
-
-def _field_values(row: dict, text) -> dict | None:
-    """{field: value} of a reply: the label for label data, the scalar fields of a JSON record."""
-    if text is None:
-        return None
-    if row["label"] is not None:
-        return {"label": str(text)}
-    from tunekit.eval.failures import _fields
-
-    fields = _fields(str(text))
-    if fields is None:
-        return None
-    return {k: v for k, v in fields.items() if isinstance(v, str | int | float | bool)}
-
-
-def guessed_fields(rows: list[dict]) -> dict[str, tuple[str, float, float]]:
-    """{field: (value, share, top reference share)} for each field that one size's model answers with one value (see
-    GUESS_SHARE): the share of the test examples (those whose reference has the field) whose reply
-    gives it that value."""
-    refs = [_field_values(r, r["reference"] if r["label"] is None else r["label"]) for r in rows]
-    preds = [_field_values(r, r.get("prediction")) for r in rows]
-    out = {}
-    for field in {k for ref in refs if ref for k in ref}:
-        said = Counter(str(p[field]) for p in preds if p and field in p)
-        truth = Counter(str(r[field]) for r in refs if r and field in r)
-        n = sum(truth.values())
-        if n < GUESS_MIN_EXAMPLES or not said:
-            continue
-        value, count = said.most_common(1)[0]
-        if count / n >= max(GUESS_SHARE, GUESS_OVER_REFERENCE * max(truth.values()) / n):
-            out[field] = (value, count / n, max(truth.values()) / n)
-    return out
 
 
 # ---------------------------------------------------------------------------------------------
@@ -255,7 +218,7 @@ def analyse(sizes: list[int], results: list[list[dict]], group_counts: list[Coun
     # Fields answered with one value at some size: their groups get no advice (see GUESS_SHARE).
     guesses: dict[str, list[dict]] = defaultdict(list)
     for n, rows in zip(sizes, results, strict=True):
-        for field, (value, share, truth) in guessed_fields(rows).items():
+        for field, (value, share, truth) in guessed_fields(rows, "prediction").items():
             guesses[field].append(
                 {"train_examples": n, "value": value, "share": share, "reference_share": truth}
             )
