@@ -290,6 +290,10 @@ def render_html(report: dict) -> str:
         s.append(
             _table(["expected -> got", "count"], [[x["confusion"], x["count"]] for x in fa["top_confusions"]])
         )
+    if fa.get("guessed_fields"):
+        s.append("<h3>Not learned yet</h3><ul>")
+        s += [f"<li>{html.escape(g['advice'])}</li>" for g in fa["guessed_fields"]]
+        s.append("</ul>")
     if fa.get("weak_groups"):
         s.append("<h3>Where more training examples are needed</h3><ul>")
         s += [f"<li>{html.escape(g['advice'])}</li>" for g in fa["weak_groups"]]
