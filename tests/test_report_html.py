@@ -4,6 +4,8 @@ import shutil
 
 import pytest
 
+from tunekit.eval.failures import guess_advice
+from tunekit.eval.report import write_report
 from tunekit.eval.report_html import render_html
 
 SECTIONS = ("loss-curves", "contenders", "confusion-matrix", "forgetting", "failures")
@@ -73,6 +75,15 @@ def _report() -> dict:
             "by_error_type": [{"error_type": "wrong label", "count": 1, "examples": [failure]}],
             "top_confusions": [{"confusion": "spam -> ham", "count": 1}],
             "weak_groups": [{"group": "spam", "advice": "spam: 80% right on 10 test examples"}],
+            "guessed_fields": [
+                {
+                    "field": "label",
+                    "value": "ham",
+                    "share": 0.8,
+                    "reference_share": 0.5,
+                    "advice": guess_advice("label", "<ham>", 0.8, 0.5),
+                }
+            ],  # fmt: skip
         },
         "failures": [failure],
     }
@@ -85,6 +96,13 @@ def test_page_is_self_contained_and_escapes_text():
     assert page.count("data:image/png;base64,") == 4  # loss, contenders, confusion, forgetting
     assert "http://" not in page and "https://" not in page  # nothing fetched
     assert "&lt;script&gt;" in page and "<script>" not in page
+    assert "Not learned yet" in page and "answers &lt;ham&gt; for 80% of the test set" in page
+
+
+def test_report_md_names_a_field_the_model_guesses(tmp_path):
+    write_report(tmp_path, _report() | {"examples": []})
+    md = (tmp_path / "report.md").read_text()
+    assert "Not learned yet:" in md and "`label` is one guess: the model answers <ham> for 80%" in md
 
 
 def _chromium() -> str:
