@@ -126,7 +126,13 @@ def _evaluate(run_dir, data, quiet: bool, score, kind: str = "pairs") -> dict:
     atomic_write_json(run_dir / "predictions.json", rows)
     _write_markdown(run_dir, report, rows, cfg.eval.show_examples)
     if not quiet:
-        console.print(f"eval {cfg.task}: {report['contenders']} ({report['seconds']:.0f}s)")
+        tm = report["task_metric"]
+        shown = ", ".join(
+            f"{name} {m[tm]:.3f}"
+            for name, m in report["contenders"].items()
+            if isinstance(m.get(tm), int | float)
+        )
+        console.print(f"eval {cfg.task}: {tm}: {shown} ({report['seconds']:.0f}s)")
     return report
 
 
