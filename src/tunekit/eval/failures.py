@@ -90,8 +90,9 @@ def guessed_fields(rows: list[dict], reply: str) -> dict[str, tuple[str, float, 
         if n < GUESS_MIN_EXAMPLES or not said:
             continue
         value, count = said.most_common(1)[0]
-        if count / n >= max(GUESS_SHARE, GUESS_OVER_REFERENCE * max(truth.values()) / n):
-            out[field] = (value, count / n, max(truth.values()) / n)
+        top_truth = max(truth.values()) / n
+        if count / n >= max(GUESS_SHARE, GUESS_OVER_REFERENCE * top_truth):
+            out[field] = (value, count / n, top_truth)
     return out
 
 
